@@ -1,0 +1,394 @@
+"""Score model responses with an LLM judge (chapter 7's Ollama evaluation, made dependable).
+
+    python eval/judge.py --file responses.json [--model llama3] [--host http://localhost:11434]
+        [--response-key model_response] [--workers 4] [--out SCORES] [--api ollama|openai]
+
+Each record (``instruction``, ``input``, ``output`` and the response key) is scored 0-100 with the
+book's prompt, options seed 123 / temperature 0 / num_ctx 2048, and a JSON-schema request for an
+integer ``score``. What the book's script leaves to chance is handled here:
+
+- preflight: the server answers and the model is pulled, else a one-line fix and exit 1;
+- unparsable replies are retried, then reported as failures with their text (never dropped);
+- connection errors, timeouts and 5xx are retried with backoff; ``--workers`` ask in parallel;
+- every answer is appended to a JSONL cache (``SCORES`` with ``.cache.jsonl``) as it arrives, so a
+  killed run, rerun with the same command, asks only what is still missing;
+- empty responses score 0 without a call, as in the book.
+
+The summary (the book's ``Number of scores`` / ``Average score`` lines, then median, std, 95% CI,
+histogram, lowest records, failures) is printed and written next to ``SCORES`` (.summary.txt,
+.hist.png); ``SCORES`` itself is JSON with the summary and one entry per record.
+
+Pairwise mode (``--compare-key KEY`` and/or ``--compare-file FILE``) asks the same judge which of
+two responses is better, in both orders, and reports win/tie/loss of ``--response-key`` against
+the other one.
+"""
+
+from __future__ import annotations
+
+if __package__ in (None, ""):  # run as `python eval/judge.py`: import our package from the repo root
+    import sys
+    from pathlib import Path as _Path
+
+    _here = _Path(__file__).resolve().parent
+    # Drop eval/ itself from sys.path so its module names can never shadow top-level packages.
+    sys.path[:] = [p for p in sys.path if _Path(p or ".").resolve() != _here]
+    sys.path.insert(0, str(_here.parent))
+
+import argparse
+import datetime as _dt
+import json
+import logging
+import os
+import sys
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from tqdm.auto import tqdm
+
+from eval.atomic import write_json_atomic, write_text_atomic
+from eval.judge_cache import JudgeCache, cache_key
+from eval.judge_client import JudgeError, RequestFailed, RetryPolicy, make_judge
+from eval.judge_prompts import (
+    PROMPT_VERSION,
+    SCORE_SCHEMA,
+    VERDICT_SCHEMA,
+    pairwise_prompt,
+    parse_score,
+    parse_verdict,
+    score_prompt,
+)
+from eval.judge_summary import (
+    format_pairwise_summary,
+    format_score_summary,
+    pairwise_summary,
+    save_histogram_png,
+    score_summary,
+)
+
+log = logging.getLogger(__name__)
+
+RECORD_KEYS = ("instruction", "input", "output")
+
+
+# --------------------------------------------------------------------------- input
+
+
+def load_records(path: str | os.PathLike, response_keys: tuple[str, ...]) -> list[dict]:
+    """A JSON list (or JSONL) of records, each with instruction/input/output and the response keys.
+
+    Raises JudgeError with a one-line message naming the file and the record index (0-based).
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise JudgeError(f"cannot read {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise JudgeError(f"{path} is not UTF-8 text; pass a JSON list of records") from None
+    if path.suffix == ".jsonl":
+        records = []
+        for n, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except ValueError as e:
+                    raise JudgeError(f"{path}:{n} is not valid JSON ({e})") from None
+    else:
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise JudgeError(f"{path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    if not isinstance(records, list):
+        raise JudgeError(f"{path} must hold a JSON list of records, found a {type(records).__name__}")
+    needed = RECORD_KEYS + tuple(response_keys)
+    for i, rec in enumerate(records):
+        if not isinstance(rec, dict):
+            raise JudgeError(f"{path}: record {i} is a {type(rec).__name__}, not an object")
+        for k in needed:
+            if k not in rec:
+                hint = ("add responses with `python eval/generate.py` or pass --response-key"
+                        if k in response_keys else f"every record needs {', '.join(needed)}")
+                raise JudgeError(f"{path}: record {i} has no {k!r} key; {hint}")
+            if not isinstance(rec[k], str):
+                raise JudgeError(f"{path}: record {i}: {k!r} is {type(rec[k]).__name__}, expected a string")
+    return records
+
+
+# --------------------------------------------------------------------------- asking
+
+
+@dataclass
+class Question:
+    key: str  # cache key: everything that determines the answer
+    prompt: str
+    schema: dict
+    parse: Callable[[str], object]  # reply text -> value, or None if unparsable
+    index: int  # first record asking it (for the cache's readability only)
+
+
+def _judge_identity(judge) -> dict:
+    """What, besides the prompt, decides the judge's answer (part of every cache key)."""
+    options = getattr(judge, "options", None) or {"seed": judge.seed, "temperature": judge.temperature}
+    return {"api": judge.api, "model": judge.model, "options": options,
+            "structured": bool(judge.structured), "prompt_version": PROMPT_VERSION}
+
+
+def ask_all(questions: list[Question], judge, *, cache: JudgeCache | None = None, workers: int = 4,
+            parse_retries: int = 2, progress: bool = True, desc: str = "Scoring entries") -> dict[str, dict]:
+    """Answer each distinct question once, from the cache or the judge; returns {key: answer}.
+
+    An answer is ``{"value", "reply", "reason", "cached"}``; ``value`` is None when the question
+    failed, and ``reason`` says why (transport error after retries, or an unparsable reply).
+    """
+    answers: dict[str, dict] = {}
+    known = cache.load() if cache is not None else {}
+    todo: dict[str, Question] = {}  # identical records share one question
+    for q in questions:
+        if q.key in answers or q.key in todo:
+            continue
+        hit = known.get(q.key)
+        if hit is not None and hit.get("value") is not None:
+            answers[q.key] = {"value": hit["value"], "reply": hit.get("reply"), "reason": None, "cached": True}
+        else:
+            todo[q.key] = q
+
+    def work(q: Question) -> dict:
+        reply = None
+        for _ in range(parse_retries + 1):
+            try:
+                reply = judge.complete(q.prompt, q.schema)
+            except RequestFailed as e:
+                return {"value": None, "reply": None, "reason": str(e), "cached": False}
+            value = q.parse(reply)
+            if value is not None:
+                if cache is not None:
+                    cache.append({"key": q.key, "value": value, "reply": reply, "index": q.index,
+                                  **_judge_identity(judge),
+                                  "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")})
+                return {"value": value, "reply": reply, "reason": None, "cached": False}
+            log.info("record %d: unparsable reply %r; asking again", q.index, reply[:100])
+        return {"value": None, "reply": reply, "cached": False,
+                "reason": f"unparsable reply after {parse_retries + 1} attempts"}
+
+    if not todo:
+        return answers
+    pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="judge")
+    try:
+        futures = {pool.submit(work, q): q for q in todo.values()}
+        for fut in tqdm(as_completed(futures), total=len(futures), desc=desc, disable=not progress):
+            answers[futures[fut].key] = fut.result()
+    except BaseException:
+        # Ctrl-C: don't start the queued questions; what was answered is already in the cache.
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
+    return answers
+
+
+def score_records(records: list[dict], judge, *, response_key: str = "model_response",
+                  cache: JudgeCache | None = None, workers: int = 4, parse_retries: int = 2,
+                  progress: bool = True) -> list[dict]:
+    """Score every record's ``response_key`` 0..100; one outcome dict per record, in order.
+
+    Outcome: ``index``, ``status`` ("ok", "empty" = scored 0 without a call, "failed"), ``score``
+    (None when failed), ``reply`` (the judge's text), ``reason`` (why it failed), ``cached``.
+    """
+    ident = _judge_identity(judge)
+    questions: dict[int, Question] = {}
+    for i, rec in enumerate(records):
+        response = rec[response_key]
+        if response.strip():
+            key = cache_key({"mode": "score", **ident, **{k: rec[k] for k in RECORD_KEYS},
+                             "response": response})
+            questions[i] = Question(key, score_prompt(rec, response), SCORE_SCHEMA, parse_score, i)
+    answers = ask_all(list(questions.values()), judge, cache=cache, workers=workers,
+                      parse_retries=parse_retries, progress=progress)
+    outcomes = []
+    for i in range(len(records)):
+        if i not in questions:  # the book scores an empty response 0 without asking
+            outcomes.append({"index": i, "status": "empty", "score": 0, "reply": None, "reason": None,
+                             "cached": False})
+            continue
+        a = answers[questions[i].key]
+        outcomes.append({"index": i, "status": "ok" if a["value"] is not None else "failed",
+                         "score": a["value"], "reply": a["reply"], "reason": a["reason"],
+                         "cached": a["cached"]})
+    return outcomes
+
+
+_SWAP = {"A": "B", "B": "A", "tie": "tie"}
+
+
+def compare_records(records_a: list[dict], key_a: str, records_b: list[dict], key_b: str, judge, *,
+                    cache: JudgeCache | None = None, workers: int = 4, parse_retries: int = 2,
+                    progress: bool = True) -> list[dict]:
+    """Pairwise verdict per record: is response A (``records_a[i][key_a]``) better than B?
+
+    The judge sees each pair twice, A first and B first. A record is a win (or loss) only if both
+    orders agree; disagreement is a tie, which cancels the judge's bias towards a position.
+    Outcome: ``index``, ``result`` ("win"/"tie"/"loss", None when failed), ``verdicts``,
+    ``consistent`` (the two orders agreed; None if no call was needed), ``reason``, ``reply``, ``cached``.
+    """
+    ident = _judge_identity(judge)
+    plan: dict[int, tuple[Question, Question]] = {}
+    outcomes: dict[int, dict] = {}
+    for i, (ra, rb) in enumerate(zip(records_a, records_b)):
+        a, b = ra[key_a], rb[key_b]
+        if not a.strip() or not b.strip():  # nothing to ask: an empty response loses, two tie
+            result = "tie" if not a.strip() and not b.strip() else ("loss" if not a.strip() else "win")
+            outcomes[i] = {"index": i, "result": result, "verdicts": None, "consistent": None,
+                           "reason": None, "reply": None, "cached": False}
+            continue
+        base = {"mode": "pairwise", **ident, **{k: ra[k] for k in RECORD_KEYS}}
+        plan[i] = (
+            Question(cache_key({**base, "first": a, "second": b}), pairwise_prompt(ra, a, b),
+                     VERDICT_SCHEMA, parse_verdict, i),
+            Question(cache_key({**base, "first": b, "second": a}), pairwise_prompt(ra, b, a),
+                     VERDICT_SCHEMA, parse_verdict, i),
+        )
+    answers = ask_all([q for pair in plan.values() for q in pair], judge, cache=cache, workers=workers,
+                      parse_retries=parse_retries, progress=progress, desc="Comparing entries")
+    for i, (q1, q2) in plan.items():
+        x, y = answers[q1.key], answers[q2.key]
+        bad = next((ans for ans in (x, y) if ans["value"] is None), None)
+        if bad is not None:
+            outcomes[i] = {"index": i, "result": None, "verdicts": [x["value"], y["value"]],
+                           "consistent": None, "reason": bad["reason"], "reply": bad["reply"],
+                           "cached": x["cached"] and y["cached"]}
+            continue
+        v1, v2 = x["value"], _SWAP[y["value"]]  # v2 re-labelled: "A" means key_a's response
+        result = {"A": "win", "B": "loss", "tie": "tie"}[v1] if v1 == v2 else "tie"
+        outcomes[i] = {"index": i, "result": result, "verdicts": [x["value"], y["value"]],
+                       "consistent": v1 == v2, "reason": None, "reply": None,
+                       "cached": x["cached"] and y["cached"]}
+    return [outcomes[i] for i in range(len(records_a))]
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python eval/judge.py",
+        description="Score model responses 0-100 with an LLM judge served by Ollama "
+                    "(or an OpenAI-compatible server), resumably and in parallel.")
+    p.add_argument("--file", required=True, help="JSON list (or .jsonl) of records with instruction, "
+                   "input, output and the response key, e.g. the output of eval/generate.py")
+    p.add_argument("--model", default="llama3", help="judge model name on the server (default: llama3)")
+    p.add_argument("--host", default=None, help="server URL (default: $OLLAMA_HOST or "
+                   "http://localhost:11434)")
+    p.add_argument("--api", choices=["ollama", "openai"], default="ollama",
+                   help="ollama: /api/chat; openai: /v1/chat/completions (llama.cpp, vLLM, LM Studio)")
+    p.add_argument("--response-key", default="model_response", help="record key holding the response")
+    p.add_argument("--compare-key", default=None, help="pairwise mode: compare --response-key against "
+                   "this key (in --compare-file if given, else in --file)")
+    p.add_argument("--compare-file", default=None, help="pairwise mode: take the other responses from "
+                   "this file (same records in the same order)")
+    p.add_argument("--workers", type=int, default=4, help="concurrent requests (default: 4)")
+    p.add_argument("--out", default=None, help="scores JSON (default: <file stem>-scores.json, or "
+                   "-pairwise.json, in the current directory); .summary.txt/.hist.png go beside it")
+    p.add_argument("--cache", default=None, help="JSONL answer cache (default: SCORES with .cache.jsonl)")
+    p.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
+    p.add_argument("--limit", type=int, default=None, help="only the first N records")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for a reply (default: 120)")
+    p.add_argument("--retries", type=int, default=4, help="retries on connection errors, timeouts "
+                   "and 5xx (default: 4)")
+    p.add_argument("--retry-backoff", type=float, default=1.0, help="seconds before the first retry; "
+                   "doubles each retry (default: 1)")
+    p.add_argument("--parse-retries", type=int, default=2, help="times to ask again after an "
+                   "unparsable reply before recording a failure (default: 2)")
+    p.add_argument("--no-structured", action="store_true", help="don't request JSON-schema output")
+    p.add_argument("--lowest", type=int, default=5, help="lowest-scoring records to list (default: 5)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.add_argument("-v", "--verbose", action="store_true", help="log each retry")
+    return p
+
+
+def _default_out(args) -> Path:
+    suffix = "pairwise" if args.compare_key or args.compare_file else "scores"
+    return Path.cwd() / f"{Path(args.file).stem}-{suffix}.json"
+
+
+def run(args) -> int:
+    pairwise = bool(args.compare_key or args.compare_file)
+    if args.workers < 1:
+        raise JudgeError(f"--workers must be at least 1, got {args.workers}")
+    other_key = args.compare_key or args.response_key
+    if pairwise and not args.compare_file and other_key == args.response_key:
+        raise JudgeError(f"pairwise mode compares two responses: pass --compare-key other than "
+                         f"{args.response_key!r}, or --compare-file")
+    records = load_records(args.file, (args.response_key,))
+    records_b = records
+    if pairwise:
+        if args.compare_file:
+            records_b = load_records(args.compare_file, (other_key,))
+        else:
+            records = load_records(args.file, (args.response_key, other_key))
+            records_b = records
+        if len(records_b) != len(records):
+            raise JudgeError(f"{args.compare_file} has {len(records_b)} records but {args.file} has "
+                             f"{len(records)}; pairwise mode needs the same records in the same order")
+        for i, (ra, rb) in enumerate(zip(records, records_b)):
+            if any(ra[k] != rb[k] for k in RECORD_KEYS):
+                raise JudgeError(f"record {i} differs between {args.file} and {args.compare_file} "
+                                 f"(instruction/input/output); pairwise mode needs the same records in order")
+    if args.limit is not None:
+        records, records_b = records[: args.limit], records_b[: args.limit]
+
+    host = args.host or os.environ.get("OLLAMA_HOST") or "http://localhost:11434"
+    judge = make_judge(args.api, host, args.model, timeout=args.timeout, structured=not args.no_structured,
+                       retry=RetryPolicy(retries=args.retries, backoff=args.retry_backoff))
+    version = judge.preflight()
+    out = Path(args.out) if args.out else _default_out(args)
+    cache = None if args.no_cache else JudgeCache(args.cache or out.with_suffix(".cache.jsonl"))
+    print(f"Judge: {args.model} via {args.api} at {judge.host} (server {version}); "
+          f"{len(records)} records from {args.file}; {args.workers} workers"
+          + (f"; cache {cache.path}" if cache else ""))
+
+    meta = {"file": str(args.file), "model": args.model, "api": args.api, "host": judge.host,
+            "prompt_version": PROMPT_VERSION, "structured": judge.structured}
+    kw = dict(cache=cache, workers=args.workers, parse_retries=args.parse_retries, progress=not args.quiet)
+    if pairwise:
+        name_a = f"{args.file}:{args.response_key}" if args.compare_file else args.response_key
+        name_b = f"{args.compare_file}:{other_key}" if args.compare_file else other_key
+        outcomes = compare_records(records, args.response_key, records_b, other_key, judge, **kw)
+        summary = pairwise_summary(outcomes, records, name_a=name_a, name_b=name_b)
+        text = format_pairwise_summary(summary)
+        meta.update(compare_file=args.compare_file, response_key=args.response_key, compare_key=other_key)
+    else:
+        outcomes = score_records(records, judge, response_key=args.response_key, **kw)
+        summary = score_summary(outcomes, records, response_key=args.response_key, lowest=args.lowest)
+        text = format_score_summary(summary)
+        meta["response_key"] = args.response_key
+        png = save_histogram_png([o["score"] for o in outcomes if o["score"] is not None],
+                                 out.with_suffix(".hist.png"),
+                                 f"{Path(args.file).name}: {args.response_key} judged by {args.model}")
+        summary["histogram_png"] = str(png)
+
+    print(text)
+    write_json_atomic(out, {**meta, "summary": summary, "records": outcomes}, indent=2)
+    write_text_atomic(out.with_suffix(".summary.txt"), text + "\n")
+    print(f"\nWrote {out} and {out.with_suffix('.summary.txt').name}"
+          + ("" if pairwise else f", {out.with_suffix('.hist.png').name}"))
+    return 0
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s: %(message)s")
+    try:
+        return run(args)
+    except JudgeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted; answers so far are in the cache: rerun the same command to resume",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

