@@ -1,0 +1,14 @@
+"""Weights in and out of gpt2-scratch: OpenAI's TensorFlow checkpoint read without TensorFlow,
+Hugging Face safetensors both ways, and downloads that survive a flaky network.
+
+    from convert import load_model          # "gpt2-medium" | model folder | HF repo id
+    python -m convert openai --size 355M --out models/gpt2-medium
+
+Modules: tf_bundle (the checkpoint reader), mapping (name tables and checks), build (assembling
+our model without extra copies), openai / hf (the two sources), download, resolve, cli.
+"""
+
+from convert.errors import BundleError, ConvertError, DownloadError
+from convert.resolve import load_model
+
+__all__ = ["BundleError", "ConvertError", "DownloadError", "load_model"]

@@ -18,4 +18,11 @@ class BundleError(ConvertError):
 
 
 class DownloadError(ConvertError):
-    """A file that could not be downloaded (server error, bad checksum, offline)."""
+    """A file that could not be downloaded (server error, bad checksum, offline).
+
+    `url` is the first URL tried, `reason` why it failed, `offline` true when no server answered.
+    """
+
+    def __init__(self, message: str, *, url: str | None = None, reason: str | None = None, offline: bool = False):
+        super().__init__(message)
+        self.url, self.reason, self.offline = url, reason, offline

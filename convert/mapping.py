@@ -160,8 +160,11 @@ def strip_hf_prefix(names: Iterable[str]) -> dict[str, str]:
     return out
 
 
+_LAYER = re.compile(r"^(?:model/h|h\.)(\d+)[/.]")  # the layer number in an OpenAI or HF name
+
+
 def _unknown_hint(name: str, dims: Dims) -> str:
-    m = re.match(r"^(?:model/h|h\.)(\d+)[/.]", name)
+    m = _LAYER.match(name)
     if m and int(m.group(1)) >= dims.n_layer:
         return f" (layer {m.group(1)}, but n_layer is {dims.n_layer}: the hyperparameters disagree with the tensors)"
     return ""
@@ -169,7 +172,7 @@ def _unknown_hint(name: str, dims: Dims) -> str:
 
 def plan_conversion(
     source_shapes: Mapping[str, tuple[int, ...]],
-    rules: Iterable[Rule],
+    rules: tuple[Rule, ...],
     dims: Dims,
     *,
     source: str,
@@ -198,30 +201,34 @@ def plan_conversion(
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         hint = ""
-        if all(re.search(r"(?:^model/h|^h\.)(\d+)[/.]", m) for m in missing):
-            hint = f"; {dims_source} says n_layer={dims.n_layer}: do the hyperparameters match the checkpoint?"
+        per_layer = len([r for r in rules if "{i}" in r.source])
+        layers = [int(m.group(1)) for name in missing if (m := _LAYER.match(name))]
+        if len(layers) == len(missing) and len(missing) == per_layer * len(set(layers)):
+            # Whole layers absent: the checkpoint is shallower than the hyperparameters say.
+            hint = (f"; layers {min(layers)}-{max(layers)} are absent although {dims_source} says "
+                    f"n_layer={dims.n_layer}: the hyperparameters do not match the checkpoint")
         raise ConvertError(f"{source}: missing tensor '{missing[0]}' with shape "
                            f"{list(table[missing[0]][1])}{more}{hint}")
     return plan
 
 
-def apply_layout(array: np.ndarray, layout: str) -> np.ndarray:
-    """Source layout → ours. Returns a view for "same"; "conv1d"/"transpose" copy to a contiguous [out, in]."""
+def apply_layout(array, layout: str):
+    """Source layout → ours, for a numpy array or a torch tensor.
+
+    "same" returns the input itself (no copy: a memory-mapped array stays mapped); "conv1d" and
+    "transpose" return a new contiguous [out, in] copy, the one copy a conversion needs.
+    """
     if layout == "same":
         return array
     if layout == "conv1d":
         array = array[0]  # [1, in, out] → [in, out]
     elif layout != "transpose":
         raise ValueError(f"unknown layout {layout!r}")
-    return np.ascontiguousarray(array.T)  # [in, out] → [out, in]
+    if isinstance(array, np.ndarray):
+        return np.ascontiguousarray(array.T)  # [in, out] → [out, in]
+    return array.T.contiguous()  # torch.Tensor: [in, out] → [out, in]
 
 
-def convert_tensors(
-    plan: Mapping[str, tuple[str, str]],
-    read: Callable[[str], np.ndarray],
-) -> dict[str, np.ndarray]:
-    """Read each planned source tensor and lay it out as ours, one at a time (peak = one tensor's copy)."""
-    out: dict[str, np.ndarray] = {}
-    for target, (name, layout) in plan.items():
-        out[target] = apply_layout(read(name), layout)
-    return out
+def convert_tensors(plan: Mapping[str, tuple[str, str]], read: Callable[[str], object]) -> dict:
+    """Read each planned source tensor and lay it out as ours, one at a time (peak = one extra tensor)."""
+    return {target: apply_layout(read(name), layout) for target, (name, layout) in plan.items()}

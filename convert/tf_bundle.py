@@ -245,6 +245,35 @@ def _block_entries(block: bytes, what: str, path: Path) -> list[tuple[bytes, byt
     return out
 
 
+def _data_block_handles(data: bytes, path: Path) -> list[tuple[str, int, int]]:
+    """[("data block N", offset, size)] from the footer and the index block (both crc-checked)."""
+    footer = data[-FOOTER_SIZE:]
+    try:
+        meta_off, p = read_varint(footer, 0, 40)
+        meta_size, p = read_varint(footer, p, 40)
+        index_off, p = read_varint(footer, p, 40)
+        index_size, p = read_varint(footer, p, 40)
+    except _Truncated:
+        raise BundleError(f"{path}: unreadable footer block handles; the index is damaged") from None
+    _read_block(data, meta_off, meta_size, "metaindex block", path)  # empty for bundles; crc-checked
+    index_block = _read_block(data, index_off, index_size, "index block", path)
+    handles = []
+    for block_no, (_separator, handle) in enumerate(_block_entries(index_block, "index block", path)):
+        try:
+            off, p = read_varint(handle, 0)
+            size, _ = read_varint(handle, p)
+        except _Truncated:
+            raise BundleError(f"{path}: unreadable handle for data block {block_no} in the index block") from None
+        handles.append((f"data block {block_no}", off, size))
+    return handles
+
+
+def data_block_handles(path: str | Path) -> list[tuple[str, int, int]]:
+    """Where the data blocks of an index file are: [("data block N", offset, size)] (for tools and tests)."""
+    path = Path(path)
+    return _data_block_handles(path.read_bytes(), path)
+
+
 def read_index(path: str | Path) -> tuple[dict, dict[str, BundleEntry]]:
     """Parse model.ckpt.index into (header fields, {tensor name: BundleEntry}), checking every crc."""
     path = Path(path)
@@ -260,25 +289,8 @@ def read_index(path: str | Path) -> tuple[dict, dict[str, BundleEntry]]:
     if magic != TABLE_MAGIC:
         raise BundleError(f"{path}: bad table magic 0x{magic:016x} (expected 0x{TABLE_MAGIC:016x}); "
                           "not a TensorFlow checkpoint index, or truncated")
-    try:
-        meta_off, p = read_varint(footer, 0, 40)
-        meta_size, p = read_varint(footer, p, 40)
-        index_off, p = read_varint(footer, p, 40)
-        index_size, p = read_varint(footer, p, 40)
-    except _Truncated:
-        raise BundleError(f"{path}: unreadable footer block handles; the index is damaged") from None
-
-    _read_block(data, meta_off, meta_size, "metaindex block", path)  # empty for bundles; crc-checked
-    index_block = _read_block(data, index_off, index_size, "index block", path)
-
     raw: dict[bytes, bytes] = {}
-    for block_no, (_sep, handle) in enumerate(_block_entries(index_block, "index block", path)):
-        try:
-            off, p = read_varint(handle, 0)
-            size, _ = read_varint(handle, p)
-        except _Truncated:
-            raise BundleError(f"{path}: unreadable handle for data block {block_no}") from None
-        what = f"data block {block_no}"
+    for what, off, size in _data_block_handles(data, path):
         for key, value in _block_entries(_read_block(data, off, size, what, path), what, path):
             raw[key] = value
 

@@ -236,8 +236,8 @@ def compare_records(records_a: list[dict], key_a: str, records_b: list[dict], ke
     outcomes: dict[int, dict] = {}
     for i, (ra, rb) in enumerate(zip(records_a, records_b)):
         a, b = ra[key_a], rb[key_b]
-        if not a.strip() or not b.strip():  # nothing to ask: an empty response loses, two tie
-            result = "tie" if not a.strip() and not b.strip() else ("loss" if not a.strip() else "win")
+        if not a.strip() or not b.strip() or a == b:  # nothing to ask: empty loses, equal ties
+            result = "tie" if a == b or (not a.strip() and not b.strip()) else ("loss" if not a.strip() else "win")
             outcomes[i] = {"index": i, "result": result, "verdicts": None, "consistent": None,
                            "reason": None, "reply": None, "cached": False}
             continue

@@ -77,10 +77,10 @@ def pairwise_prompt(entry: dict, response_a: str, response_b: str) -> str:
 
 
 _JSON_OBJECT = re.compile(r"\{[^{}]*\}")
-_OUT_OF_100 = re.compile(r"(?<![\d.])(\d{1,3})\s*(?:/|out of)\s*100(?![\d.])", re.IGNORECASE)
-_SCORE_WORD = re.compile(r"\bscore\b[^0-9\n]{0,20}?(?<![\d.])(\d{1,3})(?![\d.])", re.IGNORECASE)
-# A whole number that is not part of a decimal ("85.5") or a longer number.
-_INTEGER = re.compile(r"(?<![\d.])\d+(?![\d]|\.\d)")
+_OUT_OF_100 = re.compile(r"(?<![\d.])(\d{1,3})\s*(?:/|out of)\s*100(?!\d|\.\d)", re.IGNORECASE)
+_SCORE_WORD = re.compile(r"\bscore\b[^0-9\n]{0,20}?(?<![\d.-])(\d{1,3})(?!\d|\.\d)", re.IGNORECASE)
+# A whole number that is not negative nor part of a decimal ("85.5") or a longer number.
+_INTEGER = re.compile(r"(?<![\d.-])\d+(?!\d|\.\d)")
 
 
 def _as_score(value) -> int | None:

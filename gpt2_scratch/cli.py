@@ -43,8 +43,11 @@ def cmd_init(args: argparse.Namespace) -> None:
 def cmd_generate(args: argparse.Namespace) -> None:
     """Continue a prompt (or each line typed at the prompt), streaming tokens as they come."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, TextStreamer
+    from transformers.utils import logging as hf_logging
 
     from .tokenizer import ENDOFTEXT_ID
+
+    hf_logging.disable_progress_bar()  # loading takes a blink; keep the terminal for the text
 
     model = AutoModelForCausalLM.from_pretrained(args.model).eval()
     tokenizer = AutoTokenizer.from_pretrained(args.model)

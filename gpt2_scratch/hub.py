@@ -201,8 +201,7 @@ def build_model_card(
         license=license,
         library_name="transformers",
         pipeline_tag="text-classification" if is_classifier else "text-generation",
-        tags=["gpt2-scratch", "gpt2", "llms-from-scratch", "custom_code"]
-        + (["text-classification"] if is_classifier else ["instruction-tuning"] if run.args else []),
+        tags=["gpt2-scratch", "gpt2", "llms-from-scratch", "custom_code"],
     )
 
     name = repo_id.rsplit("/", 1)[-1]
@@ -216,7 +215,7 @@ def build_model_card(
     what = "a spam/ham classifier (chapter 6)" if is_classifier else "a causal language model"
     lines.append(
         f"GPT-2 ({shape}) written from scratch in PyTorch with "
-        f"[gpt2-scratch](https://github.com/) — {what}"
+        f"gpt2-scratch — {what}"
         + (f", finetuned from [{base}](https://huggingface.co/{base})." if base else ".")
     )
     if is_classifier and config.get("id2label"):

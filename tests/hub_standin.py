@@ -170,7 +170,8 @@ class _Handler(BaseHTTPRequestHandler):
         url = f"{self.server.endpoint}/{repo_id}"
         with self.server.lock:
             if repo_id in self.server.repos:
-                return self._error(409, "You already created this model repo", None)
+                # The real Hub names the existing repo's URL in the 409 body; create_repo(exist_ok=True) reads it.
+                return self._json(409, {"error": "You already created this model repo", "url": url})
             private = payload.get("private", payload.get("visibility") == "private")
             self.server.repos[repo_id] = {"private": bool(private), "branches": {"main": _sha1(repo_id.encode())}}
             self.server.repo_dir(repo_id).mkdir(parents=True, exist_ok=True)
@@ -279,6 +280,13 @@ class _Handler(BaseHTTPRequestHandler):
                          "pullRequestUrl": None, "success": True})
 
     # ---- read side (hf_hub_download / from_pretrained) --------------------------------------
+    @staticmethod
+    def _branch_of(repo: dict, revision: str) -> str | None:
+        """A branch name, or a commit sha that is some branch's head (clients pin the sha they saw)."""
+        if revision in repo["branches"]:
+            return revision
+        return next((b for b, sha in repo["branches"].items() if sha == revision), None)
+
     def _readable(self, repo_id: str) -> dict | None:
         repo = self.server.repos.get(repo_id)
         if repo is None or (repo["private"] and self.headers.get("Authorization") != f"Bearer {self.server.token}"):
@@ -290,25 +298,27 @@ class _Handler(BaseHTTPRequestHandler):
         repo = self._readable(repo_id)
         if repo is None:
             return
-        if revision not in repo["branches"]:
+        branch = self._branch_of(repo, revision)
+        if branch is None:
             return self._error(404, f"Invalid rev id: {revision}", "RevisionNotFound")
-        base = self.server.repo_dir(repo_id, revision)
+        base = self.server.repo_dir(repo_id, branch)
         siblings = [{"rfilename": f.relative_to(base).as_posix()} for f in sorted(base.rglob("*")) if f.is_file()]
-        self._json(200, {"id": repo_id, "modelId": repo_id, "sha": repo["branches"][revision],
+        self._json(200, {"id": repo_id, "modelId": repo_id, "sha": repo["branches"][branch],
                          "private": repo["private"], "siblings": siblings, "tags": []})
 
     def _resolve(self, repo_id: str, revision: str, rel: str):
         repo = self._readable(repo_id)
         if repo is None:
             return
-        if revision not in repo["branches"]:
+        branch = self._branch_of(repo, revision)
+        if branch is None:
             return self._error(404, f"Invalid rev id: {revision}", "RevisionNotFound")
-        f = self.server.repo_dir(repo_id, revision) / rel
+        f = self.server.repo_dir(repo_id, branch) / rel
         if not f.is_file():
             return self._error(404, f"Entry not found: {rel}", "EntryNotFound")
         data = f.read_bytes()
         etag = hashlib.sha256(data).hexdigest()
-        self._send(200, data, {"X-Repo-Commit": repo["branches"][revision], "ETag": f'"{etag}"'},
+        self._send(200, data, {"X-Repo-Commit": repo["branches"][branch], "ETag": f'"{etag}"'},
                    content_type="application/octet-stream")
 
 

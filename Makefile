@@ -1,0 +1,28 @@
+# Two commands run everything on a fresh machine (they set up .venv on first use):
+#   make demo   the main job: finetune a small GPT-2 offline and print what it learned
+#   make test   the test suite (make test-slow: the full-size and multi-process tests)
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup demo test test-slow bench
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# torch is pinned to 2.13.0 in pyproject.toml: the CPU build, never a multi-GB CUDA one.
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(PY) -m gpt2_scratch init --preset gpt2-small --n-layers 2 --emb-dim 64 --n-heads 4 --context-length 128 --out runs/demo-model --overwrite
+	$(PY) -m gpt2_scratch generate --model runs/demo-model --prompt "Every effort moves you" --max-new-tokens 20
+
+test: setup
+	$(PY) -m pytest
+
+test-slow: setup
+	# pytest exits 5 when no test is marked slow; that is not a failure.
+	$(PY) -m pytest -m slow || [ $$? -eq 5 ]

@@ -1,0 +1,278 @@
+"""Downloading OpenAI's GPT-2 release files so that a flaky network costs time, never a bad file.
+
+For each file:
+- a file already under its final name is complete (only a verified download is ever renamed
+  there), so it is skipped without touching the network: a filled cache works offline;
+- bytes go to `NAME.part`; a partial file is resumed with an HTTP Range request. A server that
+  ignores Range (answers 200 instead of 206) restarts the file from byte 0 instead of appending;
+- connection errors, cut transfers and 5xx answers are retried with exponential backoff; a 4xx,
+  or retries used up, moves on to the next mirror;
+- the result is renamed into place only when its size matches the server's and, where known, its
+  checksum (sha256 for files we know, the server's Content-MD5 otherwise); a wrong checksum
+  deletes the partial file, so nothing that looks complete is left behind;
+- when no URL answers at all, one line says which URL failed and how to use `--from-dir`.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import requests
+from tqdm.auto import tqdm
+
+from convert.errors import DownloadError
+
+log = logging.getLogger(__name__)
+
+OPENAI_BASE_URL = "https://openaipublic.blob.core.windows.net/gpt-2/models"
+# The backup the book's gpt_download.py falls back to; same {size}/{file} layout.
+OPENAI_MIRROR_URL = "https://f001.backblazeb2.com/file/LLMs-from-scratch/gpt2"
+# Overrides, e.g. for an internal mirror or a test server: a base URL, and a comma-separated list.
+ENV_BASE_URL = "GPT2_SCRATCH_OPENAI_URL"
+ENV_MIRRORS = "GPT2_SCRATCH_OPENAI_MIRRORS"
+
+# Checksums we know independently of any server: the GPT-2 BPE files, identical in every size
+# (the sums tiktoken verifies for its "gpt2" encoding).
+KNOWN_SHA256 = {
+    "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+    "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+}
+
+CHUNK = 1 << 20  # 1 MiB per write: progress updates often, memory stays flat
+
+
+def _env_number(name: str, default: float) -> float:
+    try:
+        return float(os.environ.get(name, default))
+    except ValueError:
+        raise DownloadError(f"environment variable {name}={os.environ[name]!r} is not a number") from None
+
+
+@dataclass
+class RetryPolicy:
+    """How hard to try one URL before moving to the next (env vars set the defaults)."""
+
+    attempts: int = field(default_factory=lambda: int(_env_number("GPT2_SCRATCH_DOWNLOAD_ATTEMPTS", 4)))
+    """tries per URL: connection errors, cut transfers and 5xx answers are retried"""
+    backoff: float = field(default_factory=lambda: _env_number("GPT2_SCRATCH_DOWNLOAD_BACKOFF", 1.0))
+    """seconds before the 2nd try, doubled for each further one"""
+    timeout: float = field(default_factory=lambda: _env_number("GPT2_SCRATCH_DOWNLOAD_TIMEOUT", 30.0))
+    """seconds to connect, and at most between two received chunks"""
+
+
+class _TryNextURL(Exception):
+    """This URL cannot serve the file (4xx, or retries used up); the reason is the message."""
+
+
+class _Retry(Exception):
+    """A transient failure: try the same URL again after backing off."""
+
+
+class _Unreachable(_Retry):
+    """Could not even connect (DNS, refused, unreachable): retried too, and counted as offline."""
+
+
+def openai_urls(size: str, filename: str, base_url: str | None = None, mirrors: Sequence[str] | None = None) -> list[str]:
+    """Primary URL then mirrors for one release file; env vars override the defaults."""
+    base = base_url or os.environ.get(ENV_BASE_URL) or OPENAI_BASE_URL
+    if mirrors is None:
+        env = os.environ.get(ENV_MIRRORS)
+        mirrors = [m for m in env.split(",") if m.strip()] if env is not None else [OPENAI_MIRROR_URL]
+    return [f"{b.strip().rstrip('/')}/{size}/{filename}" for b in [base, *mirrors]]
+
+
+def _file_digest(path: Path, algorithm: str) -> str:
+    h = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        while block := f.read(CHUNK * 8):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _server_md5(response: requests.Response) -> str | None:
+    """The whole file's MD5 if the server states it (Azure Blob: Content-MD5 on full reads,
+    x-ms-blob-content-md5 on ranged ones), as hex."""
+    value = response.headers.get("x-ms-blob-content-md5")
+    if value is None and response.status_code == 200:
+        value = response.headers.get("Content-MD5")
+    if not value:
+        return None
+    try:
+        return base64.b64decode(value).hex()
+    except ValueError:
+        return None
+
+
+def _fetch_once(session: requests.Session, url: str, part: Path, policy: RetryPolicy,
+                progress: bool, desc: str) -> tuple[int, str | None]:
+    """One GET into `part`, resuming it if it exists. Returns (total size, server md5 or None)."""
+    have = part.stat().st_size if part.exists() else 0
+    headers = {"Range": f"bytes={have}-"} if have else {}
+    try:
+        response = session.get(url, headers=headers, stream=True, timeout=policy.timeout)
+    except (requests.ConnectionError, requests.ConnectTimeout) as e:
+        raise _Unreachable(_short(e)) from None
+    except requests.Timeout:
+        raise _Retry("no answer within the timeout") from None
+    with response:
+        status = response.status_code
+        if status == 416 and have:
+            # Our partial file is not a prefix the server can continue (e.g. the file changed).
+            part.unlink()
+            raise _Retry("server refused to resume; restarting")
+        if status >= 500 or status == 429:
+            raise _Retry(f"HTTP {status}")
+        if status >= 400:
+            raise _TryNextURL(f"HTTP {status}")
+        if status == 206:
+            start = _content_range_start(response)
+            if start != have:
+                part.unlink()
+                raise _Retry(f"server resumed at byte {start}, not {have}; restarting")
+            total = _content_range_total(response)
+            mode = "ab"
+        elif status == 200:
+            if have:
+                log.info("%s ignored the Range request; downloading %s from the start", url, desc)
+            have, mode = 0, "wb"
+            length = response.headers.get("Content-Length")
+            total = int(length) if length is not None else None
+        else:
+            raise _TryNextURL(f"unexpected HTTP {status}")
+        md5 = _server_md5(response)
+
+        got = have
+        with open(part, mode) as f, tqdm(total=total, initial=have, unit="B", unit_scale=True,
+                                         unit_divisor=1024, desc=desc, disable=not progress, leave=False) as bar:
+            try:
+                for chunk in response.iter_content(CHUNK):
+                    f.write(chunk)
+                    got += len(chunk)
+                    bar.update(len(chunk))
+            except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as e:
+                raise _Retry(f"transfer cut at byte {got} ({_short(e)})") from None
+        if total is not None and got != total:
+            raise _Retry(f"transfer ended at byte {got} of {total}")
+        return got, md5
+
+
+def _content_range_start(response: requests.Response) -> int | None:
+    value = response.headers.get("Content-Range", "")  # "bytes 100-199/200"
+    try:
+        return int(value.split()[1].split("-")[0])
+    except (IndexError, ValueError):
+        return None
+
+
+def _content_range_total(response: requests.Response) -> int | None:
+    value = response.headers.get("Content-Range", "")
+    total = value.rsplit("/", 1)[-1]
+    return int(total) if total.isdigit() else None
+
+
+# Connection failures that waiting will not fix.
+_PERMANENT = ("Name or service not known", "Network is unreachable")
+
+
+def _short(e: Exception) -> str:
+    """The innermost reason of a requests/urllib3 error, on one line."""
+    text = str(e)
+    for marker in ("Connection refused", "Name or service not known", "Temporary failure in name resolution",
+                   "Network is unreachable", "timed out", "Connection reset", "Connection aborted",
+                   "IncompleteRead", "Response ended prematurely"):
+        if marker in text:
+            return marker
+    return text.splitlines()[0][:120] if text else type(e).__name__
+
+
+def download_file(urls: Sequence[str], dest: str | Path, *, sha256: str | None = None,
+                  policy: RetryPolicy | None = None, progress: bool = True,
+                  session: requests.Session | None = None) -> Path:
+    """Download one file from the first URL that serves it correctly; returns `dest`.
+
+    Raises DownloadError with one line naming every URL's failure and suggesting --from-dir.
+    """
+    dest = Path(dest)
+    policy = policy or RetryPolicy()
+    if dest.is_file():
+        if sha256 is None or _file_digest(dest, "sha256") == sha256:
+            log.info("%s: already complete, skipping", dest)
+            return dest
+        log.warning("%s: sha256 does not match, downloading it again", dest)
+        dest.unlink()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    own_session = session is None
+    session = session or requests.Session()
+    failures: list[tuple[str, str]] = []  # (url, why it failed)
+    reached_any = False  # did any server answer at all? if not, we are offline
+    try:
+        for url in urls:
+            reason = "not tried"
+            for attempt in range(policy.attempts):
+                if attempt:
+                    time.sleep(policy.backoff * 2 ** (attempt - 1))
+                try:
+                    size, md5 = _fetch_once(session, url, part, policy, progress, dest.name)
+                except _Retry as e:
+                    reached_any |= not isinstance(e, _Unreachable)
+                    reason = str(e)
+                    log.warning("%s: %s (attempt %d/%d)", url, reason, attempt + 1, policy.attempts)
+                    if isinstance(e, _Unreachable) and reason in _PERMANENT:
+                        break  # an unknown host stays unknown: go to the next mirror now
+                    continue
+                except _TryNextURL as e:
+                    reached_any = True
+                    reason = str(e)
+                    log.warning("%s: %s; trying the next mirror", url, reason)
+                    break
+                reached_any = True
+                # Complete as far as the size goes; now the content.
+                expected, algorithm = (sha256, "sha256") if sha256 else (md5, "md5")
+                if expected is not None:
+                    actual = _file_digest(part, algorithm)
+                    if actual != expected:
+                        part.unlink()  # resuming a wrong file would only extend it
+                        reason = f"{algorithm} {actual[:12]}… is not the expected {expected[:12]}…"
+                        log.warning("%s: %s", url, reason)
+                        break
+                os.replace(part, dest)
+                log.info("%s: downloaded %d bytes from %s", dest, size, url)
+                return dest
+            failures.append((url, reason))
+    finally:
+        if own_session:
+            session.close()
+    if not reached_any:
+        mirrors = f" nor {len(urls) - 1} mirror{'s' if len(urls) > 2 else ''}" if len(urls) > 1 else ""
+        raise DownloadError(f"cannot reach {urls[0]} ({failures[0][1]}){mirrors}: offline? Download "
+                            f"{dest.name} and the other release files elsewhere, copy them into a folder "
+                            "and pass `--from-dir DIR`", url=urls[0], reason=failures[0][1], offline=True)
+    kept = f"; the partial file {part} is kept for resuming" if part.exists() else ""
+    raise DownloadError(f"could not download {dest.name}: "
+                        + "; ".join(f"{u} ({why})" for u, why in failures)
+                        + f"{kept}; retry later, or pass `--from-dir DIR` with files you downloaded yourself",
+                        url=urls[0], reason=failures[0][1])
+
+
+def download_openai(size: str, models_dir: str | Path, *, files: Sequence[str] | None = None,
+                    base_url: str | None = None, mirrors: Sequence[str] | None = None,
+                    policy: RetryPolicy | None = None, progress: bool = True) -> Path:
+    """Download OpenAI's release files for `size` ("124M"…"1558M") into models_dir/size; returns that folder."""
+    from convert.openai import OPENAI_FILES, OPENAI_SIZES
+
+    if size not in OPENAI_SIZES:
+        raise DownloadError(f"unknown GPT-2 size {size!r}; choose one of {', '.join(OPENAI_SIZES)}")
+    folder = Path(models_dir) / size
+    with requests.Session() as session:
+        for name in files or OPENAI_FILES:
+            download_file(openai_urls(size, name, base_url, mirrors), folder / name, sha256=KNOWN_SHA256.get(name),
+                          policy=policy, progress=progress, session=session)
+    return folder

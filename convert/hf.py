@@ -1,0 +1,270 @@
+"""Hugging Face GPT-2 (GPT2LMHeadModel safetensors) ↔ our model.
+
+In:  a folder (config.json + model.safetensors, or a sharded model.safetensors.index.json), a lone
+     .safetensors file, or a Hub repo id fetched with huggingface_hub (its cache, HF_HUB_OFFLINE
+     and HF_ENDPOINT apply). Keys with or without the `transformer.` prefix; mask buffers
+     (`attn.bias`, `attn.masked_bias`) ignored; Conv1D [in, out] weights transposed to [out, in].
+Out: `export_hf` writes a standard GPT2LMHeadModel folder (config.json with model_type "gpt2",
+     model.safetensors in save_pretrained's layout, generation_config.json, tokenizer files) that
+     transformers loads with no code of ours.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from convert.build import model_from_state
+from convert.errors import ConvertError
+from convert.mapping import HF_IGNORED, HF_RULES, HF_TIED_HEAD, Dims, convert_tensors, plan_conversion, strip_hf_prefix
+
+log = logging.getLogger(__name__)
+
+# Head counts of the four released widths: the one hyperparameter a weights file cannot reveal.
+N_HEAD_OF_WIDTH = {768: 12, 1024: 16, 1280: 20, 1600: 25}
+# GPT-2's tanh-approximated GELU under its transformers names.
+TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading safetensors lazily: shapes first (for the checks), tensors one at a time
+# ---------------------------------------------------------------------------------------------
+class SafetensorsReader:
+    """Names, shapes and tensors of one model.safetensors or of all shards listed in an index."""
+
+    def __init__(self, files: list[Path], label: str):
+        self.label = label
+        self._where: dict[str, Path] = {}
+        self._shapes: dict[str, tuple[int, ...]] = {}
+        self._handles = {}
+        for f in files:
+            try:
+                handle = safe_open(str(f), framework="pt")
+            except (SafetensorError, OSError) as e:
+                raise ConvertError(f"{f}: not a readable safetensors file ({e})") from None
+            self._handles[f] = handle
+            for name in handle.keys():
+                self._where[name] = f
+                self._shapes[name] = tuple(handle.get_slice(name).get_shape())
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return dict(self._shapes)
+
+    def read(self, name: str) -> torch.Tensor:
+        return self._handles[self._where[name]].get_tensor(name)
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    single = folder / "model.safetensors"
+    index = folder / "model.safetensors.index.json"
+    if single.is_file():
+        return [single]
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, AttributeError) as e:
+            raise ConvertError(f"{index}: not a safetensors index ({e})") from None
+        missing = [s for s in shards if not (folder / s).is_file()]
+        if missing:
+            raise ConvertError(f"{index}: shard {missing[0]} listed but not found in {folder}")
+        return [folder / s for s in shards]
+    if (folder / "pytorch_model.bin").is_file():
+        raise ConvertError(f"{folder}: only pytorch_model.bin (a pickle) found; we load safetensors only, "
+                           "which never runs code from the file: convert it with transformers' save_pretrained")
+    raise ConvertError(f"{folder}: no model.safetensors (or model.safetensors.index.json) found")
+
+
+def _dims_from_config(path: Path) -> tuple[Dims, float]:
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConvertError(f"{path}: unreadable config ({e})") from None
+    if cfg.get("model_type", "gpt2") != "gpt2":
+        raise ConvertError(f"{path}: model_type {cfg.get('model_type')!r} is not GPT-2; `convert hf` reads "
+                           "GPT2LMHeadModel checkpoints (our own model folders load with from_pretrained)")
+    act = cfg.get("activation_function", "gelu_new")
+    if act not in TANH_GELUS:
+        raise ConvertError(f"{path}: activation_function {act!r} differs from GPT-2's tanh GELU (gelu_new); "
+                           "our model cannot reproduce it")
+    unsupported = {"scale_attn_by_inverse_layer_idx": True, "scale_attn_weights": False, "add_cross_attention": True}
+    for key, bad in unsupported.items():
+        if cfg.get(key) is bad:
+            raise ConvertError(f"{path}: {key}={bad} is a GPT-2 variant our model does not implement")
+    n_embd = cfg.get("n_embd", cfg.get("hidden_size"))
+    if cfg.get("n_inner") not in (None, 4 * (n_embd or 0)):
+        raise ConvertError(f"{path}: n_inner={cfg['n_inner']} but our MLP is 4 × n_embd = {4 * n_embd}")
+    hp = {"n_vocab": cfg.get("vocab_size"), "n_ctx": cfg.get("n_positions", cfg.get("n_ctx")),
+          "n_embd": n_embd, "n_head": cfg.get("n_head"), "n_layer": cfg.get("n_layer")}
+    hp = {k: v for k, v in hp.items() if v is not None}
+    return Dims.from_hparams(hp, str(path)), float(cfg.get("layer_norm_epsilon", 1e-5))
+
+
+def _dims_from_shapes(shapes: dict[str, tuple[int, ...]], source: str) -> Dims:
+    """For a lone .safetensors file: sizes from the tensors, heads from the released widths."""
+    try:
+        n_vocab, n_embd = shapes["wte.weight"]
+        n_ctx, _ = shapes["wpe.weight"]
+    except (KeyError, ValueError):
+        raise ConvertError(f"{source}: no 'wte.weight'/'wpe.weight' tensors; not a GPT-2 checkpoint") from None
+    layers = {int(m.group(1)) for n in shapes if (m := re.match(r"^h\.(\d+)\.", n))}
+    if n_embd not in N_HEAD_OF_WIDTH:
+        raise ConvertError(f"{source}: width {n_embd} is not one of GPT-2's released sizes, so the number of "
+                           "heads is unknown; put the model's config.json next to the file")
+    return Dims(n_vocab=n_vocab, n_ctx=n_ctx, n_embd=n_embd, n_head=N_HEAD_OF_WIDTH[n_embd],
+                n_layer=max(layers) + 1 if layers else 0)
+
+
+def load_hf_checkpoint(path: str | Path):
+    """Read, check and convert a GPT2LMHeadModel folder or .safetensors file; returns our model."""
+    path = Path(path)
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            raise ConvertError(f"{path}: expected a folder or a .safetensors file")
+        files, config_path = [path], path.parent / "config.json"
+    elif path.is_dir():
+        files, config_path = _weight_files(path), path / "config.json"
+    else:
+        raise ConvertError(f"{path}: no such file or folder")
+    label = str(files[0]) if len(files) == 1 else str(path / "model.safetensors.index.json")
+    reader = SafetensorsReader(files, label)
+    by_short = strip_hf_prefix(reader.shapes())  # {"h.0.ln_1.weight": name in file}
+    shapes = {short: reader.shapes()[name] for short, name in by_short.items()}
+    if config_path.is_file():
+        dims, eps = _dims_from_config(config_path)
+        dims_source = str(config_path)
+    else:
+        dims, eps = _dims_from_shapes(shapes, label), 1e-5
+        dims_source = f"{label} (no config.json: sizes read from the tensors)"
+        log.warning("%s: no config.json; assuming a standard GPT-2 (%s)", label, dims.describe())
+
+    plan = plan_conversion(shapes, HF_RULES, dims, source=label, dims_source=dims_source,
+                           ignore=lambda n: bool(HF_IGNORED.match(n)) or n == HF_TIED_HEAD)
+    state = convert_tensors(plan, lambda short: reader.read(by_short[short]))
+    if HF_TIED_HEAD in by_short:
+        head = reader.read(by_short[HF_TIED_HEAD])
+        if tuple(head.shape) != (dims.n_vocab, dims.n_embd) or not torch.equal(head.float(), state["transformer.wte.weight"].float()):
+            raise ConvertError(f"{label}: tensor '{by_short[HF_TIED_HEAD]}' differs from the token embedding; "
+                               "GPT-2 ties them and so does our model, an untied head cannot be converted")
+    return model_from_state(dims, state, source=label, layer_norm_epsilon=eps)
+
+
+# ---------------------------------------------------------------------------------------------
+# The Hub
+# ---------------------------------------------------------------------------------------------
+HUB_PATTERNS = ["config.json", "model.safetensors", "model.safetensors.index.json", "model-*.safetensors"]
+
+
+def fetch_hf_repo(repo_id: str, revision: str | None = None) -> Path:
+    """Download (or find in the cache) a repo's config and safetensors; returns the snapshot folder.
+
+    huggingface_hub does the work, so its cache, HF_HOME, HF_HUB_OFFLINE, HF_ENDPOINT and HF_TOKEN
+    all apply. Failures become one line naming the repo and offering --from-dir.
+    """
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    where = f"{constants.ENDPOINT}/{repo_id}"
+    try:
+        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS))
+    except (RepositoryNotFoundError, GatedRepoError) as e:
+        raise ConvertError(f"{where}: repository not found or not accessible ({type(e).__name__}); check the "
+                           "repo id, or log in with `hf auth login` for a private one") from None
+    except RevisionNotFoundError:
+        raise ConvertError(f"{where}: revision {revision!r} not found") from None
+    except LocalEntryNotFoundError:
+        offline = " (HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE else ""
+        raise ConvertError(f"cannot download {repo_id} from {constants.ENDPOINT} and it is not in the Hugging Face "
+                           f"cache{offline}; copy its folder here and use `python -m convert hf --from-dir PATH`") from None
+    except (HfHubHTTPError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConvertError(f"{where}: download failed ({first}); retry, or use `python -m convert hf --from-dir PATH`") from None
+    if not (folder / "model.safetensors").is_file() and not (folder / "model.safetensors.index.json").is_file():
+        raise ConvertError(f"{where}: the repo has no model.safetensors; only safetensors checkpoints are converted")
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------
+# Export: our model folder → standard GPT2LMHeadModel folder
+# ---------------------------------------------------------------------------------------------
+def export_hf(model_dir: str | Path, out_dir: str | Path, *, overwrite: bool = False) -> Path:
+    """Write `model_dir` (ours) as a transformers GPT2LMHeadModel folder at `out_dir`, atomically."""
+    from transformers import AutoTokenizer, GenerationConfig, GPT2Config
+
+    from gpt2_scratch import GPT2ScratchConfig, get_tokenizer
+
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    if not (model_dir / "config.json").is_file():
+        raise ConvertError(f"{model_dir}: no config.json; pass a model folder written by gpt2-scratch")
+    cfg = GPT2ScratchConfig.from_pretrained(model_dir)
+    reader = SafetensorsReader(_weight_files(model_dir), str(model_dir))
+    names = set(reader.shapes())
+    if "score.weight" in names:
+        raise ConvertError(f"{model_dir}: holds a sequence classifier (score.weight); export-hf writes causal LMs")
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
+        raise ConvertError(f"{out_dir}: already exists and is not empty; choose another --out")
+
+    dims = Dims(n_vocab=cfg.vocab_size, n_ctx=cfg.context_length, n_embd=cfg.emb_dim, n_head=cfg.n_heads,
+                n_layer=cfg.n_layers)
+    # Our names are transformers' with the Conv1D weights transposed, so exporting runs HF_RULES backwards.
+    ours_to_hf = {}
+    for rule in HF_RULES:
+        for i in range(dims.n_layer) if "{i}" in rule.source else [None]:
+            ours = rule.target.format(i=i)
+            ours_to_hf[ours] = ("transformer." + rule.source.format(i=i), rule.layout)
+    state: dict[str, torch.Tensor] = {}
+    for ours, (hf_name, layout) in ours_to_hf.items():
+        if ours in names:
+            t = reader.read(ours).float()
+            state[hf_name] = t.T.contiguous() if layout == "transpose" else t.contiguous()
+        elif ours.endswith("attn.c_attn.bias") and not cfg.qkv_bias:
+            state[hf_name] = torch.zeros(3 * dims.n_embd)  # GPT-2 always has the bias; zeros = none
+        else:
+            raise ConvertError(f"{model_dir}: missing tensor '{ours}' in the model's safetensors")
+    extra = names - set(ours_to_hf) - {"lm_head.weight"}
+    if extra:
+        raise ConvertError(f"{model_dir}: unknown tensor '{sorted(extra)[0]}' has no GPT-2 counterpart")
+    if "lm_head.weight" in names and not torch.equal(reader.read("lm_head.weight"), reader.read("transformer.wte.weight")):
+        raise ConvertError(f"{model_dir}: lm_head.weight is not tied to the token embedding; GPT-2 cannot express that")
+
+    hf_config = GPT2Config(
+        vocab_size=dims.n_vocab, n_positions=dims.n_ctx, n_embd=dims.n_embd, n_layer=dims.n_layer,
+        n_head=dims.n_head, layer_norm_epsilon=cfg.layer_norm_epsilon, activation_function="gelu_new",
+        resid_pdrop=cfg.drop_rate, embd_pdrop=cfg.drop_rate, attn_pdrop=cfg.drop_rate,
+        bos_token_id=50256, eos_token_id=50256, tie_word_embeddings=True,
+        architectures=["GPT2LMHeadModel"],
+    )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError):
+        tokenizer = get_tokenizer()
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
+    try:
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        hf_config.save_pretrained(tmp)
+        GenerationConfig(bos_token_id=50256, eos_token_id=50256, pad_token_id=50256).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.chmod(tmp, 0o755)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir

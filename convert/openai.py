@@ -1,0 +1,80 @@
+"""OpenAI's released GPT-2 checkpoint folder → our model.
+
+A release folder holds checkpoint, encoder.json, hparams.json, model.ckpt.data-00000-of-00001,
+model.ckpt.index, model.ckpt.meta and vocab.bpe. Only hparams.json (which decides the config),
+the index and the data shard are needed; the .meta graph is never read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from convert.build import model_from_state
+from convert.errors import ConvertError
+from convert.mapping import OPENAI_RULES, Dims, convert_tensors, plan_conversion
+from convert.tf_bundle import TensorBundle, checkpoint_prefix
+
+log = logging.getLogger(__name__)
+
+# What `python -m convert openai --size` downloads (the release's seven files) and the subset
+# a conversion needs.
+OPENAI_FILES = ("checkpoint", "encoder.json", "hparams.json", "model.ckpt.data-00000-of-00001",
+                "model.ckpt.index", "model.ckpt.meta", "vocab.bpe")
+OPENAI_REQUIRED = ("hparams.json", "model.ckpt.index", "model.ckpt.data-00000-of-00001")
+OPENAI_SIZES = ("124M", "355M", "774M", "1558M")
+
+
+def read_hparams(folder: str | Path) -> tuple[Dims, Path]:
+    path = Path(folder) / "hparams.json"
+    if not path.is_file():
+        raise ConvertError(f"{path}: not found; OpenAI's checkpoint folder must contain hparams.json "
+                           "(it decides the model's size)")
+    try:
+        hp = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConvertError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(hp, dict):
+        raise ConvertError(f"{path}: expected a JSON object with n_vocab, n_ctx, n_embd, n_head, n_layer")
+    return Dims.from_hparams(hp, str(path)), path
+
+
+def load_openai_checkpoint(folder: str | Path, *, verify: bool = True):
+    """Read, check and convert OpenAI's checkpoint in `folder`; returns our GPT2ScratchForCausalLM."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ConvertError(f"{folder}: not a directory; pass the folder holding OpenAI's model.ckpt.* and hparams.json")
+    dims, hparams_path = read_hparams(folder)
+    bundle = TensorBundle(checkpoint_prefix(folder))
+    shapes = {name: bundle.shape(name) for name in bundle.names()}
+    plan = plan_conversion(shapes, OPENAI_RULES, dims, source=str(bundle.index_path), dims_source=str(hparams_path))
+    log.info("converting %d tensors from %s (%s)", len(plan), bundle.data_path, dims.describe())
+    # torch.from_numpy keeps the copy-on-write memory map: untransposed tensors cost no copy.
+    state = convert_tensors(plan, lambda name: torch.from_numpy(bundle.read(name, verify=verify)))
+    return model_from_state(dims, state, source=str(bundle.index_path))
+
+
+def openai_tokenizer(folder: str | Path):
+    """The tokenizer to save with a converted model: ours (exact GPT-2 BPE), unless the folder's
+    encoder.json/vocab.bpe differ from GPT-2's, in which case a tokenizer built from them."""
+    from gpt2_scratch import get_tokenizer
+    from gpt2_scratch.tokenizer import ENCODER_JSON_SHA256, VOCAB_BPE_SHA256
+
+    folder = Path(folder)
+    enc, bpe = folder / "encoder.json", folder / "vocab.bpe"
+    if not (enc.is_file() and bpe.is_file()):
+        return get_tokenizer()
+    if (hashlib.sha256(enc.read_bytes()).hexdigest() == ENCODER_JSON_SHA256
+            and hashlib.sha256(bpe.read_bytes()).hexdigest() == VOCAB_BPE_SHA256):
+        return get_tokenizer()
+    from transformers import GPT2TokenizerFast
+
+    log.warning("%s: encoder.json/vocab.bpe differ from GPT-2's; saving a tokenizer built from them", folder)
+    eot = "<|endoftext|>"
+    tok = GPT2TokenizerFast(vocab=str(enc), merges=str(bpe), unk_token=eot, bos_token=eot, eos_token=eot)
+    tok.pad_token = eot
+    return tok

@@ -1,0 +1,99 @@
+"""Shared test helpers: where the data lives, tiny models, the transformers reference, isolated processes."""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# CI clones the repository beside shared/ (read-only data and fixtures).
+SHARED_DIR = REPO_ROOT.parent / "shared"
+TINY = dict(n_layers=2, emb_dim=64, n_heads=4, context_length=128)
+
+# Prepended to code run in a subprocess that must not see this project: the saved model directory
+# alone has to be enough (trust_remote_code), exactly as for a user who never installed us.
+BLOCK_PROJECT_IMPORTS = textwrap.dedent(
+    """
+    import importlib.abc, sys
+    class _BlockProject(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in ("gpt2_scratch", "convert", "train", "eval"):
+                raise ImportError(f"{name} is blocked in this test")
+    sys.meta_path.insert(0, _BlockProject())
+    try:
+        import gpt2_scratch
+    except ImportError:
+        pass
+    else:
+        raise SystemExit("gpt2_scratch is importable; the isolation is broken")
+    """
+)
+
+
+def run_python(code: str, *, cwd: Path, block_project: bool = False, env: dict | None = None, timeout: int = 300):
+    """Run ``code`` in a fresh interpreter; with block_project it cannot import any of our packages."""
+    source = (BLOCK_PROJECT_IMPORTS if block_project else "") + textwrap.dedent(code)
+    result = subprocess.run(
+        [sys.executable, "-c", source],
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert result.returncode == 0, f"subprocess failed:\n{result.stderr[-4000:]}"
+    return result
+
+
+def run_cli(*args: str, cwd: Path = REPO_ROOT, timeout: int = 600, input: str | None = None):
+    """Run a command of ours (``python -m …`` or a script path) the way a user types it."""
+    return subprocess.run(
+        [sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, input=input
+    )
+
+
+def transformers_twin(model):
+    """transformers' own GPT2LMHeadModel holding the same weights as our ``model`` (the reference)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    c = model.config
+    reference = GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=c.vocab_size,
+            n_positions=c.context_length,
+            n_embd=c.emb_dim,
+            n_layer=c.n_layers,
+            n_head=c.n_heads,
+            layer_norm_epsilon=c.layer_norm_epsilon,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+        )
+    )
+    state = {}
+    for name, tensor in model.state_dict().items():
+        # Our projections are nn.Linear [out, in]; transformers' Conv1D stores [in, out].
+        state[name] = tensor.t() if name.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")) else tensor
+    missing, unexpected = reference.load_state_dict(state, strict=False)
+    assert not unexpected and all(name.endswith("attn.bias") for name in missing), (missing, unexpected)
+    return reference.eval()
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    assert SHARED_DIR.is_dir(), f"{SHARED_DIR} is missing: clone the repository beside shared/"
+    return SHARED_DIR
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A randomly initialised tiny model directory, made once per session through the public API."""
+    from gpt2_scratch import GPT2ScratchConfig, GPT2ScratchForCausalLM, save_model_dir
+
+    torch.manual_seed(123)
+    model = GPT2ScratchForCausalLM(GPT2ScratchConfig.from_preset("gpt2-small", **TINY))
+    return save_model_dir(model, tmp_path_factory.mktemp("models") / "tiny")

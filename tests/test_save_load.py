@@ -1,0 +1,129 @@
+"""A saved model directory loads anywhere: with our package, and in a Python that has never heard of it."""
+
+import json
+
+import torch
+from conftest import REPO_ROOT, TINY, run_cli, run_python
+
+import gpt2_scratch
+from gpt2_scratch import GPT2ScratchConfig, GPT2ScratchForCausalLM, save_model_dir
+
+PROMPT_IDS = [464, 3290, 373, 1043, 287, 257, 2214, 1474]  # "The dog was found in a field near"
+
+
+def test_model_directory_contents(tiny_model_dir):
+    names = {p.name for p in tiny_model_dir.iterdir()}
+    assert {
+        "model.safetensors",
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "configuration_gpt2_scratch.py",
+        "modeling_gpt2_scratch.py",
+    } <= names
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    assert config["model_type"] == "gpt2-scratch"
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_gpt2_scratch.GPT2ScratchForCausalLM"
+    assert json.loads((tiny_model_dir / "generation_config.json").read_text())["pad_token_id"] == 50256
+    # No leftovers of the atomic write next to it.
+    assert not [p for p in tiny_model_dir.parent.iterdir() if p.name.startswith(".")]
+
+
+def test_auto_classes_load_after_import(tiny_model_dir):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    assert isinstance(AutoConfig.from_pretrained(tiny_model_dir), GPT2ScratchConfig)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert type(model) is GPT2ScratchForCausalLM
+    assert model.lm_head.weight is model.transformer.wte.weight
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    assert tokenizer.encode("The dog was found in a field near") == PROMPT_IDS
+
+
+def test_fresh_process_without_our_package_loads_identically(tiny_model_dir, tmp_path):
+    model = GPT2ScratchForCausalLM.from_pretrained(tiny_model_dir).eval()
+    ids = torch.tensor([PROMPT_IDS])
+    with torch.no_grad():
+        logits = model(ids).logits
+        tokens = model.generate(ids, max_new_tokens=20, do_sample=False)
+    torch.save({"logits": logits, "tokens": tokens}, tmp_path / "expected.pt")
+    run_python(
+        f"""
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        model = AutoModelForCausalLM.from_pretrained({str(tiny_model_dir)!r}, trust_remote_code=True).eval()
+        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+        assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
+        tokenizer = AutoTokenizer.from_pretrained({str(tiny_model_dir)!r})
+        ids = torch.tensor([tokenizer.encode("The dog was found in a field near")])
+        expected = torch.load({str(tmp_path / "expected.pt")!r}, weights_only=True)
+        with torch.no_grad():
+            torch.testing.assert_close(model(ids).logits, expected["logits"], atol=0, rtol=0)
+            assert model.generate(ids, max_new_tokens=20, do_sample=False).tolist() == expected["tokens"].tolist()
+        """,
+        cwd=tmp_path,
+        block_project=True,
+    )
+
+
+def test_overwrite_is_explicit_and_replaces_atomically(tmp_path):
+    torch.manual_seed(0)
+    model = GPT2ScratchForCausalLM(GPT2ScratchConfig.from_preset("gpt2-small", **TINY))
+    out = save_model_dir(model, tmp_path / "m")
+    try:
+        save_model_dir(model, out)
+    except FileExistsError as error:
+        assert "already exists" in str(error)
+    else:
+        raise AssertionError("an existing model directory was overwritten without overwrite=True")
+    with torch.no_grad():
+        model.transformer.wte.weight.add_(1.0)
+    save_model_dir(model, out, overwrite=True)
+    reloaded = GPT2ScratchForCausalLM.from_pretrained(out)
+    torch.testing.assert_close(reloaded.transformer.wte.weight, model.transformer.wte.weight)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_cli_init_and_generate(tmp_path):
+    out = tmp_path / "cli-model"
+    result = run_cli("-m", "gpt2_scratch", "init", "--preset", "gpt2-small", "--out", str(out),
+                     "--n-layers", "2", "--emb-dim", "64", "--n-heads", "4", "--context-length", "64", "--seed", "5")
+    assert result.returncode == 0, result.stderr
+    model = GPT2ScratchForCausalLM.from_pretrained(out)
+    assert (model.config.n_layers, model.config.emb_dim, model.config.context_length) == (2, 64, 64)
+
+    tokenizer = gpt2_scratch.get_tokenizer()
+    expected = model.generate(torch.tensor([tokenizer.encode("Every effort moves you")]), max_new_tokens=8,
+                              do_sample=False, eos_token_id=None)
+    result = run_cli("-m", "gpt2_scratch", "generate", "--model", str(out), "--prompt", "Every effort moves you",
+                     "--max-new-tokens", "8", "--ignore-eos")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == tokenizer.decode(expected[0], skip_special_tokens=True).strip()
+
+    # Interactive: one prompt, then an empty line ends the loop.
+    result = run_cli("-m", "gpt2_scratch", "generate", "--model", str(out), "--max-new-tokens", "3",
+                     input="Hello there\n\n")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("> Hello there")
+
+    # A prompt longer than the context is cropped from the left, as the book does.
+    result = run_cli("-m", "gpt2_scratch", "generate", "--model", str(out), "--prompt", "word " * 99 + "word",
+                     "--max-new-tokens", "4")
+    assert result.returncode == 0, result.stderr
+    assert "prompt cropped from the left: 100 → 60 tokens" in result.stderr
+
+
+def test_cli_bad_input_is_one_line(tmp_path):
+    cases = [
+        (["init", "--preset", "gpt2-small", "--out", str(tmp_path / "x"), "--emb-dim", "100"],
+         "error: GPT2ScratchConfig: emb_dim 100 is not divisible by n_heads 12; choose n_heads among the divisors of 100"),
+        (["generate", "--model", str(tmp_path / "missing"), "--prompt", "hi"], "error:"),
+    ]
+    for args, message in cases:
+        result = run_cli("-m", "gpt2_scratch", *args)
+        assert result.returncode != 0
+        assert result.stderr.strip().splitlines()[-1].startswith(message), result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    result = run_cli("-m", "gpt2_scratch", "init", "--preset", "gpt2-huge", "--out", str(tmp_path / "y"))
+    assert result.returncode == 2 and "invalid choice: 'gpt2-huge'" in result.stderr

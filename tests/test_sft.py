@@ -1,0 +1,173 @@
+"""End-to-end instruction finetuning through the real CLI (`python train/sft.py`) on a tiny model.
+
+One uninterrupted reference run on the book's data (module fixture) is checked for what it leaves in
+OUT, then compared with a run killed by SIGKILL and resumed, and (slow) with a 2-process
+``accelerate launch`` run of the same global batch.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+BOOK_DATA = SHARED / "data" / "instruction-data.json"
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+       "OMP_NUM_THREADS": "1"}
+
+# A tiny GPT-2 (2 layers, width 64, context 128) on the book's data: 4 examples per micro-batch, 2
+# micro-batches per step (global batch 8, as the book), a high learning rate so 30 steps show learning.
+TINY = ["--model", "gpt2-small", "--random-init", "--n-layers", "2", "--emb-dim", "64", "--n-heads", "4",
+        "--context-length", "128", "--data", str(BOOK_DATA), "--lr", "1e-3", "--batch-size", "4",
+        "--grad-accum", "2", "--epochs", "1", "--max-steps", "30", "--eval-freq", "5", "--eval-iter", "2",
+        "--save-every", "10", "--keep-checkpoints", "0", "--max-new-tokens", "2", "--response-batch-size", "55",
+        "--sample-tokens", "4"]
+
+
+def sft(*args, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "train/sft.py", *map(str, args)], cwd=REPO, env=ENV, capture_output=True,
+                          text=True, timeout=600, **kw)
+
+
+def losses(out: Path) -> list[tuple[int, float, float]]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["train_loss"], r["val_loss"]) for r in rows if "train_loss" in r]
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sft") / "ref"
+    result = sft(*TINY, "--output-dir", out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, result
+
+
+def test_training_run_leaves_a_complete_output_dir(reference_run):
+    out, result = reference_run
+    rows = losses(out)
+    assert [r[0] for r in rows] == [1, 6, 11, 16, 21, 26, 30]
+    first, last = rows[0], rows[-1]
+    assert last[1] < first[1] - 2.0 and last[2] < first[2] - 2.0, rows  # train and val loss drop clearly
+    assert "| step     6/30 | train" in result.stdout  # one dense line per evaluation
+
+    for name in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "args.json",
+                 "loss.png", "loss.pdf"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG" and (out / "loss.pdf").read_bytes()[:4] == b"%PDF"
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000010", "step-00000020",
+                                                                      "step-00000030"]
+    responses = json.loads((out / "instruction-data-with-response.json").read_text())
+    book = json.loads(BOOK_DATA.read_text())
+    assert len(responses) == 110
+    assert [{k: v for k, v in r.items() if k != "model_response"} for r in responses] == book[935:1045]
+    assert all(isinstance(r["model_response"], str) for r in responses)
+    assert not list(out.glob(".*"))  # no staging or temporary files left behind
+
+    # A fresh process without this package loads it through auto_map + trust_remote_code.
+    code = (
+        "import sys, torch; from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+        "m = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True)\n"
+        "t = AutoTokenizer.from_pretrained(sys.argv[1])\n"
+        "assert 'gpt2_scratch' not in sys.modules\n"
+        "ids = torch.tensor([t.encode('Below is an instruction')])\n"
+        "print(m.config.n_layers, m.config.emb_dim, m(ids).logits.shape[-1], m.generation_config.pad_token_id)\n"
+    )
+    fresh = subprocess.run([sys.executable, "-c", code, str(out)], cwd="/", env={**ENV, "PYTHONPATH": ""},
+                           capture_output=True, text=True, timeout=300)
+    assert fresh.returncode == 0, fresh.stderr[-2000:]
+    assert fresh.stdout.split() == ["2", "64", "50257", "50256"]
+    weights = load_file(out / "model.safetensors")
+    final_ckpt = load_file(out / "checkpoints" / "step-00000030" / "model.safetensors")
+    assert torch.equal(weights["transformer.h.1.mlp.c_fc.weight"], final_ckpt["transformer.h.1.mlp.c_fc.weight"])
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(reference_run, tmp_path):
+    ref_out, _ = reference_run
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "train/sft.py", *TINY, "--output-dir", str(out)], cwd=REPO, env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = out / "checkpoints" / "step-00000010" / "train_state.json"
+    deadline = time.monotonic() + 300
+    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    assert marker.exists()
+    assert not (out / "model.safetensors").exists()  # no final model from a killed run
+
+    refused = sft(*TINY, "--output-dir", out)  # an existing OUT needs --resume or --overwrite
+    assert refused.returncode == 2 and "--resume" in refused.stderr
+
+    resumed = sft(*TINY, "--output-dir", out, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout
+
+    assert losses(out) == pytest.approx(losses(ref_out), rel=1e-6, abs=0)
+    ref_weights, weights = load_file(ref_out / "model.safetensors"), load_file(out / "model.safetensors")
+    assert ref_weights.keys() == weights.keys()
+    for name in ref_weights:
+        torch.testing.assert_close(weights[name], ref_weights[name], rtol=1e-6, atol=1e-7, msg=name)
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process(reference_run, tmp_path):
+    """`accelerate launch --num_processes 2 --cpu`: each process takes half of every global batch.
+    Tolerance: losses within 1e-4 absolute (observed ~1e-6: only summation order and padding width differ)."""
+    ref_out, _ = reference_run
+    out = tmp_path / "ddp"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
+    result = subprocess.run([*launch, "train/sft.py", *TINY, "--output-dir", str(out)], cwd=REPO, env=ENV,
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ref, got = losses(ref_out), losses(out)
+    assert [r[0] for r in got] == [r[0] for r in ref]
+    for (_, rt, rv), (_, gt, gv) in zip(ref, got):
+        assert abs(rt - gt) < 1e-4 and abs(rv - gv) < 1e-4, (ref, got)
+    assert len(json.loads((out / "instruction-data-with-response.json").read_text())) == 110
+    assert result.stdout.count("| step     6/30 |") == 1  # only the main process prints and writes
+
+
+BAD_JSON = '[{"instruction": "a", "output": "b"},\n {"instruction": "c" "output": "d"}]'
+MISSING_FIELD = '[{"instruction": "a", "output": "b"}, {"instruction": "c", "input": ""}]'
+WRONG_TYPE = '[{"instruction": "a", "output": "b"}, {"instruction": "c", "input": 3, "output": "d"}]'
+
+
+def test_bad_input_gives_one_line_errors(tmp_path):
+    files = {}
+    for name, content in (("bad.json", BAD_JSON), ("missing.json", MISSING_FIELD), ("wrong.json", WRONG_TYPE)):
+        files[name] = tmp_path / name
+        files[name].write_text(content)
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "keep.txt").write_text("x")
+    tiny = TINY[:TINY.index("--data")]
+    cases = [
+        (["--data", tmp_path / "nope.json"], "data file not found"),
+        (["--data", files["bad.json"]], "malformed JSON at line 2 column 22"),
+        (["--data", files["missing.json"]], "record 1 has no 'output' field"),
+        (["--data", files["wrong.json"]], "record 1 field 'input' must be a string or absent, got int"),
+        (["--data", BOOK_DATA, "--max-length", "8", "--too-long", "drop"], "no training examples left"),
+        (["--data", BOOK_DATA, "--output-dir", existing], "already exists; pass --resume"),
+    ]
+    procs = []
+    for i, (extra, _) in enumerate(cases):
+        out = ["--output-dir", tmp_path / f"out{i}"] if "--output-dir" not in extra else []
+        cmd = [sys.executable, "train/sft.py", *tiny, *out, *map(str, extra)]
+        procs.append(subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True))
+    for proc, (_, expected) in zip(procs, cases):
+        stdout, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 2, stderr
+        lines = stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], stderr
+    assert (existing / "keep.txt").read_text() == "x"  # refused, untouched
