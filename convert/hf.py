@@ -21,7 +21,6 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from convert.build import model_from_state
 from convert.errors import ConvertError
@@ -160,32 +159,48 @@ def load_hf_checkpoint(path: str | Path):
 # ---------------------------------------------------------------------------------------------
 # The Hub
 # ---------------------------------------------------------------------------------------------
-HUB_PATTERNS = ["config.json", "model.safetensors", "model.safetensors.index.json", "model-*.safetensors"]
-
-
 def fetch_hf_repo(repo_id: str, revision: str | None = None) -> Path:
-    """Download (or find in the cache) a repo's config and safetensors; returns the snapshot folder.
+    """Download (or find in the cache) a repo's config.json and safetensors; returns the snapshot folder.
 
-    huggingface_hub does the work, so its cache, HF_HOME, HF_HUB_OFFLINE, HF_ENDPOINT and HF_TOKEN
-    all apply. Failures become one line naming the repo and offering --from-dir.
+    huggingface_hub's `hf_hub_download` does the work, file by file, so its cache, HF_HOME,
+    HF_HUB_OFFLINE, HF_ENDPOINT and HF_TOKEN all apply. Failures become one line naming the repo
+    and offering --from-dir.
     """
-    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub import constants, hf_hub_download
     from huggingface_hub.errors import (
         GatedRepoError,
         HfHubHTTPError,
         LocalEntryNotFoundError,
+        RemoteEntryNotFoundError,
         RepositoryNotFoundError,
         RevisionNotFoundError,
     )
 
     where = f"{constants.ENDPOINT}/{repo_id}"
+
+    def get(filename: str) -> Path:
+        return Path(hf_hub_download(repo_id, filename, revision=revision))
+
     try:
-        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS))
+        config = get("config.json")
+        try:
+            get("model.safetensors")
+        except (RemoteEntryNotFoundError, LocalEntryNotFoundError) as single_missing:
+            # Large models are sharded: model.safetensors.index.json names the shards.
+            try:
+                index = get("model.safetensors.index.json")
+            except (RemoteEntryNotFoundError, LocalEntryNotFoundError):
+                raise single_missing from None
+            for shard in sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())):
+                get(shard)
     except (RepositoryNotFoundError, GatedRepoError) as e:
         raise ConvertError(f"{where}: repository not found or not accessible ({type(e).__name__}); check the "
                            "repo id, or log in with `hf auth login` for a private one") from None
     except RevisionNotFoundError:
         raise ConvertError(f"{where}: revision {revision!r} not found") from None
+    except RemoteEntryNotFoundError as e:
+        raise ConvertError(f"{where}: has no {_missing_name(e)}; only GPT-2 safetensors checkpoints are "
+                           "converted") from None
     except LocalEntryNotFoundError:
         offline = " (HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE else ""
         raise ConvertError(f"cannot download {repo_id} from {constants.ENDPOINT} and it is not in the Hugging Face "
@@ -193,9 +208,12 @@ def fetch_hf_repo(repo_id: str, revision: str | None = None) -> Path:
     except (HfHubHTTPError, OSError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConvertError(f"{where}: download failed ({first}); retry, or use `python -m convert hf --from-dir PATH`") from None
-    if not (folder / "model.safetensors").is_file() and not (folder / "model.safetensors.index.json").is_file():
-        raise ConvertError(f"{where}: the repo has no model.safetensors; only safetensors checkpoints are converted")
-    return folder
+    return config.parent
+
+
+def _missing_name(e: Exception) -> str:
+    m = re.search(r"/resolve/[^/]+/(\S+?)['\s]", str(e) + " ")
+    return m.group(1) if m else "model.safetensors"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,7 +221,7 @@ def fetch_hf_repo(repo_id: str, revision: str | None = None) -> Path:
 # ---------------------------------------------------------------------------------------------
 def export_hf(model_dir: str | Path, out_dir: str | Path, *, overwrite: bool = False) -> Path:
     """Write `model_dir` (ours) as a transformers GPT2LMHeadModel folder at `out_dir`, atomically."""
-    from transformers import AutoTokenizer, GenerationConfig, GPT2Config
+    from transformers import AutoTokenizer, GenerationConfig, GPT2Config, GPT2LMHeadModel
 
     from gpt2_scratch import GPT2ScratchConfig, get_tokenizer
 
@@ -253,12 +271,18 @@ def export_hf(model_dir: str | Path, out_dir: str | Path, *, overwrite: bool = F
     except (OSError, ValueError):
         tokenizer = get_tokenizer()
 
+    # transformers' own class writes the folder, so its layout is whatever transformers expects. Built
+    # on the meta device and handed our tensors, it costs no second copy of the model.
+    with torch.device("meta"):
+        hf_model = GPT2LMHeadModel(hf_config)
+    hf_model.load_state_dict({**state, "lm_head.weight": state["transformer.wte.weight"]}, strict=True, assign=True)
+    hf_model.tie_weights()
+    hf_model.generation_config = GenerationConfig(bos_token_id=50256, eos_token_id=50256, pad_token_id=50256)
+
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
     try:
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        hf_config.save_pretrained(tmp)
-        GenerationConfig(bos_token_id=50256, eos_token_id=50256, pad_token_id=50256).save_pretrained(tmp)
+        hf_model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         os.chmod(tmp, 0o755)
         if out_dir.exists():

@@ -205,7 +205,8 @@ def plan_conversion(
         layers = [int(m.group(1)) for name in missing if (m := _LAYER.match(name))]
         if len(layers) == len(missing) and len(missing) == per_layer * len(set(layers)):
             # Whole layers absent: the checkpoint is shallower than the hyperparameters say.
-            hint = (f"; layers {min(layers)}-{max(layers)} are absent although {dims_source} says "
+            span = f"layer {min(layers)} is" if min(layers) == max(layers) else f"layers {min(layers)}-{max(layers)} are"
+            hint = (f"; {span} absent although {dims_source} says "
                     f"n_layer={dims.n_layer}: the hyperparameters do not match the checkpoint")
         raise ConvertError(f"{source}: missing tensor '{missing[0]}' with shape "
                            f"{list(table[missing[0]][1])}{more}{hint}")

@@ -53,8 +53,12 @@ def load_openai_checkpoint(folder: str | Path, *, verify: bool = True):
     shapes = {name: bundle.shape(name) for name in bundle.names()}
     plan = plan_conversion(shapes, OPENAI_RULES, dims, source=str(bundle.index_path), dims_source=str(hparams_path))
     log.info("converting %d tensors from %s (%s)", len(plan), bundle.data_path, dims.describe())
-    # torch.from_numpy keeps the copy-on-write memory map: untransposed tensors cost no copy.
-    state = convert_tensors(plan, lambda name: torch.from_numpy(bundle.read(name, verify=verify)))
+    # Tensors used as stored stay memory-mapped (torch.from_numpy keeps the copy-on-write map, so
+    # they cost no copy); tensors to be transposed are read into a buffer that is freed right after
+    # the transpose, so the peak is the model once plus one tensor, not the model plus the file.
+    layout_of = {source: layout for source, layout in plan.values()}
+    state = convert_tensors(plan, lambda name: torch.from_numpy(
+        bundle.read(name, verify=verify, mmap=layout_of[name] == "same")))
     return model_from_state(dims, state, source=str(bundle.index_path))
 
 

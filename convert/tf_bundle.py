@@ -69,6 +69,8 @@ except ImportError:  # pragma: no cover - exercised only where the wheel is miss
 
     def crc32c(data, crc: int = 0) -> int:
         """Table-driven crc32c; slow (~MB/s), used only if google-crc32c is not installed."""
+        if len(data) > 1 << 20:
+            log.warning("checking a %d-byte crc32c in pure Python is slow: `pip install google-crc32c`", len(data))
         crc ^= 0xFFFFFFFF
         for byte in bytes(data):
             crc = _TABLE[(crc ^ byte) & 0xFF] ^ (crc >> 8)
@@ -360,8 +362,13 @@ class TensorBundle:
                 self._mmap = np.memmap(self.data_path, dtype=np.uint8, mode="c")
         return self._mmap
 
-    def read(self, name: str, verify: bool = True) -> np.ndarray:
-        """The tensor's float32 array (memory-mapped), after checking its crc32c when `verify`."""
+    def read(self, name: str, verify: bool = True, mmap: bool = True) -> np.ndarray:
+        """The tensor's float32 array, after checking its crc32c when `verify`.
+
+        mmap=True returns a copy-on-write view of the mapped shard (no RAM until touched: right
+        for tensors used as they are). mmap=False reads the bytes into a fresh array instead, so
+        a tensor that is about to be transposed (copied anyway) leaves no mapped pages behind.
+        """
         e = self.entries.get(name)
         if e is None:
             raise BundleError(f"{self.index_path}: no tensor named '{name}'")
@@ -379,7 +386,14 @@ class TensorBundle:
         if e.offset + e.size > self._data_size:
             raise BundleError(f"{where} at bytes [{e.offset}, {e.offset + e.size}) runs past the end of "
                               f"the {self._data_size}-byte data file; it is truncated, download it again")
-        raw = self._data()[e.offset:e.offset + e.size]
+        if mmap:
+            raw = self._data()[e.offset:e.offset + e.size]
+        else:
+            raw = np.empty(e.size, dtype=np.uint8)
+            with open(self.data_path, "rb") as f:
+                f.seek(e.offset)
+                if f.readinto(memoryview(raw)) != e.size:
+                    raise BundleError(f"{where}: short read from the data file; it changed while being read")
         if verify and crc32c_of_array(raw) != unmask_crc(e.crc32c):
             raise BundleError(f"{where}: crc32c mismatch, the data file is corrupted; download it again")
         return raw.view("<f4").reshape(e.shape)

@@ -38,6 +38,7 @@ import argparse
 import datetime as _dt
 import json
 import logging
+import math
 import os
 import sys
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -368,11 +369,22 @@ def run(args) -> int:
         summary["histogram_png"] = str(png)
 
     print(text)
-    write_json_atomic(out, {**meta, "summary": summary, "records": outcomes}, indent=2)
+    write_json_atomic(out, _json_safe({**meta, "summary": summary, "records": outcomes}), indent=2)
     write_text_atomic(out.with_suffix(".summary.txt"), text + "\n")
     print(f"\nWrote {out} and {out.with_suffix('.summary.txt').name}"
           + ("" if pairwise else f", {out.with_suffix('.hist.png').name}"))
     return 0
+
+
+def _json_safe(obj):
+    """NaN (no scores to average) → null, so the file stays strict JSON."""
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_json_safe(v) for v in obj]
+    return obj
 
 
 def main(argv=None) -> int:

@@ -158,16 +158,21 @@ def resolve_base_model(args: dict, explicit: str | None = None) -> str | None:
 
 
 def resolve_datasets(args: dict, explicit: str | None = None) -> list[str]:
-    if explicit:
-        return [explicit]
-    value = args.get("data") or args.get("dataset")
+    """Hub data set ids for the card's metadata: --dataset, else the run's --data when it names one.
+
+    A URL or local path is not a Hub id; the known SMS Spam files map to ucirvine/sms_spam, anything
+    else stays out of the metadata (the card's text still names it).
+    """
+    value = explicit or args.get("data") or args.get("dataset")
     if not isinstance(value, str) or not value:
         return []
     name = value.rstrip("/").rsplit("/", 1)[-1]
     if name in KNOWN_DATASETS:
         return [KNOWN_DATASETS[name]]
-    if value.count("/") == 1 and not Path(value).exists() and "://" not in value:
-        return [value]  # a Hub dataset id
+    if "://" in value or Path(value).exists() or value.startswith((".", "/", "~")):
+        return []
+    if explicit or value.count("/") == 1:
+        return [value]
     return []
 
 
@@ -282,7 +287,8 @@ def _usage_lm(repo_id: str, remote: bool) -> list[str]:
         "```python",
         f"{imp}from transformers import AutoModelForCausalLM, AutoTokenizer",
         "",
-        f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")',
+        # Without the package the tokenizer also reads the repo's config (auto_map): it needs the flag too.
+        f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}"{trc})',
         f'model = AutoModelForCausalLM.from_pretrained("{repo_id}"{trc})',
         'inputs = tokenizer("Every effort moves you", return_tensors="pt")',
         "out = model.generate(**inputs, max_new_tokens=30, do_sample=False)",
@@ -299,7 +305,8 @@ def _usage_classifier(repo_id: str, auto_class: str, remote: bool) -> list[str]:
         f"{imp}import torch",
         f"from transformers import {auto_class}, AutoTokenizer",
         "",
-        f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")',
+        # Without the package the tokenizer also reads the repo's config (auto_map): it needs the flag too.
+        f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}"{trc})',
         f'model = {auto_class}.from_pretrained("{repo_id}"{trc})',
         'inputs = tokenizer("You won a free prize! Reply WIN now.", return_tensors="pt")',
         "probs = model(**inputs).logits.softmax(-1)[0]",
@@ -311,12 +318,18 @@ def _usage_classifier(repo_id: str, auto_class: str, remote: bool) -> list[str]:
 # --------------------------------------------------------------------------------------------
 # The upload
 # --------------------------------------------------------------------------------------------
+# Folders a training run keeps beside the model that are not part of it (optimizer states, RNG states).
+SKIPPED_DIRS = ("checkpoints",)
+
+
 def _model_files(model_dir: Path) -> dict[str, Path]:
-    """Every file save_pretrained wrote (path in repo → local path); dot-files are not model files."""
+    """Every file in the directory (path in repo → local path), except dot-files and checkpoints/."""
     files = {}
     for f in sorted(model_dir.rglob("*")):
         rel = f.relative_to(model_dir)
-        if f.is_file() and not any(part.startswith(".") for part in rel.parts):
+        if any(part.startswith(".") for part in rel.parts) or rel.parts[0] in SKIPPED_DIRS:
+            continue
+        if f.is_file():
             files[rel.as_posix()] = f
     return files
 
@@ -329,6 +342,20 @@ def _check_model_dir(model_dir: Path) -> None:
     weights = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
     if not any((model_dir / w).is_file() for w in weights):
         raise HubError(f"{model_dir}: no model.safetensors — not a save_pretrained directory")
+
+
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """Socket-level failure classes of the HTTP client huggingface_hub uses (httpx2 in 2.x, httpx before)."""
+    errors: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    for module_name in ("httpx2", "httpx", "requests"):
+        try:
+            module = __import__(module_name)
+        except ImportError:
+            continue
+        cls = getattr(module, "TransportError", None) or getattr(module, "RequestException", None)
+        if isinstance(cls, type):
+            errors.append(cls)
+    return tuple(errors)
 
 
 def _network_error(endpoint: str, exc: BaseException) -> HubError:
@@ -358,7 +385,6 @@ def push_model_dir(
     Returns the ``huggingface_hub.CommitInfo``. ``exist_ok=False`` refuses to add a commit to a
     repository that already exists. Raises ``HubError`` with a one-line message on failure.
     """
-    import httpx
     from huggingface_hub import CommitOperationAdd, HfApi, constants, get_token
     from huggingface_hub.errors import HfHubHTTPError
 
@@ -415,10 +441,7 @@ def push_model_dir(
             raise HubError(f"{where}: the token may not write here (HTTP 403); use a write token for this namespace") from None
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise HubError(f"{where}: upload failed: {first}") from None
-    except (httpx.TransportError, ConnectionError, TimeoutError) as e:
-        raise _network_error(endpoint, e) from None
-    except OSError as e:
-        # hf_raise_for_status wraps some transport failures; anything else on the socket lands here.
+    except _transport_errors() as e:
         raise _network_error(endpoint, e) from None
 
 

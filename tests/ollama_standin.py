@@ -60,8 +60,9 @@ class OllamaStandin:
     """``with OllamaStandin() as srv: srv.url`` — a threaded server on 127.0.0.1 (port 0 = any free)."""
 
     def __init__(self, models=("llama3:latest",), *, delay: float = 0.0, slow_seconds: float = 3.0,
-                 port: int = 0):
+                 reject_schema: bool = False, port: int = 0):
         self.models = [_norm(m) for m in models]
+        self.reject_schema = reject_schema  # answer 400 to a JSON-schema format, as Ollama < 0.5 did
         self.delay = delay  # seconds added to every chat request (benchmarks)
         self.slow_seconds = slow_seconds
         self.chat_requests: list[dict] = []  # every chat payload received, in order
@@ -215,6 +216,8 @@ def _make_handler(srv: OllamaStandin):
             model = p.get("model", "")
             if _norm(model) not in srv.models:
                 return self._send_json(404, {"error": f"model '{model}' not found"})
+            if srv.reject_schema and isinstance(p.get("format"), dict):
+                return self._send_json(400, {"error": "invalid format: expected \"json\" or a valid schema"})
             reply, fault = srv._plan(p)
             if srv.delay:
                 time.sleep(srv.delay)
@@ -257,6 +260,8 @@ def _make_handler(srv: OllamaStandin):
             model = p.get("model", "")
             if _norm(model) not in srv.models:
                 return err(404, f'model "{model}" not found, try pulling it first')
+            if srv.reject_schema and p.get("response_format"):
+                return err(400, "response_format is not supported")
             reply, fault = srv._plan(p)
             if srv.delay:
                 time.sleep(srv.delay)

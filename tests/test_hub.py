@@ -183,3 +183,26 @@ def test_rejected_token_and_unreachable_hub_are_one_line_errors(hub, run_dir, tm
     line = one_line_error(push("--model", str(run_dir / "model"), "--repo-id", REPO_ID,
                                env=hub_env(hub, tmp_path, endpoint=dead)))
     assert "cannot reach the Hub" in line and dead in line
+
+
+def test_a_run_directory_is_pushed_without_its_checkpoints(tmp_path, tiny_model_dir):
+    # train/sft.py and train/classify.py save the model at the top of OUT, beside checkpoints/.
+    from gpt2_scratch.hub import _model_files, find_run_info, resolve_datasets
+
+    out = tmp_path / "out"
+    shutil.copytree(tiny_model_dir, out)
+    (out / "checkpoints" / "step-00000010").mkdir(parents=True)
+    (out / "checkpoints" / "step-00000010" / "optimizer.bin").write_bytes(b"\0" * 64)
+    (out / ".push-tmp").mkdir()
+    (out / "args.json").write_text(json.dumps({"model": "gpt2-small", "random_init": True,
+                                               "data": "https://example.org/instruction-data.json"}))
+    files = _model_files(out)
+    assert set(files) == {p.name for p in tiny_model_dir.iterdir()} | {"args.json"}
+    run = find_run_info(out)
+    assert run.args["model"] == "gpt2-small"
+    # Trained from random weights: no base model; a URL is not a Hub data set id.
+    from gpt2_scratch.hub import resolve_base_model
+
+    assert resolve_base_model(run.args) is None
+    assert resolve_datasets(run.args) == [] and resolve_datasets(run.args, "https://x.org/d.json") == []
+    assert resolve_datasets({}, "tatsu-lab/alpaca") == ["tatsu-lab/alpaca"]

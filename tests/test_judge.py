@@ -309,6 +309,21 @@ def test_openai_compatible_api(tmp_path, server, test_records):
     assert sent["response_format"]["type"] == "json_schema" and (sent["seed"], sent["temperature"]) == (123, 0)
 
 
+@pytest.mark.parametrize("api", ["ollama", "openai"])
+def test_server_without_structured_output(tmp_path, test_records, api):
+    """A server that rejects the JSON schema (400) is asked again without it; plain replies are parsed."""
+    records = test_records[:6]
+    responses = [r["output"] for r in records]
+    data = write_responses(tmp_path / "responses.json", records, responses)
+    with OllamaStandin(models=["llama3"], reject_schema=True) as server:
+        r = run_judge("--file", str(data), "--api", api, "--host", server.url, "--workers", "1", cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+        assert server.count() == 6, "only the accepted (schema-less) requests reach the judge"
+    assert "rejected the structured-output request" in r.stderr
+    assert book_lines(r.stdout) == ("Number of scores: 6 of 6",
+                                    f"Average score: {np.mean(expected_scores(responses)):.2f}")
+
+
 def test_evaluate_metric_modules(tmp_path, server, test_records):
     import evaluate
 

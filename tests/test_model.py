@@ -77,6 +77,15 @@ def test_loss_equals_transformers_loss(tiny_pair):
     # The book's convention: targets already shifted by one (its collate) give the same loss.
     shifted = torch.cat([labels[:, 1:], torch.full((3, 1), -100)], dim=1)
     torch.testing.assert_close(ours(ids, shift_labels=shifted).loss, ours(ids, labels=labels).loss)
+    # Projecting only the supervised positions gives the same loss, also summed over a token count.
+    torch.testing.assert_close(ours(ids, labels=labels, return_logits=False).loss, ours(ids, labels=labels).loss)
+    n = torch.tensor(37)
+    torch.testing.assert_close(
+        ours(ids, shift_labels=shifted, return_logits=False, num_items_in_batch=n).loss,
+        reference(ids, labels=labels, num_items_in_batch=n).loss,
+        atol=ATOL,
+        rtol=0,
+    )
 
 
 def test_loss_gradients_flow_to_every_parameter(tiny_pair):

@@ -76,7 +76,7 @@ def test_training_run_leaves_a_complete_output_dir(reference_run):
     code = (
         "import sys, torch; from transformers import AutoModelForCausalLM, AutoTokenizer\n"
         "m = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True)\n"
-        "t = AutoTokenizer.from_pretrained(sys.argv[1])\n"
+        "t = AutoTokenizer.from_pretrained(sys.argv[1], trust_remote_code=True)\n"
         "assert 'gpt2_scratch' not in sys.modules\n"
         "ids = torch.tensor([t.encode('Below is an instruction')])\n"
         "print(m.config.n_layers, m.config.emb_dim, m(ids).logits.shape[-1], m.generation_config.pad_token_id)\n"
@@ -84,7 +84,7 @@ def test_training_run_leaves_a_complete_output_dir(reference_run):
     fresh = subprocess.run([sys.executable, "-c", code, str(out)], cwd="/", env={**ENV, "PYTHONPATH": ""},
                            capture_output=True, text=True, timeout=300)
     assert fresh.returncode == 0, fresh.stderr[-2000:]
-    assert fresh.stdout.split() == ["2", "64", "50257", "50256"]
+    assert fresh.stdout.strip().splitlines()[-1].split() == ["2", "64", "50257", "50256"]
     weights = load_file(out / "model.safetensors")
     final_ckpt = load_file(out / "checkpoints" / "step-00000030" / "model.safetensors")
     assert torch.equal(weights["transformer.h.1.mlp.c_fc.weight"], final_ckpt["transformer.h.1.mlp.c_fc.weight"])
@@ -104,14 +104,13 @@ def test_resume_after_sigkill_matches_uninterrupted_run(reference_run, tmp_path)
     assert marker.exists()
     assert not (out / "model.safetensors").exists()  # no final model from a killed run
 
-    refused = sft(*TINY, "--output-dir", out)  # an existing OUT needs --resume or --overwrite
-    assert refused.returncode == 2 and "--resume" in refused.stderr
-
     resumed = sft(*TINY, "--output-dir", out, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout
 
-    assert losses(out) == pytest.approx(losses(ref_out), rel=1e-6, abs=0)
+    got, ref = losses(out), losses(ref_out)
+    assert [r[0] for r in got] == [r[0] for r in ref]
+    assert [v for r in got for v in r[1:]] == pytest.approx([v for r in ref for v in r[1:]], rel=1e-6, abs=0)
     ref_weights, weights = load_file(ref_out / "model.safetensors"), load_file(out / "model.safetensors")
     assert ref_weights.keys() == weights.keys()
     for name in ref_weights:
@@ -134,6 +133,7 @@ def test_two_processes_match_one_process(reference_run, tmp_path):
     for (_, rt, rv), (_, gt, gv) in zip(ref, got):
         assert abs(rt - gt) < 1e-4 and abs(rv - gv) < 1e-4, (ref, got)
     assert len(json.loads((out / "instruction-data-with-response.json").read_text())) == 110
+    assert "on 2 process(es)" in result.stdout
     assert result.stdout.count("| step     6/30 |") == 1  # only the main process prints and writes
 
 

@@ -422,7 +422,7 @@ def _raw_records(ds: datasets.Dataset) -> list[dict]:
 
 
 def prepare_instruction_data(
-    source: str,
+    source: str | datasets.Dataset,
     tokenizer,
     *,
     style: str = "alpaca",
@@ -430,9 +430,14 @@ def prepare_instruction_data(
     too_long: str = "truncate",
     shuffle_split: bool = False,
     seed: int = 123,
+    name: str | None = None,
 ) -> InstructionData:
-    """Load, validate, split and tokenize; raise ``DataError`` if no training example is left."""
-    records = load_records(source, seed=seed)
+    """Load (unless ``source`` is already a loaded Dataset), validate, split and tokenize; raise
+    ``DataError`` if no training example is left."""
+    if isinstance(source, datasets.Dataset):
+        records, source = source, name or "data"
+    else:
+        records = load_records(source, seed=seed)
     splits = split_dataset(records, shuffle=shuffle_split, seed=seed)
     if len(splits["train"]) == 0:
         raise DataError(f"{source}: {len(records)} records leave no training examples after the 85/10/5 split; "

@@ -279,7 +279,7 @@ def train(args: SFTArgs) -> Path:
     from tqdm.auto import tqdm
 
     from gpt2_scratch import format_input, generate_responses, get_tokenizer
-    from train.data import EpochBatchSampler, InstructionCollator, prepare_instruction_data
+    from train.data import EpochBatchSampler, InstructionCollator, load_records, prepare_instruction_data
 
     check_args(args)
     accelerator = Accelerator(
@@ -308,6 +308,10 @@ def train(args: SFTArgs) -> Path:
     checkpoint_root = out / "checkpoints"
     resume_from = find_checkpoint(args.resume, checkpoint_root) if resuming else None
 
+    # Check the data before building the model: a bad record should fail in seconds.
+    with accelerator.main_process_first():  # the main process fills the datasets cache, the others read it
+        records = load_records(args.data, seed=args.seed)
+
     set_seed(args.seed)  # same init on every process
     tokenizer = get_tokenizer()
     model = load_model(args)
@@ -315,9 +319,9 @@ def train(args: SFTArgs) -> Path:
     context = model.config.max_position_embeddings
     max_length = min(args.max_length or context, context)
 
-    with accelerator.main_process_first():  # the main process fills the datasets cache, the others read it
-        data = prepare_instruction_data(args.data, tokenizer, style=args.prompt_style, max_length=max_length,
-                                        too_long=args.too_long, shuffle_split=args.shuffle_split, seed=args.seed)
+    with accelerator.main_process_first():
+        data = prepare_instruction_data(records, tokenizer, style=args.prompt_style, max_length=max_length,
+                                        too_long=args.too_long, shuffle_split=args.shuffle_split, seed=args.seed, name=args.data)
     columns = ["input_ids", "prompt_length"]
     train_ds, val_ds = data.train.select_columns(columns), data.validation.select_columns(columns)
     train_sampler = EpochBatchSampler(list(data.train["length"]), args.batch_size, shuffle=True, drop_last=True,
@@ -482,7 +486,47 @@ def train(args: SFTArgs) -> Path:
     return out
 
 
+def _launcher_num_processes() -> int | None:
+    """``--num_processes N`` from the command line of the ``accelerate launch`` that started us."""
+    try:
+        argv = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode().split("\0")
+    except OSError:
+        return None
+    for i, token in enumerate(argv):
+        for flag in ("--num_processes", "--num-processes"):
+            if token == flag and i + 1 < len(argv):
+                return int(argv[i + 1])
+            if token.startswith(flag + "="):
+                return int(token.split("=", 1)[1])
+    return None
+
+
+def relaunch_multi_cpu(argv: list[str] | None) -> None:
+    """Make ``accelerate launch --num_processes N --cpu train/sft.py`` really run N processes.
+
+    For CPUs without an MPI host file, accelerate's launcher starts ONE process however many were
+    asked for (huggingface/accelerate#2741); it only exports MASTER_PORT. Detect that case and start
+    the N processes ourselves with torch's elastic launcher (``--standalone``: a free rendezvous port),
+    which sets RANK/WORLD_SIZE so Accelerate sets up DDP over gloo. Exits with the workers' status.
+    """
+    env = os.environ
+    launched_on_cpu = env.get("ACCELERATE_USE_CPU", "").lower() in ("true", "1") and "MASTER_PORT" in env
+    if not launched_on_cpu or any(k in env for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "PMI_SIZE",
+                                                     "OMPI_COMM_WORLD_SIZE")):
+        return
+    n = _launcher_num_processes()
+    if not n or n < 2:
+        return
+    import subprocess
+
+    child_env = {k: v for k, v in env.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+           str(Path(__file__).resolve()), *(sys.argv[1:] if argv is None else argv)]
+    sys.exit(subprocess.run(cmd, env=child_env).returncode)
+
+
 def main(argv: list[str] | None = None) -> None:
+    relaunch_multi_cpu(argv)
     args, explicit = parse_dataclass_args(SFTArgs, argv)
     args = apply_profile(args, explicit)
 

@@ -1,0 +1,161 @@
+"""eval/generate.py: responses for the book's 110 test records, batched = one at a time, resumable."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import REPO_ROOT, run_cli
+
+from eval.generate import book_split, generate_file, model_fingerprint
+from eval.judge_cache import JudgeCache
+
+GENERATE = str(REPO_ROOT / "eval" / "generate.py")
+TINY_256 = dict(n_layers=2, emb_dim=64, n_heads=4, context_length=256)  # room for every test prompt + 32
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from gpt2_scratch import GPT2ScratchConfig, GPT2ScratchForCausalLM, save_model_dir
+
+    torch.manual_seed(123)
+    model = GPT2ScratchForCausalLM(GPT2ScratchConfig.from_preset("gpt2-small", **TINY_256))
+    return save_model_dir(model, tmp_path_factory.mktemp("gen") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def data_path(shared_dir):
+    return shared_dir / "data" / "instruction-data.json"
+
+
+def test_book_split_is_935_110_55(data_path):
+    data = json.loads(data_path.read_text())
+    assert [len(book_split(data, s)) for s in ("train", "test", "val")] == [935, 110, 55]
+    assert book_split(data, "test") == data[935:1045]
+
+
+@pytest.fixture(scope="module")
+def batched_run(tmp_path_factory, model_dir, data_path):
+    """The 110 test records through the CLI, batch 8, 32 new tokens: (written records, test records)."""
+    out = tmp_path_factory.mktemp("batched") / "test-with-responses.json"
+    r = run_cli(GENERATE, "--model", str(model_dir), "--data", str(data_path), "--split", "test",
+                "--out", str(out), "--batch-size", "8", "--max-new-tokens", "32", "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert "Wrote" in r.stdout and not out.with_name(out.name + ".partial.jsonl").exists()
+    return json.loads(out.read_text()), json.loads(data_path.read_text())[935:1045]
+
+
+def test_110_test_responses(batched_run):
+    written, test = batched_run
+    assert len(written) == 110
+    assert [{k: v for k, v in w.items() if k != "model_response"} for w in written] == test
+    responses = [w["model_response"] for w in written]
+    assert all(isinstance(s, str) for s in responses) and sum(bool(s) for s in responses) > 100
+
+
+def _one_at_a_time(model_dir, records):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from gpt2_scratch import generate_responses
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    return generate_responses(model, tokenizer, records, batch_size=1, max_new_tokens=32, progress=False)
+
+
+def test_batched_equals_one_at_a_time(batched_run, model_dir):
+    """Every 4th record (each batch of 8 is represented, with its padding) generated alone."""
+    written, test = batched_run
+    picked = list(range(0, 110, 4))
+    assert _one_at_a_time(model_dir, [test[i] for i in picked]) == [written[i]["model_response"] for i in picked]
+
+
+@pytest.mark.slow
+def test_batched_equals_one_at_a_time_all_110(batched_run, model_dir):
+    written, test = batched_run
+    assert _one_at_a_time(model_dir, test) == [w["model_response"] for w in written]
+
+
+def test_resumes_from_the_partial_file(tmp_path, model_dir, data_path):
+    """Records already in OUT.partial.jsonl are not generated again; a torn last line is ignored."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    records = json.loads(data_path.read_text())[935:947]
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    out = tmp_path / "out.json"
+    kw = dict(fingerprint=model_fingerprint(model_dir), max_new_tokens=8, batch_size=4, save_every=4,
+              progress=False)
+    full = generate_file(model, tokenizer, records, out, **kw)
+
+    # Pretend a run was killed after 5 records: their entries (marked) plus a torn sixth line.
+    from eval.judge_cache import cache_key
+
+    settings = {"model": kw["fingerprint"], "max_new_tokens": 8, "style": "alpaca"}
+    partial = JudgeCache(tmp_path / "out.json.partial.jsonl")
+    for i, rec in enumerate(records[:5]):
+        key = cache_key({**settings, **{k: rec[k] for k in ("instruction", "input", "output")}})
+        partial.append({"key": key, "index": i, "response": f"FROM PARTIAL {i}"})
+    with open(partial.path, "ab") as f:
+        f.write(b'{"key": "abc", "index": 5, "resp')
+    resumed = generate_file(model, tokenizer, records, out, **kw)
+    assert [r["model_response"] for r in resumed[:5]] == [f"FROM PARTIAL {i}" for i in range(5)]
+    assert resumed[5:] == full[5:]
+    assert json.loads(out.read_text()) == resumed and not partial.path.exists()
+
+    # Other settings (here max_new_tokens) do not reuse the partial entries.
+    partial.append({"key": "stale", "index": 0, "response": "FROM PARTIAL"})
+    other = generate_file(model, tokenizer, records[:2], out, **{**kw, "max_new_tokens": 4})
+    assert all("FROM PARTIAL" not in r["model_response"] for r in other)
+
+
+@pytest.mark.slow
+def test_resumes_after_sigkill(tmp_path, model_dir, data_path):
+    out = tmp_path / "out.json"
+    partial = tmp_path / "out.json.partial.jsonl"
+    args = [GENERATE, "--model", str(model_dir), "--data", str(data_path), "--split", "test", "--out",
+            str(out), "--max-new-tokens", "16", "--save-every", "8", "--quiet"]
+    proc = subprocess.Popen([sys.executable, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while (not partial.exists() or partial.read_bytes().count(b"\n") < 16) and proc.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    kept = partial.read_bytes().count(b"\n")
+    assert 16 <= kept < 110 and not out.exists()
+    r = run_cli(*args)
+    assert r.returncode == 0, r.stderr
+    assert f"Resuming: {kept} of 110" in r.stdout
+    resumed = [w["model_response"] for w in json.loads(out.read_text())]
+    r = run_cli(*args[:-1], "--out", str(tmp_path / "fresh.json"), "--quiet")
+    assert resumed == [w["model_response"] for w in json.loads((tmp_path / "fresh.json").read_text())]
+
+
+@pytest.mark.parametrize("case, needle", [
+    ("missing key", "record 3 has no 'input' key"),
+    ("not a string", "record 1: 'output' is NoneType, expected a string"),
+    ("unreadable", "cannot read"),
+    ("no model", "does not exist; make one with `python -m gpt2_scratch init"),
+])
+def test_bad_input_is_one_line(tmp_path, data_path, case, needle):
+    records = json.loads(data_path.read_text())[:5]
+    path, model = tmp_path / "data.json", tmp_path / "model"
+    model.mkdir()
+    if case == "missing key":
+        del records[3]["input"]
+    elif case == "not a string":
+        records[1]["output"] = None
+    elif case == "unreadable":
+        path = tmp_path / "missing.json"
+    elif case == "no model":
+        model = tmp_path / "nowhere"
+    if case != "unreadable":
+        path.write_text(json.dumps(records))
+    r = run_cli(GENERATE, "--model", str(model), "--data", str(path), "--out", str(tmp_path / "o.json"))
+    assert r.returncode == 1
+    assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("error: "), r.stderr
+    assert needle in r.stderr
