@@ -1,7 +1,9 @@
 """Convert time and peak memory for a full-size checkpoint, against the model's size in bytes.
 
-Each step runs in a fresh process (so peak RSS is that step's own) and reports its wall time
-(after imports) and `ru_maxrss`. Steps: OpenAI TF checkpoint → ours; ours → export-hf; that HF
+Each step runs in a fresh process (so its peaks are its own) and reports its wall time (after
+imports), its peak RSS (`ru_maxrss`, which counts memory-mapped file pages: clean page cache the
+kernel can drop) and its peak anonymous memory (RssAnon sampled every 5 ms: what must fit in RAM),
+each minus what the imports alone use. Steps: OpenAI TF checkpoint → ours; ours → export-hf; that HF
 folder → ours again. The page cache is warm (files were just written), so this measures CPU and
 memory, not the disk.
 
@@ -21,32 +23,50 @@ import subprocess
 import sys
 from pathlib import Path
 
-CHILD = r"""
+# Peak RSS counts memory-mapped file pages too; those are clean page cache the kernel can drop.
+# The anonymous part (RssAnon, sampled every 5 ms) is the memory that really has to fit in RAM.
+SAMPLER = r"""
+import threading, time
+def _anon():
+    for line in open("/proc/self/status"):
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024
+peak_anon = [0]
+def _sample():
+    while True:
+        peak_anon[0] = max(peak_anon[0], _anon())
+        time.sleep(0.005)
+threading.Thread(target=_sample, daemon=True).start()
+"""
+
+CHILD = SAMPLER + r"""
 import json, resource, sys, time
 t0 = time.perf_counter()
 import gpt2_scratch, convert.cli  # imports are not part of the conversion
-imported = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+imported, imported_anon = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, _anon()
 t1 = time.perf_counter()
 code = convert.cli.main(sys.argv[1:]) if sys.argv[1:] else 0
 t2 = time.perf_counter()
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-print("BENCH " + json.dumps({"code": code, "import_s": t1 - t0, "run_s": t2 - t1, "import_rss": imported, "peak_rss": peak}))
+print("BENCH " + json.dumps({"code": code, "import_s": t1 - t0, "run_s": t2 - t1, "import_rss": imported,
+                             "peak_rss": peak, "import_anon": imported_anon, "peak_anon": max(peak_anon[0], _anon())}))
 """
 
 
 # The book's loader (ch. 5 gpt_download.py): TensorFlow reads every variable into numpy. Reading
 # only: no model is built and nothing is saved, so it does less than the steps above.
-TF_CHILD = r"""
+TF_CHILD = SAMPLER + r"""
 import json, resource, sys, time
 t0 = time.perf_counter()
 import numpy as np, tensorflow as tf
-imported = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+imported, imported_anon = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, _anon()
 t1 = time.perf_counter()
 ckpt = tf.train.latest_checkpoint(sys.argv[1])
 params = {name: np.squeeze(tf.train.load_variable(ckpt, name)) for name, _ in tf.train.list_variables(ckpt)}
 t2 = time.perf_counter()
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print("BENCH " + json.dumps({"code": 0, "import_s": t1 - t0, "run_s": t2 - t1, "import_rss": imported, "peak_rss": peak}))
+print("BENCH " + json.dumps({"code": 0, "import_s": t1 - t0, "run_s": t2 - t1, "import_rss": imported,
+                             "peak_rss": peak, "import_anon": imported_anon, "peak_anon": max(peak_anon[0], _anon())}))
 """
 
 
@@ -81,18 +101,19 @@ def main() -> None:
     ]
     print(f"model: n_layer={hp['n_layer']} n_embd={hp['n_embd']} n_vocab={hp['n_vocab']} — "
           f"{model_bytes / 1e9:.2f} GB of float32 weights ({model_bytes / 4e6:.0f}M parameters)\n")
-    print("| step | time (s) | peak RSS (GB) | peak RSS − imports (GB) | (peak − imports) / model size |")
+    print("| step | time (s) | peak RSS (GB) | peak RSS − imports | peak anonymous − imports |")
     print("|---|---:|---:|---:|---:|")
+
+    def row(label: str, r: dict) -> None:
+        rss, anon = r["peak_rss"] - r["import_rss"], r["peak_anon"] - r["import_anon"]
+        print(f"| {label} | {r['run_s']:.1f} | {r['peak_rss'] / 1e9:.2f} | {rss / 1e9:.2f} GB = "
+              f"{rss / model_bytes:.2f}× | {anon / 1e9:.2f} GB = {anon / model_bytes:.2f}× |", flush=True)
+
     for label, argv in steps:
-        r = run_step(argv)
-        extra = r["peak_rss"] - r["import_rss"]
-        print(f"| {label} | {r['run_s']:.1f} | {r['peak_rss'] / 1e9:.2f} | {extra / 1e9:.2f} | "
-              f"{extra / model_bytes:.2f}× |", flush=True)
+        row(label, run_step(argv))
     if args.tf_python:
-        r = run_step([str(args.openai_dir)], python=args.tf_python, child=TF_CHILD)
-        extra = r["peak_rss"] - r["import_rss"]
-        print(f"| book's way: TensorFlow reads the variables (no model, no save) | {r['run_s']:.1f} | "
-              f"{r['peak_rss'] / 1e9:.2f} | {extra / 1e9:.2f} | {extra / model_bytes:.2f}× |", flush=True)
+        row("book's way: TensorFlow reads the variables (no model, no save)",
+            run_step([str(args.openai_dir)], python=args.tf_python, child=TF_CHILD))
 
 
 if __name__ == "__main__":

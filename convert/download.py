@@ -114,7 +114,8 @@ def _fetch_once(session: requests.Session, url: str, part: Path, policy: RetryPo
                 progress: bool, desc: str) -> tuple[int, str | None]:
     """One GET into `part`, resuming it if it exists. Returns (total size, server md5 or None)."""
     have = part.stat().st_size if part.exists() else 0
-    headers = {"Range": f"bytes={have}-"} if have else {}
+    # identity: byte offsets (Range, Content-Length) must count the file's bytes, not gzip's.
+    headers = {"Accept-Encoding": "identity", **({"Range": f"bytes={have}-"} if have else {})}
     try:
         response = session.get(url, headers=headers, stream=True, timeout=policy.timeout)
     except (requests.ConnectionError, requests.ConnectTimeout) as e:
@@ -150,7 +151,7 @@ def _fetch_once(session: requests.Session, url: str, part: Path, policy: RetryPo
 
         got = have
         with open(part, mode) as f, tqdm(total=total, initial=have, unit="B", unit_scale=True,
-                                         unit_divisor=1024, desc=desc, disable=not progress, leave=False) as bar:
+                                         unit_divisor=1024, desc=desc, disable=not progress) as bar:
             try:
                 for chunk in response.iter_content(CHUNK):
                     f.write(chunk)

@@ -99,7 +99,7 @@ def _dims_from_config(path: Path) -> tuple[Dims, float]:
         if cfg.get(key) is bad:
             raise ConvertError(f"{path}: {key}={bad} is a GPT-2 variant our model does not implement")
     n_embd = cfg.get("n_embd", cfg.get("hidden_size"))
-    if cfg.get("n_inner") not in (None, 4 * (n_embd or 0)):
+    if cfg.get("n_inner") is not None and isinstance(n_embd, int) and cfg["n_inner"] != 4 * n_embd:
         raise ConvertError(f"{path}: n_inner={cfg['n_inner']} but our MLP is 4 × n_embd = {4 * n_embd}")
     hp = {"n_vocab": cfg.get("vocab_size"), "n_ctx": cfg.get("n_positions", cfg.get("n_ctx")),
           "n_embd": n_embd, "n_head": cfg.get("n_head"), "n_layer": cfg.get("n_layer")}
@@ -115,11 +115,13 @@ def _dims_from_shapes(shapes: dict[str, tuple[int, ...]], source: str) -> Dims:
     except (KeyError, ValueError):
         raise ConvertError(f"{source}: no 'wte.weight'/'wpe.weight' tensors; not a GPT-2 checkpoint") from None
     layers = {int(m.group(1)) for n in shapes if (m := re.match(r"^h\.(\d+)\.", n))}
+    if not layers:
+        raise ConvertError(f"{source}: no transformer blocks (h.N.*) found; not a GPT-2 checkpoint")
     if n_embd not in N_HEAD_OF_WIDTH:
         raise ConvertError(f"{source}: width {n_embd} is not one of GPT-2's released sizes, so the number of "
                            "heads is unknown; put the model's config.json next to the file")
     return Dims(n_vocab=n_vocab, n_ctx=n_ctx, n_embd=n_embd, n_head=N_HEAD_OF_WIDTH[n_embd],
-                n_layer=max(layers) + 1 if layers else 0)
+                n_layer=max(layers) + 1)
 
 
 def load_hf_checkpoint(path: str | Path):
@@ -135,8 +137,9 @@ def load_hf_checkpoint(path: str | Path):
         raise ConvertError(f"{path}: no such file or folder")
     label = str(files[0]) if len(files) == 1 else str(path / "model.safetensors.index.json")
     reader = SafetensorsReader(files, label)
-    by_short = strip_hf_prefix(reader.shapes())  # {"h.0.ln_1.weight": name in file}
-    shapes = {short: reader.shapes()[name] for short, name in by_short.items()}
+    in_file = reader.shapes()
+    by_short = strip_hf_prefix(in_file, label)  # {"h.0.ln_1.weight": name in file}
+    shapes = {short: in_file[name] for short, name in by_short.items()}
     if config_path.is_file():
         dims, eps = _dims_from_config(config_path)
         dims_source = str(config_path)
@@ -285,9 +288,13 @@ def export_hf(model_dir: str | Path, out_dir: str | Path, *, overwrite: bool = F
         hf_model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         os.chmod(tmp, 0o755)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
+        if out_dir.exists():  # --overwrite: keep the old folder until the new one is in place
+            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+            out_dir.rename(old)
+            tmp.rename(out_dir)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -20,7 +20,8 @@ Index file layout (all integers little-endian):
 Every block crc and every tensor crc is verified; anything this reader does not implement
 (snappy-compressed blocks, dtypes other than float32, several shards, partitioned/sliced
 variables, big-endian data) raises `BundleError` instead of returning a wrong tensor.
-Tensor data is memory-mapped, so a 6 GB shard costs no RAM until its pages are touched.
+Tensor data is memory-mapped, so a 6 GB shard costs no RAM until its pages are touched; tensors
+that the caller will copy anyway (transposes) can be read into a buffer instead (`mmap=False`).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ FOOTER_SIZE = 48  # 2 BlockHandles padded to 40 bytes + 8 bytes of magic
 BLOCK_TRAILER_SIZE = 5  # 1 type byte + fixed32 masked crc
 NO_COMPRESSION, SNAPPY_COMPRESSION = 0, 1
 CRC_MASK_DELTA = 0xA282EAD8
+BUNDLE_VERSION = 1  # tensorflow/core/util/tensor_bundle: kTensorBundleVersion
 
 # tensorflow/core/framework/types.proto: the enum values a GPT-2 checkpoint might plausibly hold,
 # named so the error for an unsupported one is readable.
@@ -303,6 +305,13 @@ def read_index(path: str | Path) -> tuple[dict, dict[str, BundleEntry]]:
     except _Truncated:
         raise BundleError(f"{path}: unreadable BundleHeaderProto") from None
     header = {"num_shards": _last(hf, 1), "endianness": _last(hf, 2)}
+    try:  # VersionDef: producer=1, min_consumer=2. TF writes bundle version 1, min_consumer 0.
+        min_consumer = _last(parse_proto(_last(hf, 3, b"")), 2, 0)
+    except _Truncated:
+        raise BundleError(f"{path}: unreadable bundle version in the BundleHeaderProto") from None
+    if min_consumer > BUNDLE_VERSION:
+        raise BundleError(f"{path}: written in tensor-bundle format version {min_consumer}, newer than the "
+                          f"version {BUNDLE_VERSION} this reader understands")
     if header["endianness"] != 0:
         raise BundleError(f"{path}: big-endian tensor data is not supported")
     if header["num_shards"] != 1:

@@ -279,7 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "input, output and the response key, e.g. the output of eval/generate.py")
     p.add_argument("--model", default="llama3", help="judge model name on the server (default: llama3)")
     p.add_argument("--host", default=None, help="server URL (default: $OLLAMA_HOST or "
-                   "http://localhost:11434)")
+                   "http://localhost:11434); with --api openai any OpenAI-compatible base URL, "
+                   "e.g. http://localhost:8080 for llama.cpp's llama-server")
     p.add_argument("--api", choices=["ollama", "openai"], default="ollama",
                    help="ollama: /api/chat; openai: /v1/chat/completions (llama.cpp, vLLM, LM Studio)")
     p.add_argument("--response-key", default="model_response", help="record key holding the response")

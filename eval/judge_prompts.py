@@ -135,6 +135,7 @@ def parse_score(text: str) -> int | None:
     return None
 
 
+_RESPONSE_X = re.compile(r"^\W*(?:model\s+)?response\s+([AB])\b", re.IGNORECASE)
 _VERDICT_WORDS = {
     "a": "A", "response a": "A", "model response a": "A",
     "b": "B", "response b": "B", "model response b": "B",
@@ -150,4 +151,8 @@ def parse_verdict(text: str) -> str | None:
     for obj in _json_candidates(s):
         if isinstance(obj, dict) and "winner" in obj:
             return _VERDICT_WORDS.get(str(obj["winner"]).strip().lower())
-    return _VERDICT_WORDS.get(s.rstrip(".!").strip().strip("\"'*").strip().lower())
+    word = _VERDICT_WORDS.get(s.rstrip(".!").strip().strip("\"'*").strip().lower())
+    if word is None:  # "Response B is better, because ..." (needs the word "response": "A" alone is ambiguous)
+        m = _RESPONSE_X.match(s)
+        word = m.group(1).upper() if m else None
+    return word

@@ -54,7 +54,10 @@ KNOWN_DATASETS = {
 }
 ARGS_FILES = ("args.json", "training_args.json", "train_args.json")
 PLOT_FILES = ("loss.png", "accuracy.png")
-SCORE_FILES = ("scores.json", "judge_scores.json", "judge-scores.json")
+# eval/judge.py writes `<responses stem>-scores.json` ({"model": judge, "summary": {"average": ...}, ...}).
+SCORE_GLOB = "*scores.json"
+# Run-mechanics arguments that say nothing about the training (and would leak local paths).
+CARD_SKIPPED_ARGS = ("output_dir", "overwrite", "resume", "data_cache", "models_dir", "push_to_hub")
 
 
 class HubError(RuntimeError):
@@ -71,13 +74,17 @@ class RunInfo:
     plots: dict[str, Path] = field(default_factory=dict)  # name in repo -> local file
     judge_score: float | None = None
     judge_file: Path | None = None
+    judge_model: str | None = None
 
 
 # --------------------------------------------------------------------------------------------
 # Reading the run directory
 # --------------------------------------------------------------------------------------------
-def find_run_info(model_dir: Path, run_dir: Path | None = None) -> RunInfo:
-    """Collect args, final metrics, plots and judge score from ``run_dir`` (or DIR, then DIR/..)."""
+def find_run_info(model_dir: Path, run_dir: Path | None = None, scores: Path | None = None) -> RunInfo:
+    """Collect args, final metrics, plots and judge score from ``run_dir`` (or DIR, then DIR/..).
+
+    ``scores`` names the judge's scores file; otherwise the first ``*scores.json`` found is used.
+    """
     search = [Path(run_dir)] if run_dir is not None else [model_dir, model_dir.parent]
     info = RunInfo()
     for d in search:
@@ -93,13 +100,17 @@ def find_run_info(model_dir: Path, run_dir: Path | None = None) -> RunInfo:
         for name in PLOT_FILES:
             if name not in info.plots and (d / name).is_file():
                 info.plots[name] = d / name
+        if info.judge_score is None and scores is None:
+            for path in sorted(d.glob(SCORE_GLOB)):
+                info.judge_score, info.judge_model = _judge_score(path)
+                if info.judge_score is not None:
+                    info.judge_file = path
+                    break
+    if scores is not None:
+        info.judge_score, info.judge_model = _judge_score(Path(scores))
         if info.judge_score is None:
-            for name in SCORE_FILES:
-                if (d / name).is_file():
-                    score = _judge_score(d / name)
-                    if score is not None:
-                        info.judge_score, info.judge_file = score, d / name
-                        break
+            raise HubError(f"{scores}: no judge score in it (expected eval/judge.py output or a list of scores)")
+        info.judge_file = Path(scores)
     return info
 
 
@@ -120,23 +131,29 @@ def _final_metrics(path: Path) -> dict:
     return final
 
 
-def _judge_score(path: Path) -> float | None:
-    """A judge score file: {"average"|"mean"|"score"|"average_score": x} or a list of per-item scores."""
+def _judge_score(path: Path) -> tuple[float | None, str | None]:
+    """(average score, judge model) of a scores file: eval/judge.py's ``{"model", "summary": {"average"}}``,
+    a dict with an ``average``/``mean``/``score`` key, or a plain list of per-item scores (the book's)."""
     try:
         data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         logger.warning("ignoring unreadable score file %s: %s", path, e)
-        return None
+        return None, None
+    judge = None
     if isinstance(data, dict):
-        for key in ("average", "average_score", "mean", "mean_score", "score"):
-            if isinstance(data.get(key), (int, float)):
-                return float(data[key])
-        data = data.get("scores", data)
+        judge = data.get("model") if isinstance(data.get("model"), str) else None
+        for holder in (data.get("summary"), data):
+            if isinstance(holder, dict):
+                for key in ("average", "average_score", "mean", "mean_score", "score"):
+                    value = holder.get(key)
+                    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                        return float(value), judge
+        data = data.get("scores")
     if isinstance(data, list):
         nums = [float(x) for x in data if isinstance(x, (int, float)) and not isinstance(x, bool)]
         if nums:
-            return sum(nums) / len(nums)
-    return None
+            return sum(nums) / len(nums), judge
+    return None, judge
 
 
 def resolve_base_model(args: dict, explicit: str | None = None) -> str | None:
@@ -229,7 +246,7 @@ def build_model_card(
     if datasets:
         lines += ["", "Data: " + ", ".join(f"[{d}](https://huggingface.co/datasets/{d})" for d in datasets) + "."]
     elif run.args.get("data"):
-        lines += ["", f"Data: `{run.args['data']}`."]
+        lines += ["", f"Data: `{_md_cell(run.args['data'])}`."]
 
     results = _results_rows(run)
     if results:
@@ -242,7 +259,8 @@ def build_model_card(
     if run.args:
         lines += ["", "## Training arguments", "", "| argument | value |", "|---|---|"]
         for k, v in run.args.items():
-            lines.append(f"| `{k}` | `{_md_cell(v)}` |")
+            if k not in CARD_SKIPPED_ARGS:
+                lines.append(f"| `{k}` | `{_md_cell(v)}` |")
 
     lines += ["", "## How to use", "", "With the `gpt2_scratch` package installed (it registers the classes):", ""]
     if is_classifier:
@@ -259,6 +277,8 @@ def build_model_card(
 
 def _md_cell(value) -> str:
     text = json.dumps(value) if not isinstance(value, str) else value
+    if isinstance(value, str) and (value.startswith(("/", "~")) or Path(value).is_absolute()):
+        text = ".../" + Path(value).name  # a local path: its name says enough, the rest is this machine's
     return text.replace("|", "\\|").replace("`", "'")
 
 
@@ -276,7 +296,8 @@ def _results_rows(run: RunInfo) -> list[str]:
             value = run.final[key]
             rows.append(f"| {label} | {value * 100:.2f}% |" if "accuracy" in key else f"| {label} | {value:.4f} |")
     if run.judge_score is not None:
-        rows.append(f"| LLM-judge score (0-100, `{run.judge_file.name}`) | {run.judge_score:.2f} |")
+        by = f"judged by {run.judge_model}, " if run.judge_model else ""
+        rows.append(f"| LLM-judge score (0-100, {by}`{run.judge_file.name}`) | {run.judge_score:.2f} |")
     return rows
 
 
@@ -374,6 +395,7 @@ def push_model_dir(
     token: str | None = None,
     exist_ok: bool = True,
     run_dir: str | os.PathLike | None = None,
+    scores: str | os.PathLike | None = None,
     base_model: str | None = None,
     dataset: str | None = None,
     license: str | None = None,
@@ -400,7 +422,8 @@ def push_model_dir(
         raise HubError(f"--repo-id {repo_id!r}: expected USER/NAME (or ORG/NAME)")
     _check_model_dir(model_dir)
 
-    run = find_run_info(model_dir, Path(run_dir) if run_dir is not None else None)
+    run = find_run_info(model_dir, Path(run_dir) if run_dir is not None else None,
+                        Path(scores) if scores is not None else None)
     card = build_model_card(model_dir, repo_id, run, base_model=base_model, dataset=dataset, license=license)
     files = _model_files(model_dir)
     if "README.md" in files:
@@ -430,7 +453,7 @@ def push_model_dir(
         return api.create_commit(
             repo_id,
             operations=operations,
-            commit_message=commit_message or f"Upload {model_dir.name} with gpt2-scratch",
+            commit_message=commit_message or "Upload model and model card with gpt2-scratch",
             revision=revision,
         )
     except HfHubHTTPError as e:
@@ -443,6 +466,12 @@ def push_model_dir(
         raise HubError(f"{where}: upload failed: {first}") from None
     except _transport_errors() as e:
         raise _network_error(endpoint, e) from None
+    except (RuntimeError, ValueError) as e:
+        # LFS transfers wrap their failure: "Error while uploading 'model.safetensors' to the Hub." from the cause.
+        if isinstance(e.__cause__, _transport_errors()):
+            raise _network_error(endpoint, e.__cause__) from None
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise HubError(f"{where}: upload failed: {first}") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -466,6 +495,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="add a commit to the repository if it already exists (default: refuse)")
     p.add_argument("--run-dir", metavar="DIR", default=None,
                    help="where args.json / metrics.jsonl / loss.png / scores.json are (default: DIR, then its parent)")
+    p.add_argument("--scores", metavar="FILE", default=None,
+                   help="judge scores for the card (eval/judge.py output; default: *scores.json in the run dir)")
     p.add_argument("--base-model", metavar="HUB_ID", default=None,
                    help="base model for the card metadata (default: from the run's args.json)")
     p.add_argument("--dataset", metavar="HUB_ID", default=None, help="data set for the card metadata")
@@ -484,6 +515,7 @@ def _run_push(args: argparse.Namespace) -> int:
             revision=args.revision,
             exist_ok=args.exist_ok,
             run_dir=args.run_dir,
+            scores=args.scores,
             base_model=args.base_model,
             dataset=args.dataset,
             license=args.license,

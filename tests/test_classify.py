@@ -2,6 +2,7 @@
 and that the saved classifier reloads (with and without our package) and predicts the same labels."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -10,6 +11,7 @@ import torch
 import yaml
 
 from conftest import REPO_ROOT, run_python
+from hub_standin import HubStandin
 from train.classify import build_classifier, set_trainable
 from train.spam_data import SpamDataset, prepare_splits
 
@@ -21,14 +23,20 @@ def sms_path(shared_dir):
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, tiny_model_dir, sms_path):
-    """A short run exactly as a user starts it: `accelerate launch train/classify.py ...`."""
-    out = tmp_path_factory.mktemp("classify") / "run"
+    """A short run exactly as a user starts it: `accelerate launch train/classify.py ... --push-to-hub`,
+    pushing to a local stand-in for the Hub. Returns (OUT, stdout, the stand-in's repo folder)."""
+    tmp = tmp_path_factory.mktemp("classify")
+    out = tmp / "run"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--cpu",
            str(REPO_ROOT / "train" / "classify.py"), "--model", str(tiny_model_dir), "--data", str(sms_path),
-           "--output-dir", str(out), "--max-steps", "6", "--eval-freq", "3", "--eval-iter", "2"]
-    result = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
+           "--output-dir", str(out), "--max-steps", "6", "--eval-freq", "3", "--eval-iter", "2",
+           "--push-to-hub", "bob/gpt2-spam"]
+    with HubStandin(tmp / "hub") as hub:
+        env = {**os.environ, "HF_ENDPOINT": hub.endpoint, "HF_HUB_DISABLE_XET": "1", "HF_TOKEN": hub.token,
+               "HF_HOME": str(tmp / "hf-home")}
+        result = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
-    return out, result.stdout
+    return out, result.stdout, hub.repo_dir("bob/gpt2-spam")
 
 
 def block_params(E: int) -> int:
@@ -77,7 +85,7 @@ def test_bad_trainable_spec(tiny_model_dir):
 
 
 def test_a_short_run_writes_model_metrics_and_plots(trained_run):
-    out, stdout = trained_run
+    out, stdout, _ = trained_run
     for name in ("config.json", "model.safetensors", "tokenizer.json", "modeling_gpt2_scratch.py", "args.json",
                  "metrics.jsonl", "loss.png", "accuracy.png"):
         assert (out / name).is_file(), name
@@ -114,7 +122,7 @@ def test_the_saved_classifier_reloads_and_predicts_the_same(trained_run, sms_pat
 
     from gpt2_scratch import get_encoding
 
-    out, _ = trained_run
+    out, _, _ = trained_run
     model = AutoModelForSequenceClassification.from_pretrained(out).eval()
     assert type(model).__name__ == "GPT2ScratchForSequenceClassification"
     splits = prepare_splits(sms_path)
@@ -150,10 +158,24 @@ def test_the_saved_classifier_reloads_and_predicts_the_same(trained_run, sms_pat
     assert all(0.5 <= float(line.split("\t")[1]) <= 1.0 for line in lines)
 
 
+def test_push_to_hub_uploads_the_classifier_and_its_card(trained_run):
+    out, _, pushed = trained_run
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "modeling_gpt2_scratch.py"):
+        assert (pushed / name).read_bytes() == (out / name).read_bytes(), name
+    assert (pushed / "accuracy.png").read_bytes() == (out / "accuracy.png").read_bytes()
+    card = (pushed / "README.md").read_text()
+    meta = yaml.safe_load(card.split("---\n", 2)[1])
+    assert meta["pipeline_tag"] == "text-classification"
+    assert meta["datasets"] == ["ucirvine/sms_spam"]
+    assert "base_model" not in meta  # --model was a local folder: no Hub id to name
+    assert "test accuracy" in card and "](accuracy.png)" in card and "](loss.png)" in card
+    assert "AutoModelForSequenceClassification" in card and "trust_remote_code=True" in card
+
+
 def test_the_run_makes_a_classifier_model_card(trained_run):
     from gpt2_scratch.hub import build_model_card, find_run_info
 
-    out, _ = trained_run
+    out, _, _ = trained_run
     card = str(build_model_card(out, "bob/gpt2-spam", find_run_info(out), base_model="gpt2-small"))
     meta = yaml.safe_load(card.split("---\n", 2)[1])
     assert meta["pipeline_tag"] == "text-classification"

@@ -283,3 +283,17 @@ def test_gpt2_small_shape_round_trip(tmp_path):
     save_model_dir(ours, tmp_path / "ours")
     hf_logits = export_and_load_elsewhere(tmp_path / "ours", tmp_path / "exported", tmp_path, ids)
     np.testing.assert_allclose(hf_logits, ours_logits.numpy(), atol=1e-4, rtol=0)
+
+
+def test_unreadable_or_pickle_only_folders(tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    with pytest.raises(ConvertError) as e:
+        load_hf_checkpoint(broken)
+    assert str(broken / "model.safetensors") in str(e.value) and "not a readable safetensors file" in str(e.value)
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "pytorch_model.bin").write_bytes(b"never unpickled")
+    with pytest.raises(ConvertError, match="only pytorch_model.bin"):
+        load_hf_checkpoint(pickled)

@@ -40,8 +40,8 @@ def run_dir(tmp_path, tiny_model_dir):
 
     out = tmp_path / "run"
     shutil.copytree(tiny_model_dir, out / "model")
-    args = {"model": "gpt2-medium", "data": "instruction-data.json", "epochs": 2, "lr": 5e-05,
-            "batch_size": 8, "seed": 123}
+    args = {"model": "gpt2-medium", "data": "/home/alice/data/instruction-data.json", "epochs": 2, "lr": 5e-05,
+            "batch_size": 8, "seed": 123, "output_dir": str(out)}
     (out / "args.json").write_text(json.dumps(args, indent=2))
     records = [{"step": 0, "train_loss": 3.5, "val_loss": 3.6}, {"step": 5, "train_loss": 0.8125, "val_loss": 0.9375}]
     (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -49,7 +49,10 @@ def run_dir(tmp_path, tiny_model_dir):
     ax.plot([0, 5], [3.5, 0.8125])
     fig.savefig(out / "loss.png")
     plt.close(fig)
-    (out / "scores.json").write_text(json.dumps([50, 60, 70]))
+    # eval/judge.py's output format: judge model, summary with the book's average, per-record outcomes.
+    scores = {"model": "llama3", "summary": {"average": 60.0, "n_scored": 3},
+              "records": [{"score": 50}, {"score": 60}, {"score": 70}]}
+    (out / "instruction-data-with-response-scores.json").write_text(json.dumps(scores))
     return out
 
 
@@ -112,7 +115,10 @@ def test_push_uploads_every_file_and_a_model_card(hub, run_dir, tmp_path, tiny_m
     assert "gpt2-scratch" in meta["tags"]
     assert "](loss.png)" in readme
     assert "0.8125" in readme and "0.9375" in readme  # final train / val loss
-    assert "60.00" in readme  # mean judge score of scores.json
+    assert "judged by llama3" in readme and "| 60.00 |" in readme  # the judge's average score
+    # Local paths shrink to their name; run mechanics (output dir) stay out.
+    assert "/home/alice" not in readme and "`.../instruction-data.json`" in readme
+    assert str(tmp_path) not in readme and "output_dir" not in readme
     assert "| `lr` | `5e-05` |" in readme
     assert "trust_remote_code=True" in readme and "import gpt2_scratch" in readme
 

@@ -89,7 +89,8 @@ def test_parse_score(reply, score):
 
 @pytest.mark.parametrize("reply, verdict", [
     ('{"winner": "A"}', "A"), ('{"winner": "tie"}', "tie"), ("B", "B"), ("Response A.", "A"),
-    ("tie", "tie"), ("**B**", "B"), ("Both are fine", None), ("", None),
+    ("tie", "tie"), ("**B**", "B"), ("Response B is better: it is correct.", "B"), ("A tie.", "tie"),
+    ("Both are fine", None), ("A better answer is B", None), ("", None),
 ])
 def test_parse_verdict(reply, verdict):
     assert parse_verdict(reply) == verdict

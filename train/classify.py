@@ -3,6 +3,7 @@
     accelerate launch train/classify.py [--model DIR|PRESET|HF_ID] [--random-init] [--data PATH|URL]
         [--output-dir OUT] [--epochs 5] [--batch-size 8] [--lr 5e-5] [--max-steps N]
         [--trainable last-block|last-N|all] [--pad-to-context] [--seed 123] [--mixed-precision bf16|no]
+        [--push-to-hub USER/NAME]
     python train/classify.py ...            # the same, one process
 
 Defaults reproduce the chapter: gpt2-small with OpenAI's weights; the SMS Spam Collection (downloaded
@@ -103,6 +104,8 @@ class ClassifyArgs:
     seed: int = arg(123, "seed for balancing, splitting, the head's init and the batch order")
     eval_freq: int = arg(50, "evaluate the losses every this many optimizer steps")
     eval_iter: int = arg(5, "batches per loss/accuracy estimate")
+    push_to_hub: str | None = arg(None, "after training, upload the classifier with a model card to this Hub repo "
+                                        "(USER/NAME)")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -383,6 +386,10 @@ def train(args: ClassifyArgs) -> Path:
         print(f"done: {step} steps, {examples_seen} examples in {train_seconds / 60:.1f} min ({rate:,.0f} tok/s); "
               f"accuracy train {final['train_accuracy']:.2%} | val {final['val_accuracy']:.2%} | "
               f"test {final['test_accuracy']:.2%}; model, metrics, loss.png and accuracy.png in {out}", flush=True)
+        if args.push_to_hub:
+            from train.sft import push_to_hub
+
+            push_to_hub(out, args.push_to_hub, args)  # the model files + a card built from OUT's args/metrics/plots
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return out
@@ -392,8 +399,9 @@ def main(argv: list[str] | None = None) -> None:
     args, _ = parse_dataclass_args(ClassifyArgs, argv)
 
     from convert.errors import ConvertError
+    from gpt2_scratch.hub import HubError
 
-    run_main(lambda: train(args), SpamDataError, ConvertError, FileExistsError)
+    run_main(lambda: train(args), SpamDataError, ConvertError, HubError, FileExistsError)
 
 
 if __name__ == "__main__":

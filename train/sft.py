@@ -125,9 +125,9 @@ class SFTArgs:
 # The offline demo: small enough to learn the synthetic tasks in a few minutes on a 2-core CPU.
 OFFLINE_DEMO = dict(
     model="gpt2-small", random_init=True, n_layers=4, emb_dim=256, n_heads=4, context_length=128,
-    data="synthetic", output_dir="runs/offline-demo", epochs=3, batch_size=16, lr=1e-3, weight_decay=0.1,
-    lr_schedule="cosine", warmup_steps=30, max_grad_norm=1.0, mask_prompt=True, group_by_length=True,
-    eval_freq=25, eval_iter=5, max_new_tokens=12, response_batch_size=64, sample_tokens=12,
+    data="synthetic", output_dir="runs/offline-demo", epochs=4, batch_size=32, lr=1e-3, weight_decay=0.1,
+    lr_schedule="cosine", warmup_steps=20, max_grad_norm=1.0, mask_prompt=True, group_by_length=False,
+    eval_freq=20, eval_iter=5, max_new_tokens=12, response_batch_size=100, sample_tokens=12,
     mixed_precision="bf16",
 )
 
@@ -188,12 +188,31 @@ def check_args(args: SFTArgs) -> None:
 # ---------------------------------------------------------------------------------------------------
 
 
+class TargetTokenLoss(torch.nn.Module):
+    """A causal LM plus the loss, computing logits only where there is a target.
+
+    The vocabulary projection is the costliest layer of a small GPT-2 ([tokens, E] x [E, 50257]), and
+    padding (and, with --mask-prompt, the prompt) has no target: projecting only the positions whose
+    label is not -100 gives the same loss for less work. Works for any model with ``.transformer``
+    (returning hidden states first) and ``.lm_head`` — ours and transformers' GPT2LMHeadModel. Being a
+    module, it goes through ``accelerator.prepare`` (DDP, autocast) as a whole.
+    """
+
+    def __init__(self, lm: torch.nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy summed over target tokens (labels are pre-shifted, -100 = none)."""
+        hidden = self.lm.transformer(input_ids, use_cache=False)[0]  # [B, T, E]
+        keep = labels != IGNORE_INDEX  # [B, T]
+        logits = self.lm.lm_head(hidden[keep])  # [N, V], N = target tokens (host sync: boolean index)
+        # In fp32 even under bf16 autocast: log-softmax over 50257 classes loses too much in bf16.
+        return F.cross_entropy(logits.float(), labels[keep], reduction="sum")
+
+
 def token_loss_sum(model, batch: dict) -> torch.Tensor:
-    """Cross-entropy summed over the batch's target tokens (labels != -100); labels are pre-shifted."""
-    logits = model(input_ids=batch["input_ids"], use_cache=False).logits  # [B, T, V]
-    # In fp32 even under bf16 autocast: log-softmax over 50257 classes loses too much in bf16.
-    return F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=IGNORE_INDEX,
-                           reduction="sum")
+    return model(batch["input_ids"], batch["labels"])
 
 
 @torch.no_grad()
@@ -314,9 +333,9 @@ def train(args: SFTArgs) -> Path:
 
     set_seed(args.seed)  # same init on every process
     tokenizer = get_tokenizer()
-    model = load_model(args)
-    model.train()
-    context = model.config.max_position_embeddings
+    lm = load_model(args)
+    lm.train()
+    context = lm.config.max_position_embeddings
     max_length = min(args.max_length or context, context)
 
     with accelerator.main_process_first():
@@ -339,6 +358,7 @@ def train(args: SFTArgs) -> Path:
     if args.max_steps is not None:
         total_steps = min(total_steps, args.max_steps)
     # The book decays every parameter (AdamW over model.parameters()); so do we.
+    model = TargetTokenLoss(lm)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     scheduler = make_scheduler(optimizer, args, total_steps)
     model, optimizer, train_loader, val_loader, scheduler = accelerator.prepare(
@@ -355,7 +375,7 @@ def train(args: SFTArgs) -> Path:
                   f"{state['batches_done']} batches into it", flush=True)
     if main:
         write_json_atomic(out / "args.json", dataclasses.asdict(args))
-        n_params = sum(p.numel() for p in accelerator.unwrap_model(model).parameters())
+        n_params = lm.num_parameters()
         print(f"model {args.model}{' (random init)' if args.random_init else ''}: {n_params:,} parameters, "
               f"context {context}; data {args.data}: {len(train_ds)} train / {len(val_ds)} val / "
               f"{len(data.test)} test; {total_steps} steps of {args.batch_size}x{args.grad_accum} examples on "
@@ -443,7 +463,7 @@ def train(args: SFTArgs) -> Path:
 
         if state["batches_done"] >= len(train_sampler):  # the epoch ran to its end
             if main:
-                sample = greedy_sample(accelerator.unwrap_model(model), tokenizer, sample_prompt, args.sample_tokens)
+                sample = greedy_sample(accelerator.unwrap_model(model).lm, tokenizer, sample_prompt, args.sample_tokens)
                 bar.write(f"epoch {epoch + 1} sample: {sample}")
                 metrics.log({"epoch": epoch + 1, "step": state["step"], "sample": sample})
             accelerator.wait_for_everyone()
@@ -457,7 +477,7 @@ def train(args: SFTArgs) -> Path:
     # ---- outputs (main process only) ----
     accelerator.wait_for_everyone()
     if main:
-        final_model = accelerator.unwrap_model(model)
+        final_model = accelerator.unwrap_model(model).lm
         final_model.eval()
         save_final_model(final_model, tokenizer, out)
         plot_losses(metrics.read(), out)

@@ -37,12 +37,12 @@ WORDS = (
 TASKS = ("repeat", "reverse", "upper", "first", "last", "count", "add")
 
 _INSTRUCTIONS = {
-    "repeat": "Repeat the following words exactly.",
-    "reverse": "Reverse the order of the following words.",
-    "upper": "Rewrite the following words in capital letters.",
-    "first": "What is the first word in the following list?",
-    "last": "What is the last word in the following list?",
-    "count": "How many words are in the following list?",
+    "repeat": "Repeat these words.",
+    "reverse": "Reverse the order of these words.",
+    "upper": "Write these words in capital letters.",
+    "first": "Give the first word.",
+    "last": "Give the last word.",
+    "count": "How many words are there?",
 }
 
 
