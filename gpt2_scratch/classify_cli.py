@@ -29,7 +29,7 @@ def classify_texts(model, tokenizer, texts: list[str]) -> list[tuple[str, float]
             ids = tokenizer.encode(text)[:max_length]
             if not ids:
                 raise ValueError("a --text is empty after tokenization; give some text")
-            logits = model(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long)).logits
+            logits = model(input_ids=torch.tensor([ids])).logits  # (1, num_labels); no padding, no mask needed
             probs = logits.float().softmax(-1)[0]  # (num_labels,)
             best = int(probs.argmax())
             results.append((config.id2label.get(best, str(best)), float(probs[best])))
@@ -59,7 +59,8 @@ def _run_classify(args: argparse.Namespace) -> int:
 
     model_dir = Path(args.model)
     if not (model_dir / "config.json").is_file():
-        raise SystemExit(f"error: {model_dir}: not a model directory (no config.json); pass the output of train/classify.py")
+        raise SystemExit(f"error: {model_dir}: not a model directory (no config.json); "
+                         "pass the output directory of train/classify.py")
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()

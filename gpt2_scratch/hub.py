@@ -1,8 +1,9 @@
 """Publish a model directory to the Hugging Face Hub, with a generated model card.
 
 ``python -m gpt2_scratch push --model DIR --repo-id USER/NAME [--private] [--revision BRANCH] [--exist-ok]``
-uploads, in ONE commit, exactly the files ``save_pretrained`` wrote into DIR (weights, config
-with ``auto_map``, modeling code, tokenizer, generation config) plus:
+uploads, in ONE commit, every file of DIR — what ``save_pretrained`` wrote (weights, config with
+``auto_map``, modeling code, tokenizer, generation config) and, when DIR is a training run's output,
+its args/metrics files; never dot-files or ``checkpoints/`` (optimizer and RNG states) — plus:
 
 - ``README.md``: a model card (``huggingface_hub.ModelCardData`` YAML metadata — base_model,
   datasets, license, library_name, pipeline_tag, tags — then the training arguments, final
@@ -10,9 +11,9 @@ with ``auto_map``, modeling code, tokenizer, generation config) plus:
   without this package);
 - the run's plots (``loss.png``, ``accuracy.png``) when found, referenced from the card.
 
-The run's files are looked up in ``--run-dir`` (default: DIR, then DIR's parent — training
-scripts save the model in ``OUT/model`` next to ``OUT/args.json``, ``OUT/metrics.jsonl``,
-``OUT/loss.png``).
+The run's files are looked up in ``--run-dir`` (default: DIR, then DIR's parent): train/sft.py
+and train/classify.py save the model at the top of OUT beside ``args.json``, ``metrics.jsonl``,
+``loss.png`` (``accuracy.png``), and eval/judge.py writes ``*-scores.json``.
 
 Everything goes through ``huggingface_hub`` (``HfApi.create_repo``, ``create_branch``,
 ``create_commit``), so the token comes from where the rest of the ecosystem finds it
@@ -234,14 +235,15 @@ def build_model_card(
         f"context {config.get('context_length', config.get('max_position_embeddings'))}"
     )
     lines = [f"# {name}", ""]
-    what = "a spam/ham classifier (chapter 6)" if is_classifier else "a causal language model"
+    what = "a text classifier (the book's chapter 6)" if is_classifier else "a causal language model"
     lines.append(
         f"GPT-2 ({shape}) written from scratch in PyTorch with "
         f"gpt2-scratch — {what}"
         + (f", finetuned from [{base}](https://huggingface.co/{base})." if base else ".")
     )
     if is_classifier and config.get("id2label"):
-        labels = ", ".join(f"`{i}` = {lab}" for i, lab in sorted(config["id2label"].items(), key=lambda kv: int(kv[0])))
+        by_id = sorted(config["id2label"].items(), key=lambda kv: int(kv[0]))
+        labels = ", ".join(f"`{i}` = {lab}" for i, lab in by_id)
         lines += ["", f"Labels: {labels}."]
     if datasets:
         lines += ["", "Data: " + ", ".join(f"[{d}](https://huggingface.co/datasets/{d})" for d in datasets) + "."]
@@ -459,9 +461,11 @@ def push_model_dir(
     except HfHubHTTPError as e:
         status = e.response.status_code if e.response is not None else None
         if status == 401:
-            raise HubError(f"{where}: the Hub rejected the token (HTTP 401); check HF_TOKEN or `hf auth login`") from None
+            raise HubError(f"{where}: the Hub rejected the token (HTTP 401); check HF_TOKEN or `hf auth login`"
+                           ) from None
         if status == 403:
-            raise HubError(f"{where}: the token may not write here (HTTP 403); use a write token for this namespace") from None
+            raise HubError(f"{where}: the token may not write here (HTTP 403); use a write token for this "
+                           "namespace") from None
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise HubError(f"{where}: upload failed: {first}") from None
     except _transport_errors() as e:

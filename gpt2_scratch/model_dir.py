@@ -41,7 +41,12 @@ def save_model_dir(
 
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
     try:
-        if model.generation_config is not None:
+        auto_map = getattr(model.config, "auto_map", None)
+        if auto_map:
+            # A config loaded from another head's directory (a classifier made from a causal LM) carries
+            # that head's entry; keep only the config and this model's own Auto class.
+            model.config.auto_map = {k: v for k, v in auto_map.items() if k in ("AutoConfig", type(model)._auto_class)}
+        if getattr(model, "generation_config", None) is not None:
             # GPT-2 has no pad token; batched generation pads with <|endoftext|>, as the book does.
             model.generation_config.pad_token_id = ENDOFTEXT_ID
             model.generation_config.eos_token_id = ENDOFTEXT_ID

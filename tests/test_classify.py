@@ -113,7 +113,8 @@ def _predict(model, ds, batch_size=8):
     with torch.no_grad():
         for i in range(0, len(ds), batch_size):
             batch = torch.utils.data.default_collate([ds[j] for j in range(i, min(i + batch_size, len(ds)))])
-            preds += model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.argmax(-1).tolist()
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            preds += logits.argmax(-1).tolist()
     return preds
 
 
@@ -183,3 +184,36 @@ def test_the_run_makes_a_classifier_model_card(trained_run):
     assert meta["datasets"] == ["ucirvine/sms_spam"]
     assert "test accuracy" in card and "](accuracy.png)" in card and "](loss.png)" in card
     assert "AutoModelForSequenceClassification" in card and "trust_remote_code=True" in card
+
+
+@pytest.mark.slow
+def test_pad_to_context_and_all_trainable_with_data_from_a_url(tmp_path, tiny_model_dir, sms_path):
+    """Exercise 6.1 (pad to the model's context) with every parameter trained (exercise 6.2), bf16, and
+    the data fetched from a URL serving the UCI zip (a local server)."""
+    import http.server
+    import threading
+    import zipfile
+
+    (tmp_path / "www").mkdir()
+    with zipfile.ZipFile(tmp_path / "www" / "sms+spam+collection.zip", "w") as zf:
+        zf.write(sms_path, "SMSSpamCollection")
+    handler = lambda *a: http.server.SimpleHTTPRequestHandler(*a, directory=str(tmp_path / "www"))  # noqa: E731
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/sms+spam+collection.zip"
+    out = tmp_path / "run"
+    try:
+        result = subprocess.run(
+            [sys.executable, str(REPO_ROOT / "train" / "classify.py"), "--model", str(tiny_model_dir), "--data",
+             url, "--data-cache", str(tmp_path / "cache"), "--output-dir", str(out), "--max-steps", "3",
+             "--eval-freq", "2", "--eval-iter", "1", "--pad-to-context", "--trainable", "all",
+             "--mixed-precision", "bf16"],
+            cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert (tmp_path / "cache" / "SMSSpamCollection.tsv").read_bytes() == sms_path.read_bytes()
+    config = json.loads((out / "config.json").read_text())
+    assert config["classification_max_length"] == config["context_length"] == 128
+    assert "3,324,866 trainable (all)" in result.stdout and "padded to 128 tokens" in result.stdout

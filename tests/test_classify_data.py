@@ -155,4 +155,21 @@ def test_download_of_the_uci_zip_and_offline_error(tmp_path, sms_path):
     with pytest.raises(SpamDataError) as err:
         fetch_spam_data(dead, tmp_path / "cache2")
     assert str(err.value).startswith(f"{dead}: download failed") and "--data PATH" in str(err.value)
+    assert "\n" not in str(err.value)
     assert not (tmp_path / "cache2" / "SMSSpamCollection.tsv").exists()
+
+    # Primary down → the mirror; an HTML page instead of data is refused and nothing is cached.
+    _ZipHandler.payload = b"<html><body>Service unavailable</body></html>"
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _ZipHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        html = f"http://127.0.0.1:{server.server_address[1]}/maintenance.html"
+        with pytest.raises(SpamDataError) as err:
+            fetch_spam_data(dead, tmp_path / "cache3", mirrors=[html])
+        assert f"{html}: not label<TAB>text data" in str(err.value) and dead in str(err.value)
+        assert not (tmp_path / "cache3" / "SMSSpamCollection.tsv").exists()
+        _ZipHandler.payload = buf.getvalue()
+        assert fetch_spam_data(dead, tmp_path / "cache3", mirrors=[html]).read_bytes() == sms_path.read_bytes()
+    finally:
+        server.shutdown()
+        server.server_close()

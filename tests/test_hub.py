@@ -162,7 +162,9 @@ def test_existing_repo_needs_exist_ok_and_login_cache_token(hub, run_dir, tmp_pa
     (tmp_path / "hf-home").mkdir()
     (tmp_path / "hf-home" / "token").write_text(hub.token)
     model = str(run_dir / "model")
-    assert push("--model", model, "--repo-id", REPO_ID, env=env).returncode == 0
+    first = push("--model", model, "--repo-id", REPO_ID, "--private", env=env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert hub.repos[REPO_ID]["private"] is True
 
     line = one_line_error(push("--model", model, "--repo-id", REPO_ID, env=env))
     assert "already exists" in line and "--exist-ok" in line

@@ -171,3 +171,36 @@ def test_bad_input_gives_one_line_errors(tmp_path):
         lines = stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], stderr
     assert (existing / "keep.txt").read_text() == "x"  # refused, untouched
+
+
+def test_cli_arguments_and_offline_demo_profile():
+    from train.common import parse_dataclass_args
+    from train.sft import OFFLINE_DEMO, SFTArgs, apply_profile
+
+    args, explicit = parse_dataclass_args(SFTArgs, [])
+    assert (args.model, args.epochs, args.batch_size, args.lr, args.weight_decay, args.eval_freq, args.eval_iter) == (
+        "gpt2-medium", 2, 8, 5e-5, 0.1, 5, 5)  # the book's defaults
+    assert args.data.endswith("ch07/01_main-chapter-code/instruction-data.json") and explicit == set()
+    assert parse_dataclass_args(SFTArgs, ["--resume"])[0].resume == "latest"
+    assert parse_dataclass_args(SFTArgs, ["--resume", "OUT/checkpoints/step-00000010"])[0].resume.endswith("10")
+    args, explicit = parse_dataclass_args(SFTArgs, ["--offline-demo", "--epochs", "1", "--mixed-precision", "no"])
+    demo = apply_profile(args, explicit)
+    assert (demo.epochs, demo.mixed_precision) == (1, "no")  # explicit options win over the profile
+    assert (demo.model, demo.random_init, demo.data, demo.emb_dim) == ("gpt2-small", True, "synthetic",
+                                                                      OFFLINE_DEMO["emb_dim"])
+    with pytest.raises(SystemExit):
+        parse_dataclass_args(SFTArgs, ["--prompt-style", "chatml"])
+
+
+@pytest.mark.slow
+def test_offline_demo_learns_the_synthetic_tasks(tmp_path):
+    """The README's command, with the network unreachable: held-out exact match well above 0."""
+    out = tmp_path / "demo"
+    result = subprocess.run([sys.executable, "train/sft.py", "--offline-demo", "--output-dir", str(out)], cwd=REPO,
+                            env={**ENV, "GPT2_SCRATCH_CACHE": str(tmp_path / "cache"), "HTTPS_PROXY": "http://127.0.0.1:9",
+                                 "HTTP_PROXY": "http://127.0.0.1:9"},
+                            capture_output=True, text=True, timeout=3600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    scores = json.loads((out / "exact_match.json").read_text())
+    assert scores["all"]["total"] == 300 and scores["all"]["accuracy"] > 0.3, scores
+    assert "held-out exact match:" in result.stdout

@@ -93,7 +93,7 @@ def test_synthetic_records_are_distinct_checkable_and_seeded():
     assert len({(r["instruction"], r["input"]) for r in records}) == 500
     assert {r["task"] for r in records} == set(TASKS)
     by_task = {r["task"]: r for r in records}
-    assert by_task["reverse"]["output"].split() == by_task["reverse"]["input"].split()[::-1]
+    assert by_task["reverse"]["output"].split(",") == by_task["reverse"]["input"].split(",")[::-1]
     assert by_task["upper"]["output"] == by_task["upper"]["input"].upper()
     a, b = map(int, by_task["add"]["instruction"].removeprefix("What is ").removesuffix("?").split(" plus "))
     assert by_task["add"]["output"] == str(a + b)

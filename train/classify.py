@@ -41,6 +41,7 @@ if __package__ in (None, ""):
 
 import dataclasses
 import logging
+import os
 import re
 import time
 from dataclasses import dataclass
@@ -61,7 +62,7 @@ from train.common import (
 )
 from train.spam_data import (
     DEFAULT_LABELS,
-    PAD_TOKEN_ID,
+    SPAM_BACKUP_URL,
     SPAM_URL,
     SpamDataError,
     SpamDataset,
@@ -85,8 +86,8 @@ class ClassifyArgs:
     models_dir: str | None = arg(None, "cache folder for OpenAI's weights (default ~/.cache/gpt2-scratch/openai)")
     data: str = arg(SPAM_URL, "label<TAB>text file, or URL of it / of the UCI zip (downloaded once into "
                               "--data-cache)")
-    data_cache: str = arg(str(Path("~/.cache/gpt2-scratch/sms_spam").expanduser()),
-                          "where a downloaded --data URL is kept")
+    data_cache: str | None = arg(None, "where a downloaded --data URL is kept (default "
+                                       "$GPT2_SCRATCH_CACHE/sms_spam or ~/.cache/gpt2-scratch/sms_spam)")
     labels: str = arg(",".join(DEFAULT_LABELS), "comma-separated class names; their order gives the label ids")
     balance: bool = arg(True, "undersample larger classes to the smallest one (the book)")
     output_dir: str = arg("runs/classify", "output directory (refused if it exists, unless --overwrite)")
@@ -99,7 +100,7 @@ class ClassifyArgs:
     trainable: str = arg("last-block", "what to train besides the final LayerNorm and the head: last-block "
                                        "(the book), last-N (the last N blocks), or all (every parameter)")
     pad_to_context: bool = arg(False, "pad/truncate every message to the model's context length instead of the "
-                                      "longest training message (the book's exercise 6.2)")
+                                      "longest training message (the book's exercise 6.1)")
     mixed_precision: Literal["no", "bf16"] = arg("no", "bf16 autocast (fast on CPUs with AMX and on GPUs)")
     seed: int = arg(123, "seed for balancing, splitting, the head's init and the batch order")
     eval_freq: int = arg(50, "evaluate the losses every this many optimizer steps")
@@ -245,7 +246,11 @@ def train(args: ClassifyArgs) -> Path:
     # ---- data (before the output directory, so a bad file leaves nothing behind) ----
     if is_url(args.data):
         with accelerator.main_process_first():
-            data_path = fetch_spam_data(args.data, args.data_cache)
+            # The book's backup copy of the UCI zip is the mirror of the default URL.
+            mirrors = (SPAM_BACKUP_URL,) if args.data == SPAM_URL else ()
+            cache = args.data_cache or Path(os.environ.get("GPT2_SCRATCH_CACHE") or "~/.cache/gpt2-scratch",
+                                            "sms_spam")
+            data_path = fetch_spam_data(args.data, Path(cache).expanduser(), mirrors=mirrors)
     else:
         data_path = Path(args.data)
     splits = prepare_splits(data_path, labels=labels, seed=args.seed, balance=args.balance)
@@ -375,9 +380,6 @@ def train(args: ClassifyArgs) -> Path:
 
         final_model = accelerator.unwrap_model(model)
         final_model.eval()
-        if not hasattr(final_model, "generation_config"):
-            # save_model_dir sets pad/eos on model.generation_config, which a classifier does not have.
-            final_model.generation_config = None
         save_final_model(final_model, None, out)
         records = metrics.read()
         plot_losses([r for r in records if "train_loss" in r and r.get("split") != "full"], out)

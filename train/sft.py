@@ -313,6 +313,8 @@ def train(args: SFTArgs) -> Path:
     # Our own lines say what happened; the libraries' INFO chatter (every file save_state writes) and
     # datasets' progress bars (a few seconds of tokenizing at most) would bury them.
     logging.getLogger("accelerate").setLevel(logging.WARNING)
+    # save_state's note that the tied lm_head is stored once is expected (reload re-ties it).
+    logging.getLogger("accelerate.utils.other").addFilter(lambda record: "Removed shared tensor" not in record.getMessage())
     logging.getLogger("gpt2_scratch").setLevel(logging.WARNING)
     datasets.disable_progress_bars()
     datasets.utils.logging.set_verbosity_warning()
@@ -393,7 +395,7 @@ def train(args: SFTArgs) -> Path:
         nonlocal log_tokens, log_seconds
         val_loss = evaluate(accelerator, model, val_loader, args.eval_iter)
         train_loss = state["loss_sum"] / max(state["loss_tokens"], 1)
-        row = {"epoch": state["epoch"] + 1, "step": state["step"], "train_loss": train_loss, "val_loss": val_loss,
+        row = {"epoch": min(state["epoch"] + 1, args.epochs), "step": state["step"], "train_loss": train_loss, "val_loss": val_loss,
                "lr": scheduler.get_last_lr()[0], "tokens_seen": state["tokens_seen"],
                "target_tokens_seen": state["target_tokens_seen"],
                "tokens_per_sec": log_tokens / log_seconds if log_seconds else 0.0}

@@ -218,22 +218,47 @@ def is_url(spec: str) -> bool:
     return spec.startswith(("http://", "https://"))
 
 
-def fetch_spam_data(url: str, cache_dir: str | os.PathLike, *, timeout: float = 30.0) -> Path:
+def fetch_spam_data(url: str, cache_dir: str | os.PathLike, *, mirrors: Sequence[str] = (),
+                    timeout: float = 30.0) -> Path:
     """Download the data (the UCI zip, or a plain TSV) once into ``cache_dir`` and return the TSV path.
 
-    A zip is searched for the ``SMSSpamCollection`` member. The file is written under a temporary
-    name and renamed, so an interrupted download never leaves a file that looks complete.
+    ``mirrors`` are tried in order when ``url`` fails (the book's backup copy of the UCI zip for the
+    default URL). A zip is searched for the ``SMSSpamCollection`` member; the content must look like
+    ``label<TAB>text`` lines (not, say, an HTML error page) before it is kept. It is written under a
+    temporary name and renamed, so an interrupted download never leaves a file that looks complete.
     An existing cached file is reused without touching the network.
     """
-    import requests
-    from tqdm.auto import tqdm
-
     cache_dir = Path(cache_dir)
     dest = cache_dir / "SMSSpamCollection.tsv"
     if dest.is_file() and dest.stat().st_size > 0:
         logger.info("using cached %s", dest)
         return dest
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    failures = []
+    for source in (url, *mirrors):
+        try:
+            payload = _download(source, timeout)
+        except SpamDataError as e:
+            failures.append(str(e))
+            logger.warning("%s", e)
+            continue
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=".SMSSpamCollection.", suffix=".part")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(payload)
+            os.replace(tmp, dest)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return dest
+    raise SpamDataError("; ".join(failures) + "; download it elsewhere and pass --data PATH to the TSV")
+
+
+def _download(url: str, timeout: float) -> bytes:
+    """The TSV bytes behind ``url`` (unzipped if it is the UCI zip); SpamDataError naming the URL on failure."""
+    import requests
+    from tqdm.auto import tqdm
+
     try:
         with requests.get(url, stream=True, timeout=timeout) as r:
             r.raise_for_status()
@@ -245,9 +270,7 @@ def fetch_spam_data(url: str, cache_dir: str | os.PathLike, *, timeout: float = 
                     bar.update(len(chunk))
     except requests.RequestException as e:
         reason = type(e).__name__ if isinstance(e, requests.ConnectionError) else str(e).splitlines()[0]
-        raise SpamDataError(
-            f"{url}: download failed ({reason}); download it elsewhere and pass --data PATH to the TSV"
-        ) from None
+        raise SpamDataError(f"{url}: download failed ({reason})") from None
     payload = buf.getvalue()
     if payload[:4] == b"PK\x03\x04":  # a zip archive
         try:
@@ -258,12 +281,7 @@ def fetch_spam_data(url: str, cache_dir: str | os.PathLike, *, timeout: float = 
                 payload = zf.read(names[0])
         except zipfile.BadZipFile as e:
             raise SpamDataError(f"{url}: corrupt zip ({e})") from None
-    fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=".SMSSpamCollection.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return dest
+    first = next((line for line in payload[:4096].split(b"\n") if line.strip()), b"")
+    if b"\t" not in first:
+        raise SpamDataError(f"{url}: not label<TAB>text data (starts with {first[:40]!r})")
+    return payload

@@ -5,12 +5,12 @@ generator, so ``--data synthetic`` gives the same file on every machine. The tas
 small randomly initialised GPT-2 trained for a few minutes on a CPU visibly learns them, and each has
 exactly one correct output, so held-out exact-match accuracy measures what it learned:
 
-  repeat    copy a short phrase                    "green river"        -> "green river"
-  reverse   reverse the order of words             "cat moon tree"      -> "tree moon cat"
-  upper     write a phrase in capital letters      "blue stone"         -> "BLUE STONE"
-  first     name the first word of a list          "apple door sun"     -> "apple"
-  last      name the last word of a list           "apple door sun"     -> "sun"
-  count     count the words                        "fox cup"            -> "2"
+  repeat    copy a list of words                   "green,river"        -> "green,river"
+  reverse   reverse the order of words             "cat,moon,tree"      -> "tree,moon,cat"
+  upper     write words in capital letters         "blue,stone"         -> "BLUE,STONE"
+  first     name the first word of a list          "apple,door,sun"     -> "apple"
+  last      name the last word of a list           "apple,door,sun"     -> "sun"
+  count     count the words                        "fox,cup"            -> "2"
   add       add two small numbers (no input field) "What is 3 plus 4?"  -> "7"
 
 Records carry an extra ``task`` field for per-task accuracy; training ignores it. No (instruction,
@@ -27,12 +27,19 @@ from collections import defaultdict
 from pathlib import Path
 
 DEFAULT_SIZE = 3000
+# Part of the cached file's name: bump it whenever the generator's output changes.
+GENERATOR_VERSION = 2
 
 # Short, common words: most are a single GPT-2 token with a leading space.
 WORDS = (
     "apple river stone cloud green blue red black white cat dog fox bird fish tree moon sun star rain snow "
     "door book cup road hill lake leaf rock wind fire milk bread salt gold king ship lamp bell coat box"
 ).split()
+
+# Words are joined by a bare comma: GPT-2's BPE then spells each word with the same tokens in the
+# input and in the output (" black" after a space and "black" after a newline are different tokens,
+# which would turn copying into a per-word lookup the model must memorise).
+SEP = ","
 
 TASKS = ("repeat", "reverse", "upper", "first", "last", "count", "add")
 
@@ -54,14 +61,14 @@ def _make_record(task: str, rng: random.Random) -> dict:
                "count": (1, 5)}[task]
     words = rng.sample(WORDS, rng.randint(*n_words))
     output = {
-        "repeat": " ".join(words),
-        "reverse": " ".join(reversed(words)),
-        "upper": " ".join(words).upper(),
+        "repeat": SEP.join(words),
+        "reverse": SEP.join(reversed(words)),
+        "upper": SEP.join(words).upper(),
         "first": words[0],
         "last": words[-1],
         "count": str(len(words)),
     }[task]
-    return {"instruction": _INSTRUCTIONS[task], "input": " ".join(words), "output": output, "task": task}
+    return {"instruction": _INSTRUCTIONS[task], "input": SEP.join(words), "output": output, "task": task}
 
 
 def make_synthetic_records(size: int = DEFAULT_SIZE, seed: int = 123) -> list[dict]:
@@ -94,7 +101,7 @@ def write_synthetic_file(size: int | None = None, seed: int = 123, directory: st
     size = DEFAULT_SIZE if size is None else size
     directory = Path(directory) if directory is not None else data_cache_dir() / "synthetic"
     directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"synthetic-instructions-n{size}-seed{seed}.json"
+    path = directory / f"synthetic-instructions-v{GENERATOR_VERSION}-n{size}-seed{seed}.json"
     if not path.exists():
         records = make_synthetic_records(size, seed)
         fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
