@@ -143,6 +143,8 @@ WRONG_TYPE = '[{"instruction": "a", "output": "b"}, {"instruction": "c", "input"
 
 
 def test_bad_input_gives_one_line_errors(tmp_path):
+    from train.data import BOOK_DATA_URL
+
     files = {}
     for name, content in (("bad.json", BAD_JSON), ("missing.json", MISSING_FIELD), ("wrong.json", WRONG_TYPE)):
         files[name] = tmp_path / name
@@ -158,6 +160,9 @@ def test_bad_input_gives_one_line_errors(tmp_path):
         (["--data", files["wrong.json"]], "record 1 field 'input' must be a string or absent, got int"),
         (["--data", BOOK_DATA, "--max-length", "8", "--too-long", "drop"], "no training examples left"),
         (["--data", BOOK_DATA, "--output-dir", existing], "already exists; pass --resume"),
+        # No network here (and HF_HUB_OFFLINE=1): the book's URL and a Hub id fail with what to do instead.
+        (["--data", BOOK_DATA_URL], "cannot download https://raw.githubusercontent.com/rasbt/"),
+        (["--data", "tatsu-lab/alpaca"], "cannot load Hub data set tatsu-lab/alpaca"),
     ]
     procs = []
     for i, (extra, _) in enumerate(cases):
@@ -204,3 +209,20 @@ def test_offline_demo_learns_the_synthetic_tasks(tmp_path):
     scores = json.loads((out / "exact_match.json").read_text())
     assert scores["all"]["total"] == 300 and scores["all"]["accuracy"] > 0.3, scores
     assert "held-out exact match:" in result.stdout
+
+
+def test_push_to_hub_hook_uploads_the_run(reference_run, tmp_path):
+    from hub_standin import HubStandin
+
+    out, _ = reference_run
+    code = ("import sys; from pathlib import Path; from train.sft import SFTArgs, push_to_hub\n"
+            "push_to_hub(Path(sys.argv[1]), 'alice/tiny-sft', SFTArgs())\n")
+    with HubStandin(tmp_path / "hub", token="hf_test") as hub:
+        env = {**ENV, "HF_ENDPOINT": hub.endpoint, "HF_TOKEN": hub.token, "HF_HUB_DISABLE_XET": "1",
+               "HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_OFFLINE": "0"}
+        result = subprocess.run([sys.executable, "-c", code, str(out)], cwd=REPO, env=env, capture_output=True,
+                                text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+        files = {f for commit in hub.commits for f in commit["files"]}
+    assert {"model.safetensors", "config.json", "README.md"} <= files
+    assert not any(f.startswith("checkpoints/") for f in files)

@@ -10,7 +10,7 @@ import pytest
 
 from gpt2_scratch import format_example, get_tokenizer
 from train.data import DataError, load_records, prepare_instruction_data
-from train.synthetic import TASKS, exact_match_report, make_synthetic_records
+from train.synthetic import DEFAULT_TASKS, TASKS, exact_match_report, make_synthetic_records
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 BOOK_DATA = SHARED / "data" / "instruction-data.json"
@@ -91,8 +91,8 @@ def test_synthetic_records_are_distinct_checkable_and_seeded():
     records = make_synthetic_records(500, seed=1)
     assert records == make_synthetic_records(500, seed=1) != make_synthetic_records(500, seed=2)
     assert len({(r["instruction"], r["input"]) for r in records}) == 500
-    assert {r["task"] for r in records} == set(TASKS)
-    by_task = {r["task"]: r for r in records}
+    assert {r["task"] for r in records} == set(DEFAULT_TASKS)
+    by_task = {r["task"]: r for r in records + make_synthetic_records(100, seed=1, tasks=TASKS)}
     assert by_task["reverse"]["output"].split(",") == by_task["reverse"]["input"].split(",")[::-1]
     assert by_task["upper"]["output"] == by_task["upper"]["input"].upper()
     a, b = map(int, by_task["add"]["instruction"].removeprefix("What is ").removesuffix("?").split(" plus "))

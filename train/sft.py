@@ -44,7 +44,6 @@ import logging
 import math
 import os
 import shutil
-import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -124,10 +123,11 @@ class SFTArgs:
 
 # The offline demo: small enough to learn the synthetic tasks in a few minutes on a 2-core CPU.
 OFFLINE_DEMO = dict(
-    model="gpt2-small", random_init=True, n_layers=4, emb_dim=256, n_heads=4, context_length=128,
-    data="synthetic", output_dir="runs/offline-demo", epochs=4, batch_size=32, lr=1e-3, weight_decay=0.1,
+    model="gpt2-small", random_init=True, n_layers=4, emb_dim=128, n_heads=4, context_length=128,
+    data="synthetic", prompt_style="phi3", output_dir="runs/offline-demo", epochs=10, batch_size=32, lr=2e-3,
+    weight_decay=0.1,
     lr_schedule="cosine", warmup_steps=20, max_grad_norm=1.0, mask_prompt=True, group_by_length=False,
-    eval_freq=20, eval_iter=5, max_new_tokens=12, response_batch_size=100, sample_tokens=12,
+    eval_freq=40, eval_iter=5, max_new_tokens=12, response_batch_size=100, sample_tokens=12,
     mixed_precision="bf16",
 )
 
@@ -268,19 +268,13 @@ def save_final_model(model, tokenizer, out: Path) -> None:
 
 
 def push_to_hub(out: Path, repo_id: str, args: SFTArgs) -> None:
-    """Upload the final model (only the model files, not checkpoints) with the run's card data."""
+    """Upload OUT (the model and the run's files; gpt2_scratch.hub leaves checkpoints/ out) with a model card."""
     try:
         from gpt2_scratch.hub import push_model_dir
     except ImportError:
         raise UserError("--push-to-hub needs gpt2_scratch.hub, which is not installed; push later with "
                         "`python -m gpt2_scratch push --model OUT --repo-id USER/NAME`") from None
-    model_files = [p for p in out.iterdir() if p.is_file() and (
-        p.suffix in (".safetensors", ".py") or p.name in ("config.json", "generation_config.json")
-        or p.name.startswith(("tokenizer", "special_tokens", "vocab", "merges")))]
-    with tempfile.TemporaryDirectory(dir=out, prefix=".push-") as tmp:
-        for p in model_files:
-            os.link(p, Path(tmp) / p.name)  # hard links: no copy of the weights
-        info = push_model_dir(tmp, repo_id, run_dir=out, dataset=args.data if "/" in args.data else None)
+    info = push_model_dir(out, repo_id, run_dir=out)
     print(f"pushed {out} to {repo_id}: {getattr(info, 'commit_url', info)}", flush=True)
 
 
