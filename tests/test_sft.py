@@ -86,8 +86,8 @@ def test_training_run_leaves_a_complete_output_dir(reference_run):
     assert fresh.returncode == 0, fresh.stderr[-2000:]
     assert fresh.stdout.strip().splitlines()[-1].split() == ["2", "64", "50257", "50256"]
     weights = load_file(out / "model.safetensors")
-    final_ckpt = load_file(out / "checkpoints" / "step-00000030" / "model.safetensors")
-    assert torch.equal(weights["transformer.h.1.mlp.c_fc.weight"], final_ckpt["transformer.h.1.mlp.c_fc.weight"])
+    final_ckpt = load_file(out / "checkpoints" / "step-00000030" / "model.safetensors")  # TargetTokenLoss: "lm." prefix
+    assert torch.equal(weights["transformer.h.1.mlp.c_fc.weight"], final_ckpt["lm.transformer.h.1.mlp.c_fc.weight"])
 
 
 def test_resume_after_sigkill_matches_uninterrupted_run(reference_run, tmp_path):

@@ -10,7 +10,8 @@ Kept free of anything instruction-specific so ``train/sft.py`` and ``train/class
   * ``MetricsLog``: ``metrics.jsonl``, one JSON object per line, trimmed back to a checkpoint on resume;
   * ``plot_losses``: the book's loss plot (train/validation loss over steps, tokens seen on a second
     x-axis) as PNG and PDF;
-  * ``write_json_atomic``.
+  * ``write_json_atomic``;
+  * ``relaunch_multi_cpu``: works around ``accelerate launch --cpu --num_processes N`` starting one process.
 Only the main process writes files; every helper that writes checks ``accelerator.is_main_process``
 or is only called there.
 """
@@ -100,6 +101,50 @@ def run_main(main: Callable[[], Any], *error_types: type[BaseException]) -> None
         message = " ".join(str(err).split("\n")[0].split()) or type(err).__name__
         print(f"error: {message}", file=sys.stderr, flush=True)
         sys.exit(2)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Multi-process CPU launch
+# ---------------------------------------------------------------------------------------------------
+
+
+def _launcher_num_processes() -> int | None:
+    """``--num_processes N`` from the command line of the ``accelerate launch`` that started us."""
+    try:
+        argv = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode().split("\0")
+    except OSError:
+        return None
+    for i, token in enumerate(argv):
+        for flag in ("--num_processes", "--num-processes"):
+            if token == flag and i + 1 < len(argv):
+                return int(argv[i + 1])
+            if token.startswith(flag + "="):
+                return int(token.split("=", 1)[1])
+    return None
+
+
+def relaunch_multi_cpu(script: str | os.PathLike, argv: list[str] | None = None) -> None:
+    """Make ``accelerate launch --num_processes N --cpu SCRIPT`` really run N processes (call first in main).
+
+    For CPUs without an MPI host file, accelerate's launcher starts ONE process however many were
+    asked for (huggingface/accelerate#2741); it only exports MASTER_PORT. Detect that case and start
+    the N processes ourselves with torch's elastic launcher (``--standalone``: a free rendezvous port),
+    which sets RANK/WORLD_SIZE so Accelerate sets up DDP over gloo. Exits with the workers' status.
+    """
+    env = os.environ
+    launched_on_cpu = env.get("ACCELERATE_USE_CPU", "").lower() in ("true", "1") and "MASTER_PORT" in env
+    if not launched_on_cpu or any(k in env for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "PMI_SIZE",
+                                                     "OMPI_COMM_WORLD_SIZE")):
+        return
+    n = _launcher_num_processes()
+    if not n or n < 2:
+        return
+    import subprocess
+
+    child_env = {k: v for k, v in env.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+           str(Path(script).resolve()), *(sys.argv[1:] if argv is None else argv)]
+    sys.exit(subprocess.run(cmd, env=child_env).returncode)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -62,6 +62,7 @@ from train.common import (
     parse_dataclass_args,
     plot_losses,
     prepare_output_dir,
+    relaunch_multi_cpu,
     run_main,
     save_checkpoint,
     write_json_atomic,
@@ -502,47 +503,8 @@ def train(args: SFTArgs) -> Path:
     return out
 
 
-def _launcher_num_processes() -> int | None:
-    """``--num_processes N`` from the command line of the ``accelerate launch`` that started us."""
-    try:
-        argv = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode().split("\0")
-    except OSError:
-        return None
-    for i, token in enumerate(argv):
-        for flag in ("--num_processes", "--num-processes"):
-            if token == flag and i + 1 < len(argv):
-                return int(argv[i + 1])
-            if token.startswith(flag + "="):
-                return int(token.split("=", 1)[1])
-    return None
-
-
-def relaunch_multi_cpu(argv: list[str] | None) -> None:
-    """Make ``accelerate launch --num_processes N --cpu train/sft.py`` really run N processes.
-
-    For CPUs without an MPI host file, accelerate's launcher starts ONE process however many were
-    asked for (huggingface/accelerate#2741); it only exports MASTER_PORT. Detect that case and start
-    the N processes ourselves with torch's elastic launcher (``--standalone``: a free rendezvous port),
-    which sets RANK/WORLD_SIZE so Accelerate sets up DDP over gloo. Exits with the workers' status.
-    """
-    env = os.environ
-    launched_on_cpu = env.get("ACCELERATE_USE_CPU", "").lower() in ("true", "1") and "MASTER_PORT" in env
-    if not launched_on_cpu or any(k in env for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "PMI_SIZE",
-                                                     "OMPI_COMM_WORLD_SIZE")):
-        return
-    n = _launcher_num_processes()
-    if not n or n < 2:
-        return
-    import subprocess
-
-    child_env = {k: v for k, v in env.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-           str(Path(__file__).resolve()), *(sys.argv[1:] if argv is None else argv)]
-    sys.exit(subprocess.run(cmd, env=child_env).returncode)
-
-
 def main(argv: list[str] | None = None) -> None:
-    relaunch_multi_cpu(argv)
+    relaunch_multi_cpu(__file__, argv)
     args, explicit = parse_dataclass_args(SFTArgs, argv)
     args = apply_profile(args, explicit)
 

@@ -1,0 +1,1 @@
+"""Training scripts: instruction finetuning (sft.py) and the spam classifier (classify.py)."""
