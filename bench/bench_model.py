@@ -5,7 +5,7 @@ Training step (forward + backward + AdamW) tokens/s at batch 8 × 72 tokens, and
 Measurements alternate between the two models round by round so machine noise hits both alike;
 the table shows medians.
 
-    python bench/bench_model.py [--rounds 5] [--steps 3] [--new-tokens 64] [--threads N]
+    python bench/bench_model.py [--rounds 5] [--steps 3] [--new-tokens 64] [--threads N] [--only "batch 1"]
 """
 
 import argparse
@@ -66,6 +66,7 @@ def main():
     parser.add_argument("--steps", type=int, default=3, help="training steps timed per round")
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens generated per round")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--only", help="run only the workloads whose name contains this text (e.g. 'batch 1')")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -82,6 +83,8 @@ def main():
     print(f"| {'workload':<24} | dtype | {'ours tok/s':>10} | {'transformers tok/s':>18} | ours / transformers |")
     print(f"|{'-' * 26}|-------|{'-' * 12}|{'-' * 20}|---------------------|")
     for name, run in cases:
+        if args.only and args.only not in name:
+            continue
         for dtype in ("fp32", "bf16"):
             samples = {label: [] for label in models}
             for _ in range(args.rounds):

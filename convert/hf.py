@@ -13,10 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -25,6 +22,7 @@ from safetensors import SafetensorError, safe_open
 from convert.build import model_from_state
 from convert.errors import ConvertError
 from convert.mapping import HF_IGNORED, HF_RULES, HF_TIED_HEAD, Dims, convert_tensors, plan_conversion, strip_hf_prefix
+from gpt2_scratch.model_dir import write_dir_atomically
 
 log = logging.getLogger(__name__)
 
@@ -282,20 +280,8 @@ def export_hf(model_dir: str | Path, out_dir: str | Path, *, overwrite: bool = F
     hf_model.tie_weights()
     hf_model.generation_config = GenerationConfig(bos_token_id=50256, eos_token_id=50256, pad_token_id=50256)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
-    try:
+    def write(tmp: Path) -> None:
         hf_model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        os.chmod(tmp, 0o755)
-        if out_dir.exists():  # --overwrite: keep the old folder until the new one is in place
-            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-            out_dir.rename(old)
-            tmp.rename(out_dir)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+
+    return write_dir_atomically(out_dir, write, overwrite=overwrite)

@@ -189,7 +189,15 @@ class GPT2ScratchModel(GPT2ScratchPreTrainedModel):
             else:
                 position_ids = torch.arange(past_length, past_length + T, device=input_ids.device)[None]  # (1, T)
 
-        x = self.drop(self.wte(input_ids) + self.wpe(position_ids))  # (B, T, E)
+        try:
+            tokens = self.wte(input_ids)  # (B, T, E)
+        except IndexError:
+            # Checked only on failure: a range check before every decoding step would cost a host sync.
+            bad = input_ids[(input_ids < 0) | (input_ids >= self.config.vocab_size)]
+            raise ValueError(
+                f"token id {bad[0].item()} is outside the vocabulary [0, {self.config.vocab_size})"
+            ) from None
+        x = self.drop(tokens + self.wpe(position_ids))  # (B, T, E)
         attn_mask = build_attention_mask(attention_mask, T, past_length)
         for block in self.h:
             x = block(x, attn_mask, past_key_values)
@@ -242,9 +250,6 @@ class GPT2ScratchForCausalLM(GPT2ScratchPreTrainedModel, GenerationMixin):
         positions that have a target: padding and masked prompts cost no vocabulary projection, which
         is about a third of GPT-2 small's compute per token. Training loops use it.
         """
-        if input_ids.numel() and (int(input_ids.max()) >= self.config.vocab_size or int(input_ids.min()) < 0):
-            bad = input_ids[(input_ids >= self.config.vocab_size) | (input_ids < 0)][0].item()
-            raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size})")
         hidden, past_key_values = self.transformer(
             input_ids, attention_mask, position_ids, past_key_values, use_cache
         )  # (B, T, E)
