@@ -54,14 +54,14 @@ def book_generate_text_simple(model, idx, max_new_tokens, context_size, eos_id):
 
 
 def transformers_twin(model):
-    """transformers' GPT2LMHeadModel holding our model's weights (Linear [out,in] → Conv1D [in,out])."""
+    """transformers' GPT2LMHeadModel holding our model's weights (c_proj: Linear [out,in] → Conv1D [in,out])."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     c = model.config
     ref = GPT2LMHeadModel(GPT2Config(vocab_size=c.vocab_size, n_positions=c.context_length, n_embd=c.emb_dim,
                                      n_layer=c.n_layers, n_head=c.n_heads, layer_norm_epsilon=c.layer_norm_epsilon,
                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
-    state = {k: (v.t() if k.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")) else v)
+    state = {k: (v.t() if k.endswith("c_proj.weight") else v)
              for k, v in model.state_dict().items()}
     missing, unexpected = ref.load_state_dict(state, strict=False)
     assert not unexpected and all(k.endswith("attn.bias") for k in missing), (missing, unexpected)

@@ -6,6 +6,7 @@ Measurements alternate between the two models round by round so machine noise hi
 the table shows medians.
 
     python bench/bench_model.py [--rounds 5] [--steps 3] [--new-tokens 64] [--threads N] [--only "batch 1"]
+    python bench/bench_model.py --layouts     # why c_attn/c_fc store [in, out] and c_proj [out, in]
 """
 
 import argparse
@@ -60,6 +61,35 @@ def generate_tok_per_s(model, dtype, batch, new_tokens, prompt_len=32):
     return batch * new_tokens / (time.perf_counter() - start)
 
 
+@torch.inference_mode()
+def projection_layouts(rounds: int, layers: int = 12) -> None:
+    """One token's matrix-vector product per projection of gpt2-small, weight stored [out, in] vs [in, out].
+
+    Each shape cycles through one weight per layer (as decoding does), so the weights come from
+    memory, not cache: the product's speed is how fast BLAS reads the weight in that layout.
+    """
+    shapes = {"attn.c_attn": (768, 2304), "attn.c_proj": (768, 768), "mlp.c_fc": (768, 3072), "mlp.c_proj": (3072, 768)}
+    print(f"µs per token per projection, fp32, batch 1, {layers} weights cycled, {rounds} rounds (medians)")
+    print("| projection | in → out | [out, in] (nn.Linear) | [in, out] (Conv1D) |")
+    print("|---|---|---:|---:|")
+    for name, (n_in, n_out) in shapes.items():
+        out_in = [torch.randn(n_out, n_in) for _ in range(layers)]
+        in_out = [w.t().contiguous() for w in out_in]
+        bias, x = torch.randn(n_out), torch.randn(1, 1, n_in)
+        layouts = {"out_in": lambda: [torch.nn.functional.linear(x, w, bias) for w in out_in],
+                   "in_out": lambda: [torch.nn.functional.linear(x, w.t(), bias) for w in in_out]}
+        samples = {k: [] for k in layouts}
+        for _ in range(rounds):
+            for k, run in layouts.items():
+                run()
+                start = time.perf_counter()
+                for _ in range(10):
+                    run()
+                samples[k].append((time.perf_counter() - start) / (10 * layers) * 1e6)
+        a, b = (statistics.median(samples[k]) for k in layouts)
+        print(f"| {name} | {n_in} → {n_out} | {a:.0f} | {b:.0f} |", flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
@@ -67,8 +97,12 @@ def main():
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens generated per round")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--only", help="run only the workloads whose name contains this text (e.g. 'batch 1')")
+    parser.add_argument("--layouts", action="store_true", help="time the projection weight layouts instead")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.layouts:
+        projection_layouts(args.rounds)
+        return
 
     torch.manual_seed(0)
     ours = GPT2ScratchForCausalLM(GPT2ScratchConfig.from_preset("gpt2-small"))

@@ -1,22 +1,34 @@
 """Training throughput and memory: our GPT-2 and loop vs transformers' GPT2LMHeadModel vs the book's loop.
 
-    python bench/bench_train.py                 # every cell, a few steps each (~15-30 min on 2 cores)
-    python bench/bench_train.py --shapes gpt2-small --steps 2
+    python bench/bench_train.py                 # both shapes, fp32 and bf16 (~45 min on 2 cores)
+    python bench/bench_train.py --shapes gpt2-small --no-memory
 
-Each cell runs in its own subprocess (so peak RSS is that cell's alone) on the same batches: the
+For each shape and precision, one process builds every implementation and they take turns (a few
+steps each, round after round), so the noise of a shared machine hits them alike; peak RSS comes
+from separate short runs of one implementation per process. All train on the same batches: the
 book's instruction data (train split, tokenized as train/sft.py does), batch 8, shuffled with one
-seed, AdamW lr 5e-5 weight decay 0.1, randomly initialised weights at the named shape.
+seed, AdamW lr 5e-5 weight decay 0.1, randomly initialised weights at the named shape. Every loop
+also evaluates the way it does in real use, every 5 steps over 5 batches (the book's eval_freq and
+eval_iter), and the "with evaluation" rate counts that time too: it is what a user waits for.
 
-  ours          GPT2ScratchForCausalLM in train/sft.py's loop (Accelerate, TargetTokenLoss: logits only
-                where there is a target, loss summed and divided by the target-token count)
+  ours          GPT2ScratchForCausalLM in train/sft.py's loop: Accelerate, autocast, the model's
+                return_logits=False path (vocabulary projection only where there is a target), loss
+                summed and divided by the target-token count, fused AdamW; evaluation on 5 validation
+                batches (the training loss is the running mean of the steps, as train/sft.py logs it)
   ours+group    the same with --group-by-length batches (less padding)
-  transformers  transformers' GPT2LMHeadModel (sdpa attention) in exactly the same loop
-  book          the book's reference loop: a model written the book's way (separate q/k/v, a stored
-                causal mask, explicit softmax, untied output head), plain PyTorch, logits for every
-                position, F.cross_entropy mean per batch, no accumulation normalisation, fp32 only
+  transformers  transformers' GPT2LMHeadModel (sdpa attention) in exactly the same loop; it has no
+                way to skip positions without a target, so its logits cover every position and the
+                same summed cross-entropy is taken over the targets
+  transformers+slice   (opt-in) transformers' model with the target-only projection done outside it,
+                on its .transformer and .lm_head: how much of the difference is that projection
+  book          the book's reference loop (train_model_simple): a model written the book's way
+                (separate q/k/v, a stored causal mask, explicit softmax, untied output head), plain
+                PyTorch, logits for every position, F.cross_entropy mean per batch, default AdamW,
+                fp32 only; every 5 steps it evaluates 5 training and 5 validation batches
 
 Reported: padded tokens/s (input_ids.numel(), what the book counts as "tokens seen"), non-pad
-tokens/s (real tokens), peak RSS. The first step is warm-up and not timed.
+tokens/s (real tokens), both for the training steps alone and with evaluation, and peak RSS. The
+first step is warm-up and not timed.
 """
 
 from __future__ import annotations
@@ -103,86 +115,162 @@ def book_style_model(cfg: dict):
 
 
 # ---------------------------------------------------------------------------------------------------
-# One cell (runs in a child process)
+# One implementation's loop (runs in a child process)
 # ---------------------------------------------------------------------------------------------------
 
 
-def batches(steps: int, group: bool) -> list[dict]:
+EVAL_FREQ = EVAL_ITER = 5  # the book's settings, also train/sft.py's defaults
+
+
+def load_batches(steps: int, group: bool) -> tuple[list[dict], list[dict]]:
+    """`steps` training batches (this sampler's order) and EVAL_ITER batches of the validation split."""
     from gpt2_scratch import get_tokenizer
     from train.data import EpochBatchSampler, InstructionCollator, prepare_instruction_data
 
     data = prepare_instruction_data(str(BOOK_DATA), get_tokenizer(), max_length=1024)
-    sampler = EpochBatchSampler(list(data.train["length"]), 8, shuffle=True, group_by_length=group, seed=123)
     collate = InstructionCollator(allowed_max_length=1024)
-    return [collate([data.train[i] for i in idx]) for idx in list(sampler)[:steps]]
+    sampler = EpochBatchSampler(list(data.train["length"]), 8, shuffle=True, group_by_length=group, seed=123)
+    val_sampler = EpochBatchSampler(list(data.validation["length"]), 8, shuffle=False, drop_last=False)
+    train = [collate([data.train[i] for i in idx]) for idx in list(sampler)[:steps]]
+    val = [collate([data.validation[i] for i in idx]) for idx in list(val_sampler)[:EVAL_ITER]]
+    return train, val
 
 
-def run_cell(impl: str, shape: str, precision: str, steps: int) -> dict:
-    import torch
-    import torch.nn.functional as F
+class Trainer:
+    """One implementation's training step and evaluation on its batches, timed separately."""
 
-    from gpt2_scratch import PRESETS
+    def __init__(self, impl: str, shape: str, precision: str, steps: int, shared_lm=None):
+        import torch
+        import torch.nn.functional as F
 
-    torch.manual_seed(123)
-    cfg = dict(vocab_size=50257, context_length=1024, **PRESETS[shape])
-    data = batches(steps + 1, group=impl == "ours+group")
+        from gpt2_scratch import PRESETS
 
-    if impl == "book":
-        model = book_style_model(cfg)
-        model.train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.1)
+        self.impl = impl
+        torch.manual_seed(123)
+        cfg = dict(vocab_size=50257, context_length=1024, **PRESETS[shape])
+        self.batches, val_batches = load_batches(steps + 1, group=impl == "ours+group")
+        self.steps_done = 0
+        self.padded = self.real = 0
+        self.step_seconds = self.eval_seconds = 0.0
 
-        def step(batch):
-            optimizer.zero_grad()
-            logits = model(batch["input_ids"])
-            loss = F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten())
-            loss.backward()
-            optimizer.step()
-            return loss.item()
-    else:
-        from accelerate import Accelerator
+        if impl == "book":
+            model = book_style_model(cfg)
+            model.train()
+            optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.1)
 
-        from train.sft import TargetTokenLoss
+            def batch_loss(batch):
+                logits = model(batch["input_ids"])
+                return F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten())
 
-        if impl == "transformers":
-            from transformers import GPT2Config, GPT2LMHeadModel
+            def step(batch):
+                optimizer.zero_grad()
+                loss = batch_loss(batch)
+                loss.backward()
+                optimizer.step()
+                return loss.item()
 
-            hf_cfg = GPT2Config(n_embd=cfg["emb_dim"], n_layer=cfg["n_layers"], n_head=cfg["n_heads"],
-                                n_positions=1024, vocab_size=50257, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-            lm = GPT2LMHeadModel(hf_cfg)
+            def evaluate():  # the book's evaluate_model: eval_iter training and eval_iter validation batches
+                model.eval()
+                with torch.no_grad():
+                    for batch in self.batches[:EVAL_ITER] + val_batches:
+                        batch_loss(batch).item()
+                model.train()
         else:
-            from gpt2_scratch import GPT2ScratchConfig, GPT2ScratchForCausalLM
+            from accelerate import Accelerator
 
-            lm = GPT2ScratchForCausalLM(GPT2ScratchConfig.from_preset(shape))
-        lm.train()
-        accelerator = Accelerator(mixed_precision=precision, cpu=True)
-        model = TargetTokenLoss(lm)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.1)
-        model, optimizer = accelerator.prepare(model, optimizer)
+            from train.sft import token_loss_sum
 
-        def step(batch):  # train/sft.py's step, without accumulation (one micro-batch per step)
-            n_targets = int((batch["labels"] != -100).sum())
-            with accelerator.autocast():
-                loss_sum = model(batch["input_ids"], batch["labels"])
-            accelerator.backward(loss_sum / n_targets)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            return loss_sum.item() / n_targets
+            if shared_lm is not None:  # ours and ours+group differ only in their batches
+                lm = shared_lm
+            elif impl.startswith("transformers"):
+                from transformers import GPT2Config, GPT2LMHeadModel
 
-    n_params = sum(p.numel() for p in model.parameters())
-    step(data[0])  # warm-up
-    padded = real = 0
-    start = time.perf_counter()
-    losses = []
-    for batch in data[1:]:
-        losses.append(step(batch))
-        padded += batch["input_ids"].numel()
-        real += int((batch["labels"] != -100).sum())  # = real tokens per row (its tokens - 1 + the eos target)
-    seconds = time.perf_counter() - start
-    return {"impl": impl, "shape": shape, "precision": precision, "steps": steps, "params": n_params,
-            "padded_tok_s": padded / seconds, "real_tok_s": real / seconds, "sec_per_step": seconds / steps,
-            "pad_fraction": 1 - real / padded, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-            "first_loss": losses[0]}
+                lm = GPT2LMHeadModel(GPT2Config(n_embd=cfg["emb_dim"], n_layer=cfg["n_layers"], n_head=cfg["n_heads"],
+                                                n_positions=1024, vocab_size=50257, resid_pdrop=0.0, embd_pdrop=0.0,
+                                                attn_pdrop=0.0))
+            else:
+                from gpt2_scratch import GPT2ScratchConfig, GPT2ScratchForCausalLM
+
+                lm = GPT2ScratchForCausalLM(GPT2ScratchConfig.from_preset(shape))
+            self.lm = lm
+            lm.train()
+            accelerator = Accelerator(mixed_precision=precision, cpu=True)
+            optimizer = torch.optim.AdamW(lm.parameters(), lr=5e-5, weight_decay=0.1, fused=True)  # as train/sft.py
+            model, optimizer = accelerator.prepare(lm, optimizer)
+
+            def loss_sum(batch):
+                labels = batch["labels"]
+                if impl == "transformers":  # logits at every position, summed cross-entropy over the targets
+                    logits = model(batch["input_ids"], use_cache=False).logits
+                    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum")
+                if impl == "transformers+slice":  # the target-only projection, done outside the model
+                    hidden = model.transformer(batch["input_ids"], use_cache=False)[0]
+                    keep = labels != -100
+                    return F.cross_entropy(model.lm_head(hidden[keep]).float(), labels[keep], reduction="sum")
+                return token_loss_sum(model, batch)  # ours: train/sft.py's call
+
+            def step(batch):  # train/sft.py's step, without accumulation (one micro-batch per step)
+                n_targets = int((batch["labels"] != -100).sum())
+                with accelerator.autocast():
+                    total = loss_sum(batch)
+                accelerator.backward(total / n_targets)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                return total.item() / n_targets
+
+            def evaluate():  # train/sft.py's evaluate: eval_iter validation batches
+                model.eval()
+                with torch.no_grad(), accelerator.autocast():
+                    for batch in val_batches:
+                        loss_sum(batch).item()
+                model.train()
+
+        self.step, self.evaluate = step, evaluate
+        self.params = sum(p.numel() for p in model.parameters())
+        step(self.batches[0])  # warm-up: allocator, optimizer state; not timed
+
+    def run(self, n: int) -> None:
+        """The next n steps, evaluating after steps 0, 5, 10, ... as the book and train/sft.py do."""
+        for batch in self.batches[1 + self.steps_done: 1 + self.steps_done + n]:
+            start = time.perf_counter()
+            self.step(batch)
+            self.step_seconds += time.perf_counter() - start
+            if self.steps_done % EVAL_FREQ == 0:
+                start = time.perf_counter()
+                self.evaluate()
+                self.eval_seconds += time.perf_counter() - start
+            self.steps_done += 1
+            self.padded += batch["input_ids"].numel()
+            self.real += int((batch["labels"] != -100).sum())  # = real tokens per row (tokens - 1 + the eos target)
+
+    def row(self, shape: str, precision: str) -> dict:
+        wall = self.step_seconds + self.eval_seconds
+        return {"impl": self.impl, "shape": shape, "precision": precision, "steps": self.steps_done,
+                "params": self.params, "padded_tok_s": self.padded / self.step_seconds,
+                "real_tok_s": self.real / self.step_seconds, "padded_tok_s_wall": self.padded / wall,
+                "real_tok_s_wall": self.real / wall, "sec_per_step": self.step_seconds / self.steps_done,
+                "pad_fraction": 1 - self.real / self.padded}
+
+
+def run_throughput(impls: list[str], shape: str, precision: str, rounds: int, steps_per_round: int) -> list[dict]:
+    """All implementations in one process, taking turns round by round, so the machine's noise
+    (it is shared) hits each of them alike."""
+    trainers = []
+    for impl in impls:
+        shared = next((t.lm for t in trainers if {t.impl, impl} == {"ours", "ours+group"}), None)
+        trainers.append(Trainer(impl, shape, precision, rounds * steps_per_round, shared_lm=shared))
+    for _ in range(rounds):
+        for trainer in trainers:
+            trainer.run(steps_per_round)
+    return [t.row(shape, precision) for t in trainers]
+
+
+def run_memory(impl: str, shape: str, precision: str) -> dict:
+    """Peak RSS of one implementation alone: two training steps and one evaluation."""
+    trainer = Trainer(impl, shape, precision, steps=1)
+    trainer.run(1)
+    return {"impl": impl, "shape": shape, "precision": precision,
+            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -190,49 +278,67 @@ def run_cell(impl: str, shape: str, precision: str, steps: int) -> dict:
 # ---------------------------------------------------------------------------------------------------
 
 
+def child(args_list: list[str], env: dict) -> list[dict] | None:
+    proc = subprocess.run([sys.executable, __file__, *args_list], capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        print(f"  failed: {proc.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
+        return None
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shapes", nargs="+", default=["gpt2-small", "gpt2-medium"])
     parser.add_argument("--precisions", nargs="+", default=["no", "bf16"])
-    parser.add_argument("--impls", nargs="+", default=["ours", "ours+group", "transformers", "book"])
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per cell (after one warm-up step)")
+    parser.add_argument("--impls", nargs="+", default=["ours", "ours+group", "transformers", "book"],
+                        help="implementations to compare; transformers+slice is also available")
+    parser.add_argument("--rounds", type=int, default=3, help="turns each implementation takes")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per turn (after one warm-up step)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-RSS runs")
     parser.add_argument("--json", type=Path, help="also write the rows here")
-    parser.add_argument("--cell", help=argparse.SUPPRESS)  # impl,shape,precision: run one cell, print JSON
+    parser.add_argument("--child", help=argparse.SUPPRESS)  # "throughput|memory:impl,...:shape:precision"
     args = parser.parse_args()
 
-    if args.cell:
-        impl, shape, precision = args.cell.split(",")
-        print(json.dumps(run_cell(impl, shape, precision, args.steps)))
+    if args.child:
+        kind, impls, shape, precision = args.child.split(":")
+        if kind == "throughput":
+            print(json.dumps(run_throughput(impls.split(","), shape, precision, args.rounds, args.steps)))
+        else:
+            print(json.dumps([run_memory(impls, shape, precision)]))
         return
 
-    rows = []
+    rows, memory = [], {}
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     for shape in args.shapes:
         for precision in args.precisions:
-            for impl in args.impls:
-                if impl == "book" and precision != "no":
-                    continue  # the book trains in fp32
-                print(f"running {impl} {shape} {precision} ...", file=sys.stderr, flush=True)
-                proc = subprocess.run([sys.executable, __file__, "--cell", f"{impl},{shape},{precision}",
-                                       "--steps", str(args.steps)], capture_output=True, text=True, env=env)
-                if proc.returncode != 0:
-                    print(f"  failed: {proc.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
-                    continue
-                rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            impls = [i for i in args.impls if i != "book" or precision == "no"]  # the book trains in fp32
+            print(f"timing {', '.join(impls)} at {shape} {precision} ...", file=sys.stderr, flush=True)
+            rows += child(["--child", f"throughput:{','.join(impls)}:{shape}:{precision}",
+                           "--rounds", str(args.rounds), "--steps", str(args.steps)], env) or []
+            for impl in [] if args.no_memory else impls:
+                print(f"peak RSS of {impl} at {shape} {precision} ...", file=sys.stderr, flush=True)
+                for r in child(["--child", f"memory:{impl}:{shape}:{precision}"], env) or []:
+                    memory[(impl, shape, precision)] = r["peak_rss_gb"]
 
-    print(f"\nTraining throughput, book data, batch 8, {args.steps} timed steps per cell "
-          f"({os.cpu_count()} CPUs, torch {__import__('torch').__version__})\n")
-    print("| shape | precision | implementation | padded tok/s | non-pad tok/s | s/step | pad % | peak RSS GB | vs transformers (non-pad) | vs book fp32 (non-pad) |")
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    print(f"\nTraining throughput, book data, batch 8, {args.rounds} turns of {args.steps} timed steps per "
+          f"implementation, evaluation every {EVAL_FREQ} steps ({os.cpu_count()} CPUs, "
+          f"torch {__import__('torch').__version__})\n")
+    print("| shape | precision | implementation | padded tok/s | non-pad tok/s | padded tok/s with eval | "
+          "non-pad tok/s with eval | s/step | pad % | peak RSS GB | vs transformers (non-pad) | "
+          "vs book fp32 (non-pad, with eval) |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         hf = next((x for x in rows if x["impl"] == "transformers" and x["shape"] == r["shape"]
                    and x["precision"] == r["precision"]), None)
         book = next((x for x in rows if x["impl"] == "book" and x["shape"] == r["shape"]), None)
         vs_hf = f"{r['real_tok_s'] / hf['real_tok_s']:.2f}x" if hf else "-"
-        vs_book = f"{r['real_tok_s'] / book['real_tok_s']:.2f}x" if book else "-"
+        vs_book = f"{r['real_tok_s_wall'] / book['real_tok_s_wall']:.2f}x" if book else "-"
+        rss = memory.get((r["impl"], r["shape"], r["precision"]))
+        r["peak_rss_gb"] = rss
         print(f"| {r['shape']} | {'fp32' if r['precision'] == 'no' else r['precision']} | {r['impl']} | "
-              f"{r['padded_tok_s']:.0f} | {r['real_tok_s']:.0f} | {r['sec_per_step']:.2f} | "
-              f"{100 * r['pad_fraction']:.0f} | {r['peak_rss_gb']:.2f} | {vs_hf} | {vs_book} |")
+              f"{r['padded_tok_s']:.0f} | {r['real_tok_s']:.0f} | {r['padded_tok_s_wall']:.0f} | "
+              f"{r['real_tok_s_wall']:.0f} | {r['sec_per_step']:.2f} | {100 * r['pad_fraction']:.0f} | "
+              f"{'-' if rss is None else f'{rss:.2f}'} | {vs_hf} | {vs_book} |", flush=True)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
 

@@ -3,7 +3,7 @@
 In:  a folder (config.json + model.safetensors, or a sharded model.safetensors.index.json), a lone
      .safetensors file, or a Hub repo id fetched with huggingface_hub (its cache, HF_HUB_OFFLINE
      and HF_ENDPOINT apply). Keys with or without the `transformer.` prefix; mask buffers
-     (`attn.bias`, `attn.masked_bias`) ignored; Conv1D [in, out] weights transposed to [out, in].
+     (`attn.bias`, `attn.masked_bias`) ignored; the c_proj Conv1D weights transposed to [out, in].
 Out: `export_hf` writes a standard GPT2LMHeadModel folder (config.json with model_type "gpt2",
      model.safetensors in save_pretrained's layout, generation_config.json, tokenizer files) that
      transformers loads with no code of ours.
@@ -239,7 +239,7 @@ def export_hf(model_dir: str | Path, out_dir: str | Path, *, overwrite: bool = F
 
     dims = Dims(n_vocab=cfg.vocab_size, n_ctx=cfg.context_length, n_embd=cfg.emb_dim, n_head=cfg.n_heads,
                 n_layer=cfg.n_layers)
-    # Our names are transformers' with the Conv1D weights transposed, so exporting runs HF_RULES backwards.
+    # Our names are transformers' with the c_proj weights transposed, so exporting runs HF_RULES backwards.
     ours_to_hf = {}
     for rule in HF_RULES:
         for i in range(dims.n_layer) if "{i}" in rule.source else [None]:

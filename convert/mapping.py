@@ -10,10 +10,11 @@ make a conversion trustworthy:
 
 and every error is one line naming the file, the tensor and what was expected.
 
-Our names are transformers' GPT-2 names with nn.Linear weights ([out, in]); OpenAI's conv1d
-weights are [1, in, out] and transformers' Conv1D weights are [in, out], so those are
-transposed. Arrays stay numpy (often memory-mapped) until `to_torch`, which makes the only copy
-a conversion needs: the transposes.
+Our names are transformers' GPT-2 names. OpenAI stores every projection weight [1, in, out],
+transformers [in, out]. Ours store the widening projections (c_attn, c_fc) [in, out] too and the
+narrowing ones (c_proj) [out, in] (modeling_gpt2_scratch.WideningProjection says why), so the
+c_proj weights are transposed and the rest is used as stored. Arrays stay numpy (often
+memory-mapped) until `to_torch`, which makes the only copy a conversion needs: the transposes.
 """
 
 from __future__ import annotations
@@ -79,7 +80,9 @@ class Rule:
     source: str  # e.g. "model/h{i}/attn/c_attn/w"
     target: str  # e.g. "transformer.h.{i}.attn.c_attn.weight"
     shape: ShapeFn  # expected source shape from the dims
-    layout: str = "same"  # "same" | "conv1d" (OpenAI [1, in, out] → [out, in]) | "transpose" ([in, out] → [out, in])
+    # "same" | "squeeze" (OpenAI [1, in, out] → [in, out]) | "conv1d" (OpenAI [1, in, out] → [out, in])
+    # | "transpose" ([in, out] → [out, in])
+    layout: str = "same"
 
 
 def _embd(d: Dims) -> tuple[int]:
@@ -91,13 +94,13 @@ OPENAI_RULES: tuple[Rule, ...] = (
     Rule("model/wpe", "transformer.wpe.weight", lambda d: (d.n_ctx, d.n_embd)),
     Rule("model/h{i}/ln_1/g", "transformer.h.{i}.ln_1.weight", _embd),
     Rule("model/h{i}/ln_1/b", "transformer.h.{i}.ln_1.bias", _embd),
-    Rule("model/h{i}/attn/c_attn/w", "transformer.h.{i}.attn.c_attn.weight", lambda d: (1, d.n_embd, 3 * d.n_embd), "conv1d"),
+    Rule("model/h{i}/attn/c_attn/w", "transformer.h.{i}.attn.c_attn.weight", lambda d: (1, d.n_embd, 3 * d.n_embd), "squeeze"),
     Rule("model/h{i}/attn/c_attn/b", "transformer.h.{i}.attn.c_attn.bias", lambda d: (3 * d.n_embd,)),
     Rule("model/h{i}/attn/c_proj/w", "transformer.h.{i}.attn.c_proj.weight", lambda d: (1, d.n_embd, d.n_embd), "conv1d"),
     Rule("model/h{i}/attn/c_proj/b", "transformer.h.{i}.attn.c_proj.bias", _embd),
     Rule("model/h{i}/ln_2/g", "transformer.h.{i}.ln_2.weight", _embd),
     Rule("model/h{i}/ln_2/b", "transformer.h.{i}.ln_2.bias", _embd),
-    Rule("model/h{i}/mlp/c_fc/w", "transformer.h.{i}.mlp.c_fc.weight", lambda d: (1, d.n_embd, 4 * d.n_embd), "conv1d"),
+    Rule("model/h{i}/mlp/c_fc/w", "transformer.h.{i}.mlp.c_fc.weight", lambda d: (1, d.n_embd, 4 * d.n_embd), "squeeze"),
     Rule("model/h{i}/mlp/c_fc/b", "transformer.h.{i}.mlp.c_fc.bias", lambda d: (4 * d.n_embd,)),
     Rule("model/h{i}/mlp/c_proj/w", "transformer.h.{i}.mlp.c_proj.weight", lambda d: (1, 4 * d.n_embd, d.n_embd), "conv1d"),
     Rule("model/h{i}/mlp/c_proj/b", "transformer.h.{i}.mlp.c_proj.bias", _embd),
@@ -112,13 +115,13 @@ HF_RULES: tuple[Rule, ...] = (
     Rule("wpe.weight", "transformer.wpe.weight", lambda d: (d.n_ctx, d.n_embd)),
     Rule("h.{i}.ln_1.weight", "transformer.h.{i}.ln_1.weight", _embd),
     Rule("h.{i}.ln_1.bias", "transformer.h.{i}.ln_1.bias", _embd),
-    Rule("h.{i}.attn.c_attn.weight", "transformer.h.{i}.attn.c_attn.weight", lambda d: (d.n_embd, 3 * d.n_embd), "transpose"),
+    Rule("h.{i}.attn.c_attn.weight", "transformer.h.{i}.attn.c_attn.weight", lambda d: (d.n_embd, 3 * d.n_embd)),
     Rule("h.{i}.attn.c_attn.bias", "transformer.h.{i}.attn.c_attn.bias", lambda d: (3 * d.n_embd,)),
     Rule("h.{i}.attn.c_proj.weight", "transformer.h.{i}.attn.c_proj.weight", lambda d: (d.n_embd, d.n_embd), "transpose"),
     Rule("h.{i}.attn.c_proj.bias", "transformer.h.{i}.attn.c_proj.bias", _embd),
     Rule("h.{i}.ln_2.weight", "transformer.h.{i}.ln_2.weight", _embd),
     Rule("h.{i}.ln_2.bias", "transformer.h.{i}.ln_2.bias", _embd),
-    Rule("h.{i}.mlp.c_fc.weight", "transformer.h.{i}.mlp.c_fc.weight", lambda d: (d.n_embd, 4 * d.n_embd), "transpose"),
+    Rule("h.{i}.mlp.c_fc.weight", "transformer.h.{i}.mlp.c_fc.weight", lambda d: (d.n_embd, 4 * d.n_embd)),
     Rule("h.{i}.mlp.c_fc.bias", "transformer.h.{i}.mlp.c_fc.bias", lambda d: (4 * d.n_embd,)),
     Rule("h.{i}.mlp.c_proj.weight", "transformer.h.{i}.mlp.c_proj.weight", lambda d: (4 * d.n_embd, d.n_embd), "transpose"),
     Rule("h.{i}.mlp.c_proj.bias", "transformer.h.{i}.mlp.c_proj.bias", _embd),
@@ -215,11 +218,14 @@ def plan_conversion(
 def apply_layout(array, layout: str):
     """Source layout → ours, for a numpy array or a torch tensor.
 
-    "same" returns the input itself (no copy: a memory-mapped array stays mapped); "conv1d" and
-    "transpose" return a new contiguous [out, in] copy, the one copy a conversion needs.
+    "same" and "squeeze" return the input itself or a view of it (no copy: a memory-mapped array stays
+    mapped); "conv1d" and "transpose" return a new contiguous [out, in] copy, the one copy a
+    conversion needs.
     """
     if layout == "same":
         return array
+    if layout == "squeeze":
+        return array[0]  # [1, in, out] → [in, out], a view
     if layout == "conv1d":
         array = array[0]  # [1, in, out] → [in, out]
     elif layout != "transpose":

@@ -58,7 +58,7 @@ def load_openai_checkpoint(folder: str | Path, *, verify: bool = True):
     # the transpose, so the peak is the model once plus one tensor, not the model plus the file.
     layout_of = {source: layout for source, layout in plan.values()}
     state = convert_tensors(plan, lambda name: torch.from_numpy(
-        bundle.read(name, verify=verify, mmap=layout_of[name] == "same")))
+        bundle.read(name, verify=verify, mmap=layout_of[name] in ("same", "squeeze"))))
     return model_from_state(dims, state, source=str(bundle.index_path))
 
 

@@ -76,8 +76,8 @@ def transformers_twin(model):
     )
     state = {}
     for name, tensor in model.state_dict().items():
-        # Our projections are nn.Linear [out, in]; transformers' Conv1D stores [in, out].
-        state[name] = tensor.t() if name.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")) else tensor
+        # Our c_proj layers are nn.Linear [out, in]; transformers' Conv1D stores [in, out] (c_attn, c_fc: as ours).
+        state[name] = tensor.t() if name.endswith("c_proj.weight") else tensor
     missing, unexpected = reference.load_state_dict(state, strict=False)
     assert not unexpected and all(name.endswith("attn.bias") for name in missing), (missing, unexpected)
     return reference.eval()

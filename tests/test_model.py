@@ -88,6 +88,31 @@ def test_loss_equals_transformers_loss(tiny_pair):
     )
 
 
+def test_projection_layouts_and_optional_qkv_bias(tiny_pair):
+    """c_attn and c_fc store [in, out] (transformers' Conv1D type, so tools that know GPT-2 recognise
+    them); the c_proj layers are nn.Linear [out, in]. Without the qkv bias the model is GPT-2 with a
+    zero bias."""
+    from transformers.pytorch_utils import Conv1D
+
+    ours, _ = tiny_pair
+    E = ours.config.emb_dim
+    block = ours.transformer.h[0]
+    assert isinstance(block.attn.c_attn, Conv1D) and block.attn.c_attn.weight.shape == (E, 3 * E)
+    assert isinstance(block.mlp.c_fc, Conv1D) and block.mlp.c_fc.weight.shape == (E, 4 * E)
+    assert isinstance(block.attn.c_proj, torch.nn.Linear) and block.mlp.c_proj.weight.shape == (E, 4 * E)
+
+    no_bias, _ = make_pair(seed=4, qkv_bias=False, **TINY)
+    assert no_bias.transformer.h[0].attn.c_attn.bias is None
+    assert "transformer.h.0.attn.c_attn.bias" not in no_bias.state_dict()
+    zero_bias, _ = make_pair(seed=4, **TINY)
+    zero_bias.load_state_dict(no_bias.state_dict(), strict=False)
+    for blk in zero_bias.transformer.h:
+        torch.nn.init.zeros_(blk.attn.c_attn.bias)
+    ids = torch.randint(0, 50257, (2, 9), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        torch.testing.assert_close(no_bias(ids).logits, zero_bias(ids).logits, atol=ATOL, rtol=0)
+
+
 def test_loss_gradients_flow_to_every_parameter(tiny_pair):
     ours, _ = tiny_pair
     ids = torch.randint(0, 50257, (2, 10), generator=torch.Generator().manual_seed(3))

@@ -86,8 +86,8 @@ def test_training_run_leaves_a_complete_output_dir(reference_run):
     assert fresh.returncode == 0, fresh.stderr[-2000:]
     assert fresh.stdout.strip().splitlines()[-1].split() == ["2", "64", "50257", "50256"]
     weights = load_file(out / "model.safetensors")
-    final_ckpt = load_file(out / "checkpoints" / "step-00000030" / "model.safetensors")  # TargetTokenLoss: "lm." prefix
-    assert torch.equal(weights["transformer.h.1.mlp.c_fc.weight"], final_ckpt["lm.transformer.h.1.mlp.c_fc.weight"])
+    final_ckpt = load_file(out / "checkpoints" / "step-00000030" / "model.safetensors")
+    assert torch.equal(weights["transformer.h.1.mlp.c_fc.weight"], final_ckpt["transformer.h.1.mlp.c_fc.weight"])
 
 
 def test_resume_after_sigkill_matches_uninterrupted_run(reference_run, tmp_path):
@@ -140,6 +140,31 @@ def test_two_processes_match_one_process(reference_run, tmp_path):
 BAD_JSON = '[{"instruction": "a", "output": "b"},\n {"instruction": "c" "output": "d"}]'
 MISSING_FIELD = '[{"instruction": "a", "output": "b"}, {"instruction": "c", "input": ""}]'
 WRONG_TYPE = '[{"instruction": "a", "output": "b"}, {"instruction": "c", "input": 3, "output": "d"}]'
+
+
+def test_fused_adamw_takes_the_default_step():
+    """train/sft.py uses AdamW's fused kernel for speed; one step equals the default implementation's
+    to rounding (later steps drift apart only as rounding differences are amplified by Adam)."""
+    import copy
+
+    from conftest import TINY as TINY_SHAPE
+
+    from gpt2_scratch import GPT2ScratchConfig, GPT2ScratchForCausalLM
+
+    torch.manual_seed(0)
+    model = GPT2ScratchForCausalLM(GPT2ScratchConfig.from_preset("gpt2-small", **TINY_SHAPE))
+    ids = torch.randint(0, 50257, (4, 24), generator=torch.Generator().manual_seed(1))
+    stepped = []
+    for fused in (False, True):
+        m = copy.deepcopy(model)
+        optimizer = torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=0.1, fused=fused)
+        m(ids, labels=ids).loss.backward()
+        optimizer.step()
+        stepped.append(m)
+    moved = max((a - b).abs().max().item() for a, b in zip(model.parameters(), stepped[0].parameters()))
+    assert moved > 5e-4  # the step really moved the weights (lr 1e-3)
+    for default, fused in zip(stepped[0].parameters(), stepped[1].parameters()):
+        torch.testing.assert_close(fused, default, atol=1e-7, rtol=0)
 
 
 def test_bad_input_gives_one_line_errors(tmp_path):
@@ -215,8 +240,8 @@ def test_push_to_hub_hook_uploads_the_run(reference_run, tmp_path):
     from hub_standin import HubStandin
 
     out, _ = reference_run
-    code = ("import sys; from pathlib import Path; from train.sft import SFTArgs, push_to_hub\n"
-            "push_to_hub(Path(sys.argv[1]), 'alice/tiny-sft', SFTArgs())\n")
+    code = ("import sys; from pathlib import Path; from train.common import push_to_hub\n"
+            "push_to_hub(Path(sys.argv[1]), 'alice/tiny-sft')\n")
     with HubStandin(tmp_path / "hub", token="hf_test") as hub:
         env = {**ENV, "HF_ENDPOINT": hub.endpoint, "HF_TOKEN": hub.token, "HF_HUB_DISABLE_XET": "1",
                "HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_OFFLINE": "0"}

@@ -57,7 +57,9 @@ from train.common import (
     parse_dataclass_args,
     plot_losses,
     prepare_output_dir,
+    push_to_hub,
     run_main,
+    save_final_model,
     write_json_atomic,
 )
 from train.spam_data import (
@@ -376,8 +378,6 @@ def train(args: ClassifyArgs) -> Path:
 
     accelerator.wait_for_everyone()
     if main:
-        from train.sft import save_final_model
-
         final_model = accelerator.unwrap_model(model)
         final_model.eval()
         save_final_model(final_model, None, out)
@@ -389,9 +389,7 @@ def train(args: ClassifyArgs) -> Path:
               f"accuracy train {final['train_accuracy']:.2%} | val {final['val_accuracy']:.2%} | "
               f"test {final['test_accuracy']:.2%}; model, metrics, loss.png and accuracy.png in {out}", flush=True)
         if args.push_to_hub:
-            from train.sft import push_to_hub
-
-            push_to_hub(out, args.push_to_hub, args)  # the model files + a card built from OUT's args/metrics/plots
+            push_to_hub(out, args.push_to_hub)  # the model files + a card built from OUT's args/metrics/plots
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return out

@@ -11,6 +11,7 @@ Kept free of anything instruction-specific so ``train/sft.py`` and ``train/class
   * ``plot_losses``: the book's loss plot (train/validation loss over steps, tokens seen on a second
     x-axis) as PNG and PDF;
   * ``write_json_atomic``;
+  * ``save_final_model`` (the model at OUT's top level, never half-written) and ``push_to_hub``;
   * ``relaunch_multi_cpu``: works around ``accelerate launch --cpu --num_processes N`` starting one process.
 Only the main process writes files; every helper that writes checks ``accelerator.is_main_process``
 or is only called there.
@@ -338,3 +339,30 @@ def plot_losses(records: list[dict], out_dir: str | os.PathLike, *, stem: str = 
         paths.append(path)
     plt.close(fig)
     return paths
+
+
+def save_final_model(model, tokenizer, out: Path) -> None:
+    """Write the model at OUT's top level: ``save_model_dir`` builds it completely in a staging folder,
+    then each file is renamed into OUT (weights last, so OUT never pairs a new config with old weights
+    missing)."""
+    from gpt2_scratch import save_model_dir
+
+    staging = out / ".final-model"
+    if staging.exists():
+        shutil.rmtree(staging)
+    save_model_dir(model, staging, tokenizer=tokenizer, overwrite=True)
+    files = sorted(staging.iterdir(), key=lambda p: p.suffix == ".safetensors")
+    for f in files:
+        os.replace(f, out / f.name)
+    shutil.rmtree(staging)
+
+
+def push_to_hub(out: Path, repo_id: str) -> None:
+    """Upload OUT (the model and the run's files; gpt2_scratch.hub leaves checkpoints/ out) with a model card."""
+    try:
+        from gpt2_scratch.hub import push_model_dir
+    except ImportError:
+        raise UserError("--push-to-hub needs gpt2_scratch.hub, which is not installed; push later with "
+                        "`python -m gpt2_scratch push --model OUT --repo-id USER/NAME`") from None
+    info = push_model_dir(out, repo_id, run_dir=out)
+    print(f"pushed {out} to {repo_id}: {getattr(info, 'commit_url', info)}", flush=True)

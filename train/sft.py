@@ -51,7 +51,6 @@ from itertools import islice
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 
 from train.common import (
     MetricsLog,
@@ -62,9 +61,11 @@ from train.common import (
     parse_dataclass_args,
     plot_losses,
     prepare_output_dir,
+    push_to_hub,
     relaunch_multi_cpu,
     run_main,
     save_checkpoint,
+    save_final_model,
     write_json_atomic,
 )
 from train.data import BOOK_DATA_URL, IGNORE_INDEX, DataError
@@ -189,31 +190,17 @@ def check_args(args: SFTArgs) -> None:
 # ---------------------------------------------------------------------------------------------------
 
 
-class TargetTokenLoss(torch.nn.Module):
-    """A causal LM plus the loss, computing logits only where there is a target.
-
-    The vocabulary projection is the costliest layer of a small GPT-2 ([tokens, E] x [E, 50257]), and
-    padding (and, with --mask-prompt, the prompt) has no target: projecting only the positions whose
-    label is not -100 gives the same loss for less work. Works for any model with ``.transformer``
-    (returning hidden states first) and ``.lm_head`` — ours and transformers' GPT2LMHeadModel. Being a
-    module, it goes through ``accelerator.prepare`` (DDP, autocast) as a whole.
-    """
-
-    def __init__(self, lm: torch.nn.Module):
-        super().__init__()
-        self.lm = lm
-
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy summed over target tokens (labels are pre-shifted, -100 = none)."""
-        hidden = self.lm.transformer(input_ids, use_cache=False)[0]  # [B, T, E]
-        keep = labels != IGNORE_INDEX  # [B, T]
-        logits = self.lm.lm_head(hidden[keep])  # [N, V], N = target tokens (host sync: boolean index)
-        # In fp32 even under bf16 autocast: log-softmax over 50257 classes loses too much in bf16.
-        return F.cross_entropy(logits.float(), labels[keep], reduction="sum")
-
-
 def token_loss_sum(model, batch: dict) -> torch.Tensor:
-    return model(batch["input_ids"], batch["labels"])
+    """Cross-entropy summed over the batch's target tokens (labels are pre-shifted, -100 = none).
+
+    ``return_logits=False`` makes the model project only the positions that have a target onto the
+    vocabulary: padding (and, with --mask-prompt, the prompt) costs no [tokens, E] x [E, 50257] product,
+    the costliest layer of a small GPT-2. The cross-entropy runs in fp32 even under bf16 autocast.
+    ``num_items_in_batch`` is what the summed loss is divided by; 1 keeps the sum, which the loop
+    divides by the target count of the whole accumulation window.
+    """
+    return model(batch["input_ids"], shift_labels=batch["labels"], use_cache=False, return_logits=False,
+                 num_items_in_batch=1).loss
 
 
 @torch.no_grad()
@@ -250,33 +237,6 @@ def greedy_sample(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
 # ---------------------------------------------------------------------------------------------------
 # Outputs
 # ---------------------------------------------------------------------------------------------------
-
-
-def save_final_model(model, tokenizer, out: Path) -> None:
-    """Write the model at OUT's top level: ``save_model_dir`` builds it completely in a staging folder,
-    then each file is renamed into OUT (weights last, so OUT never pairs a new config with old weights
-    missing)."""
-    from gpt2_scratch import save_model_dir
-
-    staging = out / ".final-model"
-    if staging.exists():
-        shutil.rmtree(staging)
-    save_model_dir(model, staging, tokenizer=tokenizer, overwrite=True)
-    files = sorted(staging.iterdir(), key=lambda p: p.suffix == ".safetensors")
-    for f in files:
-        os.replace(f, out / f.name)
-    shutil.rmtree(staging)
-
-
-def push_to_hub(out: Path, repo_id: str, args: SFTArgs) -> None:
-    """Upload OUT (the model and the run's files; gpt2_scratch.hub leaves checkpoints/ out) with a model card."""
-    try:
-        from gpt2_scratch.hub import push_model_dir
-    except ImportError:
-        raise UserError("--push-to-hub needs gpt2_scratch.hub, which is not installed; push later with "
-                        "`python -m gpt2_scratch push --model OUT --repo-id USER/NAME`") from None
-    info = push_model_dir(out, repo_id, run_dir=out)
-    print(f"pushed {out} to {repo_id}: {getattr(info, 'commit_url', info)}", flush=True)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -354,9 +314,10 @@ def train(args: SFTArgs) -> Path:
     total_steps = steps_per_epoch * args.epochs
     if args.max_steps is not None:
         total_steps = min(total_steps, args.max_steps)
-    # The book decays every parameter (AdamW over model.parameters()); so do we.
-    model = TargetTokenLoss(lm)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    # The book decays every parameter (AdamW over model.parameters()); so do we. The fused kernel does
+    # AdamW's arithmetic in one pass over each tensor: 4x faster than the default on CPU, same updates.
+    model = lm
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=True)
     scheduler = make_scheduler(optimizer, args, total_steps)
     model, optimizer, train_loader, val_loader, scheduler = accelerator.prepare(
         model, optimizer, train_loader, val_loader, scheduler)
@@ -460,7 +421,7 @@ def train(args: SFTArgs) -> Path:
 
         if state["batches_done"] >= len(train_sampler):  # the epoch ran to its end
             if main:
-                sample = greedy_sample(accelerator.unwrap_model(model).lm, tokenizer, sample_prompt, args.sample_tokens)
+                sample = greedy_sample(accelerator.unwrap_model(model), tokenizer, sample_prompt, args.sample_tokens)
                 bar.write(f"epoch {epoch + 1} sample: {sample}")
                 metrics.log({"epoch": epoch + 1, "step": state["step"], "sample": sample})
             accelerator.wait_for_everyone()
@@ -474,7 +435,7 @@ def train(args: SFTArgs) -> Path:
     # ---- outputs (main process only) ----
     accelerator.wait_for_everyone()
     if main:
-        final_model = accelerator.unwrap_model(model).lm
+        final_model = accelerator.unwrap_model(model)
         final_model.eval()
         save_final_model(final_model, tokenizer, out)
         plot_losses(metrics.read(), out)
@@ -497,7 +458,7 @@ def train(args: SFTArgs) -> Path:
         print(f"done: {state['step']} steps, {state['tokens_seen']:,} tokens in {minutes:.1f} min of training; "
               f"model, metrics, loss.png/pdf and responses in {out}", flush=True)
         if args.push_to_hub:
-            push_to_hub(out, args.push_to_hub, args)
+            push_to_hub(out, args.push_to_hub)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return out
