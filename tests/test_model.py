@@ -113,6 +113,28 @@ def test_projection_layouts_and_optional_qkv_bias(tiny_pair):
         torch.testing.assert_close(no_bias(ids).logits, zero_bias(ids).logits, atol=ATOL, rtol=0)
 
 
+def test_bf16_autocast_training_loss_and_gradients_match_transformers(tiny_pair):
+    """Under bf16 autocast short sequences take SDPA's plain path (short_bf16_on_cpu); loss and
+    gradients stay what transformers' GPT-2 gives under the same autocast, to bf16 precision."""
+    from gpt2_scratch.modeling_gpt2_scratch import short_bf16_on_cpu
+
+    ours, reference = tiny_pair
+    ids = torch.randint(0, 50257, (4, 40), generator=torch.Generator().manual_seed(6))
+    q = torch.zeros(1, 1, 40, 8, dtype=torch.bfloat16)
+    assert short_bf16_on_cpu(q, q) and not short_bf16_on_cpu(q.float(), q.float())
+    losses, grads = [], []
+    for model in (ours, reference):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(ids, labels=ids).loss
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append(model.transformer.h[0].attn.c_proj.bias.grad.clone())
+        model.zero_grad()
+    torch.testing.assert_close(losses[0], losses[1], atol=2e-2, rtol=0)
+    torch.testing.assert_close(grads[0], grads[1], atol=2e-3, rtol=5e-2)
+
+
 def test_loss_gradients_flow_to_every_parameter(tiny_pair):
     ours, _ = tiny_pair
     ids = torch.randint(0, 50257, (2, 10), generator=torch.Generator().manual_seed(3))
