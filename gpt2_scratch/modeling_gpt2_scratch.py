@@ -34,10 +34,9 @@ class WideningProjection(Conv1D):
 
     Generating one token at a time makes every projection a matrix-vector product, whose speed is
     reading the weight from memory, and CPU BLAS reads a weight fastest along its longer dimension:
-    c_fc (768 → 3072) stored [in, out] takes 520 µs per token, stored [out, in] 810 µs; the narrowing
-    c_proj (3072 → 768) is the other way round, 555 vs 700 µs (MKL, fp32, this project's 2-core
-    machine; bench/bench_model.py shows the effect end to end). Matrix-matrix products in training
-    do not care. So c_attn and c_fc store [in, out], which is also OpenAI's and transformers' layout,
+    c_fc (768 → 3072) stored [in, out] takes 510 µs per token, stored [out, in] 777 µs; the narrowing
+    c_proj (3072 → 768) is the other way round, 535 vs 670 µs (MKL, fp32, 2 cores;
+    ``python bench/bench_model.py --layouts``). Matrix-matrix products in training do not care. So c_attn and c_fc store [in, out], which is also OpenAI's and transformers' layout,
     and the c_proj layers stay nn.Linear [out, in].
 
     transformers' Conv1D is this layout; subclassing it lets tools that know GPT-2 (peft's LoRA, for
