@@ -123,3 +123,18 @@ def test_group_by_length_reduces_padding_and_keeps_randomness():
 def test_eval_sampler_keeps_file_order_and_last_partial_batch():
     sampler = EpochBatchSampler([1] * 10, 4, shuffle=False, drop_last=False)
     assert list(sampler) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]] and len(sampler) == 3
+
+
+def test_grouped_eval_batches_hold_the_same_examples_with_less_padding():
+    """train/sft.py's evaluation sampler with --group-by-length: the first eval_iter batches regroup
+    exactly the examples the plain sampler puts there, so the evaluated set does not change."""
+    lengths = [(i * 37) % 101 + 1 for i in range(55)]
+    plain = list(EpochBatchSampler(lengths, 8, shuffle=False, drop_last=False))
+    grouped = list(EpochBatchSampler(lengths, 8, shuffle=False, drop_last=False, group_by_length=True, group_size=5))
+
+    def padding(batches):
+        return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)
+
+    assert sorted(i for b in grouped[:5] for i in b) == list(range(40))
+    assert padding(grouped[:5]) < padding(plain[:5]) / 2
+    assert grouped[5:] != plain[5:] and sorted(i for b in grouped[5:] for i in b) == list(range(40, 55))

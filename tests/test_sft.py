@@ -168,6 +168,33 @@ def test_fused_adamw_takes_the_default_step():
 
 
 
+
+def test_grouped_evaluation_batches_give_the_same_validation_loss():
+    """--group-by-length also regroups the evaluated validation examples by length; the loss per
+    target token must not change, only the padding the model runs through."""
+    from accelerate import Accelerator
+    from conftest import TINY as TINY_SHAPE
+    from torch.utils.data import DataLoader
+
+    from gpt2_scratch import GPT2ScratchConfig, GPT2ScratchForCausalLM, get_tokenizer
+    from train.data import EpochBatchSampler, InstructionCollator, prepare_instruction_data
+    from train.sft import evaluate
+
+    torch.manual_seed(0)
+    model = GPT2ScratchForCausalLM(GPT2ScratchConfig.from_preset("gpt2-small", **TINY_SHAPE))
+    data = prepare_instruction_data(str(BOOK_DATA), get_tokenizer(), max_length=128)
+    val = data.validation.select_columns(["input_ids", "prompt_length"])
+    collate = InstructionCollator(allowed_max_length=128)
+    losses, pads = [], []
+    for group in (False, True):
+        sampler = EpochBatchSampler(list(data.validation["length"]), 8, shuffle=False, drop_last=False,
+                                    group_by_length=group, group_size=5)
+        loader = DataLoader(val, batch_sampler=sampler, collate_fn=collate)
+        losses.append(evaluate(Accelerator(cpu=True), model, loader, 5))
+        pads.append(sum(int((b["labels"] == -100).sum()) for b in list(loader)[:5]))
+    assert pads[1] < pads[0] / 2
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+
 KEEP_FREED_MEMORY_CHECK = """
 import os, torch
 from train.common import keep_freed_memory

@@ -95,7 +95,7 @@ class SFTArgs:
     too_long: Literal["truncate", "drop"] = arg("truncate", "what to do with longer examples")
     mask_prompt: bool = arg(False, "compute the loss on the response only (the book's exercise 7.2)")
     group_by_length: bool = arg(False, "batch examples of similar length together (less padding; the order "
-                                       "still changes every epoch)")
+                                       "still changes every epoch; evaluation regroups its same examples)")
     output_dir: str = arg("runs/sft", "output directory (refused if it exists, unless --resume/--overwrite)")
     overwrite: bool = arg(False, "delete an existing output directory first")
     resume: str | None = arg(None, "continue from the latest checkpoint in OUT/checkpoints, or from the "
@@ -304,7 +304,11 @@ def train(args: SFTArgs) -> Path:
     train_ds, val_ds = data.train.select_columns(columns), data.validation.select_columns(columns)
     train_sampler = EpochBatchSampler(list(data.train["length"]), args.batch_size, shuffle=True, drop_last=True,
                                       group_by_length=args.group_by_length, seed=args.seed)
-    val_sampler = EpochBatchSampler(list(data.validation["length"]), args.batch_size, shuffle=False, drop_last=False)
+    # Evaluation reads the first --eval-iter batches in file order. With --group-by-length those same
+    # examples are regrouped by length among themselves: less padding to run through the model, and the
+    # same loss per target token (causal attention never lets a real token see padding).
+    val_sampler = EpochBatchSampler(list(data.validation["length"]), args.batch_size, shuffle=False, drop_last=False,
+                                    group_by_length=args.group_by_length, group_size=args.eval_iter)
     if len(train_sampler) == 0:
         raise UserError(f"{args.data}: {len(train_ds)} training examples make no full batch of {args.batch_size}; "
                         "lower --batch-size")
