@@ -17,7 +17,8 @@ eval_iter), and the "with evaluation" rate counts that time too: it is what a us
                 return_logits=False path (vocabulary projection only where there is a target), loss
                 summed and divided by the target-token count, fused AdamW; evaluation on 5 validation
                 batches (the training loss is the running mean of the steps, as train/sft.py logs it)
-  ours+group    the same with --group-by-length batches (less padding)
+  ours+group    the same with --group-by-length batches (less padding; evaluation regroups the same
+                validation examples)
   transformers  transformers' GPT2LMHeadModel (sdpa attention) in exactly the same loop; it has no
                 way to skip positions without a target, so its logits cover every position and the
                 same summed cross-entropy is taken over the targets
@@ -134,7 +135,8 @@ def load_batches(steps: int, group: bool) -> tuple[list[dict], list[dict]]:
     data = prepare_instruction_data(str(BOOK_DATA), get_tokenizer(), max_length=1024)
     collate = InstructionCollator(allowed_max_length=1024)
     sampler = EpochBatchSampler(list(data.train["length"]), 8, shuffle=True, group_by_length=group, seed=123)
-    val_sampler = EpochBatchSampler(list(data.validation["length"]), 8, shuffle=False, drop_last=False)
+    val_sampler = EpochBatchSampler(list(data.validation["length"]), 8, shuffle=False, drop_last=False,
+                                    group_by_length=group, group_size=EVAL_ITER)  # as train/sft.py
     train = [collate([data.train[i] for i in idx]) for idx in list(sampler)[:steps]]
     val = [collate([data.validation[i] for i in idx]) for idx in list(val_sampler)[:EVAL_ITER]]
     return train, val
