@@ -209,10 +209,10 @@ def evaluate(accelerator, model, loader, num_batches: int) -> float:
     """Mean loss per target token over the first ``num_batches`` batches (all processes)."""
     model.eval()
     totals = torch.zeros(2, dtype=torch.float64, device=accelerator.device)  # [loss sum, target tokens]
-    for batch in islice(loader, num_batches):
-        with accelerator.autocast():
+    with accelerator.autocast():  # one context for all batches: bf16 weight copies are made once, not per batch
+        for batch in islice(loader, num_batches):
             totals[0] += token_loss_sum(model, batch).double()
-        totals[1] += (batch["labels"] != IGNORE_INDEX).sum()
+            totals[1] += (batch["labels"] != IGNORE_INDEX).sum()
     model.train()
     totals = accelerator.reduce(totals, reduction="sum")
     return (totals[0] / totals[1].clamp(min=1)).item()  # host sync
