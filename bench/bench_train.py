@@ -3,11 +3,9 @@
     python bench/bench_train.py                 # both shapes, fp32 and bf16 (~45 min on 2 cores)
     python bench/bench_train.py --shapes gpt2-small --no-memory
 
-For each shape and precision the implementations take turns (a few steps each, round after round),
-so the noise of a shared machine hits them alike: those that run in our loop share one worker
-process, which sets up malloc as train/sft.py does (`keep_freed_memory`), and the book's loop runs
-in a second worker with glibc's defaults, as a notebook would; the two workers alternate. Peak RSS
-comes from separate short runs of one implementation per process. All train on the same batches: the
+For each shape and precision, one process builds every implementation and they take turns (a few
+steps each, round after round), so the noise of a shared machine hits them alike; peak RSS comes
+from separate short runs of one implementation per process. All train on the same batches: the
 book's instruction data (train split, tokenized as train/sft.py does), batch 8, shuffled with one
 seed, AdamW lr 5e-5 weight decay 0.1, randomly initialised weights at the named shape. Every loop
 also evaluates the way it does in real use, every 5 steps over 5 batches (the book's eval_freq and
@@ -24,7 +22,6 @@ eval_iter), and the "with evaluation" rate counts that time too: it is what a us
                 same summed cross-entropy is taken over the targets
   transformers+slice   (opt-in) transformers' model with the target-only projection done outside it,
                 on its .transformer and .lm_head: how much of the difference is that projection
-  ours/default-malloc  (opt-in) ours, in the default-malloc worker: what keep_freed_memory is worth
   book          the book's reference loop (train_model_simple): a model written the book's way
                 (separate q/k/v, a stored causal mask, explicit softmax, untied output head), plain
                 PyTorch, logits for every position, F.cross_entropy mean per batch, default AdamW,
@@ -43,7 +40,6 @@ import os
 import resource
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -258,78 +254,21 @@ class Trainer:
                 "pad_fraction": 1 - self.real / self.padded}
 
 
-DEFAULT_MALLOC = {"book", "ours/default-malloc"}  # run with glibc's malloc as it comes
-
-
-def set_up_malloc(impls: list[str]) -> None:
-    """Our loop's processes keep freed memory (train/sft.py does); the book's run as a notebook does."""
-    if not DEFAULT_MALLOC.intersection(impls):
-        from train.common import keep_freed_memory
-
-        keep_freed_memory()
-
-
-def run_worker(impls: list[str], shape: str, precision: str, rounds: int, steps_per_round: int) -> None:
-    """Build the implementations, then answer the driver on stdin: "run" is one turn for each of them
-    (replied "done"), "rows" prints their results as JSON."""
-    set_up_malloc(impls)
+def run_throughput(impls: list[str], shape: str, precision: str, rounds: int, steps_per_round: int) -> list[dict]:
+    """All implementations in one process, taking turns round by round, so the machine's noise
+    (it is shared) hits each of them alike."""
     trainers = []
     for impl in impls:
         shared = next((t.lm for t in trainers if {t.impl, impl} == {"ours", "ours+group"}), None)
         trainers.append(Trainer(impl, shape, precision, rounds * steps_per_round, shared_lm=shared))
-    print("ready", flush=True)
-    for command in sys.stdin:
-        if command.strip() == "run":
-            for trainer in trainers:
-                trainer.run(steps_per_round)
-            print("done", flush=True)
-        elif command.strip() == "rows":
-            print(json.dumps([t.row(shape, precision) for t in trainers]), flush=True)
-            return
-
-
-def run_throughput(impls: list[str], shape: str, precision: str, rounds: int, steps: int, env: dict) -> list[dict]:
-    """One worker per malloc setup; the workers take turns, round by round, so the machine's noise (it
-    is shared) hits every implementation alike. Only one of them computes at any time."""
-    groups = [[i for i in impls if i not in DEFAULT_MALLOC], [i for i in impls if i in DEFAULT_MALLOC]]
-    workers = []
-    for group in filter(None, groups):
-        log = tempfile.TemporaryFile(mode="w+")
-        worker = subprocess.Popen(
-            [sys.executable, __file__, "--child", f"worker:{','.join(group)}:{shape}:{precision}",
-             "--rounds", str(rounds), "--steps", str(steps)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
-        workers.append((worker, log))
-        _expect(worker, log, "ready")  # build one after the other: building is work too
-    try:
-        for _ in range(rounds):
-            for worker, log in workers:
-                worker.stdin.write("run\n")
-                worker.stdin.flush()
-                _expect(worker, log, "done")
-        rows = []
-        for worker, log in workers:
-            worker.stdin.write("rows\n")
-            worker.stdin.flush()
-            rows += json.loads(_expect(worker, log, None))
-        return rows
-    finally:
-        for worker, _ in workers:
-            worker.kill()
-            worker.wait()
-
-
-def _expect(worker: subprocess.Popen, log, reply: str | None) -> str:
-    line = worker.stdout.readline().strip()
-    if not line or (reply is not None and line != reply):
-        log.seek(0)
-        raise RuntimeError(f"benchmark worker {worker.args[3]} failed:\n{log.read()[-3000:]}")
-    return line
+    for _ in range(rounds):
+        for trainer in trainers:
+            trainer.run(steps_per_round)
+    return [t.row(shape, precision) for t in trainers]
 
 
 def run_memory(impl: str, shape: str, precision: str) -> dict:
     """Peak RSS of one implementation alone: two training steps and one evaluation."""
-    set_up_malloc([impl])
     trainer = Trainer(impl, shape, precision, steps=1)
     trainer.run(1)
     return {"impl": impl, "shape": shape, "precision": precision,
@@ -354,18 +293,18 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", default=["gpt2-small", "gpt2-medium"])
     parser.add_argument("--precisions", nargs="+", default=["no", "bf16"])
     parser.add_argument("--impls", nargs="+", default=["ours", "ours+group", "transformers", "book"],
-                        help="implementations to compare; transformers+slice and ours/default-malloc are also available")
+                        help="implementations to compare; transformers+slice is also available")
     parser.add_argument("--rounds", type=int, default=3, help="turns each implementation takes")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per turn (after one warm-up step)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-RSS runs")
     parser.add_argument("--json", type=Path, help="also write the rows here")
-    parser.add_argument("--child", help=argparse.SUPPRESS)  # "worker|memory:impl,...:shape:precision"
+    parser.add_argument("--child", help=argparse.SUPPRESS)  # "throughput|memory:impl,...:shape:precision"
     args = parser.parse_args()
 
     if args.child:
         kind, impls, shape, precision = args.child.split(":")
-        if kind == "worker":
-            run_worker(impls.split(","), shape, precision, args.rounds, args.steps)
+        if kind == "throughput":
+            print(json.dumps(run_throughput(impls.split(","), shape, precision, args.rounds, args.steps)))
         else:
             print(json.dumps([run_memory(impls, shape, precision)]))
         return
@@ -376,10 +315,8 @@ def main() -> None:
         for precision in args.precisions:
             impls = [i for i in args.impls if i != "book" or precision == "no"]  # the book trains in fp32
             print(f"timing {', '.join(impls)} at {shape} {precision} ...", file=sys.stderr, flush=True)
-            try:
-                rows += run_throughput(impls, shape, precision, args.rounds, args.steps, env)
-            except RuntimeError as error:
-                print(f"  {error}", file=sys.stderr)
+            rows += child(["--child", f"throughput:{','.join(impls)}:{shape}:{precision}",
+                           "--rounds", str(args.rounds), "--steps", str(args.steps)], env) or []
             for impl in [] if args.no_memory else impls:
                 print(f"peak RSS of {impl} at {shape} {precision} ...", file=sys.stderr, flush=True)
                 for r in child(["--child", f"memory:{impl}:{shape}:{precision}"], env) or []:

@@ -167,8 +167,6 @@ def test_fused_adamw_takes_the_default_step():
         torch.testing.assert_close(fused, default, atol=1e-7, rtol=0)
 
 
-
-
 def test_grouped_evaluation_batches_give_the_same_validation_loss():
     """--group-by-length also regroups the evaluated validation examples by length; the loss per
     target token must not change, only the padding the model runs through."""
@@ -195,38 +193,6 @@ def test_grouped_evaluation_batches_give_the_same_validation_loss():
     assert pads[1] < pads[0] / 2
     assert losses[1] == pytest.approx(losses[0], rel=1e-5)
 
-KEEP_FREED_MEMORY_CHECK = """
-import os, torch
-from train.common import keep_freed_memory
-
-def rss():
-    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-MB = 2**20
-start = rss()
-x = torch.ones(50_000_000); del x  # 200 MB, freed again
-print("default", (rss() - start) / MB)
-assert keep_freed_memory()
-x = torch.ones(50_000_000); del x
-kept = rss()
-print("kept", (kept - start) / MB)
-y = torch.ones(50_000_000)  # the same size again: served from the kept pages
-print("again", (rss() - kept) / MB)
-"""
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc and /proc are Linux's")
-def test_keep_freed_memory_makes_malloc_reuse_big_blocks():
-    """train/sft.py and train/classify.py call keep_freed_memory so a step's big tensors reuse the
-    previous step's pages. By default glibc unmaps a freed 200 MB block at once; after the call the
-    block stays in the process and the next allocation of that size takes no new pages."""
-    result = subprocess.run([sys.executable, "-c", KEEP_FREED_MEMORY_CHECK], cwd=REPO, env=ENV,
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-2000:]
-    growth = {line.split()[0]: float(line.split()[1]) for line in result.stdout.splitlines()}
-    assert growth["default"] < 20  # glibc's default: the freed block went back to the OS
-    assert growth["kept"] > 180  # now it stays resident ...
-    assert growth["again"] < 20  # ... and is reused
 
 def test_bad_input_gives_one_line_errors(tmp_path):
     from train.data import BOOK_DATA_URL

@@ -54,7 +54,6 @@ from train.common import (
     MetricsLog,
     UserError,
     arg,
-    keep_freed_memory,
     parse_dataclass_args,
     plot_losses,
     prepare_output_dir,
@@ -231,7 +230,6 @@ def train(args: ClassifyArgs) -> Path:
     if _TRAINABLE.match(args.trainable) is None:
         raise UserError(f"--trainable {args.trainable!r}: expected last-block, last-N (e.g. last-2) or all")
 
-    keep_freed_memory()  # steps reuse their big buffers instead of page-faulting them in anew
     accelerator = Accelerator(
         mixed_precision=args.mixed_precision,
         # --batch-size is the global batch: each process takes its slice of every batch.

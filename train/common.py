@@ -12,8 +12,7 @@ Kept free of anything instruction-specific so ``train/sft.py`` and ``train/class
     x-axis) as PNG and PDF;
   * ``write_json_atomic``;
   * ``save_final_model`` (the model at OUT's top level, never half-written) and ``push_to_hub``;
-  * ``relaunch_multi_cpu``: works around ``accelerate launch --cpu --num_processes N`` starting one process;
-  * ``keep_freed_memory``: stops glibc from handing the big per-step tensors back to the OS (faster steps).
+  * ``relaunch_multi_cpu``: works around ``accelerate launch --cpu --num_processes N`` starting one process.
 Only the main process writes files; every helper that writes checks ``accelerator.is_main_process``
 or is only called there.
 """
@@ -40,38 +39,6 @@ TRAIN_STATE_FILE = "train_state.json"
 
 class UserError(Exception):
     """A mistake the user can fix (bad argument, existing output directory); printed as one line."""
-
-
-# ---------------------------------------------------------------------------------------------------
-# Process
-# ---------------------------------------------------------------------------------------------------
-
-
-def keep_freed_memory() -> bool:
-    """Make glibc's malloc keep freed memory for the next step instead of returning it to the OS.
-
-    Every training step allocates and frees the same large tensors: the vocabulary-sized gradient
-    of the tied embedding (50257 x 768 fp32 is 154 MB at gpt2-small), the logits and their
-    gradient, bf16 copies of the weights under autocast. glibc serves each block above its mmap
-    threshold (at most 32 MB) with a fresh mmap and unmaps it on free, so every step page-faults
-    in and zeroes about a gigabyte anew: filling that embedding gradient takes 55 ms instead of 4.
-    With mmap off and heap trimming off, freed blocks are reused. A gpt2-small training step went
-    from 2.27 to 1.60 s in bf16 and from 3.92 to 3.17 s in fp32 (``bench/bench_train.py`` has the
-    loop-level comparison). Generation does not gain and is left alone.
-
-    The price: the process keeps its peak heap until it exits, which for a training run is what it
-    needs anyway. Returns False, changing nothing, where the C library is not glibc.
-    """
-    import ctypes
-
-    if not sys.platform.startswith("linux"):
-        return False
-    libc = ctypes.CDLL(None)  # the C library this process already runs on
-    if not hasattr(libc, "gnu_get_libc_version"):  # musl and others: their malloc has no such knobs
-        return False
-    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # from glibc's <malloc.h>
-    # mallopt returns 1 on success. A trim threshold of -1 disables trimming (mallopt(3)).
-    return libc.mallopt(M_MMAP_MAX, 0) == 1 and libc.mallopt(M_TRIM_THRESHOLD, -1) == 1
 
 
 # ---------------------------------------------------------------------------------------------------

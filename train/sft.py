@@ -57,7 +57,6 @@ from train.common import (
     UserError,
     arg,
     find_checkpoint,
-    keep_freed_memory,
     load_checkpoint,
     parse_dataclass_args,
     plot_losses,
@@ -257,7 +256,6 @@ def train(args: SFTArgs) -> Path:
     from train.data import EpochBatchSampler, InstructionCollator, load_records, prepare_instruction_data
 
     check_args(args)
-    keep_freed_memory()  # steps reuse their big buffers instead of page-faulting them in anew
     accelerator = Accelerator(
         mixed_precision=args.mixed_precision,
         # --batch-size is the global batch: each process gets its slice of every batch, and the
