@@ -126,13 +126,12 @@ EVAL_FREQ = EVAL_ITER = 5  # the book's settings, also train/sft.py's defaults
 def load_batches(steps: int, group: bool) -> tuple[list[dict], list[dict]]:
     """`steps` training batches (this sampler's order) and EVAL_ITER batches of the validation split."""
     from gpt2_scratch import get_tokenizer
-    from train.data import EpochBatchSampler, InstructionCollator, prepare_instruction_data
+    from train.data import EpochBatchSampler, InstructionCollator, evaluation_sampler, prepare_instruction_data
 
     data = prepare_instruction_data(str(BOOK_DATA), get_tokenizer(), max_length=1024)
     collate = InstructionCollator(allowed_max_length=1024)
     sampler = EpochBatchSampler(list(data.train["length"]), 8, shuffle=True, group_by_length=group, seed=123)
-    val_sampler = EpochBatchSampler(list(data.validation["length"]), 8, shuffle=False, drop_last=False,
-                                    group_by_length=group, group_size=EVAL_ITER)  # as train/sft.py
+    val_sampler = evaluation_sampler(list(data.validation["length"]), 8, eval_iter=EVAL_ITER, group_by_length=group)
     train = [collate([data.train[i] for i in idx]) for idx in list(sampler)[:steps]]
     val = [collate([data.validation[i] for i in idx]) for idx in list(val_sampler)[:EVAL_ITER]]
     return train, val

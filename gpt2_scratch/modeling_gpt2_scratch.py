@@ -36,8 +36,9 @@ class WideningProjection(Conv1D):
     reading the weight from memory, and CPU BLAS reads a weight fastest along its longer dimension:
     c_fc (768 → 3072) stored [in, out] takes 510 µs per token, stored [out, in] 777 µs; the narrowing
     c_proj (3072 → 768) is the other way round, 535 vs 670 µs (MKL, fp32, 2 cores;
-    ``python bench/bench_model.py --layouts``). Matrix-matrix products in training do not care. So c_attn and c_fc store [in, out], which is also OpenAI's and transformers' layout,
-    and the c_proj layers stay nn.Linear [out, in].
+    ``python bench/bench_model.py --layouts``). Matrix-matrix products in training do not care. So
+    c_attn and c_fc store [in, out], which is also OpenAI's and transformers' layout, and the c_proj
+    layers stay nn.Linear [out, in].
 
     transformers' Conv1D is this layout; subclassing it lets tools that know GPT-2 (peft's LoRA, for
     one) treat the layer as they treat GPT-2's. Unlike Conv1D, the bias is optional (the book's

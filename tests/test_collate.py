@@ -7,6 +7,7 @@ from train.data import (
     EpochBatchSampler,
     InstructionCollator,
     collate_instruction_batch,
+    evaluation_sampler,
     split_dataset,
     tokenize_dataset,
 )
@@ -129,8 +130,8 @@ def test_grouped_eval_batches_hold_the_same_examples_with_less_padding():
     """train/sft.py's evaluation sampler with --group-by-length: the first eval_iter batches regroup
     exactly the examples the plain sampler puts there, so the evaluated set does not change."""
     lengths = [(i * 37) % 101 + 1 for i in range(55)]
-    plain = list(EpochBatchSampler(lengths, 8, shuffle=False, drop_last=False))
-    grouped = list(EpochBatchSampler(lengths, 8, shuffle=False, drop_last=False, group_by_length=True, group_size=5))
+    plain = list(evaluation_sampler(lengths, 8, eval_iter=5))
+    grouped = list(evaluation_sampler(lengths, 8, eval_iter=5, group_by_length=True))
 
     def padding(batches):
         return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)

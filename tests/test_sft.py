@@ -175,7 +175,7 @@ def test_grouped_evaluation_batches_give_the_same_validation_loss():
     from torch.utils.data import DataLoader
 
     from gpt2_scratch import GPT2ScratchConfig, GPT2ScratchForCausalLM, get_tokenizer
-    from train.data import EpochBatchSampler, InstructionCollator, prepare_instruction_data
+    from train.data import InstructionCollator, evaluation_sampler, prepare_instruction_data
     from train.sft import evaluate
 
     torch.manual_seed(0)
@@ -185,8 +185,7 @@ def test_grouped_evaluation_batches_give_the_same_validation_loss():
     collate = InstructionCollator(allowed_max_length=128)
     losses, pads = [], []
     for group in (False, True):
-        sampler = EpochBatchSampler(list(data.validation["length"]), 8, shuffle=False, drop_last=False,
-                                    group_by_length=group, group_size=5)
+        sampler = evaluation_sampler(list(data.validation["length"]), 8, eval_iter=5, group_by_length=group)
         loader = DataLoader(val, batch_sampler=sampler, collate_fn=collate)
         losses.append(evaluate(Accelerator(cpu=True), model, loader, 5))
         pads.append(sum(int((b["labels"] == -100).sum()) for b in list(loader)[:5]))

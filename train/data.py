@@ -401,6 +401,18 @@ class EpochBatchSampler(Sampler[list[int]]):
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
 
+def evaluation_sampler(lengths: Sequence[int], batch_size: int, *, eval_iter: int,
+                       group_by_length: bool = False) -> EpochBatchSampler:
+    """The validation batches train/sft.py evaluates on: file order, the last partial batch kept.
+
+    Evaluation reads the first ``eval_iter`` batches. With ``group_by_length`` those same examples
+    are regrouped by length among themselves: less padding to run through the model, and the same
+    loss per target token (causal attention never lets a real token see padding).
+    """
+    return EpochBatchSampler(lengths, batch_size, shuffle=False, drop_last=False,
+                             group_by_length=group_by_length, group_size=eval_iter)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Everything together
 # ---------------------------------------------------------------------------------------------------

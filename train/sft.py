@@ -253,7 +253,8 @@ def train(args: SFTArgs) -> Path:
     from tqdm.auto import tqdm
 
     from gpt2_scratch import format_input, generate_responses, get_tokenizer
-    from train.data import EpochBatchSampler, InstructionCollator, load_records, prepare_instruction_data
+    from train.data import (EpochBatchSampler, InstructionCollator, evaluation_sampler, load_records,
+                            prepare_instruction_data)
 
     check_args(args)
     accelerator = Accelerator(
@@ -302,11 +303,8 @@ def train(args: SFTArgs) -> Path:
     train_ds, val_ds = data.train.select_columns(columns), data.validation.select_columns(columns)
     train_sampler = EpochBatchSampler(list(data.train["length"]), args.batch_size, shuffle=True, drop_last=True,
                                       group_by_length=args.group_by_length, seed=args.seed)
-    # Evaluation reads the first --eval-iter batches in file order. With --group-by-length those same
-    # examples are regrouped by length among themselves: less padding to run through the model, and the
-    # same loss per target token (causal attention never lets a real token see padding).
-    val_sampler = EpochBatchSampler(list(data.validation["length"]), args.batch_size, shuffle=False, drop_last=False,
-                                    group_by_length=args.group_by_length, group_size=args.eval_iter)
+    val_sampler = evaluation_sampler(list(data.validation["length"]), args.batch_size, eval_iter=args.eval_iter,
+                                     group_by_length=args.group_by_length)
     if len(train_sampler) == 0:
         raise UserError(f"{args.data}: {len(train_ds)} training examples make no full batch of {args.batch_size}; "
                         "lower --batch-size")
