@@ -28,6 +28,10 @@ from transformers.pytorch_utils import Conv1D
 
 from .configuration_gpt2_scratch import GPT2ScratchConfig
 
+# transformers renamed the KV cache from ``past_key_values`` to ``cache`` during 5.x (generate() now
+# passes and reads back ``cache``); outputs are built with whichever field this version declares.
+_OUTPUT_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
 
 class WideningProjection(Conv1D):
     """``x @ weight + bias`` with the weight stored [in, out]: for projections wider out than in.
@@ -84,16 +88,16 @@ class CausalSelfAttention(nn.Module):
         self,
         x: torch.Tensor,
         attn_mask: torch.Tensor | None,
-        past_key_values: Cache | None,
+        cache: Cache | None,
     ) -> torch.Tensor:
         B, T, E = x.shape
         q, k, v = self.c_attn(x).split(E, dim=2)  # 3 × (B, T, E)
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
-        if past_key_values is not None:
+        if cache is not None:
             # Append this step's keys/values; get back everything seen so far.
-            k, v = past_key_values.update(k, v, self.layer_idx)  # (B, nh, T_past + T, hs)
+            k, v = cache.update(k, v, self.layer_idx)  # (B, nh, T_past + T, hs)
         with sdpa_kernel(SDPBackend.MATH) if short_bf16_on_cpu(q, k) else nullcontext():
             y = F.scaled_dot_product_attention(
                 q,
@@ -131,8 +135,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.emb_dim, eps=config.layer_norm_epsilon)
         self.mlp = MLP(config)
 
-    def forward(self, x, attn_mask, past_key_values):
-        x = x + self.attn(self.ln_1(x), attn_mask, past_key_values)
+    def forward(self, x, attn_mask, cache):
+        x = x + self.attn(self.ln_1(x), attn_mask, cache)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -210,16 +214,18 @@ class GPT2ScratchModel(GPT2ScratchPreTrainedModel):
         input_ids: torch.LongTensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         use_cache: bool | None = None,
+        past_key_values: Cache | None = None,
     ) -> tuple[torch.Tensor, Cache | None]:
         B, T = input_ids.shape
+        cache = cache if cache is not None else past_key_values  # older transformers 5.x and callers use this name
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
         if not use_cache:
-            past_key_values = None
-        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+            cache = None
+        past_length = cache.get_seq_length() if cache is not None else 0
 
         if past_length + T > self.config.context_length:
             raise ValueError(
@@ -244,8 +250,8 @@ class GPT2ScratchModel(GPT2ScratchPreTrainedModel):
         x = self.drop(tokens + self.wpe(position_ids))  # (B, T, E)
         attn_mask = build_attention_mask(attention_mask, T, past_length)
         for block in self.h:
-            x = block(x, attn_mask, past_key_values)
-        return self.ln_f(x), past_key_values
+            x = block(x, attn_mask, cache)
+        return self.ln_f(x), cache
 
 
 class GPT2ScratchForCausalLM(GPT2ScratchPreTrainedModel, GenerationMixin):
@@ -274,12 +280,13 @@ class GPT2ScratchForCausalLM(GPT2ScratchPreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         labels: torch.LongTensor | None = None,
         shift_labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int = 0,
         return_logits: bool = True,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """Logits (B, T, vocab) and, given targets, the mean cross-entropy over targets that are not -100.
@@ -293,9 +300,13 @@ class GPT2ScratchForCausalLM(GPT2ScratchPreTrainedModel, GenerationMixin):
         ``return_logits=False`` with targets skips the logits of the output and projects only the
         positions that have a target: padding and masked prompts cost no vocabulary projection, which
         is about a third of GPT-2 small's compute per token. Training loops use it.
+
+        The KV cache comes as ``cache`` (transformers' name since it renamed it) or, from older
+        transformers and callers, as ``past_key_values``; the output carries it under the name the
+        installed transformers reads back.
         """
-        hidden, past_key_values = self.transformer(
-            input_ids, attention_mask, position_ids, past_key_values, use_cache
+        hidden, cache = self.transformer(
+            input_ids, attention_mask, position_ids, cache, use_cache, past_key_values
         )  # (B, T, E)
         has_targets = labels is not None or shift_labels is not None
         if not return_logits and has_targets:
@@ -310,7 +321,7 @@ class GPT2ScratchForCausalLM(GPT2ScratchPreTrainedModel, GenerationMixin):
                 shift_labels=shift_labels[supervised],
                 num_items_in_batch=kwargs.get("num_items_in_batch"),
             )
-            return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=past_key_values)
+            return CausalLMOutputWithPast(loss=loss, logits=None, **{_OUTPUT_CACHE_FIELD: cache})
 
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
@@ -324,7 +335,7 @@ class GPT2ScratchForCausalLM(GPT2ScratchPreTrainedModel, GenerationMixin):
                 shift_labels=shift_labels,
                 num_items_in_batch=kwargs.get("num_items_in_batch"),
             )
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{_OUTPUT_CACHE_FIELD: cache})
 
 
 class GPT2ScratchForSequenceClassification(GPT2ScratchPreTrainedModel):

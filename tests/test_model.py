@@ -157,6 +157,23 @@ def test_greedy_generation_equals_transformers(tiny_pair, use_cache):
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("name", ["cache", "past_key_values"])
+def test_kv_cache_under_either_name_continues_the_sequence(tiny_pair, name):
+    """transformers renamed the cache argument during 5.x; older callers still pass past_key_values.
+    Either way, decoding one token against the cache gives the logits of the whole sequence."""
+    from transformers.cache_utils import DynamicCache
+
+    ours, _ = tiny_pair
+    ids = torch.randint(0, 50257, (2, 9), generator=torch.Generator().manual_seed(6))
+    full = ours(ids, use_cache=False).logits[:, -1]
+    cache = DynamicCache(config=ours.config)
+    prefill = ours(ids[:, :-1], use_cache=True, **{name: cache})
+    assert prefill.cache is cache and cache.get_seq_length() == 8
+    step = ours(ids[:, -1:], use_cache=True, **{name: cache}).logits[:, -1]
+    torch.testing.assert_close(step, full, atol=ATOL, rtol=0)
+
+
+@torch.no_grad()
 def test_batched_left_padded_generation_equals_one_at_a_time(tiny_pair):
     ours, reference = tiny_pair
     ids, mask, _ = left_padded_batch(lengths=(9, 4, 6))
