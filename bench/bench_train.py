@@ -2,6 +2,7 @@
 
     python bench/bench_train.py                 # both shapes, fp32 and bf16 (~45 min on 2 cores)
     python bench/bench_train.py --shapes gpt2-small --no-memory
+    python bench/bench_train.py --shapes gpt2-small --precisions bf16 --impls ours ours@system --no-memory
 
 For each shape and precision, one process builds every implementation and they take turns (a few
 steps each, round after round), so the noise of a shared machine hits them alike; peak RSS comes
@@ -26,6 +27,11 @@ eval_iter), and the "with evaluation" rate counts that time too: it is what a us
                 (separate q/k/v, a stored causal mask, explicit softmax, untied output head), plain
                 PyTorch, logits for every position, F.cross_entropy mean per batch, default AdamW,
                 fp32 only; every 5 steps it evaluates 5 training and 5 validation batches
+
+Memory allocator: train/sft.py runs with a caching malloc preloaded (train/allocator.py: mimalloc,
+else tcmalloc), so ours and transformers run that way too; the book's loop is plain PyTorch and runs
+with glibc's malloc. An implementation name takes an allocator after "@" (ours@system, book@mimalloc);
+implementations with different allocators run in different processes, one after the other.
 
 Reported: padded tokens/s (input_ids.numel(), what the book counts as "tokens seen"), non-pad
 tokens/s (real tokens), both for the training steps alone and with evaluation, and peak RSS. The
@@ -140,13 +146,14 @@ def load_batches(steps: int, group: bool) -> tuple[list[dict], list[dict]]:
 class Trainer:
     """One implementation's training step and evaluation on its batches, timed separately."""
 
-    def __init__(self, impl: str, shape: str, precision: str, steps: int, shared_lm=None):
+    def __init__(self, label: str, shape: str, precision: str, steps: int, shared_lm=None):
         import torch
         import torch.nn.functional as F
 
         from gpt2_scratch import PRESETS
 
-        self.impl = impl
+        self.impl = label  # the name in the table (with its "@allocator", if any)
+        impl = label.split("@")[0]
         torch.manual_seed(123)
         cfg = dict(vocab_size=50257, context_length=1024, **PRESETS[shape])
         self.batches, val_batches = load_batches(steps + 1, group=impl == "ours+group")
@@ -260,10 +267,13 @@ def run_throughput(impls: list[str], shape: str, precision: str, rounds: int, st
     for impl in impls:
         shared = next((t.lm for t in trainers if {t.impl, impl} == {"ours", "ours+group"}), None)
         trainers.append(Trainer(impl, shape, precision, rounds * steps_per_round, shared_lm=shared))
+    from train.allocator import loaded_allocator
+
+    malloc = loaded_allocator()
     for _ in range(rounds):
         for trainer in trainers:
             trainer.run(steps_per_round)
-    return [t.row(shape, precision) for t in trainers]
+    return [dict(t.row(shape, precision), malloc=malloc) for t in trainers]
 
 
 def run_memory(impl: str, shape: str, precision: str) -> dict:
@@ -279,7 +289,15 @@ def run_memory(impl: str, shape: str, precision: str) -> dict:
 # ---------------------------------------------------------------------------------------------------
 
 
-def child(args_list: list[str], env: dict) -> list[dict] | None:
+def allocator_of(impl: str) -> str:
+    """The malloc an implementation runs with: its "@name", else sft.py's (auto) or, for the book, glibc's."""
+    if "@" in impl:
+        return impl.split("@", 1)[1]
+    return "system" if impl == "book" else "auto"
+
+
+def child(args_list: list[str], env: dict, allocator: str) -> list[dict] | None:
+    env = {**env, "GPT2_SCRATCH_ALLOCATOR": allocator}
     proc = subprocess.run([sys.executable, __file__, *args_list], capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         print(f"  failed: {proc.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
@@ -301,6 +319,9 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.child:
+        from train.allocator import use_caching_allocator
+
+        use_caching_allocator()  # as train/sft.py does: re-exec with GPT2_SCRATCH_ALLOCATOR's malloc
         kind, impls, shape, precision = args.child.split(":")
         if kind == "throughput":
             print(json.dumps(run_throughput(impls.split(","), shape, precision, args.rounds, args.steps)))
@@ -312,22 +333,27 @@ def main() -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     for shape in args.shapes:
         for precision in args.precisions:
-            impls = [i for i in args.impls if i != "book" or precision == "no"]  # the book trains in fp32
-            print(f"timing {', '.join(impls)} at {shape} {precision} ...", file=sys.stderr, flush=True)
-            rows += child(["--child", f"throughput:{','.join(impls)}:{shape}:{precision}",
-                           "--rounds", str(args.rounds), "--steps", str(args.steps)], env) or []
+            # The book trains in fp32 only.
+            impls = [i for i in args.impls if i.split("@")[0] != "book" or precision == "no"]
+            # One process per allocator (a preloaded malloc is per process), in the order first named.
+            for allocator in dict.fromkeys(allocator_of(i) for i in impls):
+                group = [i for i in impls if allocator_of(i) == allocator]
+                print(f"timing {', '.join(group)} at {shape} {precision} ({allocator} malloc) ...",
+                      file=sys.stderr, flush=True)
+                rows += child(["--child", f"throughput:{','.join(group)}:{shape}:{precision}",
+                               "--rounds", str(args.rounds), "--steps", str(args.steps)], env, allocator) or []
             for impl in [] if args.no_memory else impls:
                 print(f"peak RSS of {impl} at {shape} {precision} ...", file=sys.stderr, flush=True)
-                for r in child(["--child", f"memory:{impl}:{shape}:{precision}"], env) or []:
+                for r in child(["--child", f"memory:{impl}:{shape}:{precision}"], env, allocator_of(impl)) or []:
                     memory[(impl, shape, precision)] = r["peak_rss_gb"]
 
     print(f"\nTraining throughput, book data, batch 8, {args.rounds} turns of {args.steps} timed steps per "
           f"implementation, evaluation every {EVAL_FREQ} steps ({os.cpu_count()} CPUs, "
           f"torch {__import__('torch').__version__})\n")
-    print("| shape | precision | implementation | padded tok/s | non-pad tok/s | padded tok/s with eval | "
+    print("| shape | precision | implementation | malloc | padded tok/s | non-pad tok/s | padded tok/s with eval | "
           "non-pad tok/s with eval | s/step | pad % | peak RSS GB | vs transformers (non-pad) | "
           "vs book fp32 (non-pad, with eval) |")
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         hf = next((x for x in rows if x["impl"] == "transformers" and x["shape"] == r["shape"]
                    and x["precision"] == r["precision"]), None)
@@ -336,7 +362,7 @@ def main() -> None:
         vs_book = f"{r['real_tok_s_wall'] / book['real_tok_s_wall']:.2f}x" if book else "-"
         rss = memory.get((r["impl"], r["shape"], r["precision"]))
         r["peak_rss_gb"] = rss
-        print(f"| {r['shape']} | {'fp32' if r['precision'] == 'no' else r['precision']} | {r['impl']} | "
+        print(f"| {r['shape']} | {'fp32' if r['precision'] == 'no' else r['precision']} | {r['impl']} | {r['malloc']} | "
               f"{r['padded_tok_s']:.0f} | {r['real_tok_s']:.0f} | {r['padded_tok_s_wall']:.0f} | "
               f"{r['real_tok_s_wall']:.0f} | {r['sec_per_step']:.2f} | {100 * r['pad_fraction']:.0f} | "
               f"{'-' if rss is None else f'{rss:.2f}'} | {vs_hf} | {vs_book} |", flush=True)

@@ -117,6 +117,26 @@ def test_resume_after_sigkill_matches_uninterrupted_run(reference_run, tmp_path)
         torch.testing.assert_close(weights[name], ref_weights[name], rtol=1e-6, atol=1e-7, msg=name)
 
 
+def test_the_caching_malloc_changes_speed_not_results(reference_run, tmp_path):
+    """train/sft.py re-executes itself with mimalloc preloaded (train/allocator.py); the same run on
+    glibc's malloc logs the same losses and checkpoints the same weights at step 10."""
+    ref_out, ref_result = reference_run
+    assert ", mimalloc malloc" in ref_result.stdout
+    out = tmp_path / "system-malloc"
+    result = subprocess.run([sys.executable, "train/sft.py", *TINY, "--max-steps", "10", "--output-dir", str(out)],
+                            cwd=REPO, env={**ENV, "GPT2_SCRATCH_ALLOCATOR": "system"}, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert ", system malloc" in result.stdout
+    got, ref = losses(out)[:2], losses(ref_out)[:2]  # steps 1 and 6
+    assert [r[0] for r in got] == [r[0] for r in ref] == [1, 6]
+    assert [v for r in got for v in r[1:]] == pytest.approx([v for r in ref for v in r[1:]], rel=1e-6, abs=0)
+    step10 = "checkpoints/step-00000010/model.safetensors"
+    ref_weights, weights = load_file(ref_out / step10), load_file(out / step10)
+    for name in ref_weights:
+        torch.testing.assert_close(weights[name], ref_weights[name], rtol=1e-6, atol=1e-7, msg=name)
+
+
 @pytest.mark.slow
 def test_two_processes_match_one_process(reference_run, tmp_path):
     """`accelerate launch --num_processes 2 --cpu`: each process takes half of every global batch.

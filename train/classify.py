@@ -39,6 +39,13 @@ if __package__ in (None, ""):
     sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
     sys.path.insert(0, str(_here.parent))
 
+if __name__ == "__main__":
+    # Before torch is imported: re-run this command with a caching malloc preloaded (train/allocator.py
+    # says why: about 1.5x faster CPU training steps). GPT2_SCRATCH_ALLOCATOR=system turns it off.
+    from train.allocator import use_caching_allocator_or_exit
+
+    use_caching_allocator_or_exit()
+
 import dataclasses
 import logging
 import os
@@ -50,6 +57,7 @@ from typing import Literal
 
 import torch
 
+from train.allocator import loaded_allocator
 from train.common import (
     MetricsLog,
     UserError,
@@ -312,7 +320,7 @@ def train(args: ClassifyArgs) -> Path:
               f"{n_trainable:,} trainable ({args.trainable}); data {data_path}: {len(train_ds)} train ({counts}) / "
               f"{len(val_ds)} val / {len(test_ds)} test, padded to {max_length} tokens; {total_steps} steps of "
               f"{args.batch_size} on {accelerator.num_processes} process(es), "
-              f"{'fp32' if args.mixed_precision == 'no' else args.mixed_precision}",
+              f"{'fp32' if args.mixed_precision == 'no' else args.mixed_precision}, {loaded_allocator()} malloc",
               flush=True)
 
     step, examples_seen, tokens_seen, train_seconds = 0, 0, 0, 0.0

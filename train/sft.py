@@ -38,6 +38,13 @@ if __package__ in (None, ""):
     sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
     sys.path.insert(0, str(_here.parent))
 
+if __name__ == "__main__":
+    # Before torch is imported: re-run this command with a caching malloc preloaded (train/allocator.py
+    # says why: about 1.5x faster CPU training steps). GPT2_SCRATCH_ALLOCATOR=system turns it off.
+    from train.allocator import use_caching_allocator_or_exit
+
+    use_caching_allocator_or_exit()
+
 import dataclasses
 import json
 import logging
@@ -68,6 +75,7 @@ from train.common import (
     save_final_model,
     write_json_atomic,
 )
+from train.allocator import loaded_allocator
 from train.data import BOOK_DATA_URL, IGNORE_INDEX, DataError
 
 logger = logging.getLogger("train.sft")
@@ -339,7 +347,8 @@ def train(args: SFTArgs) -> Path:
         print(f"model {args.model}{' (random init)' if args.random_init else ''}: {n_params:,} parameters, "
               f"context {context}; data {args.data}: {len(train_ds)} train / {len(val_ds)} val / "
               f"{len(data.test)} test; {total_steps} steps of {args.batch_size}x{args.grad_accum} examples on "
-              f"{accelerator.num_processes} process(es), {args.mixed_precision} precision", flush=True)
+              f"{accelerator.num_processes} process(es), {args.mixed_precision} precision, "
+              f"{loaded_allocator()} malloc", flush=True)
 
     sample_prompt = format_input(data.validation_records[0] if data.validation_records else data.test_records[0],
                                  args.prompt_style)
