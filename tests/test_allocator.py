@@ -32,7 +32,7 @@ def test_auto_preloads_mimalloc_from_the_dependency():
     result = run_child()
     assert result.returncode == 0, result.stderr
     name, purge_delay, preload = result.stdout.split()
-    assert name == "mimalloc" and purge_delay == "1000" and preload.endswith("libmimalloc.so")
+    assert name == "mimalloc" and purge_delay == "-1" and preload.endswith("libmimalloc.so")
 
 
 def test_system_turns_it_off_and_an_existing_preload_is_kept():
@@ -41,8 +41,8 @@ def test_system_turns_it_off_and_an_existing_preload_is_kept():
     assert result.stdout.split()[0] == "system"
 
     mimalloc = allocator.find_allocator("mimalloc")[1]
-    result = run_child(LD_PRELOAD=mimalloc, MIMALLOC_PURGE_DELAY="-1")  # the user's own choice and settings
-    assert result.stdout.split() == ["mimalloc", "-1", mimalloc]
+    result = run_child(LD_PRELOAD=mimalloc, MIMALLOC_PURGE_DELAY="250")  # the user's own choice and settings
+    assert result.stdout.split() == ["mimalloc", "250", mimalloc]
 
 
 def test_bad_or_missing_allocator_is_a_one_line_error(monkeypatch):

@@ -4,9 +4,9 @@ Why: PyTorch's CPU tensors come straight from the C library's ``malloc``. glibc 
 above its mmap threshold (at most 32 MB) with a fresh ``mmap`` and unmaps it on ``free``, so every
 training step faults its big tensors in again, 4 KiB at a time, and the kernel zeroes each page:
 the embedding gradient and the bf16 weight copies (150+ MB each at gpt2-small), logits, activations.
-Measured at gpt2-small, batch 8, bf16 (``bench/bench_train.py --allocators``): about 2.5 million page
-faults per 10 steps and a third of the step in the kernel; with mimalloc the same steps run about
-1.5x faster at the same peak RSS. PyTorch's CPU performance guide gives the same advice: preload a
+Measured at gpt2-small, batch 8, bf16: 2.4-2.8 million minor page faults per 10 steps and a quarter
+of the process's CPU time in the kernel; with mimalloc the same steps run about 1.5x faster at a
+peak RSS no higher (``python bench/bench_train.py --impls ours ours@system`` compares them). PyTorch's CPU performance guide gives the same advice: preload a
 caching allocator (tcmalloc, jemalloc).
 
 How: a preloaded library must be there when the process starts, so a script calls
@@ -32,11 +32,12 @@ CHOICES = ("auto", "mimalloc", "tcmalloc", "system")
 # Library-name stems of caching allocators; one of them in LD_PRELOAD means "already chosen".
 _KNOWN = {"mimalloc": "libmimalloc", "tcmalloc": "libtcmalloc", "jemalloc": "libjemalloc"}
 
-# mimalloc returns freed memory to the OS after 10 ms by default; a training step frees and re-takes
-# the same few GB every second, so that default gives back half the gain. One second keeps the
-# step's memory across steps and still trims after the run's peak (the test-set generation after
-# training needs far less). bench/bench_train.py --allocators measures it.
-MIMALLOC_DEFAULTS = {"MIMALLOC_PURGE_DELAY": "1000"}
+# mimalloc hands freed memory back to the OS after 10 ms by default, and a training step frees and
+# re-takes the same few GB every second: at gpt2-small bf16 (batch 8, lengths 40-220) the default
+# made 511 tok/s, a 1 s delay 495, never (-1) 615-668, glibc 398. "Never" keeps the peak the run
+# has reached, which is the peak it needs again: RSS after 100 such steps was 4.97 GB against
+# glibc's 5.37 GB. (bench/bench_train.py measures it in the real loop.)
+MIMALLOC_DEFAULTS = {"MIMALLOC_PURGE_DELAY": "-1"}
 
 
 class AllocatorError(RuntimeError):
