@@ -7,6 +7,7 @@ OUT, then compared with a run killed by SIGKILL and resumed, and (slow) with a 2
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -135,6 +136,39 @@ def test_the_caching_malloc_changes_speed_not_results(reference_run, tmp_path):
     ref_weights, weights = load_file(ref_out / step10), load_file(out / step10)
     for name in ref_weights:
         torch.testing.assert_close(weights[name], ref_weights[name], rtol=1e-6, atol=1e-7, msg=name)
+
+
+class RunsCode:
+    """Pickles as a call of os.system: what a booby-trapped checkpoint file would hold."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_resume_refuses_a_tampered_checkpoint_without_running_it(reference_run, tmp_path):
+    """Checkpoint files are read with torch.load(weights_only=True): a pickle that would run code is
+    refused with one line naming the checkpoint, also for the RNG file (which accelerate would skip)."""
+    ref_out, _ = reference_run
+    marker = tmp_path / "code-ran"
+    procs = []
+    for name in ("optimizer.bin", "random_states_0.pkl"):
+        out = tmp_path / name
+        checkpoint = out / "checkpoints" / "step-00000010"
+        shutil.copytree(ref_out / "checkpoints" / "step-00000010", checkpoint)
+        torch.save({"state": RunsCode(marker)}, checkpoint / name)
+        cmd = [sys.executable, "train/sft.py", *TINY, "--output-dir", str(out), "--resume"]
+        procs.append((name, subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                             text=True)))
+    for name, proc in procs:
+        _, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 2, stderr
+        lines = stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: --resume: cannot restore"), stderr
+        assert "UnpicklingError" in lines[0] and "step-00000010" in lines[0], lines[0]
+    assert not marker.exists()
 
 
 @pytest.mark.slow

@@ -261,9 +261,30 @@ def save_checkpoint(accelerator, root: str | os.PathLike, step: int, train_state
 
 
 def load_checkpoint(accelerator, path: str | os.PathLike) -> dict:
-    """Restore what ``save_checkpoint`` saved into the prepared objects; return its ``train_state``."""
+    """Restore what ``save_checkpoint`` saved into the prepared objects; return its ``train_state``.
+
+    The model is safetensors; accelerate reads the optimizer, scheduler and RNG files with
+    ``torch.load(weights_only=True)``, so a tampered checkpoint cannot run code, it fails to load.
+    accelerate skips RNG states it cannot read without a word, which would make the resumed run
+    quietly differ, so this process's RNG file is read (the same safe way) first. Either failure is
+    one error naming the checkpoint.
+    """
+    import pickle
+
+    from accelerate.utils import load as safe_torch_load
+
     path = Path(path)
-    accelerator.load_state(str(path))
+    rng_file = path / f"random_states_{accelerator.process_index}.pkl"
+    errors = (pickle.UnpicklingError, RuntimeError, OSError, EOFError, KeyError, ValueError)
+    for where, restore in ((rng_file, lambda: rng_file.exists() and safe_torch_load(rng_file)),
+                           (path, lambda: accelerator.load_state(str(path)))):
+        try:
+            restore()
+        except errors as err:
+            reason = " ".join(str(err).split("\n")[0].split())[:160]
+            raise UserError(f"--resume: cannot restore {where} ({type(err).__name__}: {reason}); the checkpoint "
+                            "is damaged or not one train/ wrote (only tensors are ever read from it, never "
+                            "code); resume from another checkpoint or start again with --overwrite") from None
     return json.loads((path / TRAIN_STATE_FILE).read_text())
 
 
