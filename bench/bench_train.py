@@ -362,7 +362,8 @@ def main() -> None:
         vs_book = f"{r['real_tok_s_wall'] / book['real_tok_s_wall']:.2f}x" if book else "-"
         rss = memory.get((r["impl"], r["shape"], r["precision"]))
         r["peak_rss_gb"] = rss
-        print(f"| {r['shape']} | {'fp32' if r['precision'] == 'no' else r['precision']} | {r['impl']} | {r['malloc']} | "
+        precision = "fp32" if r["precision"] == "no" else r["precision"]
+        print(f"| {r['shape']} | {precision} | {r['impl']} | {r['malloc']} | "
               f"{r['padded_tok_s']:.0f} | {r['real_tok_s']:.0f} | {r['padded_tok_s_wall']:.0f} | "
               f"{r['real_tok_s_wall']:.0f} | {r['sec_per_step']:.2f} | {100 * r['pad_fraction']:.0f} | "
               f"{'-' if rss is None else f'{rss:.2f}'} | {vs_hf} | {vs_book} |", flush=True)

@@ -1,4 +1,4 @@
-"""A caching memory allocator for CPU training and generation (mimalloc or tcmalloc via LD_PRELOAD).
+"""A caching memory allocator for CPU training (mimalloc or tcmalloc, preloaded with LD_PRELOAD).
 
 Why: PyTorch's CPU tensors come straight from the C library's ``malloc``. glibc serves every block
 above its mmap threshold (at most 32 MB) with a fresh ``mmap`` and unmaps it on ``free``, so every
@@ -6,8 +6,9 @@ training step faults its big tensors in again, 4 KiB at a time, and the kernel z
 the embedding gradient and the bf16 weight copies (150+ MB each at gpt2-small), logits, activations.
 Measured at gpt2-small, batch 8, bf16: 2.4-2.8 million minor page faults per 10 steps and a quarter
 of the process's CPU time in the kernel; with mimalloc the same steps run about 1.5x faster at a
-peak RSS no higher (``python bench/bench_train.py --impls ours ours@system`` compares them). PyTorch's CPU performance guide gives the same advice: preload a
-caching allocator (tcmalloc, jemalloc).
+peak RSS no higher (``python bench/bench_train.py --impls ours ours@system`` compares them).
+PyTorch's CPU performance guide gives the same advice: preload a caching allocator (tcmalloc,
+jemalloc).
 
 How: a preloaded library must be there when the process starts, so a script calls
 ``use_caching_allocator()`` first thing, before torch is imported. If no caching allocator is loaded
