@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
-# About 5 minutes on 2 CPU cores, no network: writes runs/offline-demo/ and prints held-out accuracy.
+# 2-5 minutes on 2 CPU cores, no network: writes runs/offline-demo/ and prints held-out accuracy.
 demo: setup
 	$(PY) train/sft.py --offline-demo --overwrite
 

@@ -5,7 +5,7 @@
         [--eval-iter 5] [--max-steps N] [--mask-prompt] [--prompt-style alpaca|phi3]
         [--mixed-precision bf16|no] [--seed 123] [--save-every N] [--resume [PATH]] ...
     python train/sft.py ...                       # the same, one process
-    python train/sft.py --offline-demo            # no network: small random model, synthetic tasks, ~5 min
+    python train/sft.py --offline-demo            # no network: small random model, synthetic tasks, 2-5 min
 
 Defaults reproduce the book: gpt2-medium with OpenAI's weights, the book's instruction data (85/10/5
 split in file order), 2 epochs, batch 8, AdamW lr 5e-5 weight decay 0.1, evaluation every 5 steps over
