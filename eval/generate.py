@@ -25,6 +25,13 @@ if __package__ in (None, ""):  # run as `python eval/generate.py`: import our pa
     sys.path[:] = [p for p in sys.path if _Path(p or ".").resolve() != _here]
     sys.path.insert(0, str(_here.parent))
 
+if __name__ == "__main__":
+    # Before torch is imported: re-run with the training scripts' caching malloc (train/allocator.py);
+    # batched generation at gpt2-small, batch 16, fp32 made 176-182 tok/s with it, 148-151 without.
+    from train.allocator import use_caching_allocator_or_exit
+
+    use_caching_allocator_or_exit()
+
 import argparse
 import hashlib
 import json
