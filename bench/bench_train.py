@@ -267,7 +267,7 @@ def run_throughput(impls: list[str], shape: str, precision: str, rounds: int, st
     for impl in impls:
         shared = next((t.lm for t in trainers if {t.impl, impl} == {"ours", "ours+group"}), None)
         trainers.append(Trainer(impl, shape, precision, rounds * steps_per_round, shared_lm=shared))
-    from train.allocator import loaded_allocator
+    from core.allocator import loaded_allocator
 
     malloc = loaded_allocator()
     for _ in range(rounds):
@@ -319,7 +319,7 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.child:
-        from train.allocator import use_caching_allocator
+        from core.allocator import use_caching_allocator
 
         use_caching_allocator()  # as train/sft.py does: re-exec with GPT2_SCRATCH_ALLOCATOR's malloc
         kind, impls, shape, precision = args.child.split(":")

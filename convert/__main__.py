@@ -1,7 +1,7 @@
-"""Entry point of `python -m convert`; the commands live in convert/cli.py."""
+"""``python -m convert COMMAND``: the ``convert`` commands of the project's command line (core/cli.py)."""
 
 import sys
 
-from convert.cli import main
+from core.cli import main
 
-sys.exit(main())
+sys.exit(main(prog="python -m convert", group="convert"))

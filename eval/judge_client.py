@@ -27,13 +27,14 @@ from dataclasses import dataclass
 
 import requests
 
+from core.errors import Failure
 from eval.judge_prompts import OLLAMA_OPTIONS
 
 log = logging.getLogger(__name__)
 
 
-class JudgeError(Exception):
-    """A problem that stops the whole run (server down, model missing); the message is one line."""
+class JudgeError(Failure):
+    """A problem that stops the whole run (server down, model missing); the message is one line (exit 1)."""
 
 
 class RequestFailed(Exception):

@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 import re
 
+from core.prompts import format_input
+
 PROMPT_VERSION = "book-ch07-v1"
 
 # The book's request options: seed 123 and temperature 0 for repeatable scores, a 2048-token
@@ -34,25 +36,10 @@ VERDICT_SCHEMA = {
 }
 
 
-def format_input(entry: dict) -> str:
-    """The book's Alpaca-style prompt for a record, as the judge sees it.
-
-    Same text as ``gpt2_scratch.format_input(entry, style="alpaca")`` (a test checks it on every
-    record of instruction-data.json); repeated here so the judge does not import torch.
-    """
-    instruction_text = (
-        "Below is an instruction that describes a task. "
-        "Write a response that appropriately completes the request."
-        f"\n\n### Instruction:\n{entry['instruction']}"
-    )
-    input_text = f"\n\n### Input:\n{entry['input']}" if entry["input"] else ""
-    return instruction_text + input_text
-
-
 def score_prompt(entry: dict, response: str) -> str:
     """The book's scoring prompt for one record and one model response."""
     return (
-        f"Given the input `{format_input(entry)}` "
+        f"Given the input `{format_input(entry, 'alpaca')}` "
         f"and correct output `{entry['output']}`, "
         f"score the model response `{response}`"
         f" on a scale from 0 to 100, where 100 is the best score. "
@@ -67,7 +54,7 @@ def pairwise_prompt(entry: dict, response_a: str, response_b: str) -> str:
     preference for whichever answer comes first cancels out into a tie.
     """
     return (
-        f"Given the input `{format_input(entry)}` "
+        f"Given the input `{format_input(entry, 'alpaca')}` "
         f"and correct output `{entry['output']}`, "
         f"compare model response A `{response_a}` "
         f"with model response B `{response_b}`. "

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from core.files import atomic_path
 
 # Two-sided 95% critical values of Student's t for 1..30 degrees of freedom; beyond that the
 # Cornish-Fisher expansion below is accurate to ~1e-5 (no scipy dependency for one number).
@@ -162,13 +163,9 @@ def save_histogram_png(scores, path: str | os.PathLike, title: str) -> Path:
     ax.set_xticks(HIST_EDGES)
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp.png")
-    os.close(fd)
     try:
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png")
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path

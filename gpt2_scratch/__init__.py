@@ -11,14 +11,14 @@ from transformers import (
     AutoModelForSequenceClassification,
 )
 
-from .configuration_gpt2_scratch import OPENAI_SIZE_OF_PRESET, PRESETS, GPT2ScratchConfig
+from .configuration_gpt2_scratch import HUB_ID_OF_PRESET, OPENAI_SIZE_OF_PRESET, PRESETS, GPT2ScratchConfig
 from .model_dir import save_model_dir
 from .modeling_gpt2_scratch import (
     GPT2ScratchForCausalLM,
     GPT2ScratchForSequenceClassification,
     GPT2ScratchModel,
 )
-from .prompts import PROMPT_STYLES, extract_response, format_example, format_input, response_header
+from core.prompts import PROMPT_STYLES, extract_response, format_example, format_input, response_header
 from .responses import generate_responses
 from .tokenizer import ENDOFTEXT, ENDOFTEXT_ID, get_encoding, get_tokenizer
 
@@ -38,6 +38,7 @@ GPT2ScratchForSequenceClassification.register_for_auto_class("AutoModelForSequen
 __all__ = [
     "ENDOFTEXT",
     "ENDOFTEXT_ID",
+    "HUB_ID_OF_PRESET",
     "OPENAI_SIZE_OF_PRESET",
     "PRESETS",
     "PROMPT_STYLES",

@@ -1,5 +1,7 @@
-"""Entry point of ``python -m gpt2_scratch`` (see cli.py)."""
+"""``python -m gpt2_scratch COMMAND``: the project's one command line (core/cli.py), as ``gpt2-scratch``."""
 
-from .cli import main
+import sys
 
-main()
+from core.cli import main
+
+sys.exit(main(prog="python -m gpt2_scratch"))

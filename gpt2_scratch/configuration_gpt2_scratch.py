@@ -14,8 +14,10 @@ PRESETS: dict[str, dict[str, int]] = {
     "gpt2-xl": {"emb_dim": 1600, "n_layers": 48, "n_heads": 25},  # 1558M
 }
 
-# OpenAI's release names each checkpoint by its parameter count.
+# OpenAI's release names each checkpoint by its parameter count; the Hub keeps them as openai-community/*.
 OPENAI_SIZE_OF_PRESET = {"gpt2-small": "124M", "gpt2-medium": "355M", "gpt2-large": "774M", "gpt2-xl": "1558M"}
+HUB_ID_OF_PRESET = {"gpt2-small": "openai-community/gpt2", "gpt2-medium": "openai-community/gpt2-medium",
+                    "gpt2-large": "openai-community/gpt2-large", "gpt2-xl": "openai-community/gpt2-xl"}
 
 
 class GPT2ScratchConfig(PretrainedConfig):

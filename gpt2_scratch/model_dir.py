@@ -1,77 +1,53 @@
-"""Writing a model directory that every Hugging Face tool can load, atomically.
+"""Model folders: written so every Hugging Face tool can load them, read back only when they are whole.
 
-A model directory holds model.safetensors, config.json (with ``auto_map``), generation_config.json,
-the tokenizer files and a copy of our configuration/modeling code, so that
+A model folder holds model.safetensors, config.json (with ``auto_map``), generation_config.json, the
+tokenizer files and a copy of our configuration/modeling code, so that
 ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`` works where this package is not
-installed. It is written into a temporary sibling directory and renamed into place, so a killed
-process never leaves a half-written model behind.
+installed. ``save_model_dir`` builds it in a temporary sibling and renames it into place
+(``core.files.write_dir_atomically``): a killed process never leaves a half-written model.
+
+``load_model_dir`` is the strict way back in, used by every command that takes a model folder. It
+refuses, with one line naming the folder and the tensor, what ``from_pretrained`` would otherwise
+accept with a warning and random weights: a missing tensor, an extra one, a shape that disagrees with
+config.json, a truncated or unreadable weights file, a config that is not ours.
 """
 
+from __future__ import annotations
+
+import json
 import logging
 import os
-import shutil
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from core.errors import InputError
+from core.files import write_dir_atomically
 
 from .tokenizer import ENDOFTEXT_ID, get_tokenizer
 
 logger = logging.getLogger(__name__)
 
-
-def write_dir_atomically(out_dir: str | os.PathLike, write: Callable[[Path], None], *, overwrite: bool = False) -> Path:
-    """Call ``write(tmp_dir)`` to fill a temporary sibling of ``out_dir``, then rename it into place.
-
-    An existing non-empty ``out_dir`` is refused unless ``overwrite``; then it is replaced only once the
-    new directory is complete, so a crash at any point leaves either the old directory or the new one.
-    """
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise FileExistsError(f"{out_dir} exists and is not a directory; choose another output path")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out_dir} already exists and is not empty; choose another path or pass overwrite")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
-    try:
-        write(tmp_dir)
-        # mkdtemp (and the weight writer) create owner-only files; a model directory is meant to be shared.
-        os.chmod(tmp_dir, 0o755)
-        for path in tmp_dir.iterdir():
-            os.chmod(path, 0o755 if path.is_dir() else 0o644)
-        if out_dir.exists():
-            # Swap in two renames so the old directory stays intact until the new one is complete.
-            old_dir = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-            out_dir.rename(old_dir)
-            tmp_dir.rename(out_dir)
-            shutil.rmtree(old_dir)
-        else:
-            tmp_dir.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
-    return out_dir
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 
 
-def save_model_dir(
-    model: PreTrainedModel,
-    out_dir: str | os.PathLike,
-    *,
-    tokenizer: PreTrainedTokenizerBase | None = None,
-    overwrite: bool = False,
-) -> Path:
+class ModelDirError(InputError):
+    """A model folder that cannot be loaded as it is; the message names the folder and what is wrong."""
+
+
+def save_model_dir(model, out_dir: str | os.PathLike, *, tokenizer=None, overwrite: bool = False,
+                   prompt_style: str | None = None) -> Path:
     """Save ``model`` (and the GPT-2 tokenizer unless another is given) to ``out_dir``; return its path.
 
-    An existing non-empty ``out_dir`` is refused unless ``overwrite``; then it is replaced only once the
-    new directory is complete.
+    ``prompt_style`` ("alpaca", "phi3") is recorded in config.json for an instruction-tuned model, so the
+    chat command and the GGUF export wrap a message the way the model was trained. An existing non-empty
+    ``out_dir`` is refused unless ``overwrite``; then it is replaced only once the new folder is complete.
     """
     auto_map = getattr(model.config, "auto_map", None)
     if auto_map:
-        # A config loaded from another head's directory (a classifier made from a causal LM) carries
-        # that head's entry; keep only the config and this model's own Auto class.
+        # A config loaded from another head's folder (a classifier made from a causal LM) carries that
+        # head's entry; keep only the config and this model's own Auto class.
         model.config.auto_map = {k: v for k, v in auto_map.items() if k in ("AutoConfig", type(model)._auto_class)}
+    if prompt_style is not None:
+        model.config.prompt_style = prompt_style
     if getattr(model, "generation_config", None) is not None:
         # GPT-2 has no pad token; batched generation pads with <|endoftext|>, as the book does.
         model.generation_config.pad_token_id = ENDOFTEXT_ID
@@ -85,3 +61,123 @@ def save_model_dir(
     write_dir_atomically(out_dir, write, overwrite=overwrite)
     logger.info("saved model to %s", out_dir)
     return Path(out_dir)
+
+
+def read_config(path: str | os.PathLike, *, flag: str = "--model") -> dict:
+    """config.json of a model folder as a dict; a one-line error for a missing folder or a bad file."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise ModelDirError(f"{flag} {path}: no such folder")
+    if not path.is_dir():
+        raise ModelDirError(f"{flag} {path} is a file; pass the model folder that holds it")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ModelDirError(f"{flag} {path}: no config.json, so it is not a model folder; pass a folder written "
+                            "by save_pretrained, a training run or `python -m convert`")
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ModelDirError(f"{config_file}: not valid JSON ({err}); the model folder is damaged") from None
+    if not isinstance(config, dict):
+        raise ModelDirError(f"{config_file}: not a JSON object; the model folder is damaged")
+    return config
+
+
+def is_our_model_dir(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a folder whose config.json says model_type gpt2-scratch."""
+    try:
+        return read_config(path).get("model_type") == "gpt2-scratch"
+    except InputError:
+        return False
+
+
+def is_classifier_config(config: dict) -> bool:
+    return any(a.endswith("ForSequenceClassification") for a in config.get("architectures") or [])
+
+
+def _check_weight_files(path: Path) -> None:
+    """Every weights file is present and its safetensors header covers the file (not truncated)."""
+    from safetensors import SafetensorError, safe_open
+
+    if (path / "model.safetensors").is_file():
+        files = [path / "model.safetensors"]
+    elif (path / "model.safetensors.index.json").is_file():
+        try:
+            index = json.loads((path / "model.safetensors.index.json").read_text(encoding="utf-8"))
+            files = [path / name for name in sorted(set(index["weight_map"].values()))]
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise ModelDirError(f"{path}/model.safetensors.index.json: not a safetensors index ({err})") from None
+    else:
+        raise ModelDirError(f"{path}: no model.safetensors; the model folder is incomplete (a run that stopped "
+                            "before saving?)")
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as err:
+            raise ModelDirError(f"{file}: unreadable weights ({' '.join(str(err).split())}); the file is damaged "
+                                "or truncated: save or download the model again") from None
+
+
+def load_model_dir(path: str | os.PathLike, *, head: str = "auto", flag: str = "--model", **kwargs):
+    """Load our model folder strictly: every tensor present, none extra, every shape as config.json says.
+
+    ``head`` is "causal-lm", "classifier", or "auto" (whichever the folder's config names). Extra keyword
+    arguments go to ``from_pretrained`` (e.g. ``dtype``). Returns the model in eval mode.
+    """
+    import transformers
+    from safetensors import SafetensorError
+
+    from .modeling_gpt2_scratch import GPT2ScratchForCausalLM, GPT2ScratchForSequenceClassification
+
+    path = Path(path).expanduser()
+    config = read_config(path, flag=flag)
+    if config.get("model_type") != "gpt2-scratch":
+        raise ModelDirError(f"{flag} {path} holds a {config.get('model_type')!r} model, not a gpt2-scratch one; "
+                            "convert it first (`python -m convert hf --from-dir DIR --out OUT`)")
+    is_classifier = is_classifier_config(config)
+    if head == "auto":
+        head = "classifier" if is_classifier else "causal-lm"
+    if head == "classifier" and not is_classifier:
+        raise ModelDirError(f"{flag} {path} holds a language model with no trained classification head; train "
+                            "one with `gpt2-scratch classify --model DIR`")
+    if head == "causal-lm" and is_classifier:
+        raise ModelDirError(f"{flag} {path} holds a text classifier, not a language model; use `gpt2-scratch "
+                            "predict` with it, or pass a language model folder")
+    _check_weight_files(path)
+    cls = GPT2ScratchForSequenceClassification if head == "classifier" else GPT2ScratchForCausalLM
+    verbosity = transformers.logging.get_verbosity()
+    bars = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.logging.set_verbosity_error()  # we report what the load report would say, as one line
+    transformers.utils.logging.disable_progress_bar()  # loading takes a blink
+    try:
+        model, info = cls.from_pretrained(path, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as err:
+        raise ModelDirError(f"{flag} {path}: cannot load it ({' '.join(str(err).split())[:300]})") from None
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+        if bars:
+            transformers.utils.logging.enable_progress_bar()
+    weights = path / WEIGHT_FILES[0]
+    for kind, keys, why in (("missing", info["missing_keys"], "the weights file lacks it"),
+                            ("unexpected", info["unexpected_keys"], "config.json has no place for it"),
+                            ("mismatched", info["mismatched_keys"], "its shape disagrees with config.json")):
+        if keys:
+            name = sorted(keys)[0]
+            name = name[0] if isinstance(name, tuple) else name
+            more = f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
+            raise ModelDirError(f"{weights}: {kind} tensor '{name}'{more}: {why}; the folder's weights and config "
+                                "do not belong together (save or convert the model again)")
+    return model.eval()
+
+
+def check_finite(model, where: str) -> None:
+    """Raise a Failure naming the first parameter that holds NaN or infinity (a diverged run)."""
+    import torch
+
+    from core.errors import Failure
+
+    for name, param in model.named_parameters():
+        if not bool(torch.isfinite(param).all()):
+            raise Failure(f"{where}: parameter '{name}' holds NaN or infinite values (the training diverged); "
+                          "refusing to use it")

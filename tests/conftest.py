@@ -97,3 +97,10 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     torch.manual_seed(123)
     model = GPT2ScratchForCausalLM(GPT2ScratchConfig.from_preset("gpt2-small", **TINY))
     return save_model_dir(model, tmp_path_factory.mktemp("models") / "tiny")
+
+
+def convert_main(argv) -> int:
+    """``python -m convert ARGV`` in this process: the exit code the command line would give."""
+    from core.cli import main
+
+    return main(["convert", *map(str, argv)], prog="python -m convert")

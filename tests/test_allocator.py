@@ -1,4 +1,4 @@
-"""The training scripts' caching malloc (train/allocator.py): chosen, preloaded by re-exec, kept, or off.
+"""The training scripts' caching malloc (core/allocator.py): chosen, preloaded by re-exec, kept, or off.
 
 Each case runs a real child interpreter, so what is checked is what the dynamic loader really mapped
 into the process (/proc/self/maps), not what the code meant to do.
@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from train import allocator
+from core import allocator
 
 REPO = Path(__file__).resolve().parents[1]
-CHILD = ("import os; from train.allocator import use_caching_allocator, loaded_allocator\n"
+CHILD = ("import os; from core.allocator import use_caching_allocator, loaded_allocator\n"
          "use_caching_allocator()\n"
          "print(loaded_allocator(), os.environ.get('MIMALLOC_PURGE_DELAY'), os.environ.get('LD_PRELOAD'))\n")
 

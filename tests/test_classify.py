@@ -76,11 +76,11 @@ def test_only_the_intended_parameters_get_gradients(tiny_model_dir, sms_path, sp
 
 
 def test_bad_trainable_spec(tiny_model_dir):
-    from train.common import UserError
+    from core.errors import InputError
 
     model = build_classifier(str(tiny_model_dir), labels=("ham", "spam"))
     for spec in ("last-3", "first-block", "last-0"):
-        with pytest.raises(UserError, match="--trainable"):
+        with pytest.raises(InputError, match="--trainable"):
             set_trainable(model, spec)
 
 
@@ -151,9 +151,10 @@ def test_the_saved_classifier_reloads_and_predicts_the_same(trained_run, sms_pat
     assert remote == [model.config.id2label[p] for p in preds[:40]]
 
     # The CLI (its parser and output, in this process): label and probability per text, the same labels.
-    from gpt2_scratch.cli import main
+    from core.cli import main
 
-    main(["classify", "--model", str(out), *sum((["--text", t] for t in texts[:3]), [])])
+    # `classify --text` predicts, as `python -m gpt2_scratch classify --text ...` always has (= `predict`).
+    assert main(["classify", "--model", str(out), *sum((["--text", t] for t in texts[:3]), [])]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert [line.split("\t")[0] for line in lines] == remote[:3]
     assert all(0.5 <= float(line.split("\t")[1]) <= 1.0 for line in lines)
@@ -174,7 +175,7 @@ def test_push_to_hub_uploads_the_classifier_and_its_card(trained_run):
 
 
 def test_the_run_makes_a_classifier_model_card(trained_run):
-    from gpt2_scratch.hub import build_model_card, find_run_info
+    from train.publish import build_model_card, find_run_info
 
     out, _, _ = trained_run
     card = str(build_model_card(out, "bob/gpt2-spam", find_run_info(out), base_model="gpt2-small"))
@@ -205,15 +206,16 @@ def test_pad_to_context_and_all_trainable_with_data_from_a_url(tmp_path, tiny_mo
     try:
         result = subprocess.run(
             [sys.executable, str(REPO_ROOT / "train" / "classify.py"), "--model", str(tiny_model_dir), "--data",
-             url, "--data-cache", str(tmp_path / "cache"), "--output-dir", str(out), "--max-steps", "3",
+             url, "--out", str(out), "--max-steps", "3",
              "--eval-freq", "2", "--eval-iter", "1", "--pad-to-context", "--trainable", "all",
              "--mixed-precision", "bf16"],
-            cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
+            cwd=REPO_ROOT, capture_output=True, text=True, timeout=900,
+            env={**os.environ, "GPT2_SCRATCH_CACHE": str(tmp_path / "cache")})
     finally:
         server.shutdown()
         server.server_close()
     assert result.returncode == 0, result.stderr[-4000:]
-    assert (tmp_path / "cache" / "SMSSpamCollection.tsv").read_bytes() == sms_path.read_bytes()
+    assert (tmp_path / "cache" / "sms_spam" / "SMSSpamCollection.tsv").read_bytes() == sms_path.read_bytes()
     config = json.loads((out / "config.json").read_text())
     assert config["classification_max_length"] == config["context_length"] == 128
     assert "3,324,866 trainable (all)" in result.stdout and "padded to 128 tokens" in result.stdout

@@ -12,6 +12,8 @@ import pytest
 import torch
 
 from conftest import REPO_ROOT, run_cli
+
+from core.download import DownloadError
 from train.spam_data import (
     PAD_TOKEN_ID,
     SpamDataError,
@@ -111,7 +113,7 @@ def test_the_training_script_reports_bad_data_in_one_line(tmp_path):
     bad.write_text("ham\tok\nspam\tfine\nthis line has no tab\n")
     out = tmp_path / "out"
     result = run_cli(str(REPO_ROOT / "train" / "classify.py"), "--data", str(bad), "--output-dir", str(out),
-                     "--model", "gpt2-small", "--random-init")
+                     "--model", "gpt2-small", "--random-init")  # --output-dir: the older spelling of --out
     assert result.returncode == 2
     assert result.stderr.strip() == f"error: {bad}:3: no tab in line 'this line has no tab'; expected 'label<TAB>text'"
     assert not out.exists()  # data is checked before anything is created or loaded
@@ -130,7 +132,9 @@ class _ZipHandler(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def test_download_of_the_uci_zip_and_offline_error(tmp_path, sms_path):
+def test_download_of_the_uci_zip_and_offline_error(tmp_path, sms_path, monkeypatch):
+    monkeypatch.setenv("GPT2_SCRATCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("GPT2_SCRATCH_DOWNLOAD_BACKOFF", "0")
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as zf:  # the UCI zip's layout: SMSSpamCollection + readme
         zf.writestr("readme", "SMS Spam Collection v.1")
@@ -140,36 +144,39 @@ def test_download_of_the_uci_zip_and_offline_error(tmp_path, sms_path):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}/static/public/228/sms+spam+collection.zip"
-        got = fetch_spam_data(url, tmp_path / "cache")
+        got = fetch_spam_data(url)
         assert got.read_bytes() == sms_path.read_bytes()
-        assert [p.name for p in (tmp_path / "cache").iterdir()] == ["SMSSpamCollection.tsv"]
+        assert sorted(p.name for p in (tmp_path / "cache" / "sms_spam").iterdir()) == [
+            "SMSSpamCollection.tsv", "sms+spam+collection.zip"]
     finally:
         server.shutdown()
         server.server_close()
     # Cached: no network needed the second time.
-    assert fetch_spam_data(url, tmp_path / "cache") == got
+    assert fetch_spam_data(url) == got
 
+    monkeypatch.setenv("GPT2_SCRATCH_CACHE", str(tmp_path / "cache2"))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{s.getsockname()[1]}/sms.zip"
-    with pytest.raises(SpamDataError) as err:
-        fetch_spam_data(dead, tmp_path / "cache2")
-    assert str(err.value).startswith(f"{dead}: download failed") and "--data PATH" in str(err.value)
+    with pytest.raises(DownloadError) as err:
+        fetch_spam_data(dead)
+    assert str(err.value).startswith(f"cannot reach {dead}") and "--data PATH" in str(err.value)
     assert "\n" not in str(err.value)
-    assert not (tmp_path / "cache2" / "SMSSpamCollection.tsv").exists()
+    assert not (tmp_path / "cache2" / "sms_spam" / "SMSSpamCollection.tsv").exists()
 
-    # Primary down → the mirror; an HTML page instead of data is refused and nothing is cached.
+    # Primary down → the mirror; an HTML page instead of data is refused and nothing is kept.
+    monkeypatch.setenv("GPT2_SCRATCH_CACHE", str(tmp_path / "cache3"))
     _ZipHandler.payload = b"<html><body>Service unavailable</body></html>"
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _ZipHandler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         html = f"http://127.0.0.1:{server.server_address[1]}/maintenance.html"
         with pytest.raises(SpamDataError) as err:
-            fetch_spam_data(dead, tmp_path / "cache3", mirrors=[html])
-        assert f"{html}: not label<TAB>text data" in str(err.value) and dead in str(err.value)
-        assert not (tmp_path / "cache3" / "SMSSpamCollection.tsv").exists()
+            fetch_spam_data(dead, mirrors=[html])
+        assert f"{dead}: not label<TAB>text data" in str(err.value)
+        assert list((tmp_path / "cache3" / "sms_spam").iterdir()) == []
         _ZipHandler.payload = buf.getvalue()
-        assert fetch_spam_data(dead, tmp_path / "cache3", mirrors=[html]).read_bytes() == sms_path.read_bytes()
+        assert fetch_spam_data(dead, mirrors=[html]).read_bytes() == sms_path.read_bytes()
     finally:
         server.shutdown()
         server.server_close()

@@ -8,11 +8,9 @@ from train.data import (
     InstructionCollator,
     collate_instruction_batch,
     evaluation_sampler,
-    split_dataset,
+    records_dataset,
     tokenize_dataset,
 )
-
-import datasets
 
 
 def test_book_toy_example_exactly():
@@ -38,8 +36,7 @@ def test_collator_dict_interface_matches_function():
 
 def _tokenized(records, **kw):
     tokenizer = get_tokenizer()
-    ds = datasets.Dataset.from_list(records)
-    return tokenizer, tokenize_dataset(ds, tokenizer, **kw)
+    return tokenizer, tokenize_dataset(records_dataset(records), tokenizer, **kw)
 
 
 RECORDS = [
@@ -78,18 +75,6 @@ def test_tokenize_truncate_and_drop_count(caplog):
     with caplog.at_level("WARNING"):
         _, dropped = _tokenized(records, max_length=64, too_long="drop")
     assert len(dropped) == 1 and "dropped 1 of 2" in caplog.text
-
-
-def test_book_split_in_file_order():
-    ds = datasets.Dataset.from_list([{"i": i} for i in range(1100)])
-    splits = split_dataset(ds)
-    assert list(splits["train"]["i"]) == list(range(0, 935))
-    assert list(splits["test"]["i"]) == list(range(935, 1045))
-    assert list(splits["validation"]["i"]) == list(range(1045, 1100))
-    shuffled = {name: list(split["i"]) for name, split in split_dataset(ds, shuffle=True, seed=1).items()}
-    assert sorted(shuffled["train"] + shuffled["test"] + shuffled["validation"]) == list(range(1100))
-    assert shuffled["train"] != list(range(0, 935))
-    assert list(split_dataset(ds, shuffle=True, seed=1)["test"]["i"]) == shuffled["test"]  # seeded
 
 
 def test_batch_sampler_epochs_differ_and_are_reproducible():

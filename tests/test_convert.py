@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from convert.cli import main as convert_main
+from conftest import convert_main
 from convert.errors import ConvertError
 from convert.openai import load_openai_checkpoint
 from convert.tf_bundle import read_index

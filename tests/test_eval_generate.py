@@ -10,8 +10,8 @@ import pytest
 import torch
 from conftest import REPO_ROOT, run_cli
 
-from eval.generate import book_split, generate_file, model_fingerprint
-from eval.judge_cache import JudgeCache
+from core.files import JsonlFile, content_key
+from eval.generate import generate_file, model_fingerprint
 
 GENERATE = str(REPO_ROOT / "eval" / "generate.py")
 TINY_256 = dict(n_layers=2, emb_dim=64, n_heads=4, context_length=256)  # room for every test prompt + 32
@@ -29,12 +29,6 @@ def model_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def data_path(shared_dir):
     return shared_dir / "data" / "instruction-data.json"
-
-
-def test_book_split_is_935_110_55(data_path):
-    data = json.loads(data_path.read_text())
-    assert [len(book_split(data, s)) for s in ("train", "test", "val")] == [935, 110, 55]
-    assert book_split(data, "test") == data[935:1045]
 
 
 @pytest.fixture(scope="module")
@@ -92,12 +86,10 @@ def test_resumes_from_the_partial_file(tmp_path, model_dir, data_path):
     full = generate_file(model, tokenizer, records, out, **kw)
 
     # Pretend a run was killed after 5 records: their entries (marked) plus a torn sixth line.
-    from eval.judge_cache import cache_key
-
     settings = {"model": kw["fingerprint"], "max_new_tokens": 8, "style": "alpaca"}
-    partial = JudgeCache(tmp_path / "out.json.partial.jsonl")
+    partial = JsonlFile(tmp_path / "out.json.partial.jsonl")
     for i, rec in enumerate(records[:5]):
-        key = cache_key({**settings, **{k: rec[k] for k in ("instruction", "input", "output")}})
+        key = content_key({**settings, **{k: rec[k] for k in ("instruction", "input", "output")}})
         partial.append({"key": key, "index": i, "response": f"FROM PARTIAL {i}"})
     with open(partial.path, "ab") as f:
         f.write(b'{"key": "abc", "index": 5, "resp')
@@ -135,27 +127,45 @@ def test_resumes_after_sigkill(tmp_path, model_dir, data_path):
     assert resumed == [w["model_response"] for w in json.loads((tmp_path / "fresh.json").read_text())]
 
 
-@pytest.mark.parametrize("case, needle", [
-    ("missing key", "record 3 has no 'input' key"),
-    ("not a string", "record 1: 'output' is NoneType, expected a string"),
-    ("unreadable", "cannot read"),
-    ("no model", "does not exist; make one with `python -m gpt2_scratch init"),
+@pytest.mark.parametrize("case, needle, code", [
+    ("not a string", "record 1 field 'instruction' must be a string, got NoneType", 2),
+    ("unreadable", "missing.json: no such file", 2),
+    ("no model", "--model {tmp}/nowhere: no such folder", 2),
+    ("out is the data", "--out {tmp}/data.json is also --data: writing it would replace the input", 2),
+    ("out is a folder", "--out {tmp} is a folder", 2),
 ])
-def test_bad_input_is_one_line(tmp_path, data_path, case, needle):
+def test_bad_input_is_one_line(tmp_path, data_path, case, needle, code):
     records = json.loads(data_path.read_text())[:5]
-    path, model = tmp_path / "data.json", tmp_path / "model"
+    path, model, out = tmp_path / "data.json", tmp_path / "model", tmp_path / "o.json"
     model.mkdir()
-    if case == "missing key":
-        del records[3]["input"]
-    elif case == "not a string":
-        records[1]["output"] = None
+    if case == "not a string":
+        records[1]["instruction"] = None
     elif case == "unreadable":
         path = tmp_path / "missing.json"
     elif case == "no model":
         model = tmp_path / "nowhere"
+    elif case == "out is the data":
+        out = path
+    elif case == "out is a folder":
+        out = tmp_path
     if case != "unreadable":
         path.write_text(json.dumps(records))
-    r = run_cli(GENERATE, "--model", str(model), "--data", str(path), "--out", str(tmp_path / "o.json"))
-    assert r.returncode == 1
+    before = path.read_bytes() if path.exists() else None
+    r = run_cli(GENERATE, "--model", str(model), "--data", str(path), "--out", str(out))
+    assert r.returncode == code, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("error: "), r.stderr
-    assert needle in r.stderr
+    assert needle.format(tmp=tmp_path) in r.stderr
+    assert (path.read_bytes() if path.exists() else None) == before  # the input is untouched
+
+
+def test_records_without_input_get_responses(tmp_path, model_dir):
+    """Magpie-style records (no 'input' key) are valid everywhere: the responses file keeps their shape."""
+    path = tmp_path / "no-input.json"
+    records = [{"instruction": "Name a color.", "output": "Red."}, {"instruction": "Say hi.", "output": "Hi."}]
+    path.write_text(json.dumps(records))
+    out = tmp_path / "out.json"
+    r = run_cli(GENERATE, "--model", str(model_dir), "--data", str(path), "--out", str(out), "--max-new-tokens", "4",
+                "--quiet")
+    assert r.returncode == 0, r.stderr
+    written = json.loads(out.read_text())
+    assert [{k: v for k, v in w.items() if k != "model_response"} for w in written] == records

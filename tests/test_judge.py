@@ -18,7 +18,8 @@ import pytest
 from conftest import REPO_ROOT, run_cli
 from ollama_standin import OllamaStandin, standin_score
 
-from eval.judge_prompts import format_input, parse_score, parse_verdict, score_prompt
+from core.prompts import format_input
+from eval.judge_prompts import parse_score, parse_verdict, score_prompt
 
 JUDGE = str(REPO_ROOT / "eval" / "judge.py")
 
@@ -67,12 +68,15 @@ def test_prompt_is_the_books():
         "on a scale from 0 to 100, where 100 is the best score. Respond with the integer number only.")
 
 
-def test_format_input_matches_the_library(shared_dir):
-    """The judge's own copy of the Alpaca prompt (it avoids importing torch) equals the library's."""
-    from gpt2_scratch import format_input as library_format_input
-
+def test_the_judge_sees_the_training_prompt_with_or_without_input(shared_dir):
+    """The judge asks about exactly the prompt training used (core.prompts, shared by both); a record
+    without an 'input' key is the same question as one with an empty input."""
     data = json.loads((shared_dir / "data" / "instruction-data.json").read_text())
-    assert all(format_input(r) == library_format_input(r, "alpaca") for r in data)
+    for record in data[:50]:
+        assert f"Given the input `{format_input(record, 'alpaca')}` " in score_prompt(record, "x")
+    empty = next(r for r in data if r["input"] == "")
+    no_input = {k: v for k, v in empty.items() if k != "input"}
+    assert score_prompt(no_input, "x") == score_prompt(empty, "x")
 
 
 @pytest.mark.parametrize("reply, score", [
@@ -233,15 +237,15 @@ def _free_port():
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("case, needle", [
-    ("missing key", "record 2 has no 'output' key"),
-    ("no response key", "record 0 has no 'model_response' key; add responses with `python eval/generate.py`"),
-    ("unreadable", "cannot read"),
-    ("not json", "is not valid JSON (line 1"),
-    ("server down", "start it with `ollama serve`"),
-    ("model not pulled", "pull it with `ollama pull mistral`"),
+@pytest.mark.parametrize("case, needle, code", [
+    ("missing key", "record 2 has no 'output' field; every record needs 'instruction' and 'output' strings", 2),
+    ("no response key", "record 0 has no 'model_response' string; add responses with `gpt2-scratch respond`", 2),
+    ("unreadable", "does-not-exist.json: no such file", 2),
+    ("not json", "malformed JSON at line 1", 2),
+    ("server down", "start it with `ollama serve`", 1),
+    ("model not pulled", "pull it with `ollama pull mistral`", 1),
 ])
-def test_bad_input_is_one_line(tmp_path, server, test_records, case, needle):
+def test_bad_input_is_one_line(tmp_path, server, test_records, case, needle, code):
     records = [{**r, "model_response": r["output"]} for r in test_records[:4]]
     host, model, path = server.url, "llama3", tmp_path / "responses.json"
     if case == "missing key":
@@ -259,7 +263,7 @@ def test_bad_input_is_one_line(tmp_path, server, test_records, case, needle):
     elif case != "unreadable":
         path.write_text(json.dumps(records))
     r = run_judge("--file", str(path), "--host", host, "--model", model, cwd=tmp_path)
-    assert r.returncode == 1
+    assert r.returncode == code, r.stderr  # 2: the input is bad; 1: the server failed
     assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("error: "), r.stderr
     assert needle in r.stderr
     assert server.count() == 0

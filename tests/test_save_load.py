@@ -5,6 +5,8 @@ import json
 import torch
 from conftest import REPO_ROOT, TINY, run_cli, run_python
 
+from core.errors import InputError
+
 import gpt2_scratch
 from gpt2_scratch import GPT2ScratchConfig, GPT2ScratchForCausalLM, save_model_dir
 
@@ -73,7 +75,7 @@ def test_overwrite_is_explicit_and_replaces_atomically(tmp_path):
     out = save_model_dir(model, tmp_path / "m")
     try:
         save_model_dir(model, out)
-    except FileExistsError as error:
+    except InputError as error:
         assert "already exists" in str(error)
     else:
         raise AssertionError("an existing model directory was overwritten without overwrite=True")

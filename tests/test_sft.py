@@ -40,8 +40,14 @@ def sft(*args, **kw) -> subprocess.CompletedProcess:
 
 
 def losses(out: Path) -> list[tuple[int, float, float]]:
+    """(step, running train loss, validation loss) of every evaluation after the initial one."""
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], r["train_loss"], r["val_loss"]) for r in rows if "train_loss" in r]
+    return [(r["step"], r["train_loss_running"], r["val_loss"]) for r in rows if "train_loss_running" in r]
+
+
+def initial_losses(out: Path) -> dict:
+    (row,) = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"initial"' in line]
+    return row
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +64,11 @@ def test_training_run_leaves_a_complete_output_dir(reference_run):
     assert [r[0] for r in rows] == [1, 6, 11, 16, 21, 26, 30]
     first, last = rows[0], rows[-1]
     assert last[1] < first[1] - 2.0 and last[2] < first[2] - 2.0, rows  # train and val loss drop clearly
-    assert "| step     6/30 | train" in result.stdout  # one dense line per evaluation
+    assert "| step     6/30 | train (running)" in result.stdout  # one dense line per evaluation
+    initial = initial_losses(out)  # before any step: the first eval_iter batches of train and validation
+    assert initial["step"] == 0 and abs(initial["train_loss"] - 10.82) < 0.1 and abs(initial["val_loss"] - 10.82) < 0.1
+    assert f"initial losses | train {initial['train_loss']:.3f} | val {initial['val_loss']:.3f}" in result.stdout
+    assert json.loads((out / "config.json").read_text())["prompt_style"] == "alpaca"  # for chat and GGUF
 
     for name in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "args.json",
                  "loss.png", "loss.pdf"):
@@ -158,6 +168,7 @@ def test_resume_refuses_a_tampered_checkpoint_without_running_it(reference_run, 
         out = tmp_path / name
         checkpoint = out / "checkpoints" / "step-00000010"
         shutil.copytree(ref_out / "checkpoints" / "step-00000010", checkpoint)
+        shutil.copy(ref_out / "args.json", out / "args.json")
         torch.save({"state": RunsCode(marker)}, checkpoint / name)
         cmd = [sys.executable, "train/sft.py", *TINY, "--output-dir", str(out), "--resume"]
         procs.append((name, subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -189,11 +200,6 @@ def test_two_processes_match_one_process(reference_run, tmp_path):
     assert len(json.loads((out / "instruction-data-with-response.json").read_text())) == 110
     assert "on 2 process(es)" in result.stdout
     assert result.stdout.count("| step     6/30 |") == 1  # only the main process prints and writes
-
-
-BAD_JSON = '[{"instruction": "a", "output": "b"},\n {"instruction": "c" "output": "d"}]'
-MISSING_FIELD = '[{"instruction": "a", "output": "b"}, {"instruction": "c", "input": ""}]'
-WRONG_TYPE = '[{"instruction": "a", "output": "b"}, {"instruction": "c", "input": 3, "output": "d"}]'
 
 
 def test_fused_adamw_takes_the_default_step():
@@ -228,13 +234,14 @@ def test_grouped_evaluation_batches_give_the_same_validation_loss():
     from conftest import TINY as TINY_SHAPE
     from torch.utils.data import DataLoader
 
+    from core.records import load_records
     from gpt2_scratch import GPT2ScratchConfig, GPT2ScratchForCausalLM, get_tokenizer
     from train.data import InstructionCollator, evaluation_sampler, prepare_instruction_data
     from train.sft import evaluate
 
     torch.manual_seed(0)
     model = GPT2ScratchForCausalLM(GPT2ScratchConfig.from_preset("gpt2-small", **TINY_SHAPE))
-    data = prepare_instruction_data(str(BOOK_DATA), get_tokenizer(), max_length=128)
+    data = prepare_instruction_data(load_records(str(BOOK_DATA)), get_tokenizer(), max_length=128)
     val = data.validation.select_columns(["input_ids", "prompt_length"])
     collate = InstructionCollator(allowed_max_length=128)
     losses, pads = [], []
@@ -247,45 +254,9 @@ def test_grouped_evaluation_batches_give_the_same_validation_loss():
     assert losses[1] == pytest.approx(losses[0], rel=1e-5)
 
 
-def test_bad_input_gives_one_line_errors(tmp_path):
-    from train.data import BOOK_DATA_URL
-
-    files = {}
-    for name, content in (("bad.json", BAD_JSON), ("missing.json", MISSING_FIELD), ("wrong.json", WRONG_TYPE)):
-        files[name] = tmp_path / name
-        files[name].write_text(content)
-    existing = tmp_path / "existing"
-    existing.mkdir()
-    (existing / "keep.txt").write_text("x")
-    tiny = TINY[:TINY.index("--data")]
-    cases = [
-        (["--data", tmp_path / "nope.json"], "data file not found"),
-        (["--data", files["bad.json"]], "malformed JSON at line 2 column 22"),
-        (["--data", files["missing.json"]], "record 1 has no 'output' field"),
-        (["--data", files["wrong.json"]], "record 1 field 'input' must be a string or absent, got int"),
-        (["--data", BOOK_DATA, "--max-length", "8", "--too-long", "drop"], "no training examples left"),
-        (["--data", BOOK_DATA, "--output-dir", existing], "already exists; pass --resume"),
-        # No network here (and HF_HUB_OFFLINE=1): the book's URL and a Hub id fail with what to do instead.
-        (["--data", BOOK_DATA_URL], "cannot download https://raw.githubusercontent.com/rasbt/"),
-        (["--data", "tatsu-lab/alpaca"], "cannot load Hub data set tatsu-lab/alpaca"),
-    ]
-    procs = []
-    for i, (extra, _) in enumerate(cases):
-        out = ["--output-dir", tmp_path / f"out{i}"] if "--output-dir" not in extra else []
-        cmd = [sys.executable, "train/sft.py", *tiny, *out, *map(str, extra)]
-        procs.append(subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      text=True))
-    for proc, (_, expected) in zip(procs, cases):
-        stdout, stderr = proc.communicate(timeout=300)
-        assert proc.returncode == 2, stderr
-        lines = stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], stderr
-    assert (existing / "keep.txt").read_text() == "x"  # refused, untouched
-
-
 def test_cli_arguments_and_offline_demo_profile():
-    from train.common import parse_dataclass_args
-    from train.sft import OFFLINE_DEMO, SFTArgs, apply_profile
+    from core.args import parse_dataclass_args
+    from train.sft import OFFLINE_DEMO, SFTArgs
 
     args, explicit = parse_dataclass_args(SFTArgs, [])
     assert (args.model, args.epochs, args.batch_size, args.lr, args.weight_decay, args.eval_freq, args.eval_iter) == (
@@ -294,7 +265,7 @@ def test_cli_arguments_and_offline_demo_profile():
     assert parse_dataclass_args(SFTArgs, ["--resume"])[0].resume == "latest"
     assert parse_dataclass_args(SFTArgs, ["--resume", "OUT/checkpoints/step-00000010"])[0].resume.endswith("10")
     args, explicit = parse_dataclass_args(SFTArgs, ["--offline-demo", "--epochs", "1", "--mixed-precision", "no"])
-    demo = apply_profile(args, explicit)
+    demo = args.with_explicit(explicit)
     assert (demo.epochs, demo.mixed_precision) == (1, "no")  # explicit options win over the profile
     assert (demo.model, demo.random_init, demo.data, demo.emb_dim) == ("gpt2-small", True, "synthetic",
                                                                       OFFLINE_DEMO["emb_dim"])
@@ -320,8 +291,8 @@ def test_push_to_hub_hook_uploads_the_run(reference_run, tmp_path):
     from hub_standin import HubStandin
 
     out, _ = reference_run
-    code = ("import sys; from pathlib import Path; from train.common import push_to_hub\n"
-            "push_to_hub(Path(sys.argv[1]), 'alice/tiny-sft')\n")
+    code = ("import sys; from pathlib import Path; from train.publish import push_run\n"
+            "push_run(Path(sys.argv[1]), 'alice/tiny-sft')\n")
     with HubStandin(tmp_path / "hub", token="hf_test") as hub:
         env = {**ENV, "HF_ENDPOINT": hub.endpoint, "HF_TOKEN": hub.token, "HF_HUB_DISABLE_XET": "1",
                "HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_OFFLINE": "0"}

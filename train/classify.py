@@ -1,10 +1,10 @@
 """Finetune GPT-2 as a spam classifier (the book's chapter 6) with a hand-written Accelerate loop.
 
     accelerate launch train/classify.py [--model DIR|PRESET|HF_ID] [--random-init] [--data PATH|URL]
-        [--output-dir OUT] [--epochs 5] [--batch-size 8] [--lr 5e-5] [--max-steps N]
+        [--out OUT] [--epochs 5] [--batch-size 8] [--lr 5e-5] [--max-steps N]
         [--trainable last-block|last-N|all] [--pad-to-context] [--seed 123] [--mixed-precision bf16|no]
         [--push-to-hub USER/NAME]
-    python train/classify.py ...            # the same, one process
+    python train/classify.py ...            # the same, one process (= gpt2-scratch classify ...)
 
 Defaults reproduce the chapter: gpt2-small with OpenAI's weights; the SMS Spam Collection (downloaded
 from UCI, or a local ``label<TAB>text`` file) balanced to 747/747 by undersampling ham with seed 123,
@@ -18,8 +18,9 @@ One difference, on purpose: the book reads the logits at position -1, which for 
 than the longest is a padding token; ``GPT2ScratchForSequenceClassification`` reads the last *real*
 token (from the attention mask), so predictions do not depend on how much padding a batch has.
 
-What a run leaves in OUT (the same layout as train/sft.py, so ``python -m gpt2_scratch push`` and
-``classify`` take OUT directly):
+It shares train/sft.py's set-up and outputs (train/run.py: the pre-flight of the output folder, the
+Accelerator, the divergence guard, Ctrl-C, the final model; train/metrics.py). What a run leaves in OUT
+(the same layout as train/sft.py, so ``gpt2-scratch push`` and ``predict`` take OUT directly):
 
     config.json (id2label/label2id) model.safetensors tokenizer files modeling code   the classifier
     args.json                 the arguments of the run
@@ -30,58 +31,25 @@ What a run leaves in OUT (the same layout as train/sft.py, so ``python -m gpt2_s
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+if __name__ == "__main__":  # `python train/classify.py ARGS` and `accelerate launch train/classify.py ARGS`
+    from core.cli import run_script
 
-if __package__ in (None, ""):
-    # Run as a script: import this project's packages from the repository root, not from train/.
-    _here = Path(__file__).resolve().parent
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
-    sys.path.insert(0, str(_here.parent))
+    run_script("classify")
 
-if __name__ == "__main__":
-    # Before torch is imported: re-run this command with a caching malloc preloaded (train/allocator.py
-    # says why: about 1.5x faster CPU training steps). GPT2_SCRATCH_ALLOCATOR=system turns it off.
-    from train.allocator import use_caching_allocator_or_exit
-
-    use_caching_allocator_or_exit()
-
-import dataclasses
-import logging
-import os
 import re
 import time
 from dataclasses import dataclass
 from itertools import islice
+from pathlib import Path
 from typing import Literal
 
 import torch
 
-from train.allocator import loaded_allocator
-from train.common import (
-    MetricsLog,
-    UserError,
-    arg,
-    parse_dataclass_args,
-    plot_losses,
-    prepare_output_dir,
-    push_to_hub,
-    run_main,
-    save_final_model,
-    write_json_atomic,
-)
-from train.spam_data import (
-    DEFAULT_LABELS,
-    SPAM_BACKUP_URL,
-    SPAM_URL,
-    SpamDataError,
-    SpamDataset,
-    fetch_spam_data,
-    is_url,
-    prepare_splits,
-)
-
-logger = logging.getLogger(__name__)
+from core.args import arg
+from core.download import is_url
+from core.errors import EXIT_INTERRUPTED, InputError
+from train.run import TrainState
+from train.spam_data import DEFAULT_LABELS, SPAM_BACKUP_URL, SPAM_URL
 
 _TRAINABLE = re.compile(r"^(last-block|all|last-(\d+))$")
 
@@ -93,15 +61,15 @@ class ClassifyArgs:
     model: str = arg("gpt2-small", "model folder, Hugging Face repo id, or preset (gpt2-small|gpt2-medium|"
                                    "gpt2-large|gpt2-xl: OpenAI's weights, or untrained with --random-init)")
     random_init: bool = arg(False, "start from random weights instead of pretrained ones (offline runs, tests)")
-    models_dir: str | None = arg(None, "cache folder for OpenAI's weights (default ~/.cache/gpt2-scratch/openai)")
+    models_dir: str | None = arg(None, "cache folder for OpenAI's weights (default $GPT2_SCRATCH_CACHE/openai "
+                                       "or ~/.cache/gpt2-scratch/openai)")
     data: str = arg(SPAM_URL, "label<TAB>text file, or URL of it / of the UCI zip (downloaded once into "
-                              "--data-cache)")
-    data_cache: str | None = arg(None, "where a downloaded --data URL is kept (default "
-                                       "$GPT2_SCRATCH_CACHE/sms_spam or ~/.cache/gpt2-scratch/sms_spam)")
+                              "$GPT2_SCRATCH_CACHE/sms_spam, default ~/.cache/gpt2-scratch/sms_spam)")
     labels: str = arg(",".join(DEFAULT_LABELS), "comma-separated class names; their order gives the label ids")
     balance: bool = arg(True, "undersample larger classes to the smallest one (the book)")
-    output_dir: str = arg("runs/classify", "output directory (refused if it exists, unless --overwrite)")
-    overwrite: bool = arg(False, "delete an existing output directory first")
+    out: str = arg("runs/classify", "output folder (refused if it exists, unless --overwrite)",
+                   aliases=("--output-dir",))
+    overwrite: bool = arg(False, "replace an existing output folder (after every check of the run has passed)")
     epochs: int = arg(5, "passes over the training split")
     max_steps: int | None = arg(None, "stop after this many optimizer steps")
     batch_size: int = arg(8, "global batch size (examples per step, over all processes)")
@@ -133,20 +101,18 @@ def build_classifier(spec: str, *, labels: tuple[str, ...], random_init: bool = 
     (to continue training it). The head is initialised after ``torch.manual_seed(seed)``, as in the book.
     """
     import copy
-    import json
 
     from gpt2_scratch import GPT2ScratchForSequenceClassification
+    from gpt2_scratch.model_dir import is_classifier_config, is_our_model_dir, load_model_dir, read_config
 
     id2label = dict(enumerate(labels))
     label2id = {label: i for i, label in id2label.items()}
     path = Path(spec).expanduser()
-    if path.is_dir() and (path / "config.json").is_file() and not random_init:
-        saved = json.loads((path / "config.json").read_text())
-        if (saved.get("model_type") == "gpt2-scratch"
-                and any(a.endswith("ForSequenceClassification") for a in saved.get("architectures") or [])):
-            model = GPT2ScratchForSequenceClassification.from_pretrained(path)
+    if path.is_dir() and not random_init and is_our_model_dir(path):
+        if is_classifier_config(read_config(path)):
+            model = load_model_dir(path, head="classifier")
             if [model.config.id2label[i] for i in range(model.config.num_labels)] != list(labels):
-                raise UserError(f"{path} classifies into {list(model.config.id2label.values())}, not {list(labels)}; "
+                raise InputError(f"{path} classifies into {list(model.config.id2label.values())}, not {list(labels)}; "
                                 "pass matching --labels or start from a language model")
             return model
 
@@ -171,14 +137,14 @@ def set_trainable(model, spec: str) -> int:
     """
     match = _TRAINABLE.match(spec)
     if match is None:
-        raise UserError(f"--trainable {spec!r}: expected last-block, last-N (e.g. last-2) or all")
+        raise InputError(f"--trainable {spec!r}: expected last-block, last-N (e.g. last-2) or all")
     blocks = model.transformer.h
     if spec == "all":
         n_last = len(blocks)
     else:
         n_last = 1 if spec == "last-block" else int(match.group(2))
         if not 1 <= n_last <= len(blocks):
-            raise UserError(f"--trainable {spec}: the model has {len(blocks)} blocks; choose N in 1..{len(blocks)}")
+            raise InputError(f"--trainable {spec}: the model has {len(blocks)} blocks; choose N in 1..{len(blocks)}")
     for p in model.parameters():
         p.requires_grad = spec == "all"
     for module in [*blocks[len(blocks) - n_last:], model.transformer.ln_f, model.score]:
@@ -188,8 +154,137 @@ def set_trainable(model, spec: str) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Evaluation
+# The run: set-up → fit → finish
 # ---------------------------------------------------------------------------------------------------
+
+
+def run(args: ClassifyArgs) -> int:
+    from train.run import relaunch_multi_cpu
+
+    relaunch_multi_cpu()
+    setup = set_up(args)
+    state, interrupted = fit(setup, args)
+    if interrupted:
+        return EXIT_INTERRUPTED
+    finish(setup, state, args)
+    return 0
+
+
+@dataclass
+class Setup:
+    accelerator: object
+    model: object
+    optimizer: object
+    train_loader: object
+    train_eval_loader: object  # shuffled with its own generator: the book's few-batch estimates
+    val_loader: object
+    test_loader: object
+    out: Path
+    metrics: object
+    total_steps: int
+    max_length: int  # every message is padded/truncated to this many tokens
+
+
+def check_args(args: ClassifyArgs) -> tuple[str, ...]:
+    """The run's labels; one InputError for a setting it cannot start with."""
+    from train.run import check_number
+
+    labels = tuple(label.strip() for label in args.labels.split(",") if label.strip())
+    if len(labels) < 2:
+        raise InputError(f"--labels {args.labels!r}: need at least two comma-separated class names")
+    for name in ("epochs", "batch_size", "eval_freq", "eval_iter"):
+        if getattr(args, name) < 1:
+            raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.max_steps is not None and args.max_steps < 1:
+        raise InputError(f"--max-steps must be at least 1, got {args.max_steps}")
+    if _TRAINABLE.match(args.trainable) is None:
+        raise InputError(f"--trainable {args.trainable!r}: expected last-block, last-N (e.g. last-2) or all")
+    check_number("lr", args.lr, above=0)
+    check_number("weight_decay", args.weight_decay, minimum=0)
+    return labels
+
+
+def set_up(args: ClassifyArgs) -> Setup:
+    from accelerate.utils import set_seed
+    from torch.utils.data import DataLoader
+
+    from gpt2_scratch import get_encoding
+    from train.metrics import MetricsLog
+    from train.run import check_output, clear_output, make_accelerator, quiet_libraries, write_args
+    from train.spam_data import SpamDataset, fetch_spam_data, prepare_splits
+
+    # 1. Arguments, the output folder, the data, the model: checked before anything is written.
+    quiet_libraries()
+    labels = check_args(args)
+    out = check_output(args.out, resume=False, overwrite=args.overwrite,
+                       inputs=[("--model", args.model), ("--data", args.data)])
+    if is_url(args.data):
+        # The book's backup copy of the UCI zip is the mirror of the default URL.
+        data_path = fetch_spam_data(args.data, mirrors=(SPAM_BACKUP_URL,) if args.data == SPAM_URL else ())
+    else:
+        data_path = Path(args.data)
+    splits = prepare_splits(data_path, labels=labels, seed=args.seed, balance=args.balance)
+    set_seed(args.seed)
+    model = build_classifier(args.model, labels=labels, random_init=args.random_init, models_dir=args.models_dir,
+                             seed=args.seed)
+    n_trainable = set_trainable(model, args.trainable)
+    context = model.config.max_position_embeddings
+
+    encode = get_encoding().encode_ordinary  # the book's tokenizer.encode(text) on texts without special tokens
+    if args.pad_to_context:
+        max_length = context
+        train_ds = SpamDataset(splits.train, encode, splits.label2id, max_length=context)
+    else:
+        train_ds = SpamDataset(splits.train, encode, splits.label2id)
+        max_length = train_ds.max_length
+        if max_length > context:
+            raise InputError(f"the longest training message is {max_length} tokens but {args.model} has a "
+                             f"{context}-token context; pass --pad-to-context to truncate to it")
+    val_ds = SpamDataset(splits.val, encode, splits.label2id, max_length=max_length)
+    test_ds = SpamDataset(splits.test, encode, splits.label2id, max_length=max_length)
+    # Predict-time truncation must match training: keep the length in the saved config.
+    model.config.classification_max_length = max_length
+
+    def loader(ds, shuffle: bool, seed_offset: int = 0, drop_last: bool = False) -> DataLoader:
+        g = torch.Generator().manual_seed(args.seed + seed_offset)
+        return DataLoader(ds, batch_size=args.batch_size, shuffle=shuffle, drop_last=drop_last, generator=g)
+
+    train_loader = loader(train_ds, shuffle=True, drop_last=True)  # the book drops the last partial batch
+    if len(train_loader) == 0:
+        raise InputError(f"{data_path}: {len(train_ds)} training examples make no full batch of {args.batch_size}; "
+                         "lower --batch-size")
+    # The book estimates training loss/accuracy on a few shuffled training batches; a separate loader with
+    # its own generator does that without changing the training order.
+    train_eval_loader = loader(train_ds, shuffle=True, seed_offset=1)
+    val_loader, test_loader = loader(val_ds, shuffle=False), loader(test_ds, shuffle=False)
+
+    # 2. Only now: the processes and the output folder.
+    accelerator = make_accelerator(args.mixed_precision, args.batch_size)
+    clear_output(out, overwrite=args.overwrite, is_main_process=accelerator.is_main_process)
+    accelerator.wait_for_everyone()
+    total_steps = len(train_loader) * args.epochs
+    if args.max_steps is not None:
+        total_steps = min(total_steps, args.max_steps)
+    # As the book: AdamW over model.parameters(); frozen ones have no gradient and are skipped.
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    model, optimizer, train_loader, train_eval_loader, val_loader, test_loader = accelerator.prepare(
+        model, optimizer, train_loader, train_eval_loader, val_loader, test_loader)
+
+    main = accelerator.is_main_process
+    if main:
+        from core.allocator import loaded_allocator
+
+        write_args(out, args)
+        n_params = sum(p.numel() for p in accelerator.unwrap_model(model).parameters())
+        counts = ", ".join(f"{k} {v}" for k, v in splits.train["Label"].value_counts().sort_index().items())
+        print(f"model {args.model}{' (random init)' if args.random_init else ''}: {n_params:,} parameters, "
+              f"{n_trainable:,} trainable ({args.trainable}); data {data_path}: {len(train_ds)} train ({counts}) / "
+              f"{len(val_ds)} val / {len(test_ds)} test, padded to {max_length} tokens; {total_steps} steps of "
+              f"{args.batch_size} on {accelerator.num_processes} process(es), "
+              f"{'fp32' if args.mixed_precision == 'no' else args.mixed_precision}, {loaded_allocator()} malloc",
+              flush=True)
+    return Setup(accelerator, model, optimizer, train_loader, train_eval_loader, val_loader, test_loader, out,
+                 MetricsLog(out / "metrics.jsonl", enabled=main), total_steps, max_length)
 
 
 @torch.no_grad()
@@ -210,207 +305,106 @@ def evaluate(accelerator, model, loader, num_batches: int | None) -> tuple[float
     return totals[0] / max(totals[1], 1), totals[2] / max(totals[3], 1)
 
 
-def plot_accuracy(records: list[dict], out: Path) -> list[Path]:
-    return plot_losses(records, out, stem="accuracy", series=("train_accuracy", "val_accuracy"), ylabel="Accuracy")
+def fit(setup: Setup, args: ClassifyArgs) -> tuple[TrainState, bool]:
+    """The book's loop; returns (state, whether Ctrl-C stopped it). Classifier runs keep no checkpoints."""
+    from train.run import StopRequest, check_loss
 
-
-# ---------------------------------------------------------------------------------------------------
-# Training
-# ---------------------------------------------------------------------------------------------------
-
-
-def train(args: ClassifyArgs) -> Path:
-    import transformers
-    from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, set_seed
-    from torch.utils.data import DataLoader
-
-    from gpt2_scratch import get_encoding
-
-    labels = tuple(label.strip() for label in args.labels.split(",") if label.strip())
-    if len(labels) < 2:
-        raise UserError(f"--labels {args.labels!r}: need at least two comma-separated class names")
-    for name in ("epochs", "batch_size", "eval_freq", "eval_iter"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if args.max_steps is not None and args.max_steps < 1:
-        raise UserError(f"--max-steps must be at least 1, got {args.max_steps}")
-    if _TRAINABLE.match(args.trainable) is None:
-        raise UserError(f"--trainable {args.trainable!r}: expected last-block, last-N (e.g. last-2) or all")
-
-    accelerator = Accelerator(
-        mixed_precision=args.mixed_precision,
-        # --batch-size is the global batch: each process takes its slice of every batch.
-        dataloader_config=DataLoaderConfiguration(split_batches=True, even_batches=False),
-    )
+    accelerator, model, metrics = setup.accelerator, setup.model, setup.metrics
     main = accelerator.is_main_process
-    logging.basicConfig(level=logging.INFO if main else logging.WARNING, stream=sys.stdout,
-                        format="%(message)s", force=True)
-    for noisy in ("accelerate", "gpt2_scratch", "httpx", "httpx2"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    transformers.logging.set_verbosity_error()
-    if args.batch_size % accelerator.num_processes:
-        raise UserError(f"--batch-size {args.batch_size} is the global batch; it must be divisible by the "
-                        f"{accelerator.num_processes} processes")
-
-    # ---- data (before the output directory, so a bad file leaves nothing behind) ----
-    if is_url(args.data):
-        with accelerator.main_process_first():
-            # The book's backup copy of the UCI zip is the mirror of the default URL.
-            mirrors = (SPAM_BACKUP_URL,) if args.data == SPAM_URL else ()
-            cache = args.data_cache or Path(os.environ.get("GPT2_SCRATCH_CACHE") or "~/.cache/gpt2-scratch",
-                                            "sms_spam")
-            data_path = fetch_spam_data(args.data, Path(cache).expanduser(), mirrors=mirrors)
-    else:
-        data_path = Path(args.data)
-    splits = prepare_splits(data_path, labels=labels, seed=args.seed, balance=args.balance)
-
-    out = prepare_output_dir(args.output_dir, resume=False, overwrite=args.overwrite, is_main_process=main)
-    accelerator.wait_for_everyone()
-
-    set_seed(args.seed)
-    model = build_classifier(args.model, labels=labels, random_init=args.random_init, models_dir=args.models_dir,
-                             seed=args.seed)
-    n_trainable = set_trainable(model, args.trainable)
-    context = model.config.max_position_embeddings
-
-    encoding = get_encoding()
-    encode = encoding.encode_ordinary  # the book's tokenizer.encode(text) on texts without special tokens
-    if args.pad_to_context:
-        max_length = context
-        train_ds = SpamDataset(splits.train, encode, splits.label2id, max_length=context)
-    else:
-        train_ds = SpamDataset(splits.train, encode, splits.label2id)
-        max_length = train_ds.max_length
-        if max_length > context:
-            raise UserError(f"the longest training message is {max_length} tokens but {args.model} has a "
-                            f"{context}-token context; pass --pad-to-context to truncate to it")
-    val_ds = SpamDataset(splits.val, encode, splits.label2id, max_length=max_length)
-    test_ds = SpamDataset(splits.test, encode, splits.label2id, max_length=max_length)
-    # Predict-time truncation must match training: keep the length in the saved config.
-    model.config.classification_max_length = max_length
-
-    def loader(ds, shuffle: bool, seed_offset: int = 0, drop_last: bool = False) -> DataLoader:
-        g = torch.Generator().manual_seed(args.seed + seed_offset)
-        return DataLoader(ds, batch_size=args.batch_size, shuffle=shuffle, drop_last=drop_last, generator=g)
-
-    train_loader = loader(train_ds, shuffle=True, drop_last=True)  # the book drops the last partial batch
-    if len(train_loader) == 0:
-        raise UserError(f"{data_path}: {len(train_ds)} training examples make no full batch of {args.batch_size}; "
-                        "lower --batch-size")
-    # The book estimates training loss/accuracy on a few shuffled training batches; a separate loader with
-    # its own generator does that without changing the training order.
-    train_eval_loader = loader(train_ds, shuffle=True, seed_offset=1)
-    val_loader, test_loader = loader(val_ds, shuffle=False), loader(test_ds, shuffle=False)
-
-    total_steps = len(train_loader) * args.epochs
-    if args.max_steps is not None:
-        total_steps = min(total_steps, args.max_steps)
-    # As the book: AdamW over model.parameters(); frozen ones have no gradient and are skipped.
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    model, optimizer, train_loader, train_eval_loader, val_loader, test_loader = accelerator.prepare(
-        model, optimizer, train_loader, train_eval_loader, val_loader, test_loader)
-
-    metrics = MetricsLog(out / "metrics.jsonl", enabled=main)
-    if main:
-        write_json_atomic(out / "args.json", dataclasses.asdict(args))
-        n_params = sum(p.numel() for p in accelerator.unwrap_model(model).parameters())
-        counts = ", ".join(f"{k} {v}" for k, v in splits.train["Label"].value_counts().sort_index().items())
-        print(f"model {args.model}{' (random init)' if args.random_init else ''}: {n_params:,} parameters, "
-              f"{n_trainable:,} trainable ({args.trainable}); data {data_path}: {len(train_ds)} train ({counts}) / "
-              f"{len(val_ds)} val / {len(test_ds)} test, padded to {max_length} tokens; {total_steps} steps of "
-              f"{args.batch_size} on {accelerator.num_processes} process(es), "
-              f"{'fp32' if args.mixed_precision == 'no' else args.mixed_precision}, {loaded_allocator()} malloc",
-              flush=True)
-
     step, examples_seen, tokens_seen, train_seconds = 0, 0, 0, 0.0
     window_tokens, window_seconds = 0, 0.0
 
+    def state() -> TrainState:
+        return TrainState(step=step, epoch=epoch, tokens_seen=tokens_seen, train_seconds=train_seconds,
+                          extra={"examples_seen": examples_seen})
+
     def log_eval(epoch: int) -> None:
         nonlocal window_tokens, window_seconds
-        train_loss, _ = evaluate(accelerator, model, train_eval_loader, args.eval_iter)
-        val_loss, _ = evaluate(accelerator, model, val_loader, args.eval_iter)
+        train_loss, _ = evaluate(accelerator, model, setup.train_eval_loader, args.eval_iter)
+        val_loss, _ = evaluate(accelerator, model, setup.val_loader, args.eval_iter)
         row = {"epoch": epoch, "step": step, "examples_seen": examples_seen, "tokens_seen": tokens_seen,
                "train_loss": train_loss, "val_loss": val_loss,
                "tokens_per_sec": window_tokens / window_seconds if window_seconds else 0.0}
         metrics.log(row)
         if main:
-            print(f"epoch {epoch}/{args.epochs} | step {step:>4}/{total_steps} | train loss {train_loss:.3f} | "
+            print(f"epoch {epoch}/{args.epochs} | step {step:>4}/{setup.total_steps} | train loss {train_loss:.3f} | "
                   f"val loss {val_loss:.3f} | {examples_seen} examples | {row['tokens_per_sec']:,.0f} tok/s",
                   flush=True)
         window_tokens, window_seconds = 0, 0.0
 
     model.train()
     done = False
-    for epoch in range(1, args.epochs + 1):
-        for batch in train_loader:
-            tick = time.perf_counter()
-            with accelerator.autocast():
-                loss = model(**batch).loss
-            accelerator.backward(loss)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            n = batch["labels"].numel() * accelerator.num_processes
-            examples_seen += n
-            tokens_seen += n * max_length  # processed (padded) tokens: that is what the compute scales with
-            elapsed = time.perf_counter() - tick
-            train_seconds += elapsed
-            window_tokens += n * max_length
-            window_seconds += elapsed
-            # The book evaluates after its steps 0, 50, 100, ... (0-based); ours count from 1.
-            if (step - 1) % args.eval_freq == 0:
-                log_eval(epoch)
-            if step >= total_steps:
-                done = True
+    epoch = 0
+    with StopRequest() as stop:
+        for epoch in range(1, args.epochs + 1):
+            for batch in setup.train_loader:
+                tick = time.perf_counter()
+                with accelerator.autocast():
+                    loss = model(**batch).loss
+                accelerator.backward(loss)
+                setup.optimizer.step()
+                setup.optimizer.zero_grad(set_to_none=True)
+                step += 1
+                check_loss(accelerator.reduce(loss.detach(), reduction="mean").item(), step, setup.out / "checkpoints")
+                n = batch["labels"].numel() * accelerator.num_processes
+                examples_seen += n
+                tokens_seen += n * setup.max_length  # processed (padded) tokens: what the compute scales with
+                elapsed = time.perf_counter() - tick
+                train_seconds += elapsed
+                window_tokens += n * setup.max_length
+                window_seconds += elapsed
+                # The book evaluates after its steps 0, 50, 100, ... (0-based); ours count from 1.
+                if (step - 1) % args.eval_freq == 0:
+                    log_eval(epoch)
+                if stop.agreed(accelerator):
+                    if main:
+                        print(f"stopped at step {step}; a classifier run keeps no checkpoints (it takes minutes): "
+                              "run the command again with --overwrite", flush=True)
+                    return state(), True
+                if step >= setup.total_steps:
+                    done = True
+                    break
+            # The book's per-epoch accuracy: a few batches of each split.
+            accuracy = {name: evaluate(accelerator, model, loader, args.eval_iter)[1] for name, loader in
+                        (("train", setup.train_eval_loader), ("val", setup.val_loader), ("test", setup.test_loader))}
+            metrics.log({"epoch": epoch, "step": step, "examples_seen": examples_seen, "tokens_seen": tokens_seen,
+                         **{f"{k}_accuracy": v for k, v in accuracy.items()}})
+            if main:
+                print(f"epoch {epoch}/{args.epochs} | accuracy ({args.eval_iter} batches) train {accuracy['train']:.2%} "
+                      f"| val {accuracy['val']:.2%} | test {accuracy['test']:.2%}", flush=True)
+            if done:
                 break
-        # The book's per-epoch accuracy: a few batches of each split.
-        _, train_acc = evaluate(accelerator, model, train_eval_loader, args.eval_iter)
-        _, val_acc = evaluate(accelerator, model, val_loader, args.eval_iter)
-        _, test_acc = evaluate(accelerator, model, test_loader, args.eval_iter)
-        metrics.log({"epoch": epoch, "step": step, "examples_seen": examples_seen, "tokens_seen": tokens_seen,
-                     "train_accuracy": train_acc, "val_accuracy": val_acc, "test_accuracy": test_acc})
-        if main:
-            print(f"epoch {epoch}/{args.epochs} | accuracy ({args.eval_iter} batches) train {train_acc:.2%} | "
-                  f"val {val_acc:.2%} | test {test_acc:.2%}", flush=True)
-        if done:
-            break
     if (step - 1) % args.eval_freq != 0:
         log_eval(epoch)  # the last step's losses, for the plot and the model card
+    return state(), False
 
-    # The chapter's final numbers: accuracy over the full splits.
+
+def finish(setup: Setup, state: TrainState, args: ClassifyArgs) -> None:
+    """The chapter's final numbers (accuracy over the full splits), the classifier, the plots, a push."""
+    from train.metrics import plot_curves
+    from train.run import save_model_into
+
+    accelerator, model, out = setup.accelerator, setup.model, setup.out
     final = {}
-    for name, split_loader in (("train", train_eval_loader), ("val", val_loader), ("test", test_loader)):
-        final[f"{name}_loss"], final[f"{name}_accuracy"] = evaluate(accelerator, model, split_loader, None)
-    metrics.log({"epoch": epoch, "step": step, "split": "full", **final})
-
+    for name, loader in (("train", setup.train_eval_loader), ("val", setup.val_loader), ("test", setup.test_loader)):
+        final[f"{name}_loss"], final[f"{name}_accuracy"] = evaluate(accelerator, model, loader, None)
+    setup.metrics.log({"step": state.step, "split": "full", **final})
     accelerator.wait_for_everyone()
-    if main:
+    if accelerator.is_main_process:
         final_model = accelerator.unwrap_model(model)
         final_model.eval()
-        save_final_model(final_model, None, out)
-        records = metrics.read()
-        plot_losses([r for r in records if "train_loss" in r and r.get("split") != "full"], out)
-        plot_accuracy([r for r in records if "train_accuracy" in r and r.get("split") != "full"], out)
-        rate = tokens_seen / train_seconds if train_seconds else 0.0
-        print(f"done: {step} steps, {examples_seen} examples in {train_seconds / 60:.1f} min ({rate:,.0f} tok/s); "
-              f"accuracy train {final['train_accuracy']:.2%} | val {final['val_accuracy']:.2%} | "
+        save_model_into(out, final_model, None)
+        rows = [r for r in setup.metrics.read() if r.get("split") != "full"]
+        plot_curves(rows, out)
+        plot_curves(rows, out, stem="accuracy", series={"train_accuracy": "training accuracy",
+                                                         "val_accuracy": "validation accuracy"}, ylabel="Accuracy")
+        rate = state.tokens_seen / state.train_seconds if state.train_seconds else 0.0
+        print(f"done: {state.step} steps, {state.extra['examples_seen']} examples in {state.train_seconds / 60:.1f} min "
+              f"({rate:,.0f} tok/s); accuracy train {final['train_accuracy']:.2%} | val {final['val_accuracy']:.2%} | "
               f"test {final['test_accuracy']:.2%}; model, metrics, loss.png and accuracy.png in {out}", flush=True)
         if args.push_to_hub:
-            push_to_hub(out, args.push_to_hub)  # the model files + a card built from OUT's args/metrics/plots
+            from train.publish import push_run
+
+            push_run(out, args.push_to_hub)  # the model files + a card built from OUT's args/metrics/plots
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return out
-
-
-def main(argv: list[str] | None = None) -> None:
-    args, _ = parse_dataclass_args(ClassifyArgs, argv)
-
-    from convert.errors import ConvertError
-    from gpt2_scratch.hub import HubError
-
-    run_main(lambda: train(args), SpamDataError, ConvertError, HubError, FileExistsError)
-
-
-if __name__ == "__main__":
-    main()

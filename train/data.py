@@ -1,203 +1,52 @@
-"""Instruction data for finetuning: load, validate, split, tokenize, batch — chapter 7's pipeline as a library.
+"""Instruction data for finetuning: tokenize, batch, order — chapter 7's pipeline as a library.
 
-Where the records come from (``load_records``):
-  * a local ``.json`` file (a list of records) or ``.jsonl`` file (one record a line),
-  * an ``http(s)://`` URL of such a file (downloaded once into the ``datasets`` cache),
-  * a Hugging Face Hub data set id such as ``tatsu-lab/alpaca`` or ``yahma/alpaca-cleaned``,
-  * ``synthetic`` (or ``synthetic:N``): the offline demo's generated tasks (train/synthetic.py).
-Every record is checked (``instruction`` str, ``input`` str or absent, ``output`` str) and a bad one
-is reported by index and field, before anything is trained.
-
-Then, as the book does: an 85/10/5 train/test/validation split in file order (or after a seeded
-shuffle), ``format_example`` text tokenized with ``Dataset.map(batched=True)`` (cached on disk under a
-fingerprint of the data and the options), over-long examples truncated or dropped, and batches made by
-``InstructionCollator``, which reproduces the book's ``custom_collate_fn`` exactly: pad every item to
-the batch's longest + 1 with <|endoftext|>, shift inputs and targets by one, and ignore (-100) every
-padding target after the first, so the model learns to emit one <|endoftext|> after a response.
+The records come from ``core.records`` (one schema and one loader for every stage: a .json/.jsonl
+file, a URL, a Hub data set), split the book's way (85/10/5 in file order, or after a seeded shuffle).
+Here they become training examples: ``format_example`` text tokenized with ``Dataset.map(batched=True)``,
+over-long examples truncated or dropped, and batches made by ``InstructionCollator``, which reproduces
+the book's ``custom_collate_fn`` exactly: pad every item to the batch's longest + 1 with <|endoftext|>,
+shift inputs and targets by one, and ignore (-100) every padding target after the first, so the model
+learns to emit one <|endoftext|> after a response. ``EpochBatchSampler`` decides the batch order from
+(seed, epoch) alone, so a resumed run sees exactly the batches the interrupted one would have.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
-import os
-import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator, Sequence
 
 import datasets
 import torch
 from torch.utils.data import Sampler
 
-from gpt2_scratch import format_example, format_input
+from core.prompts import format_example, format_input
+from core.records import DataError, book_split, record_input
+from gpt2_scratch.tokenizer import ENDOFTEXT_ID
 
 logger = logging.getLogger(__name__)
 
-PAD_TOKEN_ID = 50256  # <|endoftext|>: GPT-2 has no pad token, the book pads with eos
+PAD_TOKEN_ID = ENDOFTEXT_ID  # GPT-2 has no pad token: the book pads with <|endoftext|>
 IGNORE_INDEX = -100  # what torch's cross_entropy skips
-
-# The book's data set, used when --data is not given.
-BOOK_DATA_URL = (
-    "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/01_main-chapter-code/instruction-data.json"
-)
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-# Bump when the tokenized columns change, so stale ``.map`` caches are not reused.
-_TOKENIZE_VERSION = "1"
-
-
-class DataError(ValueError):
-    """A problem with the instruction data that the user must fix; the message is one actionable line."""
-
-
-# ---------------------------------------------------------------------------------------------------
-# Loading and validation
-# ---------------------------------------------------------------------------------------------------
-
-
-def validate_records(records: Sequence, source: str) -> None:
-    """Raise ``DataError`` naming the first record (by index) and field that breaks the schema."""
-    if len(records) == 0:
-        raise DataError(f"{source}: holds no records; give a file with at least one instruction record")
-    for index, record in enumerate(records):
-        if not isinstance(record, dict):
-            raise DataError(f"{source}: record {index} is a {type(record).__name__}, not an object with "
-                            "'instruction', 'input' and 'output'")
-        for field in ("instruction", "output"):
-            if field not in record:
-                raise DataError(f"{source}: record {index} has no '{field}' field; every record needs "
-                                "'instruction' and 'output' strings")
-            if not isinstance(record[field], str):
-                raise DataError(f"{source}: record {index} field '{field}' must be a string, got "
-                                f"{type(record[field]).__name__}")
-        # "input" may be absent (Magpie-style data) or null (what a column store makes of absent).
-        if record.get("input") is not None and not isinstance(record["input"], str):
-            raise DataError(f"{source}: record {index} field 'input' must be a string or absent, got "
-                            f"{type(record['input']).__name__}")
-
-
-def _parse_json_file(path: Path, source: str) -> list:
-    """Parse a .json list or .jsonl file with the standard library, so a syntax error has a position."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise DataError(f"{source}: not UTF-8 text (byte {err.start}); save the file as UTF-8 JSON") from None
-    if path.suffix == ".jsonl" or (path.suffix != ".json" and not text.lstrip().startswith("[")):
-        records = []
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise DataError(f"{source}: malformed JSON on line {lineno} column {err.colno}: {err.msg}; "
-                                "each line of a .jsonl file must be one JSON object") from None
-        return records
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise DataError(f"{source}: malformed JSON at line {err.lineno} column {err.colno} (char {err.pos}): "
-                        f"{err.msg}; fix the file or re-download it") from None
-    if isinstance(data, dict):
-        # Some exports wrap the list: {"data": [...]} / {"train": [...]}.
-        lists = [v for v in data.values() if isinstance(v, list)]
-        if len(lists) != 1:
-            raise DataError(f"{source}: top-level JSON is an object, expected a list of records")
-        data = lists[0]
-    if not isinstance(data, list):
-        raise DataError(f"{source}: top-level JSON is a {type(data).__name__}, expected a list of records")
-    return data
-
-
-def _download(url: str) -> Path:
-    """Download ``url`` into the datasets cache (once); a one-line error when it cannot be reached."""
-    try:
-        return Path(datasets.DownloadManager().download(url))
-    except Exception as err:  # requests/fsspec raise many types; all mean "could not fetch"
-        raise DataError(f"cannot download {url} ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
-                        "check the network or pass a local file with --data") from None
-
-
-def _records_dataset(path: Path) -> datasets.Dataset:
-    """Arrow-backed Dataset of a validated local JSON/JSONL file (cached by the file's hash)."""
-    return datasets.load_dataset("json", data_files=str(path), split="train")
-
-
-def load_records(source: str, *, seed: int = 123) -> datasets.Dataset:
-    """Load and validate instruction records from a path, URL, Hub id or ``synthetic[:N]``.
-
-    Returns a ``datasets.Dataset`` with at least ``instruction``, ``input`` (None when absent) and
-    ``output`` columns, in file order.
-    """
-    if source == "synthetic" or source.startswith("synthetic:"):
-        from train.synthetic import write_synthetic_file
-
-        size = int(source.split(":", 1)[1]) if ":" in source else None
-        path = write_synthetic_file(size=size, seed=seed)
-        return _records_dataset(path)
-
-    if source.startswith(("http://", "https://")):
-        path = _download(source)
-        validate_records(_parse_json_file(path, source), source)
-        return _records_dataset(path)
-
-    path = Path(source).expanduser()
-    if path.is_file():
-        validate_records(_parse_json_file(path, str(path)), str(path))
-        return _records_dataset(path)
-    if path.exists():
-        raise DataError(f"{path} is a directory; pass a .json or .jsonl file of instruction records")
-    if _HUB_ID.match(source) and path.suffix not in (".json", ".jsonl"):
-        return _load_hub_dataset(source)
-    raise DataError(f"data file not found: {path}; pass an existing .json/.jsonl file, a URL, a Hub id "
-                    "or 'synthetic'")
-
-
-def _load_hub_dataset(repo_id: str) -> datasets.Dataset:
-    try:
-        ds = datasets.load_dataset(repo_id, split="train")
-    except Exception as err:
-        raise DataError(f"cannot load Hub data set {repo_id} ({type(err).__name__}: "
-                        f"{str(err).splitlines()[0][:200] if str(err) else ''}); check the id and the network, "
-                        "or pass a local file with --data") from None
-    missing = [c for c in ("instruction", "output") if c not in ds.column_names]
-    if missing:
-        raise DataError(f"Hub data set {repo_id} has no '{missing[0]}' column (columns: "
-                        f"{', '.join(ds.column_names)}); it is not Alpaca-style instruction data")
-    columns = {c: ds[c] for c in ("instruction", "input", "output") if c in ds.column_names}
-    records = [dict(zip(columns, values)) for values in zip(*columns.values())]
-    validate_records(records, repo_id)
-    return ds
-
-
-# ---------------------------------------------------------------------------------------------------
-# Splitting
-# ---------------------------------------------------------------------------------------------------
-
-
-def split_dataset(ds: datasets.Dataset, *, shuffle: bool = False, seed: int = 123) -> datasets.DatasetDict:
-    """The book's split: first 85% train, next 10% test, last 5% validation (in file order).
-
-    With ``shuffle`` the records are first shuffled with ``seed`` (reproducible).
-    For 1100 records: train [0:935], test [935:1045], validation [1045:1100].
-    """
-    if shuffle:
-        ds = ds.shuffle(seed=seed).flatten_indices()
-    n = len(ds)
-    n_train = int(n * 0.85)
-    n_test = int(n * 0.1)
-    return datasets.DatasetDict(
-        train=ds.select(range(0, n_train)),
-        test=ds.select(range(n_train, n_train + n_test)),
-        validation=ds.select(range(n_train + n_test, n)),
-    )
 
 
 # ---------------------------------------------------------------------------------------------------
 # Tokenization
 # ---------------------------------------------------------------------------------------------------
+
+
+def records_dataset(records: Sequence[dict]) -> datasets.Dataset:
+    """The records as a ``datasets.Dataset`` with exactly the columns a prompt is made of.
+
+    Built column by column: ``Dataset.from_list`` takes its columns from the first record only, and a
+    record without ``input`` (allowed) would otherwise hide every later record's input.
+    """
+    return datasets.Dataset.from_dict({
+        "instruction": [r["instruction"] for r in records],
+        "input": [record_input(r) for r in records],
+        "output": [r["output"] for r in records],
+    })
 
 
 def _records_from_batch(batch: dict) -> list[dict]:
@@ -214,13 +63,13 @@ def tokenize_dataset(
     too_long: str = "truncate",
     split_name: str = "train",
 ) -> datasets.Dataset:
-    """Add ``input_ids`` (prompt + response header + output) and ``prompt_length`` (tokens of the prompt).
+    """Add ``input_ids`` (prompt + response header + output), ``prompt_length`` (tokens of the prompt) and
+    ``length`` (tokens in all).
 
     ``prompt_length`` counts the leading tokens that lie entirely inside ``format_input(record)``, so
     ``--mask-prompt`` masks exactly the prompt. An example whose training sequence (its tokens + the
     closing <|endoftext|>) exceeds ``max_length`` is cut to fit (``too_long="truncate"``) or removed
-    (``"drop"``); how many is logged. The result is cached by ``datasets`` under a fingerprint built
-    from the data's fingerprint and these options.
+    (``"drop"``); how many is logged. An empty split stays empty, with the same columns.
     """
     if too_long not in ("truncate", "drop"):
         raise ValueError(f"too_long must be 'truncate' or 'drop', got {too_long!r}")
@@ -240,15 +89,13 @@ def tokenize_dataset(
             "length": [len(ids) for ids in enc["input_ids"]],
         }
 
-    fingerprint = hashlib.sha256(
-        f"{ds._fingerprint}|{style}|{tokenizer.name_or_path}|{len(tokenizer)}|{_TOKENIZE_VERSION}".encode()
-    ).hexdigest()[:16]
-    tokenized = ds.map(
-        tokenize,
-        batched=True,
-        new_fingerprint=fingerprint,
-        desc=f"tokenizing {split_name}",
-    )
+    if len(ds) == 0:  # map() would not add the columns to an empty split
+        return datasets.Dataset.from_dict({"input_ids": [], "prompt_length": [], "length": []},
+                                          features=datasets.Features({
+                                              "input_ids": datasets.Sequence(datasets.Value("int64")),
+                                              "prompt_length": datasets.Value("int64"),
+                                              "length": datasets.Value("int64")}))
+    tokenized = ds.map(tokenize, batched=True, remove_columns=ds.column_names, desc=f"tokenizing {split_name}")
     if max_length is None:
         return tokenized
 
@@ -261,18 +108,15 @@ def tokenize_dataset(
     if too_long == "drop":
         logger.warning("%s: dropped %d of %d examples longer than %d tokens", split_name, n_long, len(lengths),
                        max_length)
-        kept = [i for i, n in enumerate(lengths) if n <= max_length]
-        return tokenized.select(kept)
+        return tokenized.select([i for i, n in enumerate(lengths) if n <= max_length])
     logger.warning("%s: truncated %d of %d examples longer than %d tokens", split_name, n_long, len(lengths),
                    max_length)
 
     def truncate(example: dict) -> dict:
         ids = example["input_ids"][:max_length]
-        return {"input_ids": ids, "length": len(ids),
-                "prompt_length": min(example["prompt_length"], max_length)}
+        return {"input_ids": ids, "length": len(ids), "prompt_length": min(example["prompt_length"], max_length)}
 
-    return tokenized.map(truncate, new_fingerprint=f"{fingerprint}-trunc{max_length}",
-                         desc=f"truncating {split_name}")
+    return tokenized.map(truncate, desc=f"truncating {split_name}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -429,50 +273,32 @@ class InstructionData:
     validation_records: list[dict]
 
 
-def _raw_records(ds: datasets.Dataset) -> list[dict]:
-    return [{k: v for k, v in r.items() if not (k == "input" and v is None)} for r in ds]
-
-
 def prepare_instruction_data(
-    source: str | datasets.Dataset,
+    records: Sequence[dict],
     tokenizer,
     *,
+    source: str = "data",
     style: str = "alpaca",
     max_length: int | None = None,
     too_long: str = "truncate",
     shuffle_split: bool = False,
     seed: int = 123,
-    name: str | None = None,
 ) -> InstructionData:
-    """Load (unless ``source`` is already a loaded Dataset), validate, split and tokenize; raise
-    ``DataError`` if no training example is left."""
-    if isinstance(source, datasets.Dataset):
-        records, source = source, name or "data"
-    else:
-        records = load_records(source, seed=seed)
-    splits = split_dataset(records, shuffle=shuffle_split, seed=seed)
-    if len(splits["train"]) == 0:
-        raise DataError(f"{source}: {len(records)} records leave no training examples after the 85/10/5 split; "
+    """Split (the book's 85/10/5) and tokenize validated ``records``; raise ``DataError`` if no training
+    example is left."""
+    splits = book_split(records, shuffle=shuffle_split, seed=seed)
+    if not splits.train:
+        raise DataError(f"{source}: {len(records)} record(s) leave no training example after the 85/10/5 split; "
                         "give at least 2 records")
     tokenized = {
-        name: tokenize_dataset(split, tokenizer, style=style, max_length=max_length, too_long=too_long,
-                               split_name=name)
-        for name, split in splits.items()
+        name: tokenize_dataset(records_dataset(splits[name]), tokenizer, style=style, max_length=max_length,
+                               too_long=too_long, split_name=name)
+        for name in ("train", "validation", "test")
     }
     if len(tokenized["train"]) == 0:
-        raise DataError(f"{source}: no training examples left after dropping those longer than {max_length} "
+        raise DataError(f"{source}: no training example is left after dropping those longer than {max_length} "
                         "tokens; use --too-long truncate or a model with a longer context")
     logger.info("data %s: %d train / %d validation / %d test examples", source, len(tokenized["train"]),
                 len(tokenized["validation"]), len(tokenized["test"]))
-    return InstructionData(
-        train=tokenized["train"],
-        validation=tokenized["validation"],
-        test=tokenized["test"],
-        test_records=_raw_records(splits["test"]),
-        validation_records=_raw_records(splits["validation"]),
-    )
-
-
-def data_cache_dir() -> Path:
-    """Where the project caches generated data (beside the ``datasets`` cache)."""
-    return Path(os.environ.get("GPT2_SCRATCH_CACHE", Path(datasets.config.HF_DATASETS_CACHE) / "gpt2_scratch"))
+    return InstructionData(train=tokenized["train"], validation=tokenized["validation"], test=tokenized["test"],
+                           test_records=splits.test, validation_records=splits.validation)

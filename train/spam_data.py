@@ -25,7 +25,6 @@ from __future__ import annotations
 import io
 import logging
 import os
-import tempfile
 import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -34,6 +33,11 @@ from pathlib import Path
 import pandas as pd
 import torch
 from torch.utils.data import Dataset
+
+from core.download import fetch_to_cache
+from core.files import write_bytes_atomic
+from core.records import DataError
+from gpt2_scratch.tokenizer import ENDOFTEXT_ID
 
 logger = logging.getLogger(__name__)
 
@@ -44,10 +48,10 @@ SPAM_BACKUP_URL = "https://f001.backblazeb2.com/file/LLMs-from-scratch/sms%2Bspa
 ZIP_MEMBER = "SMSSpamCollection"
 # Book's label ids: ham → 0, spam → 1.
 DEFAULT_LABELS = ("ham", "spam")
-PAD_TOKEN_ID = 50256  # <|endoftext|>
+PAD_TOKEN_ID = ENDOFTEXT_ID  # GPT-2 has no pad token: the book pads with <|endoftext|>
 
 
-class SpamDataError(ValueError):
+class SpamDataError(DataError):
     """A data file that cannot be used; the message is one line naming file and line."""
 
 
@@ -214,74 +218,45 @@ class SpamDataset(Dataset):
         return int(self.attention_mask.sum())
 
 
-def is_url(spec: str) -> bool:
-    return spec.startswith(("http://", "https://"))
+def fetch_spam_data(url: str, *, mirrors: Sequence[str] = ()) -> Path:
+    """Download the data (the UCI zip, or a plain TSV) once into the cache and return the TSV's path.
 
-
-def fetch_spam_data(url: str, cache_dir: str | os.PathLike, *, mirrors: Sequence[str] = (),
-                    timeout: float = 30.0) -> Path:
-    """Download the data (the UCI zip, or a plain TSV) once into ``cache_dir`` and return the TSV path.
-
-    ``mirrors`` are tried in order when ``url`` fails (the book's backup copy of the UCI zip for the
-    default URL). A zip is searched for the ``SMSSpamCollection`` member; the content must look like
-    ``label<TAB>text`` lines (not, say, an HTML error page) before it is kept. It is written under a
-    temporary name and renamed, so an interrupted download never leaves a file that looks complete.
-    An existing cached file is reused without touching the network.
+    The download goes through ``core.download`` (resume, retries, mirrors; the book's backup copy of
+    the UCI zip is the default URL's mirror). A zip is searched for the ``SMSSpamCollection`` member,
+    which is extracted once beside it. The content must look like ``label<TAB>text`` lines (not, say,
+    an HTML error page) before it is used.
     """
-    cache_dir = Path(cache_dir)
-    dest = cache_dir / "SMSSpamCollection.tsv"
-    if dest.is_file() and dest.stat().st_size > 0:
-        logger.info("using cached %s", dest)
-        return dest
-    failures = []
-    for source in (url, *mirrors):
+    download = fetch_to_cache(url, subdir="sms_spam", mirrors=mirrors,
+                              offline_hint="download the SMS Spam Collection elsewhere and pass --data PATH to its TSV")
+    payload = download.read_bytes()
+    if payload[:4] != b"PK\x03\x04":  # not a zip: the TSV itself
         try:
-            payload = _download(source, timeout)
-        except SpamDataError as e:
-            failures.append(str(e))
-            logger.warning("%s", e)
-            continue
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=".SMSSpamCollection.", suffix=".part")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(payload)
-            os.replace(tmp, dest)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+            _check_tsv(payload, url)
+        except SpamDataError:
+            download.unlink()  # an error page must not be taken for the data next time
             raise
-        return dest
-    raise SpamDataError("; ".join(failures) + "; download it elsewhere and pass --data PATH to the TSV")
-
-
-def _download(url: str, timeout: float) -> bytes:
-    """The TSV bytes behind ``url`` (unzipped if it is the UCI zip); SpamDataError naming the URL on failure."""
-    import requests
-    from tqdm.auto import tqdm
-
-    try:
-        with requests.get(url, stream=True, timeout=timeout) as r:
-            r.raise_for_status()
-            total = int(r.headers.get("Content-Length") or 0) or None
-            buf = io.BytesIO()
-            with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {url.rsplit('/', 1)[-1]}") as bar:
-                for chunk in r.iter_content(1 << 16):
-                    buf.write(chunk)
-                    bar.update(len(chunk))
-    except requests.RequestException as e:
-        reason = type(e).__name__ if isinstance(e, requests.ConnectionError) else str(e).splitlines()[0]
-        raise SpamDataError(f"{url}: download failed ({reason})") from None
-    payload = buf.getvalue()
-    if payload[:4] == b"PK\x03\x04":  # a zip archive
+        return download
+    tsv = download.with_name(ZIP_MEMBER + ".tsv")
+    if not tsv.is_file():
         try:
             with zipfile.ZipFile(io.BytesIO(payload)) as zf:
                 names = [n for n in zf.namelist() if Path(n).name in (ZIP_MEMBER, ZIP_MEMBER + ".tsv")]
                 if not names:
-                    raise SpamDataError(f"{url}: zip has no {ZIP_MEMBER} member (members: {zf.namelist()[:5]})")
-                payload = zf.read(names[0])
+                    raise SpamDataError(f"{url}: the zip has no {ZIP_MEMBER} member (members: {zf.namelist()[:5]})")
+                member = zf.read(names[0])
         except zipfile.BadZipFile as e:
-            raise SpamDataError(f"{url}: corrupt zip ({e})") from None
+            download.unlink(missing_ok=True)  # a damaged download must not be reused
+            raise SpamDataError(f"{url}: corrupt zip ({e}); run the command again to download it anew") from None
+        try:
+            _check_tsv(member, url)
+        except SpamDataError:
+            download.unlink()
+            raise
+        write_bytes_atomic(tsv, member)
+    return tsv
+
+
+def _check_tsv(payload: bytes, url: str) -> None:
     first = next((line for line in payload[:4096].split(b"\n") if line.strip()), b"")
     if b"\t" not in first:
         raise SpamDataError(f"{url}: not label<TAB>text data (starts with {first[:40]!r})")
-    return payload

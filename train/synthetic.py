@@ -19,16 +19,10 @@ input) pair occurs twice, so the test split holds only unseen questions.
 
 from __future__ import annotations
 
-import json
-import os
 import random
-import tempfile
 from collections import defaultdict
-from pathlib import Path
 
 DEFAULT_SIZE = 3000
-# Part of the cached file's name: bump it whenever the generator's output changes.
-GENERATOR_VERSION = 3
 
 # Short, common words: most are a single GPT-2 token with a leading space.
 WORDS = (
@@ -101,21 +95,16 @@ def make_synthetic_records(size: int = DEFAULT_SIZE, seed: int = 123, tasks: tup
     return records
 
 
-def write_synthetic_file(size: int | None = None, seed: int = 123, directory: str | os.PathLike | None = None) -> Path:
-    """Write the synthetic set as a JSON file (atomically, once per size/seed) and return its path."""
-    from train.data import data_cache_dir
+def synthetic_records(spec: str, seed: int = 123) -> list[dict] | None:
+    """The records ``--data synthetic`` or ``synthetic:N`` names, or None for any other ``--data``."""
+    if spec != "synthetic" and not spec.startswith("synthetic:"):
+        return None
+    size = spec.split(":", 1)[1] if ":" in spec else str(DEFAULT_SIZE)
+    if not size.isdigit() or int(size) < 1:
+        from core.errors import InputError
 
-    size = DEFAULT_SIZE if size is None else size
-    directory = Path(directory) if directory is not None else data_cache_dir() / "synthetic"
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"synthetic-instructions-v{GENERATOR_VERSION}-n{size}-seed{seed}.json"
-    if not path.exists():
-        records = make_synthetic_records(size, seed)
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(records, f, indent=1)
-        os.replace(tmp, path)
-    return path
+        raise InputError(f"--data {spec}: expected synthetic or synthetic:N with N a positive number of records")
+    return make_synthetic_records(int(size), seed)
 
 
 def exact_match_report(records: list[dict], responses: list[str]) -> dict[str, tuple[int, int]]:

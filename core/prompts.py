@@ -3,7 +3,12 @@
 ``alpaca`` is chapter 7's format; ``phi3`` is the book's exercise 7.1. The prompt given to the model
 ends before the response header: the finetuned model writes the header itself, and
 ``extract_response`` removes it again, exactly as the book's evaluation code does.
+
+Plain text, no torch: training, generation, the judge and the GGUF export's chat template all use
+these functions, so what a model is trained on is exactly what it is asked at every other step.
 """
+
+from core.errors import InputError
 
 PROMPT_STYLES = ("alpaca", "phi3")
 
@@ -15,7 +20,7 @@ _RESPONSE_MARKER = {"alpaca": "### Response:", "phi3": "<|assistant|>:"}
 
 def _check_style(style: str) -> None:
     if style not in PROMPT_STYLES:
-        raise ValueError(f"unknown prompt style {style!r}; choose one of {', '.join(PROMPT_STYLES)}")
+        raise InputError(f"unknown prompt style {style!r}; choose one of {', '.join(PROMPT_STYLES)}")
 
 
 def format_input(record: dict, style: str = "alpaca") -> str:

@@ -14,7 +14,7 @@ Batched generation gains too (eval/generate.py, gpt2-small fp32 batch 16: 176-18
 the KV cache grows by a fresh allocation every step.
 
 How: a preloaded library must be there when the process starts, so a script calls
-``use_caching_allocator()`` first thing, before torch is imported. If no caching allocator is loaded
+``use_caching_allocator()`` first thing (core.cli does, for the commands that train or generate), before torch is imported. If no caching allocator is loaded
 yet it re-executes the same command (``os.execve``, same interpreter, same arguments) with
 ``LD_PRELOAD`` naming one; child processes (DDP workers, DataLoader workers) inherit it.
 
@@ -31,6 +31,8 @@ import os
 import sys
 from pathlib import Path
 
+from core.errors import InputError
+
 ENV_VAR = "GPT2_SCRATCH_ALLOCATOR"
 CHOICES = ("auto", "mimalloc", "tcmalloc", "system")
 # Library-name stems of caching allocators; one of them in LD_PRELOAD means "already chosen".
@@ -44,7 +46,7 @@ _KNOWN = {"mimalloc": "libmimalloc", "tcmalloc": "libtcmalloc", "jemalloc": "lib
 MIMALLOC_DEFAULTS = {"MIMALLOC_PURGE_DELAY": "-1"}
 
 
-class AllocatorError(RuntimeError):
+class AllocatorError(InputError):
     """GPT2_SCRATCH_ALLOCATOR names an allocator that is not installed or not known."""
 
 
@@ -119,12 +121,3 @@ def use_caching_allocator() -> None:
     sys.stderr.flush()
     # sys.orig_argv is the interpreter's own command line (python -m ..., python script.py ...).
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
-
-
-def use_caching_allocator_or_exit() -> None:
-    """``use_caching_allocator()`` for scripts: a bad GPT2_SCRATCH_ALLOCATOR is one ``error:`` line, exit 2."""
-    try:
-        use_caching_allocator()
-    except AllocatorError as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        sys.exit(2)

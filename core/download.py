@@ -1,16 +1,19 @@
-"""Downloading OpenAI's GPT-2 release files so that a flaky network costs time, never a bad file.
+"""The one downloader: weights and data sets arrive whole and verified, or not at all.
 
 For each file:
 - a file already under its final name is complete (only a verified download is ever renamed
-  there), so it is skipped without touching the network: a filled cache works offline;
+  there), so it is used without touching the network: a filled cache works offline;
 - bytes go to `NAME.part`; a partial file is resumed with an HTTP Range request. A server that
   ignores Range (answers 200 instead of 206) restarts the file from byte 0 instead of appending;
-- connection errors, cut transfers and 5xx answers are retried with exponential backoff; a 4xx,
+- connection errors, cut transfers and 5xx answers are retried with backoff (`core.retry`); a 4xx,
   or retries used up, moves on to the next mirror;
 - the result is renamed into place only when its size matches the server's and, where known, its
-  checksum (sha256 for files we know, the server's Content-MD5 otherwise); a wrong checksum
-  deletes the partial file, so nothing that looks complete is left behind;
-- when no URL answers at all, one line says which URL failed and how to use `--from-dir`.
+  checksum (a sha256 we know, else the server's Content-MD5); a wrong checksum deletes the partial
+  file, so nothing that looks complete is left behind;
+- when no URL answers at all, one line says which URL failed and what to do offline.
+
+`fetch_to_cache` puts a file under the project's cache folder (`core.files.cache_root()`), which is
+what data sets given as URLs use; OpenAI's checkpoints go through `download_file` into their own folder.
 """
 
 from __future__ import annotations
@@ -19,52 +22,46 @@ import base64
 import hashlib
 import logging
 import os
+import re
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import unquote, urlparse
 
 import requests
 from tqdm.auto import tqdm
 
-from convert.errors import DownloadError
+from core.errors import Failure
+from core.files import cache_root
+from core.retry import RetryPolicy
 
 log = logging.getLogger(__name__)
-
-OPENAI_BASE_URL = "https://openaipublic.blob.core.windows.net/gpt-2/models"
-# The backup the book's gpt_download.py falls back to; same {size}/{file} layout.
-OPENAI_MIRROR_URL = "https://f001.backblazeb2.com/file/LLMs-from-scratch/gpt2"
-# Overrides, e.g. for an internal mirror or a test server: a base URL, and a comma-separated list.
-ENV_BASE_URL = "GPT2_SCRATCH_OPENAI_URL"
-ENV_MIRRORS = "GPT2_SCRATCH_OPENAI_MIRRORS"
-
-# Checksums we know independently of any server: the GPT-2 BPE files, identical in every size
-# (the sums tiktoken verifies for its "gpt2" encoding).
-KNOWN_SHA256 = {
-    "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
-    "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
-}
 
 CHUNK = 1 << 20  # 1 MiB per write: progress updates often, memory stays flat
 
 
-def _env_number(name: str, default: float) -> float:
-    try:
-        return float(os.environ.get(name, default))
-    except ValueError:
-        raise DownloadError(f"environment variable {name}={os.environ[name]!r} is not a number") from None
+class DownloadError(Failure):
+    """A file that could not be downloaded (server error, bad checksum, offline).
+
+    `url` is the first URL tried, `reason` why it failed, `offline` true when no server answered.
+    """
+
+    def __init__(self, message: str, *, url: str | None = None, reason: str | None = None, offline: bool = False):
+        super().__init__(message)
+        self.url, self.reason, self.offline = url, reason, offline
 
 
-@dataclass
-class RetryPolicy:
-    """How hard to try one URL before moving to the next (env vars set the defaults)."""
+# Owner/name, as the Hugging Face Hub spells repository ids.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
-    attempts: int = field(default_factory=lambda: int(_env_number("GPT2_SCRATCH_DOWNLOAD_ATTEMPTS", 4)))
-    """tries per URL: connection errors, cut transfers and 5xx answers are retried"""
-    backoff: float = field(default_factory=lambda: _env_number("GPT2_SCRATCH_DOWNLOAD_BACKOFF", 1.0))
-    """seconds before the 2nd try, doubled for each further one"""
-    timeout: float = field(default_factory=lambda: _env_number("GPT2_SCRATCH_DOWNLOAD_TIMEOUT", 30.0))
-    """seconds to connect, and at most between two received chunks"""
+
+def is_url(spec: str) -> bool:
+    return spec.startswith(("http://", "https://"))
+
+
+def is_hub_id(spec: str) -> bool:
+    """Whether ``spec`` has the shape of a Hub repo id (``owner/name``); says nothing of whether it exists."""
+    return bool(_HUB_ID.match(spec))
 
 
 class _TryNextURL(Exception):
@@ -77,15 +74,6 @@ class _Retry(Exception):
 
 class _Unreachable(_Retry):
     """Could not even connect (DNS, refused, unreachable): retried too, and counted as offline."""
-
-
-def openai_urls(size: str, filename: str, base_url: str | None = None, mirrors: Sequence[str] | None = None) -> list[str]:
-    """Primary URL then mirrors for one release file; env vars override the defaults."""
-    base = base_url or os.environ.get(ENV_BASE_URL) or OPENAI_BASE_URL
-    if mirrors is None:
-        env = os.environ.get(ENV_MIRRORS)
-        mirrors = [m for m in env.split(",") if m.strip()] if env is not None else [OPENAI_MIRROR_URL]
-    return [f"{b.strip().rstrip('/')}/{size}/{filename}" for b in [base, *mirrors]]
 
 
 def _file_digest(path: Path, algorithm: str) -> str:
@@ -195,13 +183,15 @@ def _short(e: Exception) -> str:
 
 def download_file(urls: Sequence[str], dest: str | Path, *, sha256: str | None = None,
                   policy: RetryPolicy | None = None, progress: bool = True,
-                  session: requests.Session | None = None) -> Path:
+                  session: requests.Session | None = None,
+                  offline_hint: str = "download it elsewhere and pass the local file instead") -> Path:
     """Download one file from the first URL that serves it correctly; returns `dest`.
 
-    Raises DownloadError with one line naming every URL's failure and suggesting --from-dir.
+    Raises DownloadError with one line naming every URL's failure and ending with ``offline_hint``
+    (what to do without the network: the caller knows which flag takes a local copy).
     """
     dest = Path(dest)
-    policy = policy or RetryPolicy()
+    policy = policy or RetryPolicy.for_downloads()
     if dest.is_file():
         if sha256 is None or _file_digest(dest, "sha256") == sha256:
             log.info("%s: already complete, skipping", dest)
@@ -219,7 +209,7 @@ def download_file(urls: Sequence[str], dest: str | Path, *, sha256: str | None =
             reason = "not tried"
             for attempt in range(policy.attempts):
                 if attempt:
-                    time.sleep(policy.backoff * 2 ** (attempt - 1))
+                    time.sleep(policy.delay(attempt))
                 try:
                     size, md5 = _fetch_once(session, url, part, policy, progress, dest.name)
                 except _Retry as e:
@@ -253,27 +243,22 @@ def download_file(urls: Sequence[str], dest: str | Path, *, sha256: str | None =
             session.close()
     if not reached_any:
         mirrors = f" nor {len(urls) - 1} mirror{'s' if len(urls) > 2 else ''}" if len(urls) > 1 else ""
-        raise DownloadError(f"cannot reach {urls[0]} ({failures[0][1]}){mirrors}: offline? Download "
-                            f"{dest.name} and the other release files elsewhere, copy them into a folder "
-                            "and pass `--from-dir DIR`", url=urls[0], reason=failures[0][1], offline=True)
+        raise DownloadError(f"cannot reach {urls[0]} ({failures[0][1]}){mirrors}: offline? {offline_hint}",
+                            url=urls[0], reason=failures[0][1], offline=True)
     kept = f"; the partial file {part} is kept for resuming" if part.exists() else ""
     raise DownloadError(f"could not download {dest.name}: "
                         + "; ".join(f"{u} ({why})" for u, why in failures)
-                        + f"{kept}; retry later, or pass `--from-dir DIR` with files you downloaded yourself",
+                        + f"{kept}; retry later, or {offline_hint}",
                         url=urls[0], reason=failures[0][1])
 
 
-def download_openai(size: str, models_dir: str | Path, *, files: Sequence[str] | None = None,
-                    base_url: str | None = None, mirrors: Sequence[str] | None = None,
-                    policy: RetryPolicy | None = None, progress: bool = True) -> Path:
-    """Download OpenAI's release files for `size` ("124M"…"1558M") into models_dir/size; returns that folder."""
-    from convert.openai import OPENAI_FILES, OPENAI_SIZES
+def fetch_to_cache(url: str, *, subdir: str, mirrors: Sequence[str] = (), sha256: str | None = None,
+                   offline_hint: str = "download it elsewhere and pass the local file instead",
+                   progress: bool = True) -> Path:
+    """``url`` (or a mirror) downloaded once into ``cache_root()/subdir/<file name>``; the cached path.
 
-    if size not in OPENAI_SIZES:
-        raise DownloadError(f"unknown GPT-2 size {size!r}; choose one of {', '.join(OPENAI_SIZES)}")
-    folder = Path(models_dir) / size
-    with requests.Session() as session:
-        for name in files or OPENAI_FILES:
-            download_file(openai_urls(size, name, base_url, mirrors), folder / name, sha256=KNOWN_SHA256.get(name),
-                          policy=policy, progress=progress, session=session)
-    return folder
+    A cached copy is used without the network (checked against ``sha256`` when one is known).
+    """
+    name = unquote(Path(urlparse(url).path).name) or "download"
+    return download_file([url, *mirrors], cache_root() / subdir / name, sha256=sha256, progress=progress,
+                         offline_hint=offline_hint)

@@ -1,0 +1,48 @@
+"""The two kinds of error a command can end with, and the one rule that turns them into exit codes.
+
+- ``InputError`` (exit 2): the user gave something that cannot work — an argument, a file, a record,
+  a model folder, an output path. Nothing has been written or deleted when it is raised (commands
+  check their inputs before they write).
+- ``Failure`` (exit 1): the inputs were fine but the work failed — a server or the network is down,
+  training diverged, the disk is full, no record could be scored.
+
+Both carry a one-line message saying what, where (file, record, tensor, URL) and what to do. Every
+module-specific error (``DataError``, ``ConvertError``, ``HubError``, ...) subclasses one of them,
+so ``core.cli`` needs no list of them. Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import errno
+
+EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+class InputError(Exception):
+    """Bad input the user can fix; exit status 2."""
+
+    exit_code = EXIT_BAD_INPUT
+
+
+class Failure(Exception):
+    """The work could not be done although the input was fine; exit status 1."""
+
+    exit_code = EXIT_FAILURE
+
+
+def one_line(text: object, limit: int = 400) -> str:
+    """``text`` squeezed onto one line (whitespace runs become one space), at most ``limit`` characters."""
+    line = " ".join(str(text).split())
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+def describe_os_error(err: OSError) -> str:
+    """One line for an ``OSError`` raised while reading or writing: the path and the system's reason.
+
+    A full disk is named plainly, because it is the one users most often meet in the middle of a run.
+    """
+    where = err.filename if err.filename is not None else "a file"
+    if err.errno == errno.ENOSPC:
+        return f"no space left on device while writing {where}; free some space and run the command again"
+    reason = err.strerror or type(err).__name__
+    return f"{where}: {reason}"

@@ -1,0 +1,298 @@
+"""Files: the one way this project writes them, where it caches them, and how outputs are checked first.
+
+Every file a command leaves is written whole or not at all: into a temporary file beside the target,
+flushed and ``fsync``-ed, given ordinary permissions (``0666`` less the umask, as ``open`` would), then
+renamed over the target, and the folder's entry is synced too. A crash, a full disk or Ctrl-C at any
+moment leaves the old file or the new one, never half of one. Folders (model directories) are built
+the same way in a temporary sibling and renamed into place.
+
+``JsonlFile`` is the append-only log the project keeps for results that arrive one at a time
+(``metrics.jsonl``, the judge's answer cache, the responses of an interrupted generation): each entry
+is one ``write`` of one line on an ``O_APPEND`` descriptor, synced; a torn last line left by a killed
+process is cut off on the next read.
+
+``check_output_file`` / ``check_output_dir`` are the pre-flight of every command that writes: the
+output must not be one of the command's inputs, must not lie under a file, and its folder must be
+writable, all checked before any work is done or anything is deleted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from core.errors import InputError
+
+log = logging.getLogger(__name__)
+
+CACHE_ENV = "GPT2_SCRATCH_CACHE"
+
+
+def cache_root() -> Path:
+    """The project's cache folder: ``$GPT2_SCRATCH_CACHE``, else ``~/.cache/gpt2-scratch``.
+
+    Downloads live in subfolders: ``openai/`` (OpenAI's checkpoints), ``data/`` (data sets).
+    """
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "gpt2-scratch").expanduser()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# Read once, at import (in the main thread): os.umask can only be read by setting it.
+_FILE_MODE = 0o666 & ~_umask()
+_DIR_MODE = 0o777 & ~_umask()
+
+
+def _fsync_path(path: Path, directory: bool = False) -> None:
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` to write to; on success it becomes ``path``.
+
+    The temporary file keeps ``path``'s suffix (so writers that infer a format from it, such as
+    matplotlib, still work). On any exception it is removed and ``path`` is untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{path.suffix}")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        _fsync_path(tmp)
+        os.chmod(tmp, _FILE_MODE)
+        os.replace(tmp, path)
+        _fsync_path(path.parent, directory=True)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    return write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any, *, indent: int | None = 4) -> Path:
+    """JSON, UTF-8, a final newline (indent 4 matches the book's instruction-data-with-response.json)."""
+    return write_text_atomic(path, json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")
+
+
+def write_dir_atomically(out_dir: str | os.PathLike, write: Callable[[Path], None], *,
+                         overwrite: bool = False) -> Path:
+    """Call ``write(tmp_dir)`` to fill a temporary sibling of ``out_dir``, then rename it into place.
+
+    An existing non-empty ``out_dir`` is refused unless ``overwrite``; then it is replaced only once the
+    new folder is complete and synced, so a crash at any point leaves the old folder or the new one.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"{out_dir} exists and is not a folder; choose another output path")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise InputError(f"{out_dir} already exists and is not empty; choose another path or pass --overwrite")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
+    try:
+        write(tmp_dir)
+        # mkdtemp and some writers create owner-only files; a model folder is meant to be shared.
+        for path in sorted(tmp_dir.rglob("*"), reverse=True):  # files before their folders
+            os.chmod(path, _DIR_MODE if path.is_dir() else _FILE_MODE)
+            _fsync_path(path, directory=path.is_dir())
+        os.chmod(tmp_dir, _DIR_MODE)
+        _fsync_path(tmp_dir, directory=True)
+        if out_dir.exists():
+            # Two renames, so the old folder stays whole until the new one is complete.
+            old_dir = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+            out_dir.rename(old_dir)
+            tmp_dir.rename(out_dir)
+            shutil.rmtree(old_dir)
+        else:
+            tmp_dir.rename(out_dir)
+        _fsync_path(out_dir.parent, directory=True)
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def replace_files_into(staging: Path, out_dir: Path) -> None:
+    """Move every file of a complete ``staging`` folder into ``out_dir``, weights last, then remove it.
+
+    For outputs that share a folder with other files (a training run's model at the top of OUT): a
+    reader never sees a new config paired with missing weights, and each file is itself complete.
+    """
+    for f in sorted(staging.iterdir(), key=lambda p: p.suffix in (".safetensors", ".gguf")):
+        os.replace(f, out_dir / f.name)
+    shutil.rmtree(staging)
+    _fsync_path(out_dir, directory=True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Append-only JSON lines
+# ---------------------------------------------------------------------------------------------------
+
+
+def content_key(fields: dict) -> str:
+    """A stable hex digest of ``fields`` (JSON-serialisable; key order does not matter): the key of a cached
+    result, so a changed record, model or setting is computed again and an unchanged one never is."""
+    canonical = json.dumps(fields, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+class JsonlFile:
+    """An append-only file of JSON objects, one per line, safe against crashes and shared by threads."""
+
+    def __init__(self, path: str | os.PathLike, *, sync: bool = True):
+        self.path = Path(path)
+        self.sync = sync
+        self._lock = threading.Lock()
+
+    def append(self, entry: dict) -> None:
+        """Durably append one entry as one line."""
+        line = (json.dumps(entry, ensure_ascii=False) + "\n").encode("utf-8")
+        with self._lock:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, _FILE_MODE)
+            try:
+                view = memoryview(line)
+                while view:  # os.write may write less than asked: finish the line
+                    view = view[os.write(fd, view):]
+                if self.sync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    def read(self) -> list[dict]:
+        """Every complete entry in file order. A torn last line is cut off (so the next append starts a
+        clean line); a complete line that is not a JSON object is skipped with a warning naming it."""
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return []
+        end = data.rfind(b"\n") + 1  # bytes after the last newline: a write cut short
+        if end < len(data):
+            log.warning("%s: ignoring a torn last line (%d bytes) left by an interrupted run", self.path,
+                        len(data) - end)
+            with self._lock, open(self.path, "r+b") as f:
+                f.truncate(end)
+                os.fsync(f.fileno())
+        entries = []
+        for lineno, raw in enumerate(data[:end].splitlines(), start=1):
+            if not raw.strip():
+                continue
+            try:
+                entry = json.loads(raw)
+            except ValueError:
+                entry = None
+            if isinstance(entry, dict):
+                entries.append(entry)
+            else:
+                log.warning("%s:%d: skipping a line that is not a JSON object", self.path, lineno)
+        return entries
+
+    def rewrite(self, entries: Iterable[dict]) -> None:
+        """Replace the whole file (atomically) with ``entries``."""
+        text = "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in entries)
+        with self._lock:
+            write_text_atomic(self.path, text)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Pre-flight checks for outputs
+# ---------------------------------------------------------------------------------------------------
+
+
+def _same_path(a: Path, b: Path) -> bool:
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _inside(child: Path, parent: Path) -> bool:
+    """Whether ``child`` is ``parent`` or lies below it (both resolved)."""
+    child, parent = child.resolve(), parent.resolve()
+    return child == parent or parent in child.parents
+
+
+def check_writable_folder(folder: Path, *, flag: str) -> None:
+    """``folder`` (or the nearest part of it that exists) can hold new files; else an InputError.
+
+    Probed by creating and removing a file, which also catches read-only file systems and works for
+    root, to whom permission bits do not apply.
+    """
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InputError(f"{flag} {folder}: {existing} is a file, not a folder; choose another path")
+    try:
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".gpt2-scratch-write-probe.")
+    except OSError as err:
+        raise InputError(f"{flag} {folder}: cannot write in {existing} ({err.strerror or err}); "
+                         "choose a folder you can write to") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+def check_output_file(path: str | os.PathLike, *, flag: str = "--out",
+                      inputs: Iterable[tuple[str, str | os.PathLike | None]] = ()) -> Path:
+    """Check, before any work, that ``path`` can be written as a file and is none of ``inputs``.
+
+    ``inputs`` are ``(flag, path)`` pairs of what the command reads (None entries are skipped).
+    """
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise InputError(f"{flag} {path} is a folder; give the path of a file to write")
+    for input_flag, input_path in inputs:
+        if input_path is not None and (_same_path(path, Path(input_path)) or
+                                        path.resolve() == Path(input_path).expanduser().resolve()):
+            raise InputError(f"{flag} {path} is also {input_flag}: writing it would replace the input; "
+                             "choose another output file")
+    check_writable_folder(path.parent, flag=flag)
+    return path
+
+
+def check_output_dir(path: str | os.PathLike, *, flag: str = "--out",
+                     inputs: Iterable[tuple[str, str | os.PathLike | None]] = ()) -> Path:
+    """Check, before any work, that folder ``path`` can be written and holds none of ``inputs``.
+
+    Whether an existing non-empty folder may be reused (``--overwrite``, ``--resume``) is the command's
+    decision; this only refuses what can never work.
+    """
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise InputError(f"{flag} {path} is a file, not a folder; choose another output folder")
+    for input_flag, input_path in inputs:
+        if input_path is None:
+            continue
+        input_path = Path(input_path).expanduser()
+        if input_path.exists() and _inside(input_path, path):
+            raise InputError(f"{flag} {path} holds {input_flag} {input_path}, which this command reads: "
+                             "writing the output there could replace it; choose another output folder")
+    check_writable_folder(path, flag=flag)
+    return path

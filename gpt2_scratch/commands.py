@@ -1,0 +1,214 @@
+"""The model's own commands: make a model folder, continue a prompt, label texts with a classifier.
+
+    gpt2-scratch init --preset gpt2-small --out DIR [--n-layers N ...]
+    gpt2-scratch generate --model DIR [--prompt TEXT] [--max-new-tokens N] [--temperature T] [--top-k K]
+    gpt2-scratch predict --model DIR --text "..."      (also: python -m gpt2_scratch classify --text ...)
+
+``--model`` is what every command of the project takes: a model folder, a preset (gpt2-small …
+gpt2-xl: OpenAI's weights, converted and cached on first use) or a Hub repo id (convert/resolve.py).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass
+from typing import Literal
+
+from core.args import arg
+from core.errors import InputError
+
+PRESET_NAMES = ("gpt2-small", "gpt2-medium", "gpt2-large", "gpt2-xl")
+MODEL_HELP = "model folder, preset (gpt2-small|gpt2-medium|gpt2-large|gpt2-xl: OpenAI's weights) or Hub repo id"
+
+
+# ---------------------------------------------------------------------------------------------------
+# init
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class InitArgs:
+    """Write a randomly initialised model folder (shape overrides make tiny models for tests and demos)."""
+
+    preset: Literal["gpt2-small", "gpt2-medium", "gpt2-large", "gpt2-xl"] = arg(help="GPT-2 size to start from")
+    out: str = arg(help="model folder to create")
+    seed: int = arg(123, "seed of the random init")
+    n_layers: int | None = arg(None, "override the preset's number of blocks")
+    emb_dim: int | None = arg(None, "override the preset's embedding width")
+    n_heads: int | None = arg(None, "override the preset's attention heads")
+    context_length: int | None = arg(None, "override the context length (1024)")
+    untied: bool = arg(False, "give the LM head its own weights instead of sharing the token embedding's")
+    overwrite: bool = arg(False, "replace an existing folder")
+
+
+def run_init(args: InitArgs) -> None:
+    import torch
+
+    from core.files import check_output_dir
+
+    from . import GPT2ScratchConfig, GPT2ScratchForCausalLM, save_model_dir
+
+    check_output_dir(args.out)
+    overrides = {name: getattr(args, name) for name in ("n_layers", "emb_dim", "n_heads", "context_length")
+                 if getattr(args, name) is not None}
+    try:
+        config = GPT2ScratchConfig.from_preset(args.preset, tie_word_embeddings=not args.untied, **overrides)
+    except ValueError as err:
+        raise InputError(str(err)) from None
+    torch.manual_seed(args.seed)
+    model = GPT2ScratchForCausalLM(config)
+    save_model_dir(model, args.out, overwrite=args.overwrite)
+    print(f"wrote {args.out}: {args.preset} ({model.num_parameters():,} parameters, random init, seed {args.seed})")
+
+
+# ---------------------------------------------------------------------------------------------------
+# generate
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(kw_only=True)
+class SamplingArgs:
+    """The book's generation settings, shared by ``generate`` and ``chat``."""
+
+    max_new_tokens: int = arg(50, "tokens to generate at most")
+    temperature: float = arg(0.0, "0 = greedy (the book's default); > 0 samples: top-k first, then temperature")
+    top_k: int | None = arg(None, "sample only among the k most likely tokens")
+    top_p: float = arg(1.0, "nucleus sampling threshold in (0, 1] (1 = off)")
+    seed: int = arg(123, "seed for sampling")
+
+    def check_sampling(self) -> None:
+        if self.max_new_tokens < 1:
+            raise InputError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise InputError(f"--temperature must be a finite number >= 0 (0 = greedy), got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise InputError(f"--top-k must be at least 1, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise InputError(f"--top-p must be in (0, 1], got {self.top_p}")
+
+    def generate_kwargs(self) -> dict:
+        """Keyword arguments for ``model.generate``: greedy at temperature 0, else the book's sampling."""
+        if self.temperature == 0:
+            return {"do_sample": False}
+        return {"do_sample": True, "temperature": self.temperature, "top_k": self.top_k or 0, "top_p": self.top_p}
+
+
+@dataclass(kw_only=True)
+class GenerateArgs(SamplingArgs):
+    """Continue a prompt with a model (raw completion), streaming tokens; interactive without --prompt."""
+
+    model: str = arg(help=MODEL_HELP)
+    prompt: str | None = arg(None, "text to continue; omit it for an interactive loop (an empty line ends)")
+    ignore_eos: bool = arg(False, "keep going past <|endoftext|>")
+
+
+def load_for_generation(spec: str, max_new_tokens: int):
+    """(model, tokenizer, longest prompt) for ``spec``; an error when no prompt would fit the context."""
+    from convert.resolve import load_model, load_tokenizer
+
+    model = load_model(spec)
+    context = model.config.max_position_embeddings
+    if max_new_tokens >= context:
+        raise InputError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in the {context}-token "
+                         f"context of {spec}; ask for at most {context - 1}")
+    return model, load_tokenizer(spec), context - max_new_tokens
+
+
+def crop_prompt(ids: list[int], max_prompt: int) -> list[int]:
+    """As the book's generate(): keep the last tokens that fit, so the continuation follows the end."""
+    if not ids:
+        raise InputError("the prompt is empty after tokenization; give some text")
+    if len(ids) > max_prompt:
+        print(f"[prompt cropped from the left: {len(ids)} → {max_prompt} tokens]", file=sys.stderr)
+        ids = ids[-max_prompt:]
+    return ids
+
+
+def run_generate(args: GenerateArgs) -> None:
+    import torch
+    from transformers import TextStreamer
+
+    from .tokenizer import ENDOFTEXT_ID
+
+    args.check_sampling()
+    model, tokenizer, max_prompt = load_for_generation(args.model, args.max_new_tokens)
+
+    def complete(prompt: str) -> None:
+        ids = crop_prompt(tokenizer.encode(prompt), max_prompt)
+        torch.manual_seed(args.seed)
+        with torch.inference_mode():
+            model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                           max_new_tokens=args.max_new_tokens, eos_token_id=None if args.ignore_eos else ENDOFTEXT_ID,
+                           pad_token_id=ENDOFTEXT_ID, streamer=TextStreamer(tokenizer, skip_special_tokens=True),
+                           **args.generate_kwargs())
+
+    if args.prompt is not None:
+        complete(args.prompt)
+        return
+    print("Type a prompt and press Enter (an empty line or 'quit' ends).", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            break
+        if line.strip() in ("", "quit", "exit"):
+            break
+        complete(line)
+
+
+# ---------------------------------------------------------------------------------------------------
+# predict (classify texts)
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PredictArgs:
+    """Print the predicted label and its probability for each --text (or each stdin line with -)."""
+
+    model: str = arg(help="classifier folder (the output of `gpt2-scratch classify`)")
+    text: list[str] = arg(help="texts to classify, or '-' to read one text per line from stdin",
+                          action="extend")
+
+
+def classify_texts(model, tokenizer, texts: list[str]) -> list[tuple[str, float]]:
+    """(label, probability) of the most likely class for each text, one forward pass per text.
+
+    Texts are truncated to the length the classifier was trained with (``classification_max_length`` in
+    its config, else the context), as the book's ``classify_review`` does; a note says so.
+    """
+    import torch
+
+    config = model.config
+    max_length = min(getattr(config, "classification_max_length", None) or config.max_position_embeddings,
+                     config.max_position_embeddings)
+    results = []
+    with torch.inference_mode():
+        for index, text in enumerate(texts):
+            ids = tokenizer.encode(text)
+            if not ids:
+                raise InputError(f"--text {index + 1} is empty after tokenization; give some text")
+            if len(ids) > max_length:
+                print(f"[text {index + 1} cropped to its first {max_length} of {len(ids)} tokens, the length the "
+                      "classifier was trained with]", file=sys.stderr)
+                ids = ids[:max_length]
+            logits = model(input_ids=torch.tensor([ids])).logits  # (1, num_labels); no padding, no mask
+            probs = logits.float().softmax(-1)[0]
+            best = int(probs.argmax())
+            results.append((config.id2label.get(best, str(best)), float(probs[best])))
+    return results
+
+
+def run_predict(args: PredictArgs) -> None:
+    from .model_dir import load_model_dir
+    from .tokenizer import get_tokenizer
+
+    model = load_model_dir(args.model, head="classifier")
+    texts: list[str] = []
+    for text in args.text:
+        if text == "-":
+            texts.extend(line.rstrip("\n") for line in sys.stdin if line.strip())
+        else:
+            texts.append(text)
+    for text, (label, prob) in zip(texts, classify_texts(model, get_tokenizer(), texts)):
+        print(f"{label}\t{prob:.4f}" + (f"\t{text}" if len(texts) > 1 else ""))
