@@ -8,8 +8,12 @@ book's prompt, options seed 123 / temperature 0 / num_ctx 2048, and a JSON-schem
 integer ``score``. What the book's script leaves to chance is handled here:
 
 - preflight: the server answers and the model is pulled, else a one-line fix and exit 1;
+- the reply is capped (``--max-reply-tokens``); structured output steps down (JSON schema, plain
+  JSON, text) when a server refuses it, once per run;
 - unparsable replies are retried, then reported as failures with their text (never dropped);
-- connection errors, timeouts and 5xx are retried with backoff; ``--workers`` ask in parallel;
+- connection errors, timeouts and 5xx are retried with backoff, errors that would repeat (4xx,
+  validation errors) are not; ``--request-timeout`` bounds each request; ``--workers`` ask in parallel;
+- the first Ctrl-C stops the run at once (exit 130); no record scored is a failure (exit 1);
 - every answer is appended to a JSONL cache (``SCORES`` with ``.cache.jsonl``) as it arrives, so a
   killed run, rerun with the same command, asks only what is still missing;
 - empty responses score 0 without a call, as in the book.

@@ -240,7 +240,7 @@ class _BaseJudge:
                 raise Cancelled()
             fmt = "text"
             try:
-                with self._probing(stop):
+                with self._probing(stop, schema is not None):
                     if schema is not None:  # read after waiting: the probe before may have stepped down
                         fmt = self.format
                     reply = self._ask(prompt, schema, fmt, stop)
@@ -263,10 +263,10 @@ class _BaseJudge:
         raise RequestFailed(f"{last} (gave up after {attempts} attempts)")
 
     @contextmanager
-    def _probing(self, stop: threading.Event | None):
+    def _probing(self, stop: threading.Event | None, structured: bool):
         """Until a format has worked, let one request through at a time (the rest wait here)."""
-        if self._confirmed:
-            yield
+        if self._confirmed or not structured or self._level == len(self._ladder) - 1:
+            yield  # nothing left to find out (the ladder only goes down, so reading it unlocked is safe)
             return
         while not self._probe_lock.acquire(timeout=0.1):
             if stop is not None and stop.is_set():
@@ -311,12 +311,12 @@ class _BaseJudge:
             watch = _Watchdog(r, deadline, stop)
             try:
                 yield r, watch
-            except (requests.RequestException, ValueError, _Retryable) as e:
+            except (OSError, ValueError, _Retryable) as e:  # requests' errors are OSErrors
                 if watch.fired == "stop":
                     raise Cancelled() from None
                 if watch.fired == "deadline":
                     raise RequestFailed(self._overran(url)) from None
-                if isinstance(e, requests.RequestException):  # e.g. a read timeout mid-reply
+                if isinstance(e, OSError):  # e.g. a read timeout mid-reply
                     raise _Retryable(f"reply from {url} broke off: {type(e).__name__}") from None
                 raise
             finally:
@@ -491,10 +491,10 @@ class OpenAIJudge(_BaseJudge):
         url = self.host + self._chat_path
         with self._post(payload, fmt, stop) as (r, _):
             body = r.content  # read under the watchdog: a body that trickles cannot hold us
-        try:
-            data = json.loads(body)
-        except ValueError:
-            raise _Retryable(f"{url} sent a reply that is not JSON") from None
+            try:
+                data = json.loads(body)
+            except ValueError:  # cut off (retried), unless the watchdog cut it
+                raise _Retryable(f"{url} sent a reply that is not JSON") from None
         try:
             choice = data["choices"][0]
             content = choice["message"]["content"]
