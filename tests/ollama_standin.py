@@ -58,9 +58,11 @@ _MARK_RE = re.compile(r"\b(FAIL500|SLOW|MIDERR|GARBLE):(\d+)")
 _NONOBJECT_RE = re.compile(r"\bNONOBJECT:(list|str|int)\b")
 _NONOBJECT = {"list": b"[1]", "str": b'"x"', "int": b"7"}
 # What llama-cpp-python 0.3.x answers (HTTP 500) to response_format {"type": "json_schema"}.
-LLAMA_CPP_JSON_SCHEMA_ERROR = (
-    "[{'type': 'literal_error', 'loc': ('body', 'response_format', 'type'), 'msg': \"Input should be "
-    "'text' or 'json_object'\", 'input': 'json_schema', 'ctx': {'expected': \"'text' or 'json_object'\"}}]")
+LLAMA_CPP_JSON_SCHEMA_ERROR = (  # its error.message, verbatim but for the path
+    "1 validation error:\n  {'type': 'literal_error', 'loc': ('body', 'response_format', 'type'), "
+    "'msg': \"Input should be 'text' or 'json_object'\", 'input': 'json_schema', "
+    "'ctx': {'expected': \"'text' or 'json_object'\"}}\n\n  File \"llama_cpp/server/app.py\", "
+    "line 376, in create_chat_completion\n    POST /v1/chat/completions")
 
 
 def standin_score(response: str) -> int:

