@@ -161,11 +161,12 @@ def _judge_identity(judge) -> dict:
 def _cached_answers(questions: list[Question], cache: JudgeCache | None) -> dict[str, dict]:
     """Answers the cache holds for ``questions``; entries with an impossible value are skipped."""
     known = cache.load() if cache is not None else {}
-    answers, bad = {}, []
+    answers, bad, seen = {}, [], set()
     for q in questions:
         hit = known.get(q.key)
-        if hit is None or q.key in answers or hit.get("value") is None:
+        if hit is None or q.key in seen or hit.get("value") is None:
             continue
+        seen.add(q.key)
         if q.valid(hit["value"]):
             answers[q.key] = {"value": hit["value"], "reply": hit.get("reply"), "reason": None, "cached": True}
         else:

@@ -45,7 +45,7 @@ def sent_format(payload) -> str:
     return rf["type"] if rf else "text"
 
 
-def run_judge(*args, cwd, env=None):
+def run_judge(*args, cwd):
     return run_cli(JUDGE, "--quiet", "--retry-backoff", "0.01", *args, cwd=cwd, timeout=120)
 
 
