@@ -9,8 +9,12 @@ book's prompt, options seed 123 / temperature 0 / num_ctx 2048, and a JSON-schem
 integer ``score``. What the book's script leaves to chance is handled here:
 
 - preflight: the server answers and the model is pulled, else a one-line fix and exit 1;
+- the reply is capped (``--max-reply-tokens``); structured output steps down (JSON schema, plain
+  JSON, text) when a server refuses it, once per run;
 - unparsable replies are retried, then reported as failures with their text (never dropped);
-- connection errors, timeouts and 5xx are retried with backoff; ``--workers`` ask in parallel;
+- connection errors, timeouts and 5xx are retried with backoff, errors that would repeat (4xx,
+  validation errors) are not; ``--request-timeout`` bounds each request; ``--workers`` ask in parallel;
+- the first Ctrl-C stops the run at once (exit 130); no record scored is a failure (exit 1);
 - every answer is appended to a JSONL cache (``SCORES`` with ``.cache.jsonl``) as it arrives, so a
   killed run, rerun with the same command, asks only what is still missing;
 - empty responses score 0 without a call, as in the book.
@@ -36,8 +40,9 @@ import json
 import logging
 import math
 import os
+import queue
 import sys
-from concurrent.futures import ThreadPoolExecutor, as_completed
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal
@@ -49,11 +54,22 @@ from core.errors import EXIT_INTERRUPTED, Failure, InputError
 from core.files import check_output_file, write_json_atomic, write_text_atomic
 from core.records import load_records, record_input
 from eval.judge_cache import JudgeCache, cache_key
-from eval.judge_client import JudgeError, RequestFailed, RetryPolicy, make_judge
+from eval.judge_client import (
+    MAX_REPLY_TOKENS,
+    REQUEST_TIMEOUT,
+    Cancelled,
+    JudgeError,
+    JudgeInputError,
+    RequestFailed,
+    RetryPolicy,
+    make_judge,
+)
 from eval.judge_prompts import (
     PROMPT_VERSION,
     SCORE_SCHEMA,
     VERDICT_SCHEMA,
+    is_score,
+    is_verdict,
     pairwise_prompt,
     parse_score,
     parse_verdict,
@@ -99,13 +115,39 @@ class Question:
     schema: dict
     parse: Callable[[str], object]  # reply text -> value, or None if unparsable
     index: int  # first record asking it (for the cache's readability only)
+    valid: Callable[[object], bool] = lambda value: value is not None  # can a cached value be used?
 
 
 def _judge_identity(judge) -> dict:
-    """What, besides the prompt, decides the judge's answer (part of every cache key)."""
+    """What, besides the prompt, decides the judge's answer (part of every cache key).
+
+    The request options include the reply cap (Ollama ``num_predict``, OpenAI ``max_tokens``): a
+    capped reply can differ from an uncapped one. ``structured`` is what was asked for, not the
+    format a server fell back to, so a rerun against the same server finds its answers.
+    """
     options = getattr(judge, "options", None) or {"seed": judge.seed, "temperature": judge.temperature}
     return {"api": judge.api, "model": judge.model, "options": options,
             "structured": bool(judge.structured), "prompt_version": PROMPT_VERSION}
+
+
+def _cached_answers(questions: list[Question], cache: JudgeCache | None) -> dict[str, dict]:
+    """Answers the cache holds for ``questions``; entries with an impossible value are skipped."""
+    known = cache.load() if cache is not None else {}
+    answers, bad, seen = {}, [], set()
+    for q in questions:
+        hit = known.get(q.key)
+        if hit is None or q.key in seen or hit.get("value") is None:
+            continue
+        seen.add(q.key)
+        if q.valid(hit["value"]):
+            answers[q.key] = {"value": hit["value"], "reply": hit.get("reply"), "reason": None, "cached": True}
+        else:
+            bad.append(f"record {q.index}: {hit['value']!r}")
+    if bad:
+        log.warning("%s: ignoring %d cache entr%s with an impossible value (%s); asking again",
+                    cache.path, len(bad), "y" if len(bad) == 1 else "ies",
+                    ", ".join(bad[:3]) + (", ..." if len(bad) > 3 else ""))
+    return answers
 
 
 def ask_all(questions: list[Question], judge, *, cache: JudgeCache | None = None, workers: int = 4,
@@ -114,49 +156,83 @@ def ask_all(questions: list[Question], judge, *, cache: JudgeCache | None = None
 
     An answer is ``{"value", "reply", "reason", "cached"}``; ``value`` is None when the question
     failed, and ``reason`` says why (transport error after retries, or an unparsable reply).
+
+    The workers are daemon threads fed from a queue. On any exception in the caller's thread
+    (Ctrl-C) a stop event is set: workers take no new question, abandon the request in flight
+    (the client shuts its socket) and write nothing more; none of them is joined, so a worker
+    stuck in a read cannot keep the process alive. Answers already written stay in the cache.
     """
-    answers: dict[str, dict] = {}
-    known = cache.load() if cache is not None else {}
+    answers = _cached_answers(questions, cache)
     todo: dict[str, Question] = {}  # identical records share one question
     for q in questions:
-        if q.key in answers or q.key in todo:
-            continue
-        hit = known.get(q.key)
-        if hit is not None and hit.get("value") is not None:
-            answers[q.key] = {"value": hit["value"], "reply": hit.get("reply"), "reason": None, "cached": True}
-        else:
-            todo[q.key] = q
+        if q.key not in answers:
+            todo.setdefault(q.key, q)
+    if not todo:
+        return answers
+    stop = threading.Event()
 
     def work(q: Question) -> dict:
-        reply = None
-        for _ in range(parse_retries + 1):
+        reply, seen = None, []
+        for attempt in range(parse_retries + 1):
             try:
-                reply = judge.complete(q.prompt, q.schema)
+                reply = judge.complete(q.prompt, q.schema, stop=stop)
             except RequestFailed as e:
                 return {"value": None, "reply": None, "reason": str(e), "cached": False}
             value = q.parse(reply)
             if value is not None:
-                if cache is not None:
+                if cache is not None and not stop.is_set():
                     cache.append({"key": q.key, "value": value, "reply": reply, "index": q.index,
-                                  **_judge_identity(judge),
+                                  **_judge_identity(judge), "format": judge.format,
                                   "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")})
                 return {"value": value, "reply": reply, "reason": None, "cached": False}
+            seen.append(reply)
+            if reply in seen[:-1]:  # seed 123, temperature 0: the server repeats itself; stop asking
+                break
             log.info("record %d: unparsable reply %r; asking again", q.index, reply[:100])
-        return {"value": None, "reply": reply, "cached": False,
-                "reason": f"unparsable reply after {parse_retries + 1} attempts"}
+        why = f"unparsable reply after {len(seen)} attempts"
+        if len(seen) < parse_retries + 1:
+            why += " (the same reply each time)"
+        if getattr(reply, "truncated", False):
+            why += (f"; the reply was cut at {judge.max_reply_tokens} tokens: raise --max-reply-tokens "
+                    f"if the judge needs more")
+        return {"value": None, "reply": reply, "cached": False, "reason": why}
 
-    if not todo:
-        return answers
-    pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="judge")
+    jobs: queue.SimpleQueue = queue.SimpleQueue()
+    results: queue.SimpleQueue = queue.SimpleQueue()
+    for q in todo.values():
+        jobs.put(q)
+
+    def worker() -> None:
+        while not stop.is_set():
+            try:
+                q = jobs.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                results.put((q, work(q)))
+            except Cancelled:
+                return
+            except BaseException as e:  # a bug: hand it to the caller's thread
+                results.put((q, e))
+                return
+
+    for n in range(min(max(1, workers), len(todo))):
+        threading.Thread(target=worker, name=f"judge-{n}", daemon=True).start()
     try:
-        futures = {pool.submit(work, q): q for q in todo.values()}
-        for fut in tqdm(as_completed(futures), total=len(futures), desc=desc, disable=not progress):
-            answers[futures[fut].key] = fut.result()
-    except BaseException:
-        # Ctrl-C: don't start the queued questions; what was answered is already in the cache.
-        pool.shutdown(wait=False, cancel_futures=True)
-        raise
-    pool.shutdown()
+        with tqdm(total=len(todo), desc=desc, disable=not progress) as bar:
+            for _ in range(len(todo)):
+                while True:
+                    try:
+                        q, result = results.get(timeout=0.5)  # a timeout keeps Ctrl-C responsive
+                        break
+                    except queue.Empty:
+                        continue
+                if isinstance(result, BaseException):
+                    raise result
+                answers[q.key] = result
+                bar.update()
+    finally:
+        stop.set()  # normally every worker has already returned; after Ctrl-C this stops them
     return answers
 
 
@@ -175,7 +251,7 @@ def score_records(records: list[dict], judge, *, response_key: str = "model_resp
         if response.strip():
             key = cache_key({"mode": "score", **ident, **record_fields(rec),
                              "response": response})
-            questions[i] = Question(key, score_prompt(rec, response), SCORE_SCHEMA, parse_score, i)
+            questions[i] = Question(key, score_prompt(rec, response), SCORE_SCHEMA, parse_score, i, is_score)
     answers = ask_all(list(questions.values()), judge, cache=cache, workers=workers,
                       parse_retries=parse_retries, progress=progress)
     outcomes = []
@@ -217,9 +293,9 @@ def compare_records(records_a: list[dict], key_a: str, records_b: list[dict], ke
         base = {"mode": "pairwise", **ident, **record_fields(ra)}
         plan[i] = (
             Question(cache_key({**base, "first": a, "second": b}), pairwise_prompt(ra, a, b),
-                     VERDICT_SCHEMA, parse_verdict, i),
+                     VERDICT_SCHEMA, parse_verdict, i, is_verdict),
             Question(cache_key({**base, "first": b, "second": a}), pairwise_prompt(ra, b, a),
-                     VERDICT_SCHEMA, parse_verdict, i),
+                     VERDICT_SCHEMA, parse_verdict, i, is_verdict),
         )
     answers = ask_all([q for pair in plan.values() for q in pair], judge, cache=cache, workers=workers,
                       parse_retries=parse_retries, progress=progress, desc="Comparing entries")
@@ -264,11 +340,16 @@ class JudgeArgs:
     cache: str | None = arg(None, "JSONL answer cache (default: OUT with .cache.jsonl)")
     no_cache: bool = arg(False, "neither read nor write the cache", action="store_true")
     limit: int | None = arg(None, "only the first N records")
-    timeout: float = arg(120.0, "seconds to wait for a reply")
+    timeout: float = arg(120.0, "seconds to wait for a reply to start, and between two pieces of it")
+    request_timeout: float = arg(REQUEST_TIMEOUT, "seconds one request may take in all; a reply still unfinished "
+                                                  "then fails")
+    max_reply_tokens: int = arg(MAX_REPLY_TOKENS, "cap on the judge's reply (Ollama num_predict, OpenAI max_tokens); "
+                                                  "a score needs a few tokens; 0 = no cap")
     retries: int = arg(4, "retries on connection errors, timeouts and 5xx")
     retry_backoff: float = arg(1.0, "seconds before the first retry; doubles each retry")
     parse_retries: int = arg(2, "times to ask again after an unparsable reply before recording a failure")
-    no_structured: bool = arg(False, "don't request JSON-schema output", action="store_true")
+    no_structured: bool = arg(False, "don't request structured output (by default a JSON schema, then plain "
+                                     "JSON, then text if the server refuses them)", action="store_true")
     lowest: int = arg(5, "lowest-scoring records to list")
     quiet: bool = arg(False, "no progress bar", aliases=("-q",))
     verbose: bool = arg(False, "log each retry", aliases=("-v",))
@@ -312,10 +393,24 @@ def run(args: JudgeArgs) -> int:
                                  f"(instruction/input/output); pairwise mode needs the same records in order")
     if args.limit is not None:
         records, records_b = records[: args.limit], records_b[: args.limit]
+    if not records:
+        raise InputError(f"{args.data} holds no records to judge"
+                              + (f" (--limit {args.limit})" if args.limit is not None else ""))
 
     host = args.host or os.environ.get("OLLAMA_HOST") or "http://localhost:11434"
-    judge = make_judge(args.api, host, args.judge_model, timeout=args.timeout, structured=not args.no_structured,
-                       retry=RetryPolicy(retries=args.retries, backoff=args.retry_backoff))
+    for flag, value in (("--timeout", args.timeout), ("--request-timeout", args.request_timeout)):
+        if not value > 0:
+            raise InputError(f"{flag} must be a positive number of seconds, got {value:g}")
+    if args.max_reply_tokens < 0:
+        raise InputError(f"--max-reply-tokens must be 0 (no cap) or more, got {args.max_reply_tokens}")
+    try:
+        judge = make_judge(args.api, host, args.judge_model, timeout=args.timeout,
+                           request_timeout=args.request_timeout, max_reply_tokens=args.max_reply_tokens,
+                           structured=not args.no_structured,
+                           retry=RetryPolicy(attempts=args.retries + 1, backoff=args.retry_backoff))
+    except JudgeInputError as e:
+        source = "--host" if args.host else "$OLLAMA_HOST" if os.environ.get("OLLAMA_HOST") else "host"
+        raise InputError(f"{source}: {e}") from None
     version = judge.preflight()
     cache = None if cache_path is None else JudgeCache(cache_path)
     print(f"Judge: {args.judge_model} via {args.api} at {judge.host} (server {version}); "
@@ -323,7 +418,8 @@ def run(args: JudgeArgs) -> int:
           + (f"; cache {cache.path}" if cache else ""))
 
     meta = {"file": str(args.data), "model": args.judge_model, "api": args.api, "host": judge.host,
-            "prompt_version": PROMPT_VERSION, "structured": judge.structured}
+            "prompt_version": PROMPT_VERSION, "structured": judge.structured,
+            "max_reply_tokens": judge.max_reply_tokens}
     kw = dict(cache=cache, workers=args.workers, parse_retries=args.parse_retries, progress=not args.quiet)
     try:
         outcomes, summary, text = _ask(args, judge, records, records_b, other_key, out, meta, kw)
@@ -336,11 +432,12 @@ def run(args: JudgeArgs) -> int:
     write_text_atomic(out.with_suffix(".summary.txt"), text + "\n")
     print(f"\nWrote {out} and {out.with_suffix('.summary.txt').name}"
           + ("" if pairwise else f", {out.with_suffix('.hist.png').name}"))
-    answered = summary["num_compared"] if pairwise else summary["num_scores"] - summary["num_empty"]
-    asked = len(records) - (0 if pairwise else summary["num_empty"])
-    if asked and not answered:
-        raise Failure(f"the judge answered none of the {asked} questions (reasons in {out}); check that "
-                      f"{args.judge_model} at {judge.host} works, then rerun")
+    got = summary["num_compared" if pairwise else "num_scores"]
+    if records and not got:
+        first = summary["failures"][0] if summary["failures"] else None
+        raise Failure(f"no record got a {'verdict' if pairwise else 'score'} ({len(records)} failed"
+                      + (f"; record {first['index']}: {first['reason']}" if first else "")
+                      + f"); see the failures in {out}")
     return 0
 
 
@@ -363,6 +460,7 @@ def _ask(args: JudgeArgs, judge, records, records_b, other_key, out: Path, meta:
                                  out.with_suffix(".hist.png"),
                                  f"{Path(args.data).name}: {args.response_key} judged by {args.judge_model}")
         summary["histogram_png"] = str(png)
+    meta["format"] = judge.format  # the structured-output format the server accepted
     return outcomes, summary, text
 
 

@@ -4,15 +4,26 @@ Both expose the same two calls:
 
 - ``preflight()`` checks, before any scoring, that the server answers and serves the model, and
   raises :class:`JudgeError` with a one-line fix (``ollama serve``, ``ollama pull llama3``).
-- ``complete(prompt, schema)`` returns the judge's reply text, retrying with exponential backoff
-  on connection errors, timeouts, HTTP 429/5xx and an ``{"error": ...}`` line mid-stream; after
-  the last retry, or on an error retrying cannot fix (other 4xx), it raises :class:`RequestFailed`
-  whose message is the reason recorded for that record.
+- ``complete(prompt, schema, stop=event)`` returns the judge's reply text (a :class:`Reply`).
+
+What real servers need, and how it is handled here:
+
+- Replies are capped (``max_reply_tokens``: Ollama ``num_predict``, OpenAI ``max_tokens``): a
+  score is a few tokens, and an uncapped chatty model writes up to its whole context.
+- Structured output goes down a ladder when a server refuses it: a JSON schema, then plain JSON
+  (OpenAI ``json_object`` with the schema, which llama-cpp-python accepts; Ollama ``"json"``), then
+  plain text. Until one format has worked, requests go one at a time, so each refusal happens once;
+  the format that worked is kept for the rest of the run (``judge.format``).
+- Transient failures (connection errors, a silent server, 408/429/5xx, an ``{"error": ...}`` line
+  mid-stream) are retried with backoff. Errors the same request would get again (other 4xx, a
+  5xx that is a request-validation error, a reply of the wrong shape, a reply that overran the
+  time limit) are not: they raise :class:`RequestFailed` at once.
+- Every request has a total deadline (``request_timeout``) besides the wait for each piece of the
+  reply (``timeout``): a watchdog shuts the socket when it passes, or when ``stop`` is set, so
+  no read blocks past either (a server that streams forever without ``done`` cannot hang a run).
 
 Requests go through ``requests`` with one ``Session`` per worker thread (a Session is not
-thread-safe). If the server rejects the structured-output field (old Ollama, some OpenAI-compatible
-servers), the client drops it for the rest of the run and the prompt's "integer number only"
-instruction plus ``parse_score`` carry on.
+thread-safe).
 """
 
 from __future__ import annotations
@@ -20,77 +31,170 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
+import re
+import socket
 import threading
 import time
-from dataclasses import dataclass
+from contextlib import contextmanager
+from urllib.parse import urlsplit
 
 import requests
 
-from core.errors import Failure
+from core.errors import Failure, InputError
+from core.retry import RetryPolicy
 from eval.judge_prompts import OLLAMA_OPTIONS
 
 log = logging.getLogger(__name__)
+
+# A score or a verdict is a handful of tokens; 64 leaves room for a short sentence around it.
+MAX_REPLY_TOKENS = 64
+REQUEST_TIMEOUT = 300.0
 
 
 class JudgeError(Failure):
     """A problem that stops the whole run (server down, model missing); the message is one line (exit 1)."""
 
 
+class JudgeInputError(InputError):
+    """A bad argument (an invalid host URL): exit status 2, before any request."""
+
+
 class RequestFailed(Exception):
     """One question could not be answered; the message is the reason reported for its record."""
+
+
+class Cancelled(Exception):
+    """The run is stopping (``stop`` was set): the request was abandoned."""
 
 
 class _Retryable(Exception):
     """A transient failure worth asking again (connection, timeout, 429/5xx, mid-stream error)."""
 
 
-class _SchemaRejected(Exception):
-    """The server refused the structured-output field; ask again without it."""
+class _FormatRejected(Exception):
+    """The server refused the structured-output field; ask again one step down the ladder."""
 
 
-@dataclass
-class RetryPolicy:
-    retries: int = 4  # extra attempts after the first one
-    backoff: float = 1.0  # seconds before the first retry; doubles each time (with jitter)
-    max_backoff: float = 30.0
+class Reply(str):
+    """The judge's reply text; ``truncated`` is True when the server stopped it at the token cap."""
 
-    def delay(self, attempt: int) -> float:
-        base = min(self.max_backoff, self.backoff * (2 ** attempt))
-        return base * (0.5 + random.random() / 2)  # jitter so workers don't retry in lockstep
+    truncated: bool = False
 
 
 def normalize_host(host: str) -> str:
-    """``localhost:11434`` → ``http://localhost:11434`` (Ollama accepts OLLAMA_HOST without a scheme)."""
-    host = host.strip().rstrip("/")
+    """``localhost:11434`` → ``http://localhost:11434`` (Ollama accepts OLLAMA_HOST without a scheme).
+
+    Raises ValueError saying what is wrong with a URL no request could use.
+    """
+    host = str(host).strip().rstrip("/")
     if "://" not in host:
         host = "http://" + host
+    parts = urlsplit(host)
+    if parts.scheme not in ("http", "https"):
+        raise ValueError(f"the scheme must be http or https, not {parts.scheme!r}")
+    if any(c.isspace() for c in host):
+        raise ValueError("it contains a space")
+    try:
+        port = parts.port  # raises for a port outside 0..65535 or not a number
+    except ValueError:
+        raise ValueError(f"the port is not a number in 1..65535 ({parts.netloc!r})") from None
+    if not parts.hostname:
+        raise ValueError("it names no host")
+    if port == 0:
+        raise ValueError("port 0 is not a server's port")
+    if parts.query or parts.fragment:
+        raise ValueError("it has a query or fragment; pass the server's base URL")
     return host
 
 
 def _error_text(r: requests.Response) -> str:
     """The server's error message from an Ollama ``{"error": "..."}`` or OpenAI ``{"error": {...}}`` body."""
     try:
-        err = r.json().get("error", r.text)
+        body = r.json()
+        err = body.get("error", body.get("detail", r.text)) if isinstance(body, dict) else r.text
     except ValueError:
         err = r.text
     if isinstance(err, dict):
         err = err.get("message", json.dumps(err))
+    elif isinstance(err, list):  # FastAPI's 422: {"detail": [{"msg": ...}, ...]}
+        err = "; ".join(str(e.get("msg", e)) if isinstance(e, dict) else str(e) for e in err)
     return " ".join(str(err).split())[:300] or r.reason
+
+
+# A 5xx whose text says the request itself is invalid (llama-cpp-python answers a request its
+# pydantic model refuses with HTTP 500): asking again cannot help.
+_VALIDATION = re.compile(r"validation error|input should be|invalid request|unprocessable|literal_error",
+                         re.IGNORECASE)
+_MENTIONS_FORMAT = re.compile(r"format|schema|grammar", re.IGNORECASE)
+
+
+class _Watchdog:
+    """Shuts a response's socket when the request's deadline passes or ``stop`` is set.
+
+    A blocked read then returns at once (EOF or an error); ``fired`` says why ("deadline"/"stop").
+    Without it a server that trickles bytes, or streams forever, could hold a worker past any limit.
+    """
+
+    def __init__(self, response: requests.Response, deadline: float, stop: threading.Event | None):
+        self.response, self.deadline, self.stop = response, deadline, stop
+        self.fired: str | None = None
+        self._done = threading.Event()
+        threading.Thread(target=self._run, name="judge-watchdog", daemon=True).start()
+
+    def _run(self) -> None:
+        while True:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                self.fired = "deadline"
+                break
+            if self.stop is not None and self.stop.is_set():
+                self.fired = "stop"
+                break
+            if self._done.wait(min(0.1, left)):
+                return
+        conn = getattr(self.response.raw, "connection", None)  # urllib3's HTTPConnection
+        sock = getattr(conn, "sock", None)
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self._done.set()
 
 
 class _BaseJudge:
     api = "base"
+    formats: tuple[str, ...] = ("text",)  # the structured-output ladder, best first; "text" = none
+    _chat_path = ""
 
     def __init__(self, host: str, model: str, *, timeout: float = 120.0, connect_timeout: float = 5.0,
+                 request_timeout: float = REQUEST_TIMEOUT, max_reply_tokens: int | None = MAX_REPLY_TOKENS,
                  retry: RetryPolicy | None = None, structured: bool = True):
-        self.host = normalize_host(host)
+        try:
+            self.host = normalize_host(host)
+        except ValueError as e:
+            raise JudgeInputError(f"invalid host URL {host!r}: {e}; pass one like "
+                                  f"http://localhost:11434") from None
         self.model = model
-        self.timeout = timeout
+        self.timeout = timeout  # longest wait for the reply to start, and between two pieces of it
         self.connect_timeout = connect_timeout
-        self.retry = retry or RetryPolicy()
-        self.structured = structured
+        self.request_timeout = request_timeout  # longest time one request may take in all
+        self.max_reply_tokens = max_reply_tokens or None  # 0/None: no cap
+        self.retry = retry or RetryPolicy(attempts=5)
+        self.structured = structured  # what was asked for; ``format`` is what the server accepted
+        self._ladder = self.formats if structured else ("text",)
+        self._level = 0
+        self._confirmed = False  # a request has succeeded with the current format
+        self._ladder_lock = threading.Lock()
+        self._probe_lock = threading.Lock()  # one request at a time until a format is confirmed
         self._local = threading.local()
+
+    @property
+    def format(self) -> str:
+        """The structured-output format in use: the first of ``formats`` the server accepted."""
+        return self._ladder[self._level]
 
     @property
     def session(self) -> requests.Session:
@@ -105,47 +209,120 @@ class _BaseJudge:
     def _get(self, path: str) -> requests.Response:
         return self.session.get(self.host + path, timeout=(self.connect_timeout, self.connect_timeout * 2))
 
-    def complete(self, prompt: str, schema: dict | None = None) -> str:
-        """The reply to ``prompt``; retries transient failures, raises RequestFailed at the end."""
+    # --- asking ------------------------------------------------------------------------------
+
+    def complete(self, prompt: str, schema: dict | None = None, *,
+                 stop: threading.Event | None = None) -> Reply:
+        """The reply to ``prompt``; retries transient failures, raises RequestFailed at the end.
+
+        Raises Cancelled as soon as ``stop`` is set (between attempts, or by closing the socket).
+        """
         last = None
-        for attempt in range(self.retry.retries + 1):
-            if attempt:
-                time.sleep(self.retry.delay(attempt - 1))
+        attempts = self.retry.attempts
+        attempt = 0
+        while True:
+            if stop is not None and stop.is_set():
+                raise Cancelled()
+            fmt = "text"
             try:
-                return self._ask(prompt, schema if self.structured else None)
-            except _SchemaRejected as e:
-                log.warning("%s rejected the structured-output request (%s); continuing without it",
-                            self.host, e)
-                self.structured = False
-                try:
-                    return self._ask(prompt, None)
-                except _Retryable as e2:
-                    last = e2
+                with self._probing(stop, schema is not None):
+                    if schema is not None:  # read after waiting: the probe before may have stepped down
+                        fmt = self.format
+                    reply = self._ask(prompt, schema, fmt, stop)
+                self._confirmed = self._confirmed or schema is not None
+                return reply
+            except _FormatRejected as e:
+                self._step_down(fmt, e)  # not an attempt: the same question, asked differently
+                continue
             except _Retryable as e:
                 last = e
-                log.info("attempt %d/%d failed: %s", attempt + 1, self.retry.retries + 1, e)
-        raise RequestFailed(f"{last} (gave up after {self.retry.retries + 1} attempts)")
+                attempt += 1
+                if attempt >= attempts:
+                    break
+                log.info("attempt %d/%d failed: %s", attempt, attempts, e)
+                delay = self.retry.delay(attempt)
+                if stop is not None and stop.wait(delay):
+                    raise Cancelled() from None
+                if stop is None:
+                    time.sleep(delay)
+        raise RequestFailed(f"{last} (gave up after {attempts} attempts)")
 
-    def _post(self, path: str, payload: dict, *, stream: bool) -> requests.Response:
+    @contextmanager
+    def _probing(self, stop: threading.Event | None, structured: bool):
+        """Until a format has worked, let one request through at a time (the rest wait here)."""
+        if self._confirmed or not structured or self._level == len(self._ladder) - 1:
+            yield  # nothing left to find out (the ladder only goes down, so reading it unlocked is safe)
+            return
+        while not self._probe_lock.acquire(timeout=0.1):
+            if stop is not None and stop.is_set():
+                raise Cancelled()
         try:
-            r = self.session.post(self.host + path, json=payload, stream=stream,
-                                  timeout=(self.connect_timeout, self.timeout))
-        except requests.Timeout:
-            raise _Retryable(f"no reply from {self.host}{path} within {self.timeout:g} s") from None
-        except requests.ConnectionError as e:
-            raise _Retryable(f"cannot connect to {self.host}{path}: {type(e).__name__}") from None
-        if r.status_code == 429 or r.status_code >= 500:
-            raise _Retryable(f"HTTP {r.status_code} from {self.host}{path}: {_error_text(r)}")
-        if r.status_code == 400 and payload.get(self._schema_field) is not None:
-            raise _SchemaRejected(_error_text(r))
-        if r.status_code != 200:
-            raise RequestFailed(f"HTTP {r.status_code} from {self.host}{path}: {_error_text(r)}")
-        return r
+            yield
+        finally:
+            self._probe_lock.release()
 
-    _schema_field = ""
+    def _step_down(self, fmt: str, why: _FormatRejected) -> None:
+        with self._ladder_lock:
+            if self.format != fmt:  # another worker already stepped down from it
+                return
+            self._level += 1
+            log.warning("%s refused structured output %r (%s); using %r for the rest of the run",
+                        self.host, fmt, why, self.format)
 
-    def _ask(self, prompt: str, schema: dict | None) -> str:  # pragma: no cover - abstract
+    def _ask(self, prompt: str, schema: dict | None, fmt: str,
+             stop: threading.Event | None) -> Reply:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    @contextmanager
+    def _post(self, payload: dict, fmt: str, stop: threading.Event | None):
+        """POST ``payload`` to the chat endpoint; yields the 2xx response and its watchdog.
+
+        Maps every failure to _Retryable / _FormatRejected / RequestFailed / Cancelled.
+        """
+        url = self.host + self._chat_path
+        deadline = time.monotonic() + self.request_timeout
+        wait = max(0.001, min(self.timeout, self.request_timeout))
+        try:
+            r = self.session.post(url, json=payload, stream=True, timeout=(self.connect_timeout, wait))
+        except requests.ConnectionError as e:  # before Timeout: ConnectTimeout is both
+            raise _Retryable(f"cannot connect to {url}: {type(e).__name__}") from None
+        except requests.Timeout:
+            if time.monotonic() >= deadline:
+                raise RequestFailed(self._overran(url)) from None
+            raise _Retryable(f"no reply from {url} within {self.timeout:g} s") from None
+        with r:
+            if not 200 <= r.status_code < 300:
+                self._raise_for_status(r, url, fmt)
+            watch = _Watchdog(r, deadline, stop)
+            try:
+                yield r, watch
+            except (OSError, ValueError, _Retryable) as e:  # requests' errors are OSErrors
+                if watch.fired == "stop":
+                    raise Cancelled() from None
+                if watch.fired == "deadline":
+                    raise RequestFailed(self._overran(url)) from None
+                if isinstance(e, OSError):  # e.g. a read timeout mid-reply
+                    raise _Retryable(f"reply from {url} broke off: {type(e).__name__}") from None
+                raise
+            finally:
+                watch.close()
+
+    def _overran(self, url: str) -> str:
+        return (f"no complete reply from {url} within {self.request_timeout:g} s, the total time "
+                f"allowed per request (--request-timeout); not retried")
+
+    def _raise_for_status(self, r: requests.Response, url: str, fmt: str):
+        code, text = r.status_code, _error_text(r)
+        what = f"HTTP {code} from {url}: {text}"
+        deterministic = (400 <= code < 500 and code not in (408, 425, 429)) or (
+            code >= 500 and _VALIDATION.search(text) is not None)
+        if deterministic and fmt != "text" and not self._confirmed and _MENTIONS_FORMAT.search(text):
+            raise _FormatRejected(what)
+        if not deterministic:
+            raise _Retryable(what)
+        hint = ("; if the server has no structured output, pass --no-structured"
+                if fmt != "text" and _MENTIONS_FORMAT.search(text) else "")
+        raise RequestFailed(f"{what} (not retried: the same request would fail again{hint})")
 
     def preflight(self) -> str:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -155,11 +332,14 @@ class OllamaJudge(_BaseJudge):
     """Ollama's native ``/api/chat``, streamed (NDJSON) like the book's ``query_model``."""
 
     api = "ollama"
-    _schema_field = "format"
+    formats = ("schema", "json", "text")
+    _chat_path = "/api/chat"
 
     def __init__(self, host: str, model: str, *, options: dict | None = None, **kw):
         super().__init__(host, model, **kw)
         self.options = dict(OLLAMA_OPTIONS if options is None else options)
+        if self.max_reply_tokens and "num_predict" not in self.options:
+            self.options["num_predict"] = self.max_reply_tokens
 
     def preflight(self) -> str:
         start = "start it with `ollama serve` (or pass --host URL)"
@@ -168,7 +348,7 @@ class OllamaJudge(_BaseJudge):
         except requests.Timeout:
             raise JudgeError(f"the Ollama server at {self.host} did not answer /api/version; "
                              f"is it running? {start}") from None
-        except requests.ConnectionError:
+        except requests.RequestException:
             raise JudgeError(f"no Ollama server answers at {self.host}; {start}") from None
         try:
             version = r.json()["version"]
@@ -181,39 +361,47 @@ class OllamaJudge(_BaseJudge):
         except (requests.RequestException, ValueError, AttributeError) as e:
             raise JudgeError(f"cannot list the models of the Ollama server at {self.host} "
                              f"(/api/tags: {e}); check the server, then rerun") from None
-        if not any(_same_ollama_model(self.model, n) for n in names if n):
-            have = ", ".join(n for n in names if n) or "none"
+        if not any(_same_ollama_model(self.model, n) for n in names if isinstance(n, str)):
+            have = ", ".join(n for n in names if isinstance(n, str)) or "none"
             raise JudgeError(f"model '{self.model}' is not pulled on the Ollama server at {self.host} "
                              f"(it has: {have}); pull it with `ollama pull {self.model}`")
         return str(version)
 
-    def _ask(self, prompt: str, schema: dict | None) -> str:
+    def _ask(self, prompt: str, schema: dict | None, fmt: str, stop: threading.Event | None) -> Reply:
         payload = {
             "model": self.model,
             "messages": [{"role": "user", "content": prompt}],
             "stream": True,
             "options": self.options,
         }
-        if schema is not None:
+        if fmt == "schema":
             payload["format"] = schema
-        r = self._post("/api/chat", payload, stream=True)
+        elif fmt == "json":
+            payload["format"] = "json"
+        url = self.host + self._chat_path
         parts = []
-        try:
-            with r:
-                for line in r.iter_lines():
-                    if not line.strip():
-                        continue
+        with self._post(payload, fmt, stop) as (r, watch):
+            for line in r.iter_lines():
+                if watch.fired:  # the socket is being shut; report why (below, in _post)
+                    break
+                if not line.strip():
+                    continue
+                try:
                     chunk = json.loads(line)
-                    if "error" in chunk:  # Ollama reports failures after the 200 as a last line
-                        raise _Retryable(f"error from {self.host}/api/chat mid-stream: {chunk['error']}")
-                    parts.append(chunk.get("message", {}).get("content", ""))
-                    if chunk.get("done"):
-                        return "".join(parts)
-        except requests.RequestException as e:  # a read timeout mid-stream surfaces here
-            raise _Retryable(f"reply from {self.host}/api/chat broke off: {type(e).__name__}") from None
-        except ValueError:
-            raise _Retryable(f"{self.host}/api/chat sent a line that is not JSON") from None
-        raise _Retryable(f"reply from {self.host}/api/chat ended before done")
+                except ValueError:
+                    raise _Retryable(f"{url} sent a line that is not JSON") from None
+                message = chunk.get("message", {}) if isinstance(chunk, dict) else None
+                if not isinstance(message, dict) or not isinstance(message.get("content", ""), str):
+                    raise RequestFailed(f"{url} sent a stream line that is not an Ollama chat chunk: "
+                                        f"{line[:80].decode('utf-8', 'replace')!r}; is --api right?")
+                if "error" in chunk:  # Ollama reports failures after the 200 as a last line
+                    raise _Retryable(f"error from {url} mid-stream: {chunk['error']}")
+                parts.append(message.get("content", ""))
+                if chunk.get("done"):
+                    reply = Reply("".join(parts))
+                    reply.truncated = chunk.get("done_reason") == "length"
+                    return reply
+            raise _Retryable(f"reply from {url} ended before done")
 
 
 def _same_ollama_model(wanted: str, have: str) -> bool:
@@ -227,15 +415,25 @@ class OpenAIJudge(_BaseJudge):
     """``/v1/chat/completions`` of an OpenAI-compatible server (llama.cpp, vLLM, LM Studio, Ollama)."""
 
     api = "openai"
-    _schema_field = "response_format"
+    formats = ("json_schema", "json_object", "text")
+    _chat_path = "/v1/chat/completions"
 
     def __init__(self, host: str, model: str, *, seed: int = OLLAMA_OPTIONS["seed"],
                  temperature: float = OLLAMA_OPTIONS["temperature"], **kw):
         super().__init__(host, model, **kw)
         if self.host.endswith("/v1"):  # accept the base URL the OpenAI SDK would take
             self.host = self.host[: -len("/v1")]
-        self.seed = seed
-        self.temperature = temperature
+        self.options = {"seed": seed, "temperature": temperature}
+        if self.max_reply_tokens:
+            self.options["max_tokens"] = self.max_reply_tokens
+
+    @property
+    def seed(self):
+        return self.options["seed"]
+
+    @property
+    def temperature(self):
+        return self.options["temperature"]
 
     def _headers(self) -> dict:
         key = os.environ.get("OPENAI_API_KEY")
@@ -255,30 +453,45 @@ class OpenAIJudge(_BaseJudge):
         except (ValueError, KeyError, TypeError):
             raise JudgeError(f"{self.host}/v1/models answered HTTP {r.status_code} without a model "
                              f"list: is this an OpenAI-compatible server? {start}") from None
-        if self.model not in ids and not any(_same_ollama_model(self.model, i) for i in ids):
+        if self.model not in ids and not any(_same_ollama_model(self.model, str(i)) for i in ids):
             raise JudgeError(f"model '{self.model}' is not served by {self.host} (it serves: "
-                             f"{', '.join(ids) or 'none'}); load it on the server or pass --model NAME")
+                             f"{', '.join(map(str, ids)) or 'none'}); load it on the server or pass --model NAME")
         return "openai-compatible"
 
-    def _ask(self, prompt: str, schema: dict | None) -> str:
+    def _ask(self, prompt: str, schema: dict | None, fmt: str, stop: threading.Event | None) -> Reply:
         payload = {
             "model": self.model,
             "messages": [{"role": "user", "content": prompt}],
-            "temperature": self.temperature,
-            "seed": self.seed,
+            **self.options,
             "stream": False,
         }
-        if schema is not None:
+        if fmt == "json_schema":
             strict = dict(schema, additionalProperties=False)
             payload["response_format"] = {
                 "type": "json_schema",
                 "json_schema": {"name": "judgement", "schema": strict, "strict": True},
             }
-        r = self._post("/v1/chat/completions", payload, stream=False)
+        elif fmt == "json_object":  # llama-cpp-python turns the schema into a grammar
+            payload["response_format"] = {"type": "json_object", "schema": schema}
+        url = self.host + self._chat_path
+        with self._post(payload, fmt, stop) as (r, _):
+            body = r.content  # read under the watchdog: a body that trickles cannot hold us
+            try:
+                data = json.loads(body)
+            except ValueError:  # cut off (retried), unless the watchdog cut it
+                raise _Retryable(f"{url} sent a reply that is not JSON") from None
         try:
-            return r.json()["choices"][0]["message"]["content"] or ""
-        except (ValueError, KeyError, IndexError, TypeError):
-            raise _Retryable(f"{self.host}/v1/chat/completions sent a reply without choices") from None
+            choice = data["choices"][0]
+            content = choice["message"]["content"]
+        except (KeyError, IndexError, TypeError):
+            raise RequestFailed(f"{url} sent a reply without choices[0].message.content: "
+                                f"{body[:80].decode('utf-8', 'replace')!r}; is --api right?") from None
+        if content is not None and not isinstance(content, str):
+            raise RequestFailed(f"{url} sent a reply whose content is a {type(content).__name__}, "
+                                f"not text")
+        reply = Reply(content or "")
+        reply.truncated = choice.get("finish_reason") == "length"
+        return reply
 
 
 def make_judge(api: str, host: str, model: str, **kw) -> _BaseJudge:

@@ -70,6 +70,16 @@ _SCORE_WORD = re.compile(r"\bscore\b[^0-9\n]{0,20}?(?<![\d.-])(\d{1,3})(?!\d|\.\
 _INTEGER = re.compile(r"(?<![\d.-])\d+(?!\d|\.\d)")
 
 
+def is_score(value) -> bool:
+    """True for an integer 0..100 (not a bool, not a float): the only values a mean may include."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 100
+
+
+def is_verdict(value) -> bool:
+    """True for a pairwise verdict as :func:`parse_verdict` returns it: "A", "B" or "tie"."""
+    return isinstance(value, str) and value in ("A", "B", "tie")
+
+
 def _as_score(value) -> int | None:
     """An integer 0..100 from a JSON value (int, integral float, or numeric string), else None."""
     if isinstance(value, bool):

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from core.files import atomic_path
+from eval.judge_prompts import is_score
 
 # Two-sided 95% critical values of Student's t for 1..30 degrees of freedom; beyond that the
 # Cornish-Fisher expansion below is accurate to ~1e-5 (no scipy dependency for one number).
@@ -56,8 +57,15 @@ def _short(text, width: int = 70) -> str:
 
 def score_summary(outcomes: list[dict], records: list[dict], *, response_key: str,
                   lowest: int = 5) -> dict:
-    """Numbers for the report. ``outcomes[i]`` has ``score`` (int or None), ``status``, ``reason``, ``reply``."""
-    scored = [(o["index"], o["score"]) for o in outcomes if o["score"] is not None]
+    """Numbers for the report. ``outcomes[i]`` has ``score`` (int or None), ``status``, ``reason``, ``reply``.
+
+    Only integers 0..100 are averaged, whatever their source: any other score is reported as a
+    failure of its record.
+    """
+    scored = [(o["index"], o["score"]) for o in outcomes if is_score(o["score"])]
+    impossible = [{"index": o["index"], "reply": o.get("reply"),
+                   "reason": f"impossible score {o['score']!r} (not an integer 0..100); not averaged"}
+                  for o in outcomes if o["score"] is not None and not is_score(o["score"])]
     scores = np.array([s for _, s in scored], dtype=float)
     counts, _ = np.histogram(scores, bins=HIST_EDGES)
     lo, hi = mean_ci95(scores)
@@ -74,8 +82,9 @@ def score_summary(outcomes: list[dict], records: list[dict], *, response_key: st
         "histogram": {"edges": HIST_EDGES.tolist(), "counts": counts.tolist()},
         "lowest": [{"index": i, "score": s, "instruction": records[i]["instruction"],
                     "response": records[i][response_key]} for i, s in worst],
-        "failures": [{"index": o["index"], "reason": o["reason"], "reply": o.get("reply")}
-                     for o in outcomes if o["status"] == "failed"],
+        "failures": sorted([{"index": o["index"], "reason": o["reason"], "reply": o.get("reply")}
+                            for o in outcomes if o["status"] == "failed" and o["score"] is None]
+                           + impossible, key=lambda f: f["index"]),
     }
 
 
@@ -111,7 +120,7 @@ def format_score_summary(s: dict) -> str:
 
 def pairwise_summary(outcomes: list[dict], records: list[dict], *, name_a: str, name_b: str) -> dict:
     """Win/tie/loss of A against B; ``outcomes[i]['result']`` is "win", "tie", "loss" or None (failed)."""
-    decided = [o for o in outcomes if o["result"] is not None]
+    decided = [o for o in outcomes if o["result"] in ("win", "tie", "loss")]
     points = np.array([{"win": 1.0, "tie": 0.5, "loss": 0.0}[o["result"]] for o in decided])
     both = [o for o in decided if o.get("consistent") is not None]
     lo, hi = mean_ci95(points)
@@ -125,8 +134,9 @@ def pairwise_summary(outcomes: list[dict], records: list[dict], *, name_a: str, 
         "win_rate_ci95": [lo, hi],
         "position_consistency": (sum(o["consistent"] for o in both) / len(both)) if both else math.nan,
         "num_cached": sum(bool(o.get("cached")) for o in outcomes),
-        "failures": [{"index": o["index"], "reason": o["reason"], "reply": o.get("reply")}
-                     for o in outcomes if o["result"] is None],
+        "failures": [{"index": o["index"], "reply": o.get("reply"),
+                      "reason": o["reason"] if o["result"] is None else f"impossible result {o['result']!r}"}
+                     for o in outcomes if o["result"] not in ("win", "tie", "loss")],
     }
 
 

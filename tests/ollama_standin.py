@@ -21,6 +21,20 @@ with the higher stand-in score wins. Markers in the prompt inject faults, counte
 - ``GARBLE:N``   the first N replies are prose without a number, then a normal answer
 - ``UNPARSABLE`` every reply is prose without a number
 - ``PLAIN``      replies in prose ("I would rate it 87 out of 100.") even when a schema was asked
+- ``CHATTY``     a long preamble before "Score: N" (cut at the request's num_predict/max_tokens,
+                 counted in words, with done_reason/finish_reason "length")
+- ``FOREVER``    the reply never ends: NDJSON chunks without ``done`` (OpenAI: a body that trickles
+                 whitespace), until the client hangs up
+- ``NONOBJECT:list|str|int``  the NDJSON stream's first line is JSON but not an object (``[1]``, ``"x"``, ``7``)
+- ``HTTP400``    every request gets HTTP 400 (a request the server will never accept, e.g. too long)
+- ``INVALID500`` every request gets HTTP 500 carrying a request-validation error, the way
+                 llama-cpp-python reports a request its pydantic model refuses
+
+Structured output: ``reject_formats`` lists what the server refuses, as real servers do:
+"schema" / "json" (Ollama's ``format``: 400, as Ollama < 0.5 did for a schema), "json_schema"
+(OpenAI ``response_format``: HTTP 500 with the validation error llama-cpp-python sends), and
+"json_object" (400, as servers that know only json_schema). Refused payloads are kept in
+``rejected``, not in ``chat_requests``.
 
 Run it by hand: ``python tests/ollama_standin.py --port 11434 [--delay 0.2]``.
 """
@@ -41,6 +55,14 @@ VERSION = "0.12.0"
 _SCORE_RE = re.compile(r"score the model response `(.*)` on a scale from 0 to 100", re.DOTALL)
 _PAIR_RE = re.compile(r"compare model response A `(.*)` with model response B `(.*)`\. Which", re.DOTALL)
 _MARK_RE = re.compile(r"\b(FAIL500|SLOW|MIDERR|GARBLE):(\d+)")
+_NONOBJECT_RE = re.compile(r"\bNONOBJECT:(list|str|int)\b")
+_NONOBJECT = {"list": b"[1]", "str": b'"x"', "int": b"7"}
+# What llama-cpp-python 0.3.x answers (HTTP 500) to response_format {"type": "json_schema"}.
+LLAMA_CPP_JSON_SCHEMA_ERROR = (  # its error.message, verbatim but for the path
+    "1 validation error:\n  {'type': 'literal_error', 'loc': ('body', 'response_format', 'type'), "
+    "'msg': \"Input should be 'text' or 'json_object'\", 'input': 'json_schema', "
+    "'ctx': {'expected': \"'text' or 'json_object'\"}}\n\n  File \"llama_cpp/server/app.py\", "
+    "line 376, in create_chat_completion\n    POST /v1/chat/completions")
 
 
 def standin_score(response: str) -> int:
@@ -60,9 +82,13 @@ class OllamaStandin:
     """``with OllamaStandin() as srv: srv.url`` — a threaded server on 127.0.0.1 (port 0 = any free)."""
 
     def __init__(self, models=("llama3:latest",), *, delay: float = 0.0, slow_seconds: float = 3.0,
-                 reject_schema: bool = False, port: int = 0):
+                 reject_schema: bool = False, reject_formats=(), port: int = 0):
         self.models = [_norm(m) for m in models]
-        self.reject_schema = reject_schema  # answer 400 to a JSON-schema format, as Ollama < 0.5 did
+        # reject_schema: refuse any JSON schema (Ollama's format object, OpenAI's json_schema and
+        # json_object): the server only answers in text or Ollama's "json".
+        self.reject_formats = set(reject_formats) | (
+            {"schema", "json_schema", "json_object"} if reject_schema else set())
+        self.rejected: list[dict] = []  # chat payloads refused for their structured-output field
         self.delay = delay  # seconds added to every chat request (benchmarks)
         self.slow_seconds = slow_seconds
         self.chat_requests: list[dict] = []  # every chat payload received, in order
@@ -70,6 +96,7 @@ class OllamaStandin:
         self.in_flight = 0
         self.max_in_flight = 0  # most chat requests being answered at the same time
         self._lock = threading.Lock()
+        self._stopping = threading.Event()
         self._server = ThreadingHTTPServer(("127.0.0.1", port), _make_handler(self))
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
@@ -84,6 +111,7 @@ class OllamaStandin:
         return self
 
     def stop(self) -> None:
+        self._stopping.set()  # ends FOREVER replies
         self._server.shutdown()
         self._server.server_close()
 
@@ -99,6 +127,28 @@ class OllamaStandin:
             return sum(needle in p["messages"][-1]["content"] for p in self.chat_requests)
 
     # --- the judge's behaviour -------------------------------------------------------------
+
+    def _refuses(self, payload: dict) -> tuple[int, str] | None:
+        """(status, message) if the request's structured-output field is one this server refuses."""
+        fmt, rf = payload.get("format"), payload.get("response_format")
+        kind = ("schema" if isinstance(fmt, dict) else "json" if fmt == "json" else
+                rf.get("type") if isinstance(rf, dict) else None)
+        if kind not in self.reject_formats:
+            return None
+        with self._lock:
+            self.rejected.append(payload)
+        if kind == "json_schema":
+            return 500, LLAMA_CPP_JSON_SCHEMA_ERROR
+        if kind == "json_object":
+            return 400, "'response_format.type' must be 'json_schema' or 'text'"
+        return 400, 'invalid format: expected "json" or a valid schema'
+
+    @staticmethod
+    def cap(payload: dict) -> int | None:
+        """The reply cap the request asks for (Ollama options.num_predict, OpenAI max_tokens)."""
+        n = (payload.get("options") or {}).get("num_predict") or payload.get("max_tokens")
+        return n if isinstance(n, int) and n > 0 else None
+
 
     def _plan(self, payload: dict) -> tuple[str, str | None]:
         """(reply text, fault) for a chat request; fault in {None, "500", "slow", "miderr"}."""
@@ -126,6 +176,8 @@ class OllamaStandin:
         m = _SCORE_RE.search(prompt)
         if m:
             score = standin_score(m.group(1))
+            if "CHATTY" in prompt:
+                return "Let me weigh this response carefully against the reference. " * 20 + f"Score: {score}"
             if "PLAIN" in prompt:
                 return f"I would rate it {score} out of 100."
             return json.dumps({"score": score}) if wants_json else str(score)
@@ -210,23 +262,52 @@ def _make_handler(srv: OllamaStandin):
                 with srv._lock:
                     srv.in_flight -= 1
 
+        def _truncate(self, reply: str, p: dict) -> tuple[str, bool]:
+            """The reply cut at the request's cap, counting words as tokens; (text, was it cut)."""
+            n, words = OllamaStandin.cap(p), reply.split(" ")
+            if n is None or len(words) <= n:
+                return reply, False
+            return " ".join(words[:n]), True
+
+        def _forever(self, piece: bytes) -> None:
+            """Send ``piece`` as a chunk every 50 ms until the client hangs up (or 10 minutes)."""
+            end = time.monotonic() + 600
+            while not srv._stopping.is_set() and time.monotonic() < end:
+                self._chunk(piece)
+                time.sleep(0.05)
+            self.close_connection = True
+
+        def _start_chunked(self, content_type: str) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+
         def _chat(self, p):
             if not isinstance(p, dict) or not p.get("messages"):
                 return self._send_json(400, {"error": "invalid request: messages required"})
             model = p.get("model", "")
             if _norm(model) not in srv.models:
                 return self._send_json(404, {"error": f"model '{model}' not found"})
-            if srv.reject_schema and isinstance(p.get("format"), dict):
-                return self._send_json(400, {"error": "invalid format: expected \"json\" or a valid schema"})
+            refused = srv._refuses(p)
+            if refused:
+                return self._send_json(refused[0], {"error": refused[1]})
             reply, fault = srv._plan(p)
+            prompt = p["messages"][-1]["content"]
             if srv.delay:
                 time.sleep(srv.delay)
+            if "HTTP400" in prompt:
+                return self._send_json(400, {"error": "the input length exceeds the context length"})
+            if "INVALID500" in prompt:
+                return self._send_json(500, {"error": "1 validation error: messages.0.content: Input "
+                                                      "should be a valid string"})
             if fault == "500":
                 return self._send_json(500, {"error": "llama runner process has terminated: exit status 2"})
             if fault == "slow":
                 time.sleep(srv.slow_seconds)
+            reply, cut = self._truncate(reply, p)
             final = {"model": model, "created_at": _now(), "message": {"role": "assistant", "content": ""},
-                     "done": True, "done_reason": "stop", "total_duration": 1_234_567_890,
+                     "done": True, "done_reason": "length" if cut else "stop", "total_duration": 1_234_567_890,
                      "load_duration": 12_345_678, "prompt_eval_count": 26,
                      "prompt_eval_duration": 130_079_000, "eval_count": 3, "eval_duration": 98_123_000}
             if p.get("stream", True) is False:
@@ -234,15 +315,20 @@ def _make_handler(srv: OllamaStandin):
                     return self._send_json(500, {"error": "an error was encountered while running the model"})
                 final["message"]["content"] = reply
                 return self._send_json(200, final)
-            self.send_response(200)
-            self.send_header("Content-Type", "application/x-ndjson")
-            self.send_header("Transfer-Encoding", "chunked")
-            self.end_headers()
+            self._start_chunked("application/x-ndjson")
+
+            def line(content: str) -> bytes:
+                return json.dumps({"model": model, "created_at": _now(), "done": False,
+                                   "message": {"role": "assistant", "content": content}}).encode() + b"\n"
+
+            bad = _NONOBJECT_RE.search(prompt)
+            if bad:
+                self._chunk(_NONOBJECT[bad.group(1)] + b"\n")
+            elif "FOREVER" in prompt:
+                return self._forever(line(" and"))
             pieces = [reply[i:i + 4] for i in range(0, len(reply), 4)] or [""]
             for k, piece in enumerate(pieces):
-                self._chunk(json.dumps({"model": model, "created_at": _now(),
-                                        "message": {"role": "assistant", "content": piece},
-                                        "done": False}).encode() + b"\n")
+                self._chunk(line(piece))
                 if fault == "miderr" and k == 0:
                     self._chunk(json.dumps({"error": "an error was encountered while running the model"})
                                 .encode() + b"\n")
@@ -252,28 +338,41 @@ def _make_handler(srv: OllamaStandin):
             self._chunk(b"")  # end of chunked body
 
         def _openai_chat(self, p):
-            def err(status, msg):
-                self._send_json(status, {"error": {"message": msg, "type": "api_error", "param": None,
+            def err(status, msg, kind="api_error"):
+                self._send_json(status, {"error": {"message": msg, "type": kind, "param": None,
                                                    "code": None}})
             if not isinstance(p, dict) or not p.get("messages"):
                 return err(400, "invalid request: messages required")
             model = p.get("model", "")
             if _norm(model) not in srv.models:
                 return err(404, f'model "{model}" not found, try pulling it first')
-            if srv.reject_schema and p.get("response_format"):
-                return err(400, "response_format is not supported")
+            refused = srv._refuses(p)
+            if refused:
+                return err(refused[0], refused[1], "internal_server_error" if refused[0] >= 500 else
+                           "invalid_request_error")
             reply, fault = srv._plan(p)
+            prompt = p["messages"][-1]["content"]
             if srv.delay:
                 time.sleep(srv.delay)
+            if "HTTP400" in prompt:
+                return err(400, "This model's maximum context length is 2048 tokens. However, you "
+                                "requested 2100 tokens.", "invalid_request_error")
+            if "INVALID500" in prompt:
+                return err(500, "[{'type': 'string_type', 'loc': ('body', 'messages', 0, 'content'), "
+                                "'msg': 'Input should be a valid string'}]", "internal_server_error")
             if fault in ("500", "miderr"):
                 return err(500, "llama runner process has terminated: exit status 2")
             if fault == "slow":
                 time.sleep(srv.slow_seconds)
+            if "FOREVER" in prompt:
+                self._start_chunked("application/json")
+                return self._forever(b" ")
+            reply, cut = self._truncate(reply, p)
             self._send_json(200, {
                 "id": "chatcmpl-%d" % len(srv.chat_requests), "object": "chat.completion",
                 "created": int(time.time()), "model": model, "system_fingerprint": "fp_ollama",
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": reply},
-                             "finish_reason": "stop"}],
+                             "finish_reason": "length" if cut else "stop"}],
                 "usage": {"prompt_tokens": 26, "completion_tokens": 3, "total_tokens": 29}})
 
     return Handler

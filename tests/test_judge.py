@@ -119,7 +119,9 @@ def test_scores_a_file_with_workers(tmp_path, server, test_records):
     assert book_lines(r.stdout) == ("Number of scores: 30 of 30", f"Average score: {np.mean(expected):.2f}")
     assert server.count() == 29, "one request per non-empty response"
     assert server.max_in_flight > 1, "workers should ask concurrently"
-    assert all(p["options"] == {"seed": 123, "temperature": 0, "num_ctx": 2048} for p in server.chat_requests)
+    # the book's options, plus a cap on the reply (a score is a few tokens)
+    assert all(p["options"] == {"seed": 123, "temperature": 0, "num_ctx": 2048, "num_predict": 64}
+               for p in server.chat_requests)
     assert all(p["format"]["properties"]["score"]["type"] == "integer" for p in server.chat_requests)
 
     saved = json.loads(out.read_text())
@@ -156,8 +158,9 @@ def test_retries_faults_and_reports_unparsable(tmp_path, test_records):
         r = run_judge("--file", str(data), "--host", server.url, "--workers", "3", "--timeout", "2",
                       "--retries", "3", "--out", str(out), cwd=tmp_path)
         assert r.returncode == 0, r.stderr
-        # attempts per record: transport retries (--retries 3 → 4 attempts) and parse retries (3)
-        assert [server.count(faults[i]) for i in range(7)] == [3, 2, 2, 2, 1, 3, 4]
+        # attempts per record: transport retries (--retries 3 → 4 attempts) and parse retries
+        # (up to 3, but an unparsable reply the server repeats word for word is not asked a third time)
+        assert [server.count(faults[i]) for i in range(7)] == [3, 2, 2, 2, 1, 2, 4]
 
     expected = expected_scores(responses)
     ok = [s for i, s in enumerate(expected) if i not in (5, 6)]
@@ -165,7 +168,7 @@ def test_retries_faults_and_reports_unparsable(tmp_path, test_records):
     saved = json.loads(out.read_text())
     fails = {f["index"]: f for f in saved["summary"]["failures"]}
     assert sorted(fails) == [5, 6]
-    assert fails[5]["reason"] == "unparsable reply after 3 attempts"
+    assert fails[5]["reason"] == "unparsable reply after 2 attempts (the same reply each time)"
     assert fails[5]["reply"] == "This response is hard to rate; it has good and bad parts."
     assert "HTTP 500" in fails[6]["reason"] and "gave up after 4 attempts" in fails[6]["reason"]
     assert "Failures: 2" in r.stdout and "#5" in r.stdout and "hard to rate" in r.stdout
@@ -314,21 +317,6 @@ def test_openai_compatible_api(tmp_path, server, test_records):
     assert book_lines(r.stdout)[1] == f"Average score: {np.mean(expected_scores(responses)):.2f}"
     sent = server.chat_requests[-1]
     assert sent["response_format"]["type"] == "json_schema" and (sent["seed"], sent["temperature"]) == (123, 0)
-
-
-@pytest.mark.parametrize("api", ["ollama", "openai"])
-def test_server_without_structured_output(tmp_path, test_records, api):
-    """A server that rejects the JSON schema (400) is asked again without it; plain replies are parsed."""
-    records = test_records[:6]
-    responses = [r["output"] for r in records]
-    data = write_responses(tmp_path / "responses.json", records, responses)
-    with OllamaStandin(models=["llama3"], reject_schema=True) as server:
-        r = run_judge("--file", str(data), "--api", api, "--host", server.url, "--workers", "1", cwd=tmp_path)
-        assert r.returncode == 0, r.stderr
-        assert server.count() == 6, "only the accepted (schema-less) requests reach the judge"
-    assert "rejected the structured-output request" in r.stderr
-    assert book_lines(r.stdout) == ("Number of scores: 6 of 6",
-                                    f"Average score: {np.mean(expected_scores(responses)):.2f}")
 
 
 def test_evaluate_metric_modules(tmp_path, server, test_records):

@@ -12,7 +12,7 @@ import evaluate
 
 from eval.judge import score_records
 from eval.judge_cache import JudgeCache
-from eval.judge_client import make_judge
+from eval.judge_client import MAX_REPLY_TOKENS, REQUEST_TIMEOUT, RetryPolicy, make_judge
 
 _DESCRIPTION = "Mean 0-100 score an LLM judge (Ollama or OpenAI-compatible) gives the responses."
 _KWARGS = """
@@ -26,7 +26,8 @@ Args:
     api (str): "ollama" or "openai". Default "ollama".
     workers (int): concurrent requests. Default 4.
     cache (str or None): JSONL answer cache path (resumable). Default None.
-    timeout (float), retries (int), retry_backoff (float), parse_retries (int): as in eval/judge.py.
+    timeout (float), request_timeout (float), max_reply_tokens (int), retries (int),
+        retry_backoff (float), parse_retries (int): as in eval/judge.py.
     preflight (bool): check the server and model first. Default True.
 Returns:
     judge_score (float): mean of the parsed scores; num_scores, num_records (int);
@@ -52,11 +53,11 @@ class LLMJudge(evaluate.Metric):
 
     def _compute(self, predictions, references, instructions, inputs, model="llama3",
                  host="http://localhost:11434", api="ollama", workers=4, cache=None, timeout=120.0,
-                 retries=4, retry_backoff=1.0, parse_retries=2, preflight=True):
-        from eval.judge_client import RetryPolicy
-
-        judge = make_judge(api, host, model, timeout=timeout,
-                           retry=RetryPolicy(retries=retries, backoff=retry_backoff))
+                 request_timeout=REQUEST_TIMEOUT, max_reply_tokens=MAX_REPLY_TOKENS, retries=4,
+                 retry_backoff=1.0, parse_retries=2, preflight=True):
+        judge = make_judge(api, host, model, timeout=timeout, request_timeout=request_timeout,
+                           max_reply_tokens=max_reply_tokens,
+                           retry=RetryPolicy(attempts=retries + 1, backoff=retry_backoff))
         if preflight:
             judge.preflight()
         records = [{"instruction": i, "input": x, "output": r, "model_response": p}
