@@ -5,6 +5,8 @@
     python -m convert hf --repo openai-community/gpt2-medium --out DIR
     python -m convert hf --from-dir PATH --out DIR          # folder or .safetensors file
     python -m convert export-hf --model DIR --out HF_DIR    # standard GPT2LMHeadModel folder
+    python -m convert book --pth FILE.pth --out DIR [--n-heads N]   # the book's GPTModel state dict
+    python -m convert export-book --model DIR --out FILE.pth        # … and back, printing its cfg
 
 Every output is a complete folder or nothing (written to a temp name, then renamed).
 Errors are one line on stderr, exit status 2.
@@ -78,6 +80,37 @@ def cmd_export_hf(args) -> None:
           f"in {time.perf_counter() - started:.1f} s")
 
 
+def cmd_book(args) -> None:
+    from convert.book import load_book_checkpoint
+
+    started = time.perf_counter()
+    _check_out(args.out, args.overwrite)
+    labels = tuple(args.labels.split(",")) if args.labels else None
+    model = load_book_checkpoint(args.pth, n_heads=args.n_heads, labels=labels)
+    _save(model, args.out, None, args.overwrite, str(args.pth), started)
+    c = model.config
+    if hasattr(model, "score"):
+        print(f"  a sequence classifier ({', '.join(c.id2label[i] for i in range(c.num_labels))}): load it with "
+              "AutoModelForSequenceClassification")
+    elif not c.tie_word_embeddings:
+        print("  its out_head differs from tok_emb, so the LM head is kept untied (tie_word_embeddings=false)")
+
+
+def cmd_export_book(args) -> None:
+    from convert.book import export_book
+    from gpt2_scratch import GPT2ScratchConfig
+
+    started = time.perf_counter()
+    cfg = export_book(args.model, args.out, overwrite=args.overwrite)
+    config = GPT2ScratchConfig.from_pretrained(args.model)
+    print(f"wrote {args.out}: the book's GPTModel state dict from {args.model} in {time.perf_counter() - started:.1f} s")
+    print(f"cfg = {cfg!r}")
+    print("model = GPTModel(cfg)")
+    if any(a.endswith("ForSequenceClassification") for a in config.architectures or []):
+        print(f"model.out_head = torch.nn.Linear(cfg['emb_dim'], {config.num_labels})  # chapter 6's classifier head")
+    print(f"model.load_state_dict(torch.load({str(args.out)!r}, weights_only=True))")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m convert", description=__doc__.split("\n\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log each step")
@@ -110,6 +143,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="folder to write")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     p.set_defaults(func=cmd_export_hf)
+
+    p = sub.add_parser("book", help="the book's GPTModel .pth (chapters 5-7) → our model folder")
+    p.add_argument("--pth", type=Path, required=True, help="torch.save(model.state_dict()) file, or chapter 5's "
+                   "{'model_state_dict': ...} checkpoint (read with weights_only=True: tensors only)")
+    p.add_argument("--out", type=Path, required=True, help="model folder to write")
+    p.add_argument("--n-heads", type=int, help="the cfg's n_heads; needed only when emb_dim is not 768, 1024, 1280 "
+                   "or 1600 (GPT-2's sizes, whose head counts are known)")
+    p.add_argument("--labels", help="a classifier's class names, comma-separated (default for two classes: ham,spam)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    p.set_defaults(func=cmd_book)
+
+    p = sub.add_parser("export-book", help="our model folder → a state dict the book's GPTModel loads (prints its cfg)")
+    p.add_argument("--model", type=Path, required=True, help="model folder written by gpt2-scratch")
+    p.add_argument("--out", type=Path, required=True, help=".pth file to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    p.set_defaults(func=cmd_export_book)
     return parser
 
 
