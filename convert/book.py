@@ -32,12 +32,11 @@ from pathlib import Path
 import torch
 
 from convert.errors import ConvertError
+from convert.hf import N_HEAD_OF_WIDTH, SafetensorsReader, _weight_files
 from convert.mapping import Dims, Rule, convert_tensors, plan_conversion
 
 log = logging.getLogger(__name__)
 
-# Head counts of GPT-2's four released widths: the one hyperparameter a weights file cannot reveal.
-N_HEAD_OF_WIDTH = {768: 12, 1024: 16, 1280: 20, 1600: 25}
 # Chapter 6's classifier is spam detection: label 0 is "not spam" (ham), 1 is spam
 # (train/spam_data.DEFAULT_LABELS, which our classifier training uses too).
 BOOK_CLASSIFIER_LABELS = ("ham", "spam")
@@ -125,13 +124,18 @@ def read_book_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], s
             obj = torch.load(path, map_location="cpu", weights_only=True)  # the pre-1.6 format cannot be mapped
     except pickle.UnpicklingError as e:
         # weights_only's unpickler stops at the first thing that is not a tensor or plain container,
-        # before constructing (or running) it.
+        # before constructing (or running) it; it also reports bytes that are no pickle at all.
         what = re.search(r"unsupported (?:global: )?GLOBAL ([\w.]+)", str(e), re.IGNORECASE)
-        thing = f"'{what.group(1)}'" if what else "a Python object"
-        raise ConvertError(f"{path}: refused to unpickle {thing}: the file holds more than tensors and loading it "
-                           "could run code; only state dicts are read (save with torch.save(model.state_dict(), "
-                           "path))") from None
-    except (RuntimeError, EOFError, OSError, ValueError, KeyError, AttributeError) as e:
+        if what:
+            raise ConvertError(f"{path}: refused to unpickle '{what.group(1)}': the file holds more than tensors and "
+                               "loading it could run code; only state dicts are read (save with "
+                               "torch.save(model.state_dict(), path))") from None
+        reason = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:\n\n|$)", str(e), re.DOTALL)
+        raise ConvertError(f"{path}: not a readable PyTorch file (UnpicklingError: "
+                           f"{' '.join(reason.group(1).split()) if reason else _first_line(e)})") from None
+    except EOFError:
+        raise ConvertError(f"{path}: empty or truncated; not a complete PyTorch file") from None
+    except (RuntimeError, OSError, ValueError, KeyError, AttributeError) as e:
         raise ConvertError(f"{path}: not a readable PyTorch file ({type(e).__name__}: {_first_line(e)})") from None
 
     label = str(path)
@@ -158,9 +162,9 @@ def infer_dims(shapes: dict[str, tuple[int, ...]], source: str, n_heads: int | N
                 if any(n.startswith(("transformer.", "wte.", "h.0.")) for n in shapes) else "")
         raise ConvertError(f"{source}: no 'tok_emb.weight'/'pos_emb.weight' tensors (found {found}, ...); not a "
                            f"state dict of the book's GPTModel{hint}")
-    if len(shapes["tok_emb.weight"]) != 2 or len(shapes["pos_emb.weight"]) != 2:
-        raise ConvertError(f"{source}: tensor 'tok_emb.weight' has shape {list(shapes['tok_emb.weight'])}, "
-                           "expected [vocab_size, emb_dim]")
+    for name, expected in (("tok_emb.weight", "[vocab_size, emb_dim]"), ("pos_emb.weight", "[context_length, emb_dim]")):
+        if len(shapes[name]) != 2:
+            raise ConvertError(f"{source}: tensor '{name}' has shape {list(shapes[name])}, expected {expected}")
     n_vocab, n_embd = shapes["tok_emb.weight"]
     n_ctx = shapes["pos_emb.weight"][0]
     blocks = {int(m.group(1)) for name in shapes if (m := _BLOCK.match(name))}
@@ -300,8 +304,11 @@ def book_state_dict(ours: dict[str, torch.Tensor], config, *, source: str) -> di
                                f"({dims.describe()}) implies {list(ours_shape)}")
         # A copy either way: a q/k/v piece is a view of the fused tensor, and torch.save would store all of it.
         out[book_name] = t.T.contiguous() if layout == "transpose" else t.clone()
+    # One tensor for every block's mask: torch.save stores shared storage once (gpt2-medium: 4 MB instead
+    # of 100 MB), and load_state_dict copies it into each block's own buffer all the same.
+    mask = causal_mask(dims.n_ctx)
     for i in range(dims.n_layer):
-        out[f"trf_blocks.{i}.att.mask"] = causal_mask(dims.n_ctx)
+        out[f"trf_blocks.{i}.att.mask"] = mask
     return dict(sorted(out.items(), key=lambda item: _book_position(item[0])))
 
 
@@ -348,16 +355,19 @@ def export_book(model_dir: str | os.PathLike, out_pth: str | os.PathLike, *, ove
     A causal LM loads with `GPTModel(cfg).load_state_dict(torch.load(out_pth))`; a classifier after
     `model.out_head = torch.nn.Linear(cfg["emb_dim"], num_classes)`, as chapter 6 builds it.
     """
-    from convert.hf import SafetensorsReader, _weight_files
     from gpt2_scratch import GPT2ScratchConfig
 
     model_dir, out_pth = Path(model_dir), Path(out_pth)
     if not (model_dir / "config.json").is_file():
         raise ConvertError(f"{model_dir}: no config.json; pass a model folder written by gpt2-scratch")
     try:
-        config = GPT2ScratchConfig.from_pretrained(model_dir)
+        model_type = GPT2ScratchConfig.get_config_dict(model_dir)[0].get("model_type")
+        config = GPT2ScratchConfig.from_pretrained(model_dir) if model_type == GPT2ScratchConfig.model_type else None
     except (OSError, ValueError, TypeError) as e:
         raise ConvertError(f"{model_dir}/config.json: not a gpt2-scratch config ({_first_line(e)})") from None
+    if config is None:
+        raise ConvertError(f"{model_dir}/config.json: model_type {model_type!r} is not gpt2-scratch; convert the folder "
+                           "to ours first (python -m convert hf --from-dir ...)")
     if out_pth.exists() and not overwrite:
         raise ConvertError(f"{out_pth}: already exists; choose another --out or pass --overwrite")
     if out_pth.is_dir():

@@ -18,7 +18,7 @@ import pytest
 import torch
 from conftest import REPO_ROOT, run_cli
 
-from convert.book import infer_dims, load_book_checkpoint
+from convert.book import export_book, infer_dims, load_book_checkpoint
 from convert.cli import main as convert_main
 from convert.errors import ConvertError
 
@@ -195,8 +195,11 @@ def test_bad_book_files_name_file_and_tensor(tmp_path):
     msg = _attempt(tmp_path, "list", [1, 2, 3])
     assert "holds a list, not a state dict" in msg
     (tmp_path / "garbage.pth").write_bytes(b"not a torch file at all")
-    with pytest.raises(ConvertError, match=r"garbage\.pth: not a readable PyTorch file|garbage\.pth: refused"):
+    with pytest.raises(ConvertError, match=r"garbage\.pth: not a readable PyTorch file \(UnpicklingError: Unsupported operand"):
         load_book_checkpoint(tmp_path / "garbage.pth")
+    (tmp_path / "empty.pth").write_bytes(b"")
+    with pytest.raises(ConvertError, match=r"empty\.pth: empty or truncated"):
+        load_book_checkpoint(tmp_path / "empty.pth")
 
 
 def test_the_head_count_follows_gpt2s_released_widths():
@@ -237,3 +240,12 @@ def test_cli_prints_what_happened_and_refuses_to_overwrite(tmp_path, capsys):
     assert (tmp_path / "b.pth").read_bytes() == before
     assert convert_main(["book", "--pth", str(tmp_path / "m.pth"), "--out", str(tmp_path / "ours")]) == 2
     assert "already exists and is not empty" in capsys.readouterr().err
+
+
+def test_export_book_refuses_a_folder_that_is_not_ours(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_positions=16, n_embd=8, n_layer=1, n_head=2, vocab_size=64)).save_pretrained(tmp_path / "hf")
+    with pytest.raises(ConvertError, match=r"hf/config.json: model_type 'gpt2' is not gpt2-scratch"):
+        export_book(tmp_path / "hf", tmp_path / "x.pth")
+    assert not (tmp_path / "x.pth").exists()
