@@ -5,6 +5,8 @@
     python -m convert hf --repo openai-community/gpt2-medium --out DIR
     python -m convert hf --from-dir PATH --out DIR          # folder or .safetensors file
     python -m convert export-hf --model DIR --out HF_DIR    # standard GPT2LMHeadModel folder
+    python -m convert book --pth FILE.pth --out DIR [--n-heads N]   # the book's GPTModel state dict
+    python -m convert export-book --model DIR --out FILE.pth        # … and back, printing its cfg
 
 (``gpt2-scratch convert ...`` is the same.) Every output is a complete folder or nothing (written to a
 temporary name, then renamed); the output is checked before the slow part starts.
@@ -19,7 +21,7 @@ from typing import Literal
 
 from core.args import arg
 from core.errors import InputError
-from core.files import check_output_dir
+from core.files import check_output_dir, check_output_file
 
 OVERWRITE_HELP = "replace an existing --out folder"
 
@@ -112,3 +114,57 @@ def run_export_hf(args: ExportHFArgs) -> None:
     out = export_hf(args.model, args.out, overwrite=args.overwrite)
     print(f"wrote {out}: transformers GPT2LMHeadModel folder from {args.model} "
           f"in {time.perf_counter() - started:.1f} s")
+
+
+@dataclass
+class BookArgs:
+    """The book's GPTModel state dict (chapters 5-7, a .pth) → our model folder (LM or chapter 6 classifier)."""
+
+    pth: str = arg(help="torch.save(model.state_dict()) file, or chapter 5's {'model_state_dict': ...} checkpoint "
+                        "(read with weights_only=True: tensors only, never code)")
+    out: str = arg(help="model folder to write")
+    n_heads: int | None = arg(None, "the cfg's n_heads; needed only when emb_dim is not 768, 1024, 1280 or 1600 "
+                                    "(GPT-2's sizes, whose head counts are known)")
+    labels: str | None = arg(None, "a classifier's class names, comma-separated (default for two classes: ham,spam)")
+    overwrite: bool = arg(False, OVERWRITE_HELP)
+
+
+def run_book(args: BookArgs) -> None:
+    from convert.book import load_book_checkpoint
+
+    started = time.perf_counter()
+    out = _check_out(args.out, args.overwrite, inputs=[("--pth", args.pth)])
+    labels = tuple(args.labels.split(",")) if args.labels else None
+    model = load_book_checkpoint(args.pth, n_heads=args.n_heads, labels=labels)
+    _save(model, out, None, args.overwrite, str(args.pth), started)
+    c = model.config
+    if hasattr(model, "score"):
+        print(f"  a sequence classifier ({', '.join(c.id2label[i] for i in range(c.num_labels))}): load it with "
+              "AutoModelForSequenceClassification")
+    elif not c.tie_word_embeddings:
+        print("  its out_head differs from tok_emb, so the LM head is kept untied (tie_word_embeddings=false)")
+
+
+@dataclass
+class ExportBookArgs:
+    """Our model folder → a state dict the book's GPTModel(cfg).load_state_dict accepts; prints the cfg."""
+
+    model: str = arg(help="model folder written by gpt2-scratch")
+    out: str = arg(help=".pth file to write")
+    overwrite: bool = arg(False, "replace an existing --out file")
+
+
+def run_export_book(args: ExportBookArgs) -> None:
+    from convert.book import export_book
+    from gpt2_scratch.model_dir import is_classifier_config, read_config
+
+    started = time.perf_counter()
+    check_output_file(args.out, inputs=[("--model", args.model)])
+    cfg = export_book(args.model, args.out, overwrite=args.overwrite)
+    config = read_config(args.model)
+    print(f"wrote {args.out}: the book's GPTModel state dict from {args.model} in {time.perf_counter() - started:.1f} s")
+    print(f"cfg = {cfg!r}")
+    print("model = GPTModel(cfg)")
+    if is_classifier_config(config):
+        print(f"model.out_head = torch.nn.Linear(cfg['emb_dim'], {len(config['id2label'])})  # chapter 6's classifier head")
+    print(f"model.load_state_dict(torch.load({str(args.out)!r}, weights_only=True))")

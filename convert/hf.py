@@ -3,8 +3,10 @@
 In:  a folder (config.json + model.safetensors, or a sharded model.safetensors.index.json), a lone
      .safetensors file, or a Hub repo id fetched with huggingface_hub (its cache, HF_HUB_OFFLINE
      and HF_ENDPOINT apply). Keys with or without the `transformer.` prefix; mask buffers
-     (`attn.bias`, `attn.masked_bias`) ignored; the c_proj Conv1D weights transposed to [out, in].
+     (`attn.bias`, `attn.masked_bias`) ignored; the c_proj Conv1D weights transposed to [out, in];
+     an `lm_head.weight` that differs from `wte` kept as an untied head.
 Out: `export_hf` writes a standard GPT2LMHeadModel folder (config.json with model_type "gpt2",
+     tie_word_embeddings=false and its own lm_head.weight when our head is untied,
      model.safetensors in save_pretrained's layout, generation_config.json, tokenizer files) that
      transformers loads with no code of ours.
 """
@@ -151,11 +153,21 @@ def load_hf_checkpoint(path: str | Path):
                            ignore=lambda n: bool(HF_IGNORED.match(n)) or n == HF_TIED_HEAD)
     state = convert_tensors(plan, lambda short: reader.read(by_short[short]))
     if HF_TIED_HEAD in by_short:
+        # A saved head equal to wte is GPT-2's tied head; a different one stays untied (model_from_state
+        # decides, as transformers itself does when a file holds both).
         head = reader.read(by_short[HF_TIED_HEAD])
-        if tuple(head.shape) != (dims.n_vocab, dims.n_embd) or not torch.equal(head.float(), state["transformer.wte.weight"].float()):
-            raise ConvertError(f"{label}: tensor '{by_short[HF_TIED_HEAD]}' differs from the token embedding; "
-                               "GPT-2 ties them and so does our model, an untied head cannot be converted")
+        if tuple(head.shape) != (dims.n_vocab, dims.n_embd):
+            raise ConvertError(f"{label}: tensor '{by_short[HF_TIED_HEAD]}' has shape {list(head.shape)} but "
+                               f"{dims_source} ({dims.describe()}) implies {[dims.n_vocab, dims.n_embd]}")
+        state[HF_TIED_HEAD] = head
+    elif config_path.is_file() and _config_unties(config_path):
+        raise ConvertError(f"{label}: missing tensor '{HF_TIED_HEAD}' although {config_path} says "
+                           "tie_word_embeddings=false; the untied head's weights are not in the file")
     return model_from_state(dims, state, source=label, layer_norm_epsilon=eps)
+
+
+def _config_unties(path: Path) -> bool:
+    return json.loads(path.read_text(encoding="utf-8")).get("tie_word_embeddings", True) is False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -260,14 +272,19 @@ def export_hf(model_dir: str | Path, out_dir: str | Path, *, overwrite: bool = F
     extra = names - set(ours_to_hf) - {"lm_head.weight"}
     if extra:
         raise ConvertError(f"{model_dir}: unknown tensor '{sorted(extra)[0]}' has no GPT-2 counterpart")
-    if "lm_head.weight" in names and not torch.equal(reader.read("lm_head.weight"), reader.read("transformer.wte.weight")):
-        raise ConvertError(f"{model_dir}: lm_head.weight is not tied to the token embedding; GPT-2 cannot express that")
+    # Untied exactly when our head differs from wte (as from_pretrained loads it); GPT2LMHeadModel
+    # expresses that with tie_word_embeddings=False and its own lm_head.weight.
+    head = reader.read("lm_head.weight").float() if "lm_head.weight" in names else None
+    if head is None and not cfg.tie_word_embeddings:
+        raise ConvertError(f"{model_dir}: missing tensor 'lm_head.weight' although config.json says "
+                           "tie_word_embeddings=false")
+    tied = head is None or torch.equal(head, state["transformer.wte.weight"])
 
     hf_config = GPT2Config(
         vocab_size=dims.n_vocab, n_positions=dims.n_ctx, n_embd=dims.n_embd, n_layer=dims.n_layer,
         n_head=dims.n_head, layer_norm_epsilon=cfg.layer_norm_epsilon, activation_function="gelu_new",
         resid_pdrop=cfg.drop_rate, embd_pdrop=cfg.drop_rate, attn_pdrop=cfg.drop_rate,
-        bos_token_id=50256, eos_token_id=50256, tie_word_embeddings=True,
+        bos_token_id=50256, eos_token_id=50256, tie_word_embeddings=tied,
         architectures=["GPT2LMHeadModel"],
     )
     try:
@@ -279,7 +296,8 @@ def export_hf(model_dir: str | Path, out_dir: str | Path, *, overwrite: bool = F
     # on the meta device and handed our tensors, it costs no second copy of the model.
     with torch.device("meta"):
         hf_model = GPT2LMHeadModel(hf_config)
-    hf_model.load_state_dict({**state, "lm_head.weight": state["transformer.wte.weight"]}, strict=True, assign=True)
+    hf_model.load_state_dict({**state, "lm_head.weight": state["transformer.wte.weight"] if tied else head},
+                             strict=True, assign=True)
     hf_model.tie_weights()
     hf_model.generation_config = GenerationConfig(bos_token_id=50256, eos_token_id=50256, pad_token_id=50256)
 

@@ -130,7 +130,8 @@ HF_RULES: tuple[Rule, ...] = (
 )
 # Causal-mask buffers older transformers saved with the weights: not parameters, dropped.
 HF_IGNORED = re.compile(r"^h\.\d+\.attn\.(bias|masked_bias)$")
-# The head is tied to wte in GPT-2; a saved copy must equal wte (checked), then it is dropped.
+# The head is tied to wte in GPT-2: a saved copy equal to wte is dropped (tied); a different one is
+# kept as an untied head (convert.build.model_from_state decides).
 HF_TIED_HEAD = "lm_head.weight"
 
 # Which of our parameters share storage with another (GPT-2's tied head).

@@ -2,7 +2,8 @@
 
 The architecture is the book's (chapter 4) and OpenAI's: token + position embeddings, pre-LayerNorm
 blocks, causal multi-head attention with one fused qkv projection, a tanh-GELU MLP four times as
-wide, a final LayerNorm and an LM head tied to the token embedding.
+wide, a final LayerNorm and an LM head tied to the token embedding (untied with
+``tie_word_embeddings=False``: the book's finetuned models train their ``out_head`` apart from it).
 
 Parameter names follow transformers' GPT-2 (``transformer.wte``, ``transformer.h.N.attn.c_attn``,
 ``lm_head``) so a checkpoint is recognizable. The two widening projections (``c_attn``, ``c_fc``)
@@ -257,7 +258,7 @@ class GPT2ScratchModel(GPT2ScratchPreTrainedModel):
 class GPT2ScratchForCausalLM(GPT2ScratchPreTrainedModel, GenerationMixin):
     """GPT-2 with its language-modeling head: next-token logits over the vocabulary."""
 
-    # The head is the token embedding, transposed (one tensor, as in GPT-2).
+    # The head is the token embedding, transposed (one tensor, as in GPT-2), unless the config unties it.
     _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}
 
     def __init__(self, config: GPT2ScratchConfig):

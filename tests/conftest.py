@@ -72,6 +72,7 @@ def transformers_twin(model):
             resid_pdrop=0.0,
             embd_pdrop=0.0,
             attn_pdrop=0.0,
+            tie_word_embeddings=c.tie_word_embeddings,  # an untied head stays untied in the twin
         )
     )
     state = {}

@@ -124,8 +124,12 @@ def test_bad_hf_inputs_name_file_and_tensor(tmp_path):
     assert "tensor 'h.0.attn.c_proj.weight' has shape [16, 17]" in msg and "config.json" in msg
     msg = attempt("layers", state, {**ref.config.to_dict(), "n_layer": 3})
     assert "missing tensor 'h.2." in msg and "n_layer=3" in msg
-    msg = attempt("untied", {**state, "lm_head.weight": torch.zeros_like(state["wte.weight"])})
-    assert "'lm_head.weight' differs from the token embedding" in msg
+    # An untied head is converted (tests/test_untied_head.py); a wrongly shaped one, or none where the
+    # config unties, is not.
+    msg = attempt("head-shape", {**state, "lm_head.weight": torch.zeros(3, 16)})
+    assert "tensor 'lm_head.weight' has shape [3, 16]" in msg
+    msg = attempt("head-missing", state, {**ref.config.to_dict(), "tie_word_embeddings": False})
+    assert "missing tensor 'lm_head.weight'" in msg and "tie_word_embeddings=false" in msg
     msg = attempt("act", state, {**ref.config.to_dict(), "activation_function": "relu"})
     assert "activation_function 'relu'" in msg
 
