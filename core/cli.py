@@ -43,6 +43,8 @@ COMMANDS: dict[str, Command | dict[str, Command]] = {
     "init": Command("gpt2_scratch.commands", "InitArgs", "run_init", "write a randomly initialised model folder"),
     "generate": Command("gpt2_scratch.commands", "GenerateArgs", "run_generate",
                         "continue a prompt with a model (raw completion; interactive without --prompt)"),
+    "chat": Command("gpt2_scratch.commands", "ChatArgs", "run_chat",
+                    "talk to an instruction model in its prompt style, answers streamed (or one --prompt)"),
     "predict": Command("gpt2_scratch.commands", "PredictArgs", "run_predict",
                        "label texts with a finetuned classifier (e.g. spam / ham)"),
     "convert": {

@@ -2,6 +2,7 @@
 
     gpt2-scratch init --preset gpt2-small --out DIR [--n-layers N ...]
     gpt2-scratch generate --model DIR [--prompt TEXT] [--max-new-tokens N] [--temperature T] [--top-k K]
+    gpt2-scratch chat --model DIR [--prompt "..."] [--temperature T] [--top-k K] [--max-new-tokens N]
     gpt2-scratch predict --model DIR --text "..."      (also: python -m gpt2_scratch classify --text ...)
 
 ``--model`` is what every command of the project takes: a model folder, a preset (gpt2-small …
@@ -155,6 +156,83 @@ def run_generate(args: GenerateArgs) -> None:
         if line.strip() in ("", "quit", "exit"):
             break
         complete(line)
+
+
+# ---------------------------------------------------------------------------------------------------
+# chat
+# ---------------------------------------------------------------------------------------------------
+
+QUIT_WORDS = ("/quit", "/exit", "/bye")
+
+
+@dataclass(kw_only=True)
+class ChatArgs(SamplingArgs):
+    """Talk to an instruction-tuned model: each message is wrapped in its prompt style, the answer streams."""
+
+    model: str = arg(help="instruction model folder (e.g. the output of `gpt2-scratch sft`), preset or Hub repo id")
+    prompt: str | None = arg(None, "one message: print its answer and exit (without it, an interactive chat)")
+    input: str | None = arg(None, "with --prompt: the record's input text (the book's '### Input:' part)")
+    prompt_style: Literal["alpaca", "phi3"] | None = arg(
+        None, "how messages are wrapped (default: the style the model was trained with, else alpaca)",
+        aliases=("--style",))
+    max_new_tokens: int = arg(256, "tokens per answer at most")
+
+
+def chat_prompt(message: str, style: str, input_text: str | None = None) -> str:
+    """What the model sees for one message: the training prompt up to and including the response header,
+    so the answer is the first thing it writes (training examples are exactly this text + the answer)."""
+    from core.prompts import format_input, response_header
+
+    record = {"instruction": message, "input": input_text or ""}
+    return format_input(record, style) + response_header(style)
+
+
+def run_chat(args: ChatArgs) -> None:
+    import torch
+    from transformers import TextStreamer
+
+    from .tokenizer import ENDOFTEXT_ID
+
+    args.check_sampling()
+    model, tokenizer, max_prompt = load_for_generation(args.model, args.max_new_tokens)
+    style = args.prompt_style or getattr(model.config, "prompt_style", None) or "alpaca"
+
+    def answer(message: str, input_text: str | None = None) -> None:
+        ids = crop_prompt(tokenizer.encode(chat_prompt(message, style, input_text)), max_prompt)
+        torch.manual_seed(args.seed)
+        # skip_prompt: only the answer streams, token by token, as it is generated.
+        streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        with torch.inference_mode():
+            model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                           max_new_tokens=args.max_new_tokens, eos_token_id=ENDOFTEXT_ID, pad_token_id=ENDOFTEXT_ID,
+                           streamer=streamer, **args.generate_kwargs())
+
+    if args.prompt is not None:
+        answer(args.prompt, args.input)
+        return
+    if args.input is not None:
+        raise InputError("--input goes with --prompt; in the chat, type the instruction and its input together")
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"Chatting with {args.model} ({style} prompts; each message is answered on its own). "
+              f"Type /quit or press Ctrl-D to leave.", file=sys.stderr)
+    while True:
+        try:
+            message = input("you> " if interactive else "")
+        except (EOFError, KeyboardInterrupt):
+            if interactive:
+                print(file=sys.stderr)
+            break
+        if message.strip().lower() in QUIT_WORDS:
+            break
+        if not message.strip():
+            continue
+        if interactive:
+            print("model> ", end="", flush=True)
+        try:
+            answer(message)
+        except KeyboardInterrupt:  # stop this answer, keep the chat
+            print("\n[answer stopped]", file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------------------------
