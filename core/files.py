@@ -259,20 +259,32 @@ def check_writable_folder(folder: Path, *, flag: str) -> None:
     os.unlink(probe)
 
 
+# What loading a model folder reads: an output file must never replace one of these in an input folder.
+MODEL_FOLDER_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                      "model.safetensors", "model.safetensors.index.json")
+
+
 def check_output_file(path: str | os.PathLike, *, flag: str = "--out",
                       inputs: Iterable[tuple[str, str | os.PathLike | None]] = ()) -> Path:
     """Check, before any work, that ``path`` can be written as a file and is none of ``inputs``.
 
-    ``inputs`` are ``(flag, path)`` pairs of what the command reads (None entries are skipped).
+    ``inputs`` are ``(flag, path)`` pairs of what the command reads (None entries are skipped); an
+    input folder (a model) may receive new files, but not in place of the files it is loaded from.
     """
     path = Path(path).expanduser()
     if path.is_dir():
         raise InputError(f"{flag} {path} is a folder; give the path of a file to write")
     for input_flag, input_path in inputs:
-        if input_path is not None and (_same_path(path, Path(input_path)) or
-                                        path.resolve() == Path(input_path).expanduser().resolve()):
+        if input_path is None:
+            continue
+        input_path = Path(input_path).expanduser()
+        if _same_path(path, input_path) or path.resolve() == input_path.resolve():
             raise InputError(f"{flag} {path} is also {input_flag}: writing it would replace the input; "
                              "choose another output file")
+        if input_path.is_dir() and _inside(path, input_path) and (
+                path.name in MODEL_FOLDER_FILES or path.suffix in (".safetensors", ".py")):
+            raise InputError(f"{flag} {path} holds {input_flag} {input_path}: writing it would replace a file the "
+                             "input is read from; choose another output file")
     check_writable_folder(path.parent, flag=flag)
     return path
 

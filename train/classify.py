@@ -322,6 +322,7 @@ def fit(setup: Setup, args: ClassifyArgs) -> tuple[TrainState, bool]:
         nonlocal window_tokens, window_seconds
         train_loss, _ = evaluate(accelerator, model, setup.train_eval_loader, args.eval_iter)
         val_loss, _ = evaluate(accelerator, model, setup.val_loader, args.eval_iter)
+        check_loss(val_loss, step, setup.out / "checkpoints", "validation loss")
         row = {"epoch": epoch, "step": step, "examples_seen": examples_seen, "tokens_seen": tokens_seen,
                "train_loss": train_loss, "val_loss": val_loss,
                "tokens_per_sec": window_tokens / window_seconds if window_seconds else 0.0}

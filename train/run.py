@@ -81,6 +81,18 @@ def clear_output(out: Path, *, overwrite: bool, is_main_process: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
+class _StdoutHandler(logging.StreamHandler):
+    """Log lines go to whatever ``sys.stdout`` is when they are written (tqdm and tests swap it)."""
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def quiet_libraries() -> None:
     """Turn the libraries' progress bars and INFO lines down: a run's own lines say what happens."""
     import datasets
@@ -104,8 +116,8 @@ def make_accelerator(mixed_precision: str, batch_size: int):
         dataloader_config=DataLoaderConfiguration(split_batches=True, even_batches=False),
     )
     main = accelerator.is_main_process
-    logging.basicConfig(level=logging.INFO if main else logging.WARNING, stream=sys.stdout, format="%(message)s",
-                        force=True)
+    logging.basicConfig(level=logging.INFO if main else logging.WARNING, handlers=[_StdoutHandler()],
+                        format="%(message)s", force=True)
     # Our own lines say what happened; the libraries' INFO lines (every file save_state writes) bury them.
     for noisy in ("accelerate", "gpt2_scratch", "httpx", "httpx2", "core.download"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -282,14 +294,32 @@ def save_checkpoint(accelerator, model, root: str | os.PathLike, state: TrainSta
             if keep:
                 for old in list_checkpoints(root)[:-keep]:
                     shutil.rmtree(old, ignore_errors=True)
-    except OSError as err:
+    except (OSError, RuntimeError) as err:
+        reason = write_failure(err, tmp)
         shutil.rmtree(tmp, ignore_errors=True)
         kept = list_checkpoints(root)
         last = f"the last good checkpoint {kept[-1]} is kept: free space and continue with --resume" if kept else \
             "no checkpoint of this run is complete"
-        raise Failure(f"{describe_os_error(err)}; {last}") from None
+        raise Failure(f"{reason}; {last}") from None
     accelerator.wait_for_everyone()
     return final
+
+
+def write_failure(err: BaseException, where: Path) -> str:
+    """One line for an error raised while writing ``where``; re-raises what is not a failed write.
+
+    torch.save reports a full disk as a RuntimeError ("iostream error"), safetensors as its own error:
+    the free space of the file system tells what happened.
+    """
+    if isinstance(err, OSError):
+        return describe_os_error(err)
+    try:
+        free = shutil.disk_usage(where if where.exists() else where.parent).free
+    except OSError:
+        free = None
+    if free is not None and free < 1 << 20:
+        return f"no space left on device while writing {where}"
+    raise err
 
 
 def load_checkpoint(accelerator, path: str | os.PathLike) -> TrainState:
@@ -361,13 +391,17 @@ class Diverged(Failure):
     """The loss became NaN or infinite; nothing from that point on is saved."""
 
 
-def check_loss(loss: float, step: int, checkpoint_root: Path) -> None:
-    """Stop the run with one line when a step's loss is not finite (the weights are broken from here on)."""
+def check_loss(loss: float, step: int, checkpoint_root: Path, what: str = "loss") -> None:
+    """Stop the run with one line when a loss is not finite (the weights are broken from here on).
+
+    Called with each step's training loss and with every evaluation's loss: an update can leave finite
+    but exploded weights whose next loss overflows, and no checkpoint may be saved from them.
+    """
     if math.isfinite(loss):
         return
     kept = list_checkpoints(checkpoint_root)
     last = f"the last good checkpoint is {kept[-1]}" if kept else "no checkpoint was saved before it"
-    raise Diverged(f"training diverged at step {step}: the loss is {loss}; no model was saved from this run and "
+    raise Diverged(f"training diverged at step {step}: the {what} is {loss}; no model was saved from this run and "
                    f"{last}; lower --lr or clip gradients with --max-grad-norm 1.0, then start again (--overwrite)")
 
 
@@ -388,5 +422,11 @@ def save_model_into(out: Path, model, tokenizer, *, prompt_style: str | None = N
     staging = out / ".final-model"
     if staging.exists():
         shutil.rmtree(staging)
-    save_model_dir(model, staging, tokenizer=tokenizer, overwrite=True, prompt_style=prompt_style)
+    try:
+        save_model_dir(model, staging, tokenizer=tokenizer, overwrite=True, prompt_style=prompt_style)
+    except (OSError, RuntimeError) as err:
+        reason = write_failure(err, staging)
+        shutil.rmtree(staging, ignore_errors=True)
+        raise Failure(f"{reason}; the checkpoints in {out / 'checkpoints'} are kept: free space and run the same "
+                      "command with --resume to save the model") from None
     replace_files_into(staging, out)

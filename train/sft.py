@@ -40,7 +40,7 @@ import dataclasses
 import logging
 import math
 import time
-from contextlib import nullcontext
+from contextlib import closing, nullcontext
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -236,7 +236,9 @@ def set_up(args: SFTArgs) -> Setup:
                        inputs=[("--model", args.model), ("--data", args.data)])
     resume_from = find_checkpoint(args.resume, out / "checkpoints") if resuming else None
     if resuming:
-        check_resume_args(out, args, MAY_CHANGE_ON_RESUME)
+        # With a constant learning rate the length of the run changes nothing it computes.
+        lengths = {"max_steps", "epochs"} if args.lr_schedule == "constant" else set()
+        check_resume_args(out, args, MAY_CHANGE_ON_RESUME | lengths)
 
     # 2. The data (seconds: a bad record fails before the model loads), then the model.
     records = load_instruction_records(args.data, args.seed)
@@ -413,6 +415,7 @@ def fit(setup: Setup, args: SFTArgs) -> tuple[TrainState, bool]:
                "lr": setup.scheduler.get_last_lr()[0], "tokens_seen": state.tokens_seen,
                "target_tokens_seen": state.target_tokens_seen,
                "tokens_per_sec": window_tokens / window_seconds if window_seconds else 0.0}
+        check_loss(row["val_loss"], state.step, checkpoint_root, "validation loss")
         setup.metrics.log(row)
         if main:
             bar.write(f"epoch {row['epoch']}/{args.epochs} | step {row['step']:>5}/{setup.total_steps} | train "
@@ -422,7 +425,7 @@ def fit(setup: Setup, args: SFTArgs) -> tuple[TrainState, bool]:
         window_tokens, window_seconds = 0, 0.0
 
     done = state.step >= setup.total_steps
-    with StopRequest() as stop:
+    with StopRequest() as stop, closing(bar):  # the bar ends its line before any error or final line
         while state.epoch < args.epochs and not done:
             epoch = state.epoch
             setup.train_sampler.set_epoch(epoch)
@@ -476,7 +479,6 @@ def fit(setup: Setup, args: SFTArgs) -> tuple[TrainState, bool]:
                 state.epoch += 1
                 state.batches_done = 0
                 checkpoint()
-    bar.close()
     if state.last_eval_step != state.step:
         eval_and_log()
     return state, False
