@@ -7,11 +7,11 @@ PY := $(VENV)/bin/python
 
 .PHONY: setup demo test test-slow bench
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	# torch is pinned to 2.13.0 in pyproject.toml: the CPU build, never a multi-GB CUDA one.
-	$(PY) -m pip install --quiet -e ".[dev]"
+	# constraints.txt pins torch to the 2.13.0 CPU build here (pyproject.toml only says which versions work).
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
 	touch $@
 
 setup: $(VENV)/.installed

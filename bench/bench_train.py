@@ -132,9 +132,10 @@ EVAL_FREQ = EVAL_ITER = 5  # the book's settings, also train/sft.py's defaults
 def load_batches(steps: int, group: bool) -> tuple[list[dict], list[dict]]:
     """`steps` training batches (this sampler's order) and EVAL_ITER batches of the validation split."""
     from gpt2_scratch import get_tokenizer
+    from core.records import load_records
     from train.data import EpochBatchSampler, InstructionCollator, evaluation_sampler, prepare_instruction_data
 
-    data = prepare_instruction_data(str(BOOK_DATA), get_tokenizer(), max_length=1024)
+    data = prepare_instruction_data(load_records(str(BOOK_DATA)), get_tokenizer(), max_length=1024)
     collate = InstructionCollator(allowed_max_length=1024)
     sampler = EpochBatchSampler(list(data.train["length"]), 8, shuffle=True, group_by_length=group, seed=123)
     val_sampler = evaluation_sampler(list(data.validation["length"]), 8, eval_iter=EVAL_ITER, group_by_length=group)

@@ -154,6 +154,7 @@ def test_the_saved_classifier_reloads_and_predicts_the_same(trained_run, sms_pat
     from core.cli import main
 
     # `classify --text` predicts, as `python -m gpt2_scratch classify --text ...` always has (= `predict`).
+    capsys.readouterr()
     assert main(["classify", "--model", str(out), *sum((["--text", t] for t in texts[:3]), [])]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert [line.split("\t")[0] for line in lines] == remote[:3]

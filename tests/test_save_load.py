@@ -1,9 +1,12 @@
 """A saved model directory loads anywhere: with our package, and in a Python that has never heard of it."""
 
 import json
+import subprocess
+import sys
+import textwrap
 
 import torch
-from conftest import REPO_ROOT, TINY, run_cli, run_python
+from conftest import BLOCK_PROJECT_IMPORTS, REPO_ROOT, TINY, run_cli, run_python
 
 from core.errors import InputError
 
@@ -129,3 +132,24 @@ def test_cli_bad_input_is_one_line(tmp_path):
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     result = run_cli("-m", "gpt2_scratch", "init", "--preset", "gpt2-huge", "--out", str(tmp_path / "y"))
     assert result.returncode == 2 and "invalid choice: 'gpt2-huge'" in result.stderr
+
+
+def test_loading_and_training_say_nothing_about_loss_type(tmp_path, tiny_model_dir):
+    """config.json carries no `loss_type`, and loading it (with or without our package) and computing a
+    loss prints no "`loss_type=None` was set in the config but it is unrecognized" warning."""
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    assert "loss_type" not in config
+    code = """
+        import sys, torch
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True)
+        ids = torch.tensor([[1, 2, 3, 4]])
+        model(ids, labels=ids).loss.backward()
+        print("ok")
+    """
+    for block in (False, True):
+        result = subprocess.run([sys.executable, "-c", (BLOCK_PROJECT_IMPORTS if block else "import gpt2_scratch\n")
+                                 + textwrap.dedent(code), str(tiny_model_dir)], cwd=tmp_path, capture_output=True,
+                                text=True, timeout=300)
+        assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+        assert "loss_type" not in result.stderr, result.stderr

@@ -47,7 +47,7 @@ import torch
 
 from core.args import arg
 from core.download import is_url
-from core.errors import EXIT_INTERRUPTED, InputError
+from core.errors import InputError
 from train.run import TrainState
 from train.spam_data import DEFAULT_LABELS, SPAM_BACKUP_URL, SPAM_URL
 
@@ -159,15 +159,9 @@ def set_trainable(model, spec: str) -> int:
 
 
 def run(args: ClassifyArgs) -> int:
-    from train.run import relaunch_multi_cpu
+    from train.run import run_training
 
-    relaunch_multi_cpu()
-    setup = set_up(args)
-    state, interrupted = fit(setup, args)
-    if interrupted:
-        return EXIT_INTERRUPTED
-    finish(setup, state, args)
-    return 0
+    return run_training(args, set_up, fit, finish)
 
 
 @dataclass

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from core.errors import Failure, InputError, describe_os_error, one_line
+from core.errors import EXIT_INTERRUPTED, Failure, InputError, describe_os_error, one_line
 from core.files import check_output_dir, write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -35,6 +35,23 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_PREFIX = "step-"
 TRAIN_STATE_FILE = "train_state.json"
 ARGS_FILE = "args.json"
+
+
+# ---------------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------------
+
+
+def run_training(args: Any, set_up, fit, finish) -> int:
+    """The shape every training script has: ``set_up(args)`` → ``fit(setup, args)`` → ``finish(setup, state,
+    args)``; returns the exit code (130 when Ctrl-C stopped the loop, with a checkpoint where it keeps them)."""
+    relaunch_multi_cpu()
+    setup = set_up(args)
+    state, interrupted = fit(setup, args)
+    if interrupted:
+        return EXIT_INTERRUPTED
+    finish(setup, state, args)
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -49,7 +49,7 @@ from typing import Any, Literal
 import torch
 
 from core.args import arg
-from core.errors import EXIT_INTERRUPTED, InputError
+from core.errors import InputError
 from core.records import BOOK_DATA_URL
 from train.data import IGNORE_INDEX
 from train.run import TrainState
@@ -133,15 +133,9 @@ MAY_CHANGE_ON_RESUME = {"out", "overwrite", "resume", "eval_freq", "eval_iter", 
 
 def run(args: SFTArgs) -> int:
     """set-up → fit → finish; returns the exit code (130 when stopped by Ctrl-C with a checkpoint saved)."""
-    from train.run import relaunch_multi_cpu
+    from train.run import run_training
 
-    relaunch_multi_cpu()
-    setup = set_up(args)
-    state, interrupted = fit(setup, args)
-    if interrupted:
-        return EXIT_INTERRUPTED
-    finish(setup, state, args)
-    return 0
+    return run_training(args, set_up, fit, finish)
 
 
 # ---------------------------------------------------------------------------------------------------
