@@ -5,6 +5,7 @@
     python -m convert hf --repo openai-community/gpt2-medium --out DIR
     python -m convert hf --from-dir PATH --out DIR          # folder or .safetensors file
     python -m convert export-hf --model DIR --out HF_DIR    # standard GPT2LMHeadModel folder
+    python -m convert gguf --model DIR --out FILE.gguf [--dtype f16]   # llama.cpp/Ollama + FILE.Modelfile
 
 Every output is a complete folder or nothing (written to a temp name, then renamed).
 Errors are one line on stderr, exit status 2.
@@ -78,6 +79,17 @@ def cmd_export_hf(args) -> None:
           f"in {time.perf_counter() - started:.1f} s")
 
 
+def cmd_gguf(args) -> None:
+    from convert.gguf import export_gguf
+
+    started = time.perf_counter()
+    gguf_path, modelfile = export_gguf(args.model, args.out, dtype=args.dtype, prompt_style=args.prompt_style,
+                                       modelfile=args.modelfile, overwrite=args.overwrite)
+    print(f"wrote {gguf_path} ({args.dtype}, {gguf_path.stat().st_size / 1e6:.1f} MB) and {modelfile} from "
+          f"{args.model} in {time.perf_counter() - started:.1f} s; for Ollama: "
+          f"ollama create NAME -f {modelfile}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m convert", description=__doc__.split("\n\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log each step")
@@ -110,6 +122,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="folder to write")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     p.set_defaults(func=cmd_export_hf)
+
+    p = sub.add_parser("gguf", help="our model folder → GGUF file for llama.cpp/Ollama, with a Modelfile")
+    p.add_argument("--model", type=Path, required=True, help="model folder written by gpt2-scratch (or an SFT run's output)")
+    p.add_argument("--out", type=Path, required=True, help="GGUF file to write (FILE.gguf)")
+    p.add_argument("--dtype", default="f16", help="f32 | f16 | bf16 | q8_0 for the matrices; norms and biases stay f32 "
+                   "(default f16)")
+    p.add_argument("--prompt-style", choices=["alpaca", "phi3"],
+                   help="prompt format the model was finetuned with (default: prompt_style in the model's config.json)")
+    p.add_argument("--modelfile", type=Path, help="Ollama Modelfile to write (default: --out with suffix .Modelfile)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.set_defaults(func=cmd_gguf)
     return parser
 
 
