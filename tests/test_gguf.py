@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -310,6 +311,89 @@ def test_prompt_style_sources(tmp_path):
     bad = save(make_model(seed=3), tmp_path / "bad", prompt_style="chatml")
     with pytest.raises(ConvertError, match=r"prompt style 'chatml' is unknown.*--prompt-style"):
         export_gguf(bad, tmp_path / "e.gguf")
+
+
+# The same check with Go's own text/template, called the way ollama/template.Execute calls a template
+# that uses .Messages (written here from its documented behaviour, no Ollama code): consecutive messages
+# of one role merged with a blank line, .System = all system messages joined by blank lines.
+GO_RENDERER = """
+package main
+
+import (
+	"encoding/json"
+	"os"
+	"strings"
+	"text/template"
+)
+
+type message struct {
+	Role    string `json:"role"`
+	Content string `json:"content"`
+}
+
+type job struct {
+	Template string      `json:"template"`
+	Chats    [][]message `json:"chats"`
+}
+
+func main() {
+	var j job
+	if err := json.NewDecoder(os.Stdin).Decode(&j); err != nil {
+		panic(err)
+	}
+	tmpl := template.Must(template.New("").Option("missingkey=zero").Parse(j.Template))
+	var out []string
+	for _, chat := range j.Chats {
+		var system []string
+		var merged []*message
+		for i := range chat {
+			m := chat[i]
+			if m.Role == "system" {
+				system = append(system, m.Content)
+			}
+			if n := len(merged); n > 0 && merged[n-1].Role == m.Role {
+				merged[n-1].Content += "\\n\\n" + m.Content
+			} else {
+				merged = append(merged, &m)
+			}
+		}
+		var b strings.Builder
+		data := map[string]any{"System": strings.Join(system, "\\n\\n"), "Messages": merged, "Response": ""}
+		if err := tmpl.Execute(&b, data); err != nil {
+			panic(err)
+		}
+		out = append(out, b.String())
+	}
+	json.NewEncoder(os.Stdout).Encode(out)
+}
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("style", ["alpaca", "phi3"])
+def test_templates_render_the_training_prompt_in_go(style, shared_dir, tmp_path):
+    import shutil
+    import subprocess
+
+    from gpt2_scratch.prompts import format_input, response_header
+
+    go = shutil.which("go")
+    if go is None:
+        pytest.skip("no Go toolchain (apt-get install golang-go) to run text/template itself")
+    (tmp_path / "render.go").write_text(GO_RENDERER)
+    records = instruction_records(shared_dir)
+    chats = [chat_messages(r) for r in records]
+    chats.append([*chat_messages(records[1]), {"role": "assistant", "content": "x"},
+                  {"role": "user", "content": records[0]["instruction"]}])
+    proc = subprocess.run([go, "run", str(tmp_path / "render.go")], input=json.dumps(
+        {"template": ollama_template(style), "chats": chats}), capture_output=True, text=True, timeout=600,
+        env={**os.environ, "GOCACHE": str(tmp_path / "gocache"), "GOPATH": str(tmp_path / "gopath")})
+    assert proc.returncode == 0, proc.stderr
+    rendered = json.loads(proc.stdout)
+    expected = [format_input(r, style) + response_header(style) for r in records]
+    expected.append(format_input({"instruction": records[0]["instruction"], "input": records[1].get("input")},
+                                 style) + response_header(style))
+    assert rendered == expected
 
 
 # --- the command line: errors and atomic writes ----------------------------------------------
