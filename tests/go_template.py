@@ -177,3 +177,41 @@ def ollama_execute(template: str, messages: list[dict]) -> str:
             collated.append({"Role": m["role"], "Content": m["content"]})
     system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
     return render(template, {"Messages": collated, "System": system, "Response": ""})
+
+
+def parse_modelfile(text: str) -> list[tuple[str, str]]:
+    """[(command, argument)] as Ollama's Modelfile parser reads `text` (its rune-by-rune rules).
+
+    A line starts a command word (or a ``#`` comment); the argument runs to the end of the line, except
+    that a quoted argument (``"…"`` or ``\"\"\"…\"\"\"``) continues over newlines until its closing quotes
+    end a line. Surrounding whitespace is trimmed, quotes removed, characters that are not printable
+    (other than the newlines inside quotes) dropped. PARAMETER's argument is "NAME VALUE".
+    """
+
+    def unquote(s: str) -> tuple[str, bool]:
+        if s.startswith('"""'):
+            return (s[3:-3], True) if len(s) >= 6 and s.endswith('"""') else ("", False)
+        if s.startswith('"'):
+            return (s[1:-1], True) if len(s) >= 2 and s.endswith('"') else ("", False)
+        return s, True
+
+    commands: list[tuple[str, str]] = []
+    for_line = iter(text.splitlines(keepends=True))
+    for line in for_line:
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        word, _, rest = stripped.partition(" ")
+        if word.lower() == "parameter":
+            name, _, rest = rest.partition(" ")
+            word = name
+        buffer = rest
+        value, ok = unquote(buffer.strip())
+        while not ok:  # a quoted value spanning lines: keep the newline, read on
+            line = next(for_line, None)
+            if line is None:
+                raise ValueError(f"unterminated quoted value for {word}")
+            buffer += "\n" + line.rstrip("\r\n")
+            value, ok = unquote(buffer.strip())
+        commands.append((word.lower(), "".join(c for c in value if c.isprintable() or c in "\n\t")))
+    return commands

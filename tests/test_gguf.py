@@ -33,7 +33,7 @@ from convert.gguf import GGUF_RULES, chat_template, export_gguf, ollama_template
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from conftest import TINY, run_cli  # noqa: E402
-from go_template import ollama_execute, render  # noqa: E402
+from go_template import ollama_execute, parse_modelfile, render  # noqa: E402
 
 TINY_1024 = {**TINY, "context_length": 1024}
 PROMPT = torch.tensor([[464, 3290, 373, 1043, 287, 257, 2214, 1474, 13, 50256, 11, 0]])
@@ -269,6 +269,10 @@ def test_modelfile(tiny, exports, tmp_path):
     for line in ('PARAMETER stop "<|endoftext|>"', "PARAMETER num_ctx 1024", "PARAMETER temperature 0",
                  "PARAMETER repeat_penalty 1"):
         assert line in lines
+    # What Ollama's Modelfile parser reads back: the template exactly, the stop string unquoted.
+    assert parse_modelfile(text) == [("from", "./tiny-f16.gguf"), ("template", ollama_template("alpaca")),
+                                     ("stop", "<|endoftext|>"), ("num_ctx", "1024"), ("temperature", "0"),
+                                     ("repeat_penalty", "1")]
 
     # --modelfile elsewhere: FROM is relative to the Modelfile's folder, as Ollama resolves it.
     elsewhere = tmp_path / "ollama" / "gpt2.Modelfile"
@@ -467,17 +471,25 @@ def test_table_covers_every_parameter(tiny):
 
 
 # --- gpt2-small shape ------------------------------------------------------------------------
-@pytest.mark.slow
-def test_gpt2_small_shape_round_trip(tmp_path):
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """(model, {dtype: GGUF path}, prompt ids) at gpt2-small's shape (124M, random weights)."""
     from gpt2_scratch import GPT2ScratchConfig, GPT2ScratchForCausalLM
 
+    tmp = tmp_path_factory.mktemp("small")
     torch.manual_seed(0)
-    model = GPT2ScratchForCausalLM(GPT2ScratchConfig.from_preset("gpt2-small")).eval()  # 124M, random
-    folder = save(model, tmp_path / "small", prompt_style="alpaca")
-    ids = torch.randint(0, 50257, (1, 32))
+    model = GPT2ScratchForCausalLM(GPT2ScratchConfig.from_preset("gpt2-small")).eval()
+    folder = save(model, tmp / "small", prompt_style="alpaca")
+    files = {dtype: export_gguf(folder, tmp / f"small-{dtype}.gguf", dtype=dtype)[0] for dtype in ("f32", "f16", "q8_0")}
+    return model, files, torch.randint(0, 50257, (1, 32))
+
+
+@pytest.mark.slow
+def test_gpt2_small_shape_round_trip(small):
+    model, files, ids = small
     ours = logits(model, ids)
-    for dtype in ("f32", "f16", "q8_0"):
-        gguf_path, _ = export_gguf(folder, tmp_path / f"small-{dtype}.gguf", dtype=dtype)
+    print(f"gpt2-small logits: std {ours.std():.2f}, max |logit| {ours.abs().max():.2f}")
+    for dtype, gguf_path in files.items():
         theirs = load_with_transformers(gguf_path)
         diff = (logits(theirs, ids) - ours).abs().max().item()
         print(f"gpt2-small {dtype}: max |logit diff| {diff:.2e}, {gguf_path.stat().st_size / 1e6:.0f} MB")
@@ -556,6 +568,22 @@ def test_llama_cpp_untied_head_and_no_qkv_bias(tmp_path):
         their_logits, their_tokens = llama_logits_and_greedy(llm, ids)
     assert np.abs(their_logits - logits(model, torch.tensor([ids]))[0].numpy()).max() <= LLAMA_TOLERANCE["f32"]
     assert their_tokens == greedy(model, torch.tensor([ids]))
+
+
+@pytest.mark.slow
+def test_llama_cpp_gpt2_small_shape(small):
+    model, files, _ = small
+    ids = [464, 3290, 373, 1043, 287, 257, 2214, 1474, 13, 50256, 11, 0]
+    ours = logits(model, torch.tensor([ids]))[0].numpy()
+    for dtype, gguf_path in files.items():
+        with llama_load(gguf_path) as llm:
+            their_logits, their_tokens = llama_logits_and_greedy(llm, ids)
+        diff = float(np.abs(their_logits - ours).max())
+        same = their_tokens == greedy(model, torch.tensor([ids]))
+        print(f"llama.cpp gpt2-small {dtype}: max |logit diff| {diff:.2e}, greedy equal: {same}")
+        assert diff <= LLAMA_TOLERANCE[dtype], dtype
+        if dtype in ("f32", "f16"):
+            assert same, dtype
 
 
 @pytest.mark.slow
