@@ -1,7 +1,7 @@
 """Benchmark: greedy batch-1 generation speed, our model (transformers `generate`, KV cache) vs llama.cpp
 running our GGUF exports of the same weights. Prints a markdown table.
 
-    python bench/bench_gguf.py                      # gpt2-small shape, f16 and q8_0, ~2-3 min on 2 cores
+    python bench/bench_gguf.py                      # gpt2-small shape, f16 and q8_0, ~3-5 min on 2 cores
     python bench/bench_gguf.py --dtypes f32,f16,bf16,q8_0 --rounds 5 --new-tokens 256
     python bench/bench_gguf.py --quick              # tiny model: checks the script works
 
@@ -9,9 +9,11 @@ The model has gpt2-small's shape with random weights (seed 123): speed depends o
 Prompts are the book's first test-split instructions (instruction-data.json [935:]) in the Alpaca
 format. Every method generates exactly --new-tokens tokens per prompt (our generate with
 min_new_tokens, llama.cpp's token generator stopped by count), timed from prompt to last token, so
-prefill is included the same way. Methods alternate inside each round (ours, f16, q8_0, ours, ...)
-so a neighbour's load on the shared cores hits all of them alike; the table reports medians over
-rounds. Both sides use the same number of threads (torch's intra-op threads = llama.cpp n_threads).
+prefill is included the same way. Methods alternate prompt by prompt (the order rotating each time),
+so a neighbour's load on the shared cores hits all of them alike; the table reports the median and
+the spread over all (round, prompt) samples. Both sides use the same number of threads (torch's
+intra-op threads = llama.cpp n_threads) and run in one process with the project's caching malloc
+(train/allocator.py), as eval/generate.py does.
 
 Needs the `llama` extra (llama-cpp-python). The CPU can change between sessions here: compare ratios
 within one run, not absolute numbers across runs.
@@ -30,11 +32,17 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 sys.path.insert(0, str(REPO))
+
+if __name__ == "__main__":
+    # Before torch is imported: re-run with the caching malloc our generation uses (train/allocator.py).
+    from train.allocator import use_caching_allocator_or_exit
+
+    use_caching_allocator_or_exit()
+
+import torch  # noqa: E402
 
 
 def cpu_description() -> tuple[str, str]:
@@ -87,9 +95,9 @@ def time_llama(llm, ids: list[int], new_tokens: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dtypes", default="f16,q8_0", help="GGUF dtypes to run in llama.cpp (comma-separated)")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds; the table reports medians")
-    parser.add_argument("--prompts", type=int, default=3, help="prompts per method per round")
-    parser.add_argument("--new-tokens", type=int, default=128, help="tokens generated per prompt")
+    parser.add_argument("--rounds", type=int, default=4, help="rounds over the prompts; the table reports medians")
+    parser.add_argument("--prompts", type=int, default=5, help="prompts per round")
+    parser.add_argument("--new-tokens", type=int, default=64, help="tokens generated per prompt")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="threads for both sides")
     parser.add_argument("--quick", action="store_true", help="tiny model, 1 round: checks the script works")
     args = parser.parse_args()
@@ -129,31 +137,38 @@ def main() -> None:
         for m in methods:  # warm-up: first-call allocations, lazy weight paging
             run[m](token_lists[0][:8])
         speeds: dict[str, list[float]] = {m: [] for m in methods}
+        sample = 0
         for r in range(args.rounds):
-            for m in methods:
-                seconds = sum(run[m](ids) for ids in token_lists)
-                speeds[m].append(len(token_lists) * args.new_tokens / seconds)
-            print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{m} {speeds[m][-1]:.1f} tok/s" for m in methods),
-                  file=sys.stderr, flush=True)
+            for ids in token_lists:
+                order = methods[sample % len(methods):] + methods[:sample % len(methods)]
+                for m in order:
+                    speeds[m].append(args.new_tokens / run[m](ids))
+                sample += 1
+            print(f"round {r + 1}/{args.rounds}: " + ", ".join(
+                f"{m} {statistics.median(speeds[m][-len(token_lists):]):.1f} tok/s" for m in methods),
+                file=sys.stderr, flush=True)
         for llm in llms.values():
             llm.close()
 
     name, flags = cpu_description()
     base = statistics.median(speeds["ours"])
     shape = "tiny (2 layers, emb 64)" if args.quick else "gpt2-small shape (124M, random weights)"
+    from train.allocator import loaded_allocator
+
     print(f"\n{shape}; greedy, batch 1, {len(token_lists)} prompts of {min(map(len, token_lists))}-"
-          f"{max(map(len, token_lists))} tokens + {args.new_tokens} new tokens each; {args.threads} threads; "
-          f"median of {args.rounds} alternating rounds")
-    print(f"CPU: {name} ({flags}); load average at the end {os.getloadavg()[0]:.1f}; torch {torch.__version__}, "
-          f"llama-cpp-python {llama_cpp.__version__}\n")
-    print("| method | file | size (MB) | tokens/s (median) | min-max | vs ours |")
+          f"{max(map(len, token_lists))} tokens + {args.new_tokens} new tokens each, {args.rounds} rounds; "
+          f"{args.threads} threads; malloc: {loaded_allocator()}")
+    print(f"CPU: {name} ({flags}); load average at the end {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; "
+          f"torch {torch.__version__}, llama-cpp-python {llama_cpp.__version__}\n")
+    print("| method | file | size (MB) | tokens/s (median) | quartiles | vs ours |")
     print("|---|---|---:|---:|---:|---:|")
     for m in methods:
         label = "ours: transformers generate (fp32, KV cache)" if m == "ours" else f"llama.cpp, {m} GGUF"
         file = "model.safetensors" if m == "ours" else f"model-{m}.gguf"
         s = speeds[m]
+        q1, _, q3 = statistics.quantiles(s, n=4) if len(s) > 1 else (s[0], s[0], s[0])
         print(f"| {label} | {file} | {sizes[m] / 1e6:.0f} | {statistics.median(s):.1f} | "
-              f"{min(s):.1f}-{max(s):.1f} | {statistics.median(s) / base:.2f}x |")
+              f"{q1:.1f}-{q3:.1f} | {statistics.median(s) / base:.2f}x |")
 
 
 if __name__ == "__main__":
