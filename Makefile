@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test test-slow bench
+.PHONY: setup demo test test-slow
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,14 @@ demo: setup
 test: setup
 	$(PY) -m pytest
 
-test-slow: setup
+# llama.cpp for the slow tests, built once from its sdist; pip caches the wheel. Portable x86-64-v3 flags
+# rather than -march=native: pip's cache does not know the flags, and the wheel must run on whatever CPU
+# the next machine has.
+LLAMA_CMAKE_ARGS := $(if $(filter x86_64,$(shell uname -m)),-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON,)
+$(VENV)/.llama: $(VENV)/.installed
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install --quiet -c constraints.txt -e ".[dev,llama]"
+	touch $@
+
+test-slow: setup $(VENV)/.llama
 	# pytest exits 5 when no test is marked slow; that is not a failure.
 	$(PY) -m pytest -m slow || [ $$? -eq 5 ]

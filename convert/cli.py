@@ -7,6 +7,7 @@
     python -m convert export-hf --model DIR --out HF_DIR    # standard GPT2LMHeadModel folder
     python -m convert book --pth FILE.pth --out DIR [--n-heads N]   # the book's GPTModel state dict
     python -m convert export-book --model DIR --out FILE.pth        # … and back, printing its cfg
+    python -m convert gguf --model DIR --out FILE.gguf [--dtype f16]   # llama.cpp/Ollama + FILE.Modelfile
 
 (``gpt2-scratch convert ...`` is the same.) Every output is a complete folder or nothing (written to a
 temporary name, then renamed); the output is checked before the slow part starts.
@@ -168,3 +169,30 @@ def run_export_book(args: ExportBookArgs) -> None:
     if is_classifier_config(config):
         print(f"model.out_head = torch.nn.Linear(cfg['emb_dim'], {len(config['id2label'])})  # chapter 6's classifier head")
     print(f"model.load_state_dict(torch.load({str(args.out)!r}, weights_only=True))")
+
+
+@dataclass
+class GGUFArgs:
+    """Our model folder (an SFT run's output too) → a GGUF file for llama.cpp and Ollama, with a Modelfile."""
+
+    model: str = arg(help="model folder written by gpt2-scratch (or an SFT run's output)")
+    out: str = arg(help="GGUF file to write (FILE.gguf)")
+    dtype: Literal["f32", "f16", "bf16", "q8_0"] = arg("f16", "type of the matrices; norms and biases stay f32")
+    prompt_style: Literal["alpaca", "phi3"] | None = arg(
+        None, "prompt format the model was finetuned with (default: the one recorded in its config.json)",
+        aliases=("--style",))
+    modelfile: str | None = arg(None, "Ollama Modelfile to write (default: --out with the suffix .Modelfile)")
+    overwrite: bool = arg(False, "replace existing output files")
+
+
+def run_gguf(args: GGUFArgs) -> None:
+    from convert.gguf import export_gguf
+
+    started = time.perf_counter()
+    modelfile = args.modelfile or str(Path(args.out).with_suffix(".Modelfile"))
+    check_output_file(args.out, inputs=[("--model", args.model)])
+    check_output_file(modelfile, flag="--modelfile", inputs=[("--model", args.model)])
+    gguf_path, modelfile = export_gguf(args.model, args.out, dtype=args.dtype, prompt_style=args.prompt_style,
+                                       modelfile=args.modelfile, overwrite=args.overwrite)
+    print(f"wrote {gguf_path} ({args.dtype}, {gguf_path.stat().st_size / 1e6:.1f} MB) and {modelfile} from "
+          f"{args.model} in {time.perf_counter() - started:.1f} s; for Ollama: ollama create NAME -f {modelfile}")

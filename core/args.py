@@ -91,10 +91,17 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with its errors as one line like every other error of the project (exit status 2)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser(cls: type, *, prog: str | None = None, description: str | None = None) -> argparse.ArgumentParser:
     """A parser for dataclass ``cls`` whose description is the first paragraph of its docstring."""
-    parser = argparse.ArgumentParser(prog=prog, description=description or (cls.__doc__ or "").strip().split("\n\n")[0],
-                                     formatter_class=HelpFormatter)
+    parser = ArgumentParser(prog=prog, description=description or (cls.__doc__ or "").strip().split("\n\n")[0],
+                            formatter_class=HelpFormatter)
     return add_dataclass_arguments(parser, cls)
 
 

@@ -56,6 +56,8 @@ COMMANDS: dict[str, Command | dict[str, Command]] = {
                         "the book's GPTModel .pth (chapters 5-7) → our model folder"),
         "export-book": Command("convert.cli", "ExportBookArgs", "run_export_book",
                                "our model folder → a .pth the book's GPTModel loads (prints its cfg)"),
+        "gguf": Command("convert.cli", "GGUFArgs", "run_gguf",
+                        "our model folder → a GGUF file for llama.cpp and Ollama, with a Modelfile"),
     },
     "sft": Command("train.sft", "SFTArgs", "run", "instruction-finetune a GPT-2 (the book's chapter 7)",
                    caching_allocator=True),
@@ -133,7 +135,10 @@ def execute(command: Command, argv: Sequence[str], *, prog: str, entry_point: bo
     from core.args import parse_dataclass_args
 
     module = importlib.import_module(command.module)
-    args, explicit = parse_dataclass_args(getattr(module, command.args_class), argv, prog=prog)
+    try:
+        args, explicit = parse_dataclass_args(getattr(module, command.args_class), argv, prog=prog)
+    except SystemExit as exit:  # --help (0) or argparse's one-line error (2)
+        return int(exit.code or 0)
     if hasattr(args, "with_explicit"):  # profiles (sft --offline-demo) fill in only what was not given
         args = args.with_explicit(explicit)
     return run_command(lambda: getattr(module, command.run)(args))

@@ -288,7 +288,7 @@ def test_bad_input(case: Case, ws: Workspace, capsys, monkeypatch):
     before = ws.snapshot()
     try:
         code = main(argv)
-    except SystemExit as exit:  # argparse's own errors (exit 2 with its usage line)
+    except SystemExit as exit:  # argparse's own errors (one line too, exit 2)
         code = exit.code
     err = capsys.readouterr().err
     after = ws.snapshot()
@@ -296,8 +296,6 @@ def test_bad_input(case: Case, ws: Workspace, capsys, monkeypatch):
     lines = [line for line in err.strip().splitlines() if line.strip()]
     assert code == case.code, err
     assert "Traceback" not in err, err
-    if err.lstrip().startswith("usage:"):  # argparse: its usage line, then one error line
-        lines = lines[-1:]
     assert len(lines) == 1 and needle in lines[0] and "error: " in lines[0], err
     assert {k: v for k, v in after.items() if k in before} == before, "a file that existed was changed"
     assert set(before) <= set(after), "a file that existed was deleted"
