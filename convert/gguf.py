@@ -165,7 +165,8 @@ def modelfile_text(gguf_path: Path, modelfile_path: Path, *, style: str | None, 
     else:
         usage = [f"# Prompt style {style}: the last user message is the instruction, the system message (if any)",
                  "# is the input. Each request is one prompt, as in training: earlier turns are not shown.",
-                 "# Temperature 0 and repeat_penalty 1 give greedy decoding, as gpt2-scratch's generate does."]
+                 "# Temperature 0 and repeat_penalty 1 give greedy decoding, as gpt2-scratch's generate does;",
+                 "# an answer stops at <|endoftext|> or after 256 tokens (the book's limit for its test responses)."]
     lines = [
         f"# Written by `python -m convert gguf` from {source}.",
         f"# ollama create NAME -f {modelfile_path.name}",
@@ -176,6 +177,8 @@ def modelfile_text(gguf_path: Path, modelfile_path: Path, *, style: str | None, 
         f"PARAMETER num_ctx {context_length}",
         "PARAMETER temperature 0",
         "PARAMETER repeat_penalty 1",
+        # A model that never writes <|endoftext|> would otherwise go on until the context is full.
+        f"PARAMETER num_predict {min(256, context_length)}",
     ]
     return "\n".join(lines) + "\n"
 

@@ -274,12 +274,12 @@ def test_modelfile(tiny, exports, tmp_path):
     assert lines[0] == "FROM ./tiny-f16.gguf"
     assert f'TEMPLATE """{ollama_template("alpaca")}"""' in text
     for line in ('PARAMETER stop "<|endoftext|>"', "PARAMETER num_ctx 1024", "PARAMETER temperature 0",
-                 "PARAMETER repeat_penalty 1"):
+                 "PARAMETER repeat_penalty 1", "PARAMETER num_predict 256"):
         assert line in lines
     # What Ollama's Modelfile parser reads back: the template exactly, the stop string unquoted.
     assert parse_modelfile(text) == [("from", "./tiny-f16.gguf"), ("template", ollama_template("alpaca")),
                                      ("stop", "<|endoftext|>"), ("num_ctx", "1024"), ("temperature", "0"),
-                                     ("repeat_penalty", "1")]
+                                     ("repeat_penalty", "1"), ("num_predict", "256")]
 
     # --modelfile elsewhere: FROM is relative to the Modelfile's folder, as Ollama resolves it.
     elsewhere = tmp_path / "ollama" / "gpt2.Modelfile"
