@@ -166,8 +166,8 @@ class InstructionCollator:
     """DataLoader ``collate_fn`` over tokenized examples: ``{"input_ids": [B, T], "labels": [B, T]}``.
 
     ``labels`` are already shifted (``labels[:, j]`` is the token after ``input_ids[:, j]``, the book's
-    targets), so the training loop computes the loss from logits directly instead of passing labels
-    to the model (transformers' causal-LM loss would shift them a second time).
+    targets), so the training loop passes them to the model as ``shift_labels``, never as ``labels``
+    (transformers' causal-LM convention, which would shift them a second time).
     """
 
     pad_token_id: int = PAD_TOKEN_ID
