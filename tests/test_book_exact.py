@@ -115,6 +115,10 @@ def test_initial_and_evaluated_losses_equal_the_books(runs):
     for ours, book in zip(evals, ref.evals):
         assert abs(ours["train_loss"] - book["train_loss"]) <= TOL, (ours, book)
         assert abs(ours["val_loss"] - book["val_loss"]) <= TOL, (ours, book)
+    print("max |ours - book|: initial train %.2g, initial val %.2g, evaluated train %.2g, evaluated val %.2g" % (
+        abs(initial["train_loss"] - ref.initial_train_loss), abs(initial["val_loss"] - ref.initial_val_loss),
+        max(abs(o["train_loss"] - b["train_loss"]) for o, b in zip(evals, ref.evals)),
+        max(abs(o["val_loss"] - b["val_loss"]) for o, b in zip(evals, ref.evals))))
     assert evals[-1]["train_loss"] < ref.initial_train_loss - 0.5  # it trained: the comparison has teeth
 
 
@@ -145,6 +149,8 @@ def test_every_step_trains_on_the_books_batch(start, runs):
         expected, _ = book_collate([train[i] for i in indices], allowed_max_length=1024)
         assert torch.equal(inputs, expected), indices
         assert abs(loss - book_loss) <= TOL
+    print("max |ours - book| of the step losses: %.2g" % max(
+        abs(loss - book) for (_, loss), book in zip(steps, ref.step_losses)))
     # Each evaluation (the initial one and 4 in the loop) reads EVAL_ITER training batches and 1 validation batch.
     assert len(calls) - STEPS == 5 * (EVAL_ITER + 1)
 
@@ -182,8 +188,13 @@ def test_saves_the_untied_model_the_book_trains(start, runs):
     assert not torch.equal(model.lm_head.weight, model.transformer.wte.weight)  # trained apart from the embedding
     ours = book_state_dict(model.state_dict(), model.config, source=str(out))
     theirs = ref_model.state_dict()
-    diff = max((ours[k] - theirs[k]).abs().max().item() for k in theirs if not k.endswith(".mask"))
-    assert diff <= 1e-4, diff
+    # The key bias adds q·b to every score of a query, which softmax ignores: its true gradient is 0, so
+    # each implementation trains it on its own rounding noise (Adam scales that to lr-sized steps).
+    # It changes no output; every other tensor must agree.
+    compared = [k for k in theirs if not k.endswith((".mask", "W_key.bias"))]
+    diff = max((ours[k] - theirs[k]).abs().max().item() for k in compared)
+    assert diff <= 5e-6, diff
+    print(f"max |ours - book| of the final weights (key biases aside): {diff:.2g}")
     assert json.loads((out / "args.json").read_text())["book_exact"] is True
     assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
     responses = json.loads((out / "instruction-data-with-response.json").read_text())
