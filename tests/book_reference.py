@@ -150,11 +150,12 @@ def perturbed(model: nn.Module, seed: int = 0, scale: float = 0.05) -> nn.Module
 
 @torch.no_grad()
 def generate_greedy(model: BookGPT, idx: torch.Tensor, max_new_tokens: int, context_size: int) -> torch.Tensor:
-    """The book's plain generation: the whole (cropped) sequence every step, argmax of the last logits,
+    """The book's plain generation: the whole (cropped) sequence every step, argmax of the softmax of the
+    last logits (softmax first, as the book: logits that round to equal probabilities pick the first),
     never stopping early."""
     for _ in range(max_new_tokens):
         logits = model(idx[:, -context_size:])[:, -1, :]  # (B, vocab)
-        idx = torch.cat([idx, logits.argmax(dim=-1, keepdim=True)], dim=1)
+        idx = torch.cat([idx, torch.softmax(logits, dim=-1).argmax(dim=-1, keepdim=True)], dim=1)
     return idx
 
 

@@ -3,7 +3,7 @@
     accelerate launch train/sft.py [--model DIR|HF_ID|PRESET] [--random-init] [--data PATH|URL|HUB_ID]
         [--out OUT] [--epochs 2] [--batch-size 8] [--lr 5e-5] [--weight-decay 0.1] [--eval-freq 5]
         [--eval-iter 5] [--max-steps N] [--mask-prompt] [--prompt-style alpaca|phi3]
-        [--mixed-precision bf16|no] [--seed 123] [--save-every N] [--resume [PATH]] ...
+        [--mixed-precision bf16|no] [--seed 123] [--save-every N] [--resume [PATH]] [--book-exact] ...
     python train/sft.py ...                       # the same, one process (= gpt2-scratch sft ...)
     python train/sft.py --offline-demo            # no network: small random model, synthetic tasks, 2-5 min
 
@@ -51,6 +51,8 @@ import torch
 from core.args import arg
 from core.errors import InputError
 from core.records import BOOK_DATA_URL
+from train.book_exact import (BOOK_SAMPLE_TOKENS, check_book_exact_args, fit_book_exact, plot_book_curves,
+                              set_up_book_exact)
 from train.data import IGNORE_INDEX
 from train.run import TrainState
 
@@ -109,9 +111,14 @@ class SFTArgs:
     push_to_hub: str | None = arg(None, "after training, upload the model to this Hub repo (USER/NAME)")
     offline_demo: bool = arg(False, "the offline demo profile: a small random GPT-2 on synthetic tasks; "
                                     "options you give explicitly still win")
+    book_exact: bool = arg(False, "follow the book's gpt_instruction_finetuning.py step for step (one process, fp32; "
+                                  "train/book_exact.py): its batches, evaluations and 50-token epoch-end sample, so "
+                                  "the log equals the book's from the same weights; the LM head is untied")
 
     def with_explicit(self, explicit: set[str]) -> "SFTArgs":
         """Apply the --offline-demo profile to every option not given on the command line."""
+        if self.book_exact and "sample_tokens" not in explicit:  # the book's sample length
+            self = dataclasses.replace(self, sample_tokens=BOOK_SAMPLE_TOKENS)
         if not self.offline_demo:
             return self
         return dataclasses.replace(self, **{k: v for k, v in OFFLINE_DEMO.items() if k not in explicit})
@@ -135,7 +142,7 @@ def run(args: SFTArgs) -> int:
     """set-up → fit → finish; returns the exit code (130 when stopped by Ctrl-C with a checkpoint saved)."""
     from train.run import run_training
 
-    return run_training(args, set_up, fit, finish)
+    return run_training(args, set_up, fit_book_exact if args.book_exact else fit, finish)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -181,6 +188,8 @@ def check_args(args: SFTArgs) -> None:
     check_number("lr", args.lr, above=0)
     check_number("weight_decay", args.weight_decay, minimum=0)
     check_number("max_grad_norm", args.max_grad_norm, minimum=0)
+    if args.book_exact:
+        check_book_exact_args(args)
 
 
 def load_model(args: SFTArgs):
@@ -256,6 +265,8 @@ def set_up(args: SFTArgs) -> Setup:
     if len(train_sampler) == 0:
         raise InputError(f"{args.data}: {len(data.train)} training examples make no full batch of "
                          f"{args.batch_size}; lower --batch-size")
+    if args.book_exact:  # the book's model (its own LM head, no dropout), on examples it would not cut
+        set_up_book_exact(model, data, context)
 
     # 4. Only now: the processes, the output folder, the loop's objects.
     accelerator = make_accelerator(args.mixed_precision, args.batch_size)
@@ -521,10 +532,13 @@ def finish(setup: Setup, state: TrainState, args: SFTArgs) -> None:
         model = accelerator.unwrap_model(setup.model)
         model.eval()
         save_model_into(out, model, setup.tokenizer, prompt_style=args.prompt_style)
-        rows = [{**r, "train_loss_running": r.get("train_loss_running", r.get("train_loss"))}
-                for r in setup.metrics.read()]
-        plot_curves(rows, out, series={"train_loss_running": "training loss (running mean of steps)",
-                                       "val_loss": "validation loss"})
+        if args.book_exact:
+            plot_book_curves(setup.metrics.read(), out)
+        else:
+            rows = [{**r, "train_loss_running": r.get("train_loss_running", r.get("train_loss"))}
+                    for r in setup.metrics.read()]
+            plot_curves(rows, out, series={"train_loss_running": "training loss (running mean of steps)",
+                                           "val_loss": "validation loss"})
         records = setup.data.test_records
         print(f"generating {len(records)} test responses (greedy, up to {args.max_new_tokens} new tokens)", flush=True)
         responses = generate_responses(model, setup.tokenizer, records, batch_size=args.response_batch_size,
