@@ -252,7 +252,7 @@ def merged_model(peft_model, s: LoRASettings, load_base: Callable[[], Any] | Non
         config = copy.deepcopy(peft_model.peft_config["default"])
         with _quiet_peft():
             fresh = get_peft_model(load_base(), config)
-        set_peft_model_state_dict(fresh, get_peft_model_state_dict(peft_model))
+        set_peft_model_state_dict(fresh, get_peft_model_state_dict(peft_model, save_embedding_layers=False))
         peft_model = fresh
     base = peft_model.get_base_model()
     if s.head and base.config.tie_word_embeddings:
