@@ -244,3 +244,34 @@ def test_precomputed_reference_and_lora_runs(dpo_run, tiny_sft_model, tmp_path):
     assert lora.returncode == 0, lora.stderr[-3000:]
     assert rows(tmp_path / "lora")[-1]["train_reward_margin"] > 0
     assert (tmp_path / "lora" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_dpo_resume_after_sigkill_matches_the_uninterrupted_run(dpo_run, tiny_sft_model, tmp_path):
+    """A DPO run killed after its step-10 checkpoint and resumed logs the same numbers and ends with the
+    same weights as the uninterrupted run (the reference is rebuilt from --model, the running means come
+    back from the checkpoint)."""
+    import signal
+    import time
+
+    from safetensors.torch import load_file
+
+    ref_out, _ = dpo_run
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "train/dpo.py", "--model", str(tiny_sft_model), *RUN, "--save-every", "10", "--out", str(out)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = out / "checkpoints" / "step-00000010" / "train_state.json"
+    deadline = time.monotonic() + 600
+    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    resumed = dpo("--model", tiny_sft_model, *RUN, "--save-every", "10", "--out", out, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    keys = ("train_loss", "val_loss", "train_reward_margin", "val_reward_accuracy")
+    got, want = rows(out), rows(ref_out)
+    assert [r["step"] for r in got] == [r["step"] for r in want]
+    assert [r.get(k) for r in got for k in keys] == pytest.approx([r.get(k) for r in want for k in keys], rel=1e-6)
+    ref_weights, weights = load_file(ref_out / "model.safetensors"), load_file(out / "model.safetensors")
+    for name in ref_weights:
+        torch.testing.assert_close(weights[name], ref_weights[name], rtol=1e-6, atol=1e-7, msg=name)

@@ -113,7 +113,7 @@ class DPOArgs:
 
 
 MAY_CHANGE_ON_RESUME = {"out", "overwrite", "resume", "eval_freq", "eval_iter", "save_every", "keep_checkpoints",
-                        "sample_tokens", "max_new_tokens", "response_batch_size", "push_to_hub", "models_dir"}
+                        "sample_tokens", "max_new_tokens", "response_batch_size", "push_to_hub", "models_dir", "merge"}
 
 
 def run(args: DPOArgs) -> int:
