@@ -61,6 +61,8 @@ COMMANDS: dict[str, Command | dict[str, Command]] = {
     },
     "sft": Command("train.sft", "SFTArgs", "run", "instruction-finetune a GPT-2 (the book's chapter 7)",
                    caching_allocator=True),
+    "dpo": Command("train.dpo", "DPOArgs", "run", "preference-tune an instruction model with DPO (the book's bonus: "
+                   "polite over impolite answers)", caching_allocator=True),
     "classify": Command("train.classify", "ClassifyArgs", "run", "finetune a GPT-2 text classifier (chapter 6: spam)",
                         caching_allocator=True),
     "push": Command("train.publish", "PushArgs", "run_push",

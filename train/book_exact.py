@@ -87,6 +87,9 @@ def check_book_exact_args(args) -> None:
             flag = "--" + name.replace("_", "-")
             shown = flag if isinstance(value, bool) else f"{flag} {value}"
             raise InputError(f"--book-exact cannot run with {shown}: {why}; leave it out, or drop --book-exact")
+    if getattr(args, "lora", None) is not None or getattr(args, "lora_r", None) is not None:
+        raise InputError("--book-exact cannot run with --lora: the book's chapter 7 script finetunes every weight "
+                         "(its LoRA exercise is another script); leave --lora out, or drop --book-exact")
     processes = int(os.environ.get("WORLD_SIZE", "1"))
     if processes > 1:
         raise InputError(f"--book-exact runs the book's single-process loop, but {processes} processes were "

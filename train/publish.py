@@ -204,13 +204,16 @@ def build_model_card(
     # OpenAI's GPT-2 weights are MIT-licensed; a model trained from them inherits that by default.
     license = license or ("mit" if base and base.startswith("openai-community/") else "apache-2.0")
 
+    from train.lora import card_line
+
+    lora_line = card_line(run.args, base)  # a LoRA finetune says so, and of what
     data = ModelCardData(
         base_model=base,
         datasets=datasets or None,
         license=license,
         library_name="transformers",
         pipeline_tag="text-classification" if is_classifier else "text-generation",
-        tags=["gpt2-scratch", "gpt2", "llms-from-scratch", "custom_code"],
+        tags=["gpt2-scratch", "gpt2", "llms-from-scratch", "custom_code"] + (["lora", "peft"] if lora_line else []),
     )
 
     name = repo_id.rsplit("/", 1)[-1]
@@ -227,6 +230,8 @@ def build_model_card(
         f"gpt2-scratch — {what}"
         + (f", finetuned from [{base}](https://huggingface.co/{base})." if base else ".")
     )
+    if lora_line:
+        lines += ["", lora_line]
     if is_classifier and config.get("id2label"):
         by_id = sorted(config["id2label"].items(), key=lambda kv: int(kv[0]))
         labels = ", ".join(f"`{i}` = {lab}" for i, lab in by_id)

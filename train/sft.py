@@ -18,6 +18,8 @@ split in file order), 2 epochs, batch 8, AdamW lr 5e-5 weight decay 0.1, evaluat
     loss.png loss.pdf    train/validation loss over steps, tokens seen on the second x-axis
     instruction-data-with-response.json   the test split with a greedy ``model_response`` per record
     checkpoints/step-N/  accelerator.save_state + train_state.json, every --save-every steps and each epoch
+    adapter/             with --lora (train/lora.py): the peft adapter; the model at the top is then the merged
+                         one (none with --no-merge)
 
 The script reads top to bottom: ``set_up`` checks everything that can be checked before anything is
 written (arguments, the output folder, the data, the model, the limits), ``fit`` runs the loop over a
@@ -54,6 +56,7 @@ from core.records import BOOK_DATA_URL
 from train.book_exact import (BOOK_SAMPLE_TOKENS, check_book_exact_args, fit_book_exact, plot_book_curves,
                               set_up_book_exact)
 from train.data import IGNORE_INDEX
+from train.lora import lora_arg
 from train.run import TrainState
 
 logger = logging.getLogger("train.sft")
@@ -108,6 +111,14 @@ class SFTArgs:
     sample_tokens: int = arg(35, "tokens of the greedy sample printed after each epoch")
     max_new_tokens: int = arg(256, "longest response generated for the test split")
     response_batch_size: int = arg(8, "prompts per batch when generating the test responses")
+    lora: Literal["default", "book"] | None = lora_arg("lora")
+    lora_r: int | None = lora_arg("lora_r")
+    lora_alpha: float | None = lora_arg("lora_alpha")
+    lora_dropout: float | None = lora_arg("lora_dropout")
+    lora_targets: list[str] | None = lora_arg("lora_targets")
+    lora_init: Literal["peft", "book"] | None = lora_arg("lora_init")
+    base_dtype: Literal["fp32", "bf16"] = lora_arg("base_dtype")
+    merge: bool = lora_arg("merge")
     push_to_hub: str | None = arg(None, "after training, upload the model to this Hub repo (USER/NAME)")
     offline_demo: bool = arg(False, "the offline demo profile: a small random GPT-2 on synthetic tasks; "
                                     "options you give explicitly still win")
@@ -226,6 +237,7 @@ def set_up(args: SFTArgs) -> Setup:
 
     from core.prompts import format_input
     from gpt2_scratch import get_tokenizer
+    from train import lora
     from train.data import EpochBatchSampler, InstructionCollator, evaluation_sampler, prepare_instruction_data
     from train.metrics import MetricsLog
     from train.run import (check_output, check_resume_args, clear_output, find_checkpoint, load_checkpoint,
@@ -234,6 +246,7 @@ def set_up(args: SFTArgs) -> Setup:
     # 1. Arguments and the output folder: nothing is written or deleted until every check has passed.
     quiet_libraries()
     check_args(args)
+    lora_settings = lora.settings(args)  # None: full finetuning
     resuming = args.resume is not None
     out = check_output(args.out, resume=resuming, overwrite=args.overwrite,
                        inputs=[("--model", args.model), ("--data", args.data)])
@@ -248,6 +261,7 @@ def set_up(args: SFTArgs) -> Setup:
     tokenizer = get_tokenizer()
     set_seed(args.seed)  # the same random init on every process
     model = load_model(args)
+    model = lora.wrap(model, lora_settings, base_model=lora.base_model_name(args.model))
     model.train()
     context = model.config.max_position_embeddings
     max_length = min(args.max_length or context, context)
@@ -314,6 +328,8 @@ def set_up(args: SFTArgs) -> Setup:
               f"examples on {accelerator.num_processes} process(es), "
               f"{'fp32' if args.mixed_precision == 'no' else args.mixed_precision} precision, "
               f"{loaded_allocator()} malloc", flush=True)
+        if lora_settings is not None:
+            print(lora.describe(model, lora_settings), flush=True)
     first_val = data.validation_records[0] if data.validation_records else data.test_records[0]
     return Setup(accelerator, model, tokenizer, optimizer, scheduler, train_sampler, train_loader, train_eval_loader,
                  val_loader, data, out, metrics, total_steps, state, format_input(first_val, args.prompt_style))
@@ -523,6 +539,7 @@ def finish(setup: Setup, state: TrainState, args: SFTArgs) -> None:
     """The model at the top of OUT, the loss plot, the test responses (and the demo's exact match), a push."""
     from core.files import write_json_atomic
     from gpt2_scratch import generate_responses
+    from train import lora
     from train.metrics import plot_curves
     from train.run import save_model_into
 
@@ -531,7 +548,12 @@ def finish(setup: Setup, state: TrainState, args: SFTArgs) -> None:
     if accelerator.is_main_process:
         model = accelerator.unwrap_model(setup.model)
         model.eval()
-        save_model_into(out, model, setup.tokenizer, prompt_style=args.prompt_style)
+        lora_settings = lora.settings(args)
+        if lora_settings is None:
+            save_model_into(out, model, setup.tokenizer, prompt_style=args.prompt_style)
+        else:  # OUT/adapter, and the merged model at the top of OUT unless --no-merge
+            model = lora.save_outputs(out, model, setup.tokenizer, lora_settings, prompt_style=args.prompt_style,
+                                      load_base=lora.base_reloader(load_model, args))
         if args.book_exact:
             plot_book_curves(setup.metrics.read(), out)
         else:
