@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 setup: $(VENV)/.installed
 
-# 2-5 minutes on 2 CPU cores, no network: writes runs/offline-demo/ and prints held-out accuracy.
+# About 5 minutes on 2 CPU cores (fp32; bf16 where the CPU has it), no network: writes runs/offline-demo/ and prints held-out accuracy.
 demo: setup
 	$(PY) train/sft.py --offline-demo --overwrite
 

@@ -273,6 +273,23 @@ def test_cli_arguments_and_offline_demo_profile():
         parse_dataclass_args(SFTArgs, ["--prompt-style", "chatml"])
 
 
+@pytest.mark.parametrize("fast", [True, False])
+def test_auto_precision_picks_bf16_only_where_it_is_fast(monkeypatch, capsys, fast):
+    """--mixed-precision auto (the offline demo's): bf16 on AMX/AVX512-BF16/GPU, fp32 on an AVX2-only CPU,
+    where torch's bf16 fallback is tens of times slower; asking for bf16 there works but prints a note."""
+    import train.run
+    from train.sft import SFTArgs
+
+    monkeypatch.setattr(train.run, "fast_bf16", lambda: fast)
+    args = SFTArgs(mixed_precision="auto")
+    train.run.resolve_precision(args)
+    assert args.mixed_precision == ("bf16" if fast else "no") and capsys.readouterr().err == ""
+    args = SFTArgs(mixed_precision="bf16")
+    train.run.resolve_precision(args)
+    assert args.mixed_precision == "bf16"
+    assert ("neither AMX nor AVX512-BF16" in capsys.readouterr().err) is not fast
+
+
 @pytest.mark.slow
 def test_offline_demo_learns_the_synthetic_tasks(tmp_path):
     """The README's command, with the network unreachable: held-out exact match well above 0."""

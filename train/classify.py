@@ -48,7 +48,7 @@ import torch
 from core.args import arg
 from core.download import is_url
 from core.errors import InputError
-from train.run import TrainState
+from train.run import TrainState, precision_arg
 from train.spam_data import DEFAULT_LABELS, SPAM_BACKUP_URL, SPAM_URL
 
 _TRAINABLE = re.compile(r"^(last-block|all|last-(\d+))$")
@@ -79,7 +79,7 @@ class ClassifyArgs:
                                        "(the book), last-N (the last N blocks), or all (every parameter)")
     pad_to_context: bool = arg(False, "pad/truncate every message to the model's context length instead of the "
                                       "longest training message (the book's exercise 6.1)")
-    mixed_precision: Literal["no", "bf16"] = arg("no", "bf16 autocast (fast on CPUs with AMX and on GPUs)")
+    mixed_precision: Literal["no", "bf16", "auto"] = precision_arg()
     seed: int = arg(123, "seed for balancing, splitting, the head's init and the batch order")
     eval_freq: int = arg(50, "evaluate the losses every this many optimizer steps")
     eval_iter: int = arg(5, "batches per loss/accuracy estimate")
@@ -204,12 +204,14 @@ def set_up(args: ClassifyArgs) -> Setup:
 
     from gpt2_scratch import get_encoding
     from train.metrics import MetricsLog
-    from train.run import check_output, clear_output, make_accelerator, quiet_libraries, write_args
+    from train.run import (check_output, clear_output, make_accelerator, quiet_libraries, resolve_precision,
+                           write_args)
     from train.spam_data import SpamDataset, fetch_spam_data, prepare_splits
 
     # 1. Arguments, the output folder, the data, the model: checked before anything is written.
     quiet_libraries()
     labels = check_args(args)
+    resolve_precision(args)
     out = check_output(args.out, resume=False, overwrite=args.overwrite,
                        inputs=[("--model", args.model), ("--data", args.data)])
     if is_url(args.data):
@@ -275,7 +277,7 @@ def set_up(args: ClassifyArgs) -> Setup:
               f"{n_trainable:,} trainable ({args.trainable}); data {data_path}: {len(train_ds)} train ({counts}) / "
               f"{len(val_ds)} val / {len(test_ds)} test, padded to {max_length} tokens; {total_steps} steps of "
               f"{args.batch_size} on {accelerator.num_processes} process(es), "
-              f"{'fp32' if args.mixed_precision == 'no' else args.mixed_precision}, {loaded_allocator()} malloc",
+              f"{'fp32' if accelerator.mixed_precision == 'no' else accelerator.mixed_precision}, {loaded_allocator()} malloc",
               flush=True)
     return Setup(accelerator, model, optimizer, train_loader, train_eval_loader, val_loader, test_loader, out,
                  MetricsLog(out / "metrics.jsonl", enabled=main), total_steps, max_length)

@@ -53,7 +53,7 @@ from core.args import arg
 from core.errors import EXIT_INTERRUPTED, InputError
 from core.records import BOOK_PREFERENCE_DATA_URL
 from train.lora import lora_arg
-from train.run import TrainState
+from train.run import TrainState, precision_arg
 
 logger = logging.getLogger("train.dpo")
 
@@ -92,7 +92,7 @@ class DPOArgs:
                                                   "or sum (the DPO paper, TRL)")
     precompute_ref: bool = arg(False, "compute the reference log-probs once before training instead of keeping a "
                                       "frozen copy of the model (less memory, fewer forward passes)")
-    mixed_precision: Literal["no", "bf16"] = arg("no", "bf16 autocast")
+    mixed_precision: Literal["no", "bf16", "auto"] = precision_arg()
     seed: int = arg(123, "seed for the data order")
     eval_freq: int = arg(5, "evaluate (and log a line) every this many optimizer steps")
     eval_iter: int = arg(5, "validation batches per evaluation")
@@ -304,11 +304,12 @@ def set_up(args: DPOArgs) -> Setup:
     from train.metrics import MetricsLog
     from train.preference_data import PreferenceCollator, load_preference_records, prepare_preference_data
     from train.run import (check_output, check_resume_args, clear_output, find_checkpoint, load_checkpoint,
-                           make_accelerator, quiet_libraries, write_args)
+                           make_accelerator, quiet_libraries, resolve_precision, write_args)
 
     # 1. Arguments and the output folder: nothing is written or deleted until every check has passed.
     quiet_libraries()
     check_args(args)
+    resolve_precision(args)
     lora_settings = lora.settings(args)
     resuming = args.resume is not None
     out = check_output(args.out, resume=resuming, overwrite=args.overwrite,
@@ -399,7 +400,7 @@ def set_up(args: DPOArgs) -> Setup:
         print(f"model {args.model}: {total_n:,} parameters ({trainable_n:,} trainable), context {context}; data "
               f"{args.data}: {len(data.train)} train / {len(data.validation)} validation / {len(data.test)} test "
               f"pairs; {total_steps} steps of {args.batch_size}x{args.grad_accum} pairs on "
-              f"{accelerator.num_processes} process(es), {'fp32' if args.mixed_precision == 'no' else 'bf16'}; "
+              f"{accelerator.num_processes} process(es), {'fp32' if accelerator.mixed_precision == 'no' else 'bf16'}; "
               f"β {args.beta}, {args.logprob} log-probs, reference {ref}", flush=True)
         if lora_settings is not None:
             print(lora.describe(policy, lora_settings), flush=True)

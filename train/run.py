@@ -121,6 +121,38 @@ def quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
+def fast_bf16() -> bool:
+    """Whether bf16 matrix products are fast here: a CUDA GPU that has them, or a CPU with AMX or AVX512-BF16.
+
+    Elsewhere (an AVX2-only CPU) torch computes them with a fallback kernel that is tens of times slower
+    than fp32, so bf16 autocast would slow training down instead of speeding it up.
+    """
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    probes = (getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+    return any(probe is not None and probe() for probe in probes)
+
+
+def precision_arg() -> Any:
+    """The ``--mixed-precision`` option, the same in every training script."""
+    from core.args import arg
+
+    return arg("no", "bf16 autocast: fast on CPUs with AMX or AVX512-BF16 and on GPUs, far slower than fp32 "
+                     "elsewhere; auto: bf16 where it is fast, else fp32")
+
+
+def resolve_precision(args: Any) -> None:
+    """Turn ``--mixed-precision auto`` into bf16 where it is fast and fp32 ("no") elsewhere (in ``args``, so
+    args.json records what ran); say so when bf16 was asked for where it is slow."""
+    if args.mixed_precision == "auto":
+        args.mixed_precision = "bf16" if fast_bf16() else "no"
+    elif args.mixed_precision == "bf16" and not fast_bf16():
+        print("note: this CPU has neither AMX nor AVX512-BF16: bf16 matrix products run far slower than fp32 "
+              "here (--mixed-precision auto picks fp32 on such machines)", file=sys.stderr, flush=True)
+
+
 def make_accelerator(mixed_precision: str, batch_size: int):
     """An Accelerator where ``batch_size`` is the global batch, with the libraries' chatter turned down."""
     from accelerate import Accelerator

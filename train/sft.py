@@ -57,7 +57,7 @@ from train.book_exact import (BOOK_SAMPLE_TOKENS, check_book_exact_args, fit_boo
                               set_up_book_exact)
 from train.data import IGNORE_INDEX
 from train.lora import lora_arg
-from train.run import TrainState
+from train.run import TrainState, precision_arg
 
 logger = logging.getLogger("train.sft")
 
@@ -101,8 +101,7 @@ class SFTArgs:
                                                                  "(the book: constant)")
     warmup_steps: int = arg(0, "linear warmup steps")
     max_grad_norm: float = arg(0.0, "clip the gradient norm to this value (0: no clipping, as the book)")
-    mixed_precision: Literal["no", "bf16"] = arg("no", "bf16 autocast (fast on CPUs with AVX512-BF16 or AMX, "
-                                                       "and on GPUs)")
+    mixed_precision: Literal["no", "bf16", "auto"] = precision_arg()
     seed: int = arg(123, "seed for initialisation, data order and synthetic data")
     eval_freq: int = arg(5, "evaluate (and log a line) every this many optimizer steps")
     eval_iter: int = arg(5, "validation batches per evaluation")
@@ -141,7 +140,7 @@ OFFLINE_DEMO = dict(
     data="synthetic", prompt_style="phi3", out="runs/offline-demo", epochs=10, batch_size=32, lr=2e-3,
     weight_decay=0.1, lr_schedule="cosine", warmup_steps=20, max_grad_norm=1.0, mask_prompt=True,
     group_by_length=False, eval_freq=40, eval_iter=5, max_new_tokens=12, response_batch_size=100,
-    sample_tokens=12, mixed_precision="bf16",
+    sample_tokens=12, mixed_precision="auto",
 )
 # What a --resume may change: how the run is watched and what happens after it, not what it computes.
 MAY_CHANGE_ON_RESUME = {"out", "overwrite", "resume", "eval_freq", "eval_iter", "save_every", "keep_checkpoints",
@@ -241,11 +240,14 @@ def set_up(args: SFTArgs) -> Setup:
     from train.data import EpochBatchSampler, InstructionCollator, evaluation_sampler, prepare_instruction_data
     from train.metrics import MetricsLog
     from train.run import (check_output, check_resume_args, clear_output, find_checkpoint, load_checkpoint,
-                           make_accelerator, quiet_libraries, write_args)
+                           make_accelerator, quiet_libraries, resolve_precision, write_args)
 
     # 1. Arguments and the output folder: nothing is written or deleted until every check has passed.
     quiet_libraries()
+    if args.book_exact and args.mixed_precision == "auto":
+        args.mixed_precision = "no"  # the book trains in fp32, whatever the machine could do
     check_args(args)
+    resolve_precision(args)
     lora_settings = lora.settings(args)  # None: full finetuning
     resuming = args.resume is not None
     out = check_output(args.out, resume=resuming, overwrite=args.overwrite,
@@ -326,7 +328,7 @@ def set_up(args: SFTArgs) -> Setup:
               f"parameters, context {context}; data {args.data}: {len(data.train)} train / {len(data.validation)} "
               f"validation / {len(data.test)} test; {total_steps} steps of {args.batch_size}x{args.grad_accum} "
               f"examples on {accelerator.num_processes} process(es), "
-              f"{'fp32' if args.mixed_precision == 'no' else args.mixed_precision} precision, "
+              f"{'fp32' if accelerator.mixed_precision == 'no' else accelerator.mixed_precision} precision, "
               f"{loaded_allocator()} malloc", flush=True)
         if lora_settings is not None:
             print(lora.describe(model, lora_settings), flush=True)
