@@ -271,9 +271,9 @@ _SWAP = {"A": "B", "B": "A", "tie": "tie"}
 
 
 def compare_records(records_a: list[dict], key_a: str, records_b: list[dict], key_b: str, judge, *,
-                    cache: JudgeCache | None = None, workers: int = 4, parse_retries: int = 2,
-                    progress: bool = True) -> list[dict]:
-    """Pairwise verdict per record: is response A (``records_a[i][key_a]``) better than B?
+                    criterion: str = "better", cache: JudgeCache | None = None, workers: int = 4,
+                    parse_retries: int = 2, progress: bool = True) -> list[dict]:
+    """Pairwise verdict per record: is response A (``records_a[i][key_a]``) better (or more polite) than B?
 
     The judge sees each pair twice, A first and B first. A record is a win (or loss) only if both
     orders agree; disagreement is a tie, which cancels the judge's bias towards a position.
@@ -291,10 +291,12 @@ def compare_records(records_a: list[dict], key_a: str, records_b: list[dict], ke
                            "reason": None, "reply": None, "cached": False}
             continue
         base = {"mode": "pairwise", **ident, **record_fields(ra)}
+        if criterion != "better":  # the default's keys stay those of earlier caches
+            base["criterion"] = criterion
         plan[i] = (
-            Question(cache_key({**base, "first": a, "second": b}), pairwise_prompt(ra, a, b),
+            Question(cache_key({**base, "first": a, "second": b}), pairwise_prompt(ra, a, b, criterion),
                      VERDICT_SCHEMA, parse_verdict, i, is_verdict),
-            Question(cache_key({**base, "first": b, "second": a}), pairwise_prompt(ra, b, a),
+            Question(cache_key({**base, "first": b, "second": a}), pairwise_prompt(ra, b, a, criterion),
                      VERDICT_SCHEMA, parse_verdict, i, is_verdict),
         )
     answers = ask_all([q for pair in plan.values() for q in pair], judge, cache=cache, workers=workers,
@@ -334,6 +336,8 @@ class JudgeArgs:
                                         "--compare-file if given, else in --data)")
     compare_file: str | None = arg(None, "pairwise mode: take the other responses from this file (same records "
                                          "in the same order)")
+    criterion: Literal["better", "polite"] = arg("better", "pairwise mode: which response is better (given the "
+                                                           "correct output), or which is more polite (DPO's aim)")
     workers: int = arg(4, "concurrent requests")
     out: str | None = arg(None, "scores JSON (default: <data stem>-scores.json, or -pairwise.json, in the current "
                                 "folder); .summary.txt/.hist.png go beside it")
@@ -369,6 +373,9 @@ def run(args: JudgeArgs) -> int:
     if pairwise and not args.compare_file and other_key == args.response_key:
         raise InputError(f"pairwise mode compares two responses: pass --compare-key other than "
                          f"{args.response_key!r}, or --compare-file")
+    if args.criterion != "better" and not pairwise:
+        raise InputError(f"--criterion {args.criterion} asks which of two responses is more {args.criterion}: "
+                         "add --compare-file or --compare-key")
     # Pre-flight: the outputs replace none of the inputs (checked before any question is asked).
     out = check_output_file(args.out or _default_out(args),
                             inputs=[("--data", args.data), ("--compare-file", args.compare_file)])
@@ -447,10 +454,12 @@ def _ask(args: JudgeArgs, judge, records, records_b, other_key, out: Path, meta:
     if pairwise:
         name_a = f"{args.data}:{args.response_key}" if args.compare_file else args.response_key
         name_b = f"{args.compare_file}:{other_key}" if args.compare_file else other_key
-        outcomes = compare_records(records, args.response_key, records_b, other_key, judge, **kw)
+        outcomes = compare_records(records, args.response_key, records_b, other_key, judge,
+                                   criterion=args.criterion, **kw)
         summary = pairwise_summary(outcomes, records, name_a=name_a, name_b=name_b)
-        text = format_pairwise_summary(summary)
-        meta.update(compare_file=args.compare_file, response_key=args.response_key, compare_key=other_key)
+        text = format_pairwise_summary(summary, criterion=args.criterion)
+        meta.update(compare_file=args.compare_file, response_key=args.response_key, compare_key=other_key,
+                    criterion=args.criterion)
     else:
         outcomes = score_records(records, judge, response_key=args.response_key, **kw)
         summary = score_summary(outcomes, records, response_key=args.response_key, lowest=args.lowest)

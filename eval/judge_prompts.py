@@ -47,12 +47,26 @@ def score_prompt(entry: dict, response: str) -> str:
     )
 
 
-def pairwise_prompt(entry: dict, response_a: str, response_b: str) -> str:
-    """Ask which of two responses is better, in the book's style of prompt.
+# What a pairwise question asks: "better" (closer to the correct output, the default), or "polite" (the
+# quality the book's DPO bonus tunes for: its preference data pairs a polite and an impolite answer).
+CRITERIA = ("better", "polite")
+
+
+def pairwise_prompt(entry: dict, response_a: str, response_b: str, criterion: str = "better") -> str:
+    """Ask which of two responses is better (or more polite), in the book's style of prompt.
 
     The judge is asked twice per record with the responses swapped (see ``eval.judge``), so a
-    preference for whichever answer comes first cancels out into a tie.
+    preference for whichever answer comes first cancels out into a tie. Politeness is judged from
+    the instruction and the two responses alone: the correct output says nothing about tone.
     """
+    if criterion == "polite":
+        return (
+            f"Given the input `{format_input(entry, 'alpaca')}`, "
+            f"compare model response A `{response_a}` "
+            f"with model response B `{response_b}`. "
+            f"Which response is more polite? "
+            f"Respond with A, B, or tie only."
+        )
     return (
         f"Given the input `{format_input(entry, 'alpaca')}` "
         f"and correct output `{entry['output']}`, "

@@ -140,9 +140,10 @@ def pairwise_summary(outcomes: list[dict], records: list[dict], *, name_a: str, 
     }
 
 
-def format_pairwise_summary(s: dict) -> str:
+def format_pairwise_summary(s: dict, criterion: str = "better") -> str:
     lines = [
-        f"Pairwise: A = {s['name_a']}  vs  B = {s['name_b']}",
+        f"Pairwise ({'which is better' if criterion == 'better' else 'which is more ' + criterion}): "
+        f"A = {s['name_a']}  vs  B = {s['name_b']}",
         f"Number of comparisons: {s['num_compared']} of {s['num_records']}",
         f"A wins: {s['wins']}   ties: {s['ties']}   A losses: {s['losses']}",
         f"Win rate of A (tie = 1/2): {s['win_rate']:.3f}   95% CI: "

@@ -13,7 +13,7 @@ It speaks the parts of the protocol the judge uses, as Ollama does (docs/api.md,
 ``tests/test_judge_standin.py`` proves the replies faithful by parsing them with the official
 ``ollama`` client. The judge's answers are deterministic so tests can assert exact averages: the
 score of a response is :func:`standin_score` (a CRC of its text, 0..100); pairwise, the response
-with the higher stand-in score wins. Markers in the prompt inject faults, counted per prompt:
+with the higher stand-in score wins (asked which is more polite: the one saying "please"). Markers in the prompt inject faults, counted per prompt:
 
 - ``FAIL500:N``  the first N requests get HTTP 500
 - ``SLOW:N``     the first N requests wait ``slow_seconds`` before answering (client timeouts)
@@ -182,6 +182,10 @@ class OllamaStandin:
                 return f"I would rate it {score} out of 100."
             return json.dumps({"score": score}) if wants_json else str(score)
         m = _PAIR_RE.search(prompt)
+        if m and "Which response is more polite?" in prompt:  # the politer answer says "please"
+            sa, sb = ("please" in m.group(1).lower()), ("please" in m.group(2).lower())
+            winner = "A" if sa > sb else "B" if sb > sa else "tie"
+            return json.dumps({"winner": winner}) if wants_json else winner
         if m:
             sa, sb = standin_score(m.group(1)), standin_score(m.group(2))
             winner = "A" if sa > sb else "B" if sb > sa else "tie"

@@ -230,6 +230,28 @@ def test_dpo_raises_reward_margin_and_accuracy(dpo_run, tiny_sft_model):
 
 
 @pytest.mark.slow
+def test_the_readme_flow_judges_dpo_against_sft_responses(dpo_run, tiny_sft_model, tmp_path):
+    """The starting model's responses to the book's test split (instruction-data.json) and the DPO run's (the
+    preference file's) are the same records in the same order, so the judge compares them pair by pair."""
+    from ollama_standin import OllamaStandin
+
+    out, _ = dpo_run
+    sft_responses = tmp_path / "sft-responses.json"
+    result = subprocess.run([sys.executable, "eval/generate.py", "--model", tiny_sft_model, "--data",
+                             SHARED / "data" / "instruction-data.json", "--split", "test", "--max-new-tokens", "2",
+                             "--batch-size", "110", "--out", sft_responses, "--quiet"],
+                            cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    with OllamaStandin(models=["llama3"]) as server:
+        result = subprocess.run([sys.executable, "eval/judge.py", "--data", out / "instruction-data-with-response.json",
+                                 "--compare-file", sft_responses, "--criterion", "polite", "--host", server.url,
+                                 "--out", tmp_path / "polite.json", "--quiet"],
+                                cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Number of comparisons: 110 of 110" in result.stdout, result.stdout
+
+
+@pytest.mark.slow
 def test_precomputed_reference_and_lora_runs(dpo_run, tiny_sft_model, tmp_path):
     """--precompute-ref logs what the frozen copy logs; with --lora the reference is the adapters-off model."""
     ref_out, _ = dpo_run

@@ -308,6 +308,29 @@ def test_pairwise_across_two_files(tmp_path, server, test_records):
     assert "Number of comparisons: 6 of 6" in r.stdout and server.count() == 10
 
 
+def test_pairwise_politeness_of_dpo_against_sft(tmp_path, server, test_records):
+    """The DPO flow: the SFT run's test responses against the DPO run's, asked which is more polite
+    (the prompt leaves the correct output out: tone is not in it)."""
+    records = test_records[:5]
+    sft = write_responses(tmp_path / "sft.json", records, [f"{r['output']} Do it yourself." for r in records])
+    dpo = write_responses(tmp_path / "dpo.json", records,
+                          [f"Please note: {r['output']}" if i < 4 else r["output"] for i, r in enumerate(records)])
+    out = tmp_path / "polite.json"
+    r = run_judge("--data", str(dpo), "--compare-file", str(sft), "--criterion", "polite", "--out", str(out),
+                  "--host", server.url, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "Pairwise (which is more polite)" in r.stdout and "A wins: 4   ties: 1   A losses: 0" in r.stdout
+    asked = [m["content"] for req in server.chat_requests for m in req["messages"]]
+    assert all("more polite" in q and "correct output" not in q for q in asked) and len(asked) == 10
+    assert json.loads(out.read_text())["criterion"] == "polite"
+    # The same pairs asked which is better are other questions: nothing comes from the politeness cache.
+    r = run_judge("--data", str(dpo), "--compare-file", str(sft), "--out", str(out), "--host", server.url,
+                  cwd=tmp_path)
+    assert r.returncode == 0 and "Answers taken from the cache: 0" in r.stdout, r.stderr
+    r = run_judge("--data", str(dpo), "--criterion", "polite", "--host", server.url, cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.startswith("error: --criterion polite asks which of two responses")
+
+
 def test_openai_compatible_api(tmp_path, server, test_records):
     records = test_records[:8]
     responses = [r["output"] for r in records]
