@@ -48,7 +48,7 @@ import torch
 from core.args import arg
 from core.download import is_url
 from core.errors import InputError
-from train.run import TrainState, precision_arg
+from train.run import TrainState, run_arg
 from train.spam_data import DEFAULT_LABELS, SPAM_BACKUP_URL, SPAM_URL
 
 _TRAINABLE = re.compile(r"^(last-block|all|last-(\d+))$")
@@ -67,11 +67,10 @@ class ClassifyArgs:
                               "$GPT2_SCRATCH_CACHE/sms_spam, default ~/.cache/gpt2-scratch/sms_spam)")
     labels: str = arg(",".join(DEFAULT_LABELS), "comma-separated class names; their order gives the label ids")
     balance: bool = arg(True, "undersample larger classes to the smallest one (the book)")
-    out: str = arg("runs/classify", "output folder (refused if it exists, unless --overwrite)",
-                   aliases=("--output-dir",))
-    overwrite: bool = arg(False, "replace an existing output folder (after every check of the run has passed)")
+    out: str = run_arg("out", "runs/classify", "output folder (refused if it exists, unless --overwrite)")
+    overwrite: bool = run_arg("overwrite")
     epochs: int = arg(5, "passes over the training split")
-    max_steps: int | None = arg(None, "stop after this many optimizer steps")
+    max_steps: int | None = run_arg("max_steps")
     batch_size: int = arg(8, "global batch size (examples per step, over all processes)")
     lr: float = arg(5e-5, "learning rate (AdamW)")
     weight_decay: float = arg(0.1, "AdamW weight decay")
@@ -79,12 +78,11 @@ class ClassifyArgs:
                                        "(the book), last-N (the last N blocks), or all (every parameter)")
     pad_to_context: bool = arg(False, "pad/truncate every message to the model's context length instead of the "
                                       "longest training message (the book's exercise 6.1)")
-    mixed_precision: Literal["no", "bf16", "auto"] = precision_arg()
+    mixed_precision: Literal["no", "bf16", "auto"] = run_arg("mixed_precision")
     seed: int = arg(123, "seed for balancing, splitting, the head's init and the batch order")
-    eval_freq: int = arg(50, "evaluate the losses every this many optimizer steps")
-    eval_iter: int = arg(5, "batches per loss/accuracy estimate")
-    push_to_hub: str | None = arg(None, "after training, upload the classifier with a model card to this Hub repo "
-                                        "(USER/NAME)")
+    eval_freq: int = run_arg("eval_freq", 50, "evaluate the losses every this many optimizer steps")
+    eval_iter: int = run_arg("eval_iter", 5, "batches per loss/accuracy estimate")
+    push_to_hub: str | None = run_arg("push_to_hub")
 
 
 # ---------------------------------------------------------------------------------------------------

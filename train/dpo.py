@@ -50,10 +50,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from core.args import arg
-from core.errors import EXIT_INTERRUPTED, InputError
+from core.errors import InputError
 from core.records import BOOK_PREFERENCE_DATA_URL
 from train.lora import lora_arg
-from train.run import TrainState, precision_arg
+from train.run import TrainState, run_arg
 
 logger = logging.getLogger("train.dpo")
 
@@ -75,32 +75,30 @@ class DPOArgs:
                                                                "trained with, else alpaca)", aliases=("--style",))
     shuffle_split: bool = arg(False, "shuffle the records (with --seed) before the 85/10/5 split")
     max_length: int | None = arg(None, "drop pairs longer than this many tokens (default: the model's context)")
-    out: str = arg("runs/dpo", "output folder (refused if it exists, unless --resume/--overwrite)",
-                   aliases=("--output-dir",))
-    overwrite: bool = arg(False, "replace an existing output folder (after every check of the run has passed)")
-    resume: str | None = arg(None, "continue from the latest checkpoint in OUT/checkpoints, or from the "
-                                   "given checkpoint folder", nargs="?", const="latest")
+    out: str = run_arg("out", "runs/dpo")
+    overwrite: bool = run_arg("overwrite")
+    resume: str | None = run_arg("resume")
     epochs: int = arg(1, "passes over the training pairs")
-    max_steps: int | None = arg(None, "stop after this many optimizer steps")
+    max_steps: int | None = run_arg("max_steps")
     batch_size: int = arg(8, "global batch size in pairs (over all processes)")
-    grad_accum: int = arg(1, "micro-batches per optimizer step (gradient accumulation)")
+    grad_accum: int = run_arg("grad_accum")
     lr: float = arg(5e-6, "learning rate (AdamW, constant)")
     weight_decay: float = arg(0.01, "AdamW weight decay")
-    max_grad_norm: float = arg(0.0, "clip the gradient norm to this value (0: no clipping, as the book)")
+    max_grad_norm: float = run_arg("max_grad_norm")
     beta: float = arg(0.1, "DPO's β: how strongly the policy is held to the reference")
     logprob: Literal["mean", "sum"] = arg("mean", "a response's log-probability: mean over its tokens (the book) "
                                                   "or sum (the DPO paper, TRL)")
     precompute_ref: bool = arg(False, "compute the reference log-probs once before training instead of keeping a "
                                       "frozen copy of the model (less memory, fewer forward passes)")
-    mixed_precision: Literal["no", "bf16", "auto"] = precision_arg()
+    mixed_precision: Literal["no", "bf16", "auto"] = run_arg("mixed_precision")
     seed: int = arg(123, "seed for the data order")
-    eval_freq: int = arg(5, "evaluate (and log a line) every this many optimizer steps")
-    eval_iter: int = arg(5, "validation batches per evaluation")
-    save_every: int = arg(0, "also checkpoint every this many steps (0: only at the end of each epoch)")
-    keep_checkpoints: int = arg(2, "how many of the newest checkpoints to keep (0: all)")
-    sample_tokens: int = arg(35, "tokens of the greedy sample printed after each epoch")
-    max_new_tokens: int = arg(256, "longest response generated for the test split")
-    response_batch_size: int = arg(8, "prompts per batch when generating the test responses")
+    eval_freq: int = run_arg("eval_freq")
+    eval_iter: int = run_arg("eval_iter")
+    save_every: int = run_arg("save_every")
+    keep_checkpoints: int = run_arg("keep_checkpoints")
+    sample_tokens: int = run_arg("sample_tokens")
+    max_new_tokens: int = run_arg("max_new_tokens")
+    response_batch_size: int = run_arg("response_batch_size")
     lora: Literal["default", "book"] | None = lora_arg("lora")
     lora_r: int | None = lora_arg("lora_r")
     lora_alpha: float | None = lora_arg("lora_alpha")
@@ -118,15 +116,9 @@ MAY_CHANGE_ON_RESUME = {"out", "overwrite", "resume", "eval_freq", "eval_iter", 
 
 def run(args: DPOArgs) -> int:
     """set-up → fit → finish; returns the exit code (130 when stopped by Ctrl-C with a checkpoint saved)."""
-    from train.run import relaunch_multi_cpu
+    from train.run import run_training
 
-    relaunch_multi_cpu()
-    setup = set_up(args)
-    state, interrupted = fit(setup, args)
-    if interrupted:
-        return EXIT_INTERRUPTED
-    finish(setup, state, args)
-    return 0
+    return run_training(args, set_up, fit, finish)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -38,6 +38,42 @@ ARGS_FILE = "args.json"
 
 
 # ---------------------------------------------------------------------------------------------------
+# The options every training script shares
+# ---------------------------------------------------------------------------------------------------
+
+# Declared once (default, help, argparse extras): each Args class names the field and its type, and
+# passes a default only where its recipe differs from this one.
+RUN_OPTIONS: dict[str, tuple[Any, str, dict]] = {
+    "out": (None, "output folder (refused if it exists, unless --resume/--overwrite)", {"aliases": ("--output-dir",)}),
+    "overwrite": (False, "replace an existing output folder (after every check of the run has passed)", {}),
+    "resume": (None, "continue from the latest checkpoint in OUT/checkpoints, or from the given checkpoint folder",
+               {"nargs": "?", "const": "latest"}),
+    "max_steps": (None, "stop after this many optimizer steps", {}),
+    "grad_accum": (1, "micro-batches per optimizer step (gradient accumulation)", {}),
+    "max_grad_norm": (0.0, "clip the gradient norm to this value (0: no clipping, as the book)", {}),
+    "mixed_precision": ("no", "bf16 autocast: fast on CPUs with AMX or AVX512-BF16 and on GPUs, far slower than "
+                              "fp32 elsewhere; auto: bf16 where it is fast, else fp32", {}),
+    "eval_freq": (5, "evaluate (and log a line) every this many optimizer steps", {}),
+    "eval_iter": (5, "validation batches per evaluation", {}),
+    "save_every": (0, "also checkpoint every this many steps (0: only at the end of each epoch)", {}),
+    "keep_checkpoints": (2, "how many of the newest checkpoints to keep (0: all)", {}),
+    "sample_tokens": (35, "tokens of the greedy sample printed after each epoch", {}),
+    "max_new_tokens": (256, "longest response generated for the test split", {}),
+    "response_batch_size": (8, "prompts per batch when generating the test responses", {}),
+    "push_to_hub": (None, "after training, upload the model with a model card to this Hub repo (USER/NAME)", {}),
+}
+_SHARED_DEFAULT = object()
+
+
+def run_arg(name: str, default: Any = _SHARED_DEFAULT, help: str | None = None) -> Any:
+    """The ``arg(...)`` of shared option ``name``; ``default``/``help`` where a script's differ."""
+    from core.args import arg
+
+    shared_default, shared_help, extra = RUN_OPTIONS[name]
+    return arg(shared_default if default is _SHARED_DEFAULT else default, help or shared_help, **extra)
+
+
+# ---------------------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------------------
 
@@ -133,14 +169,6 @@ def fast_bf16() -> bool:
         return torch.cuda.is_bf16_supported()
     probes = (getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
     return any(probe is not None and probe() for probe in probes)
-
-
-def precision_arg() -> Any:
-    """The ``--mixed-precision`` option, the same in every training script."""
-    from core.args import arg
-
-    return arg("no", "bf16 autocast: fast on CPUs with AMX or AVX512-BF16 and on GPUs, far slower than fp32 "
-                     "elsewhere; auto: bf16 where it is fast, else fp32")
 
 
 def resolve_precision(args: Any) -> None:

@@ -57,7 +57,7 @@ from train.book_exact import (BOOK_SAMPLE_TOKENS, check_book_exact_args, fit_boo
                               set_up_book_exact)
 from train.data import IGNORE_INDEX
 from train.lora import lora_arg
-from train.run import TrainState, precision_arg
+from train.run import TrainState, run_arg
 
 logger = logging.getLogger("train.sft")
 
@@ -86,30 +86,28 @@ class SFTArgs:
     mask_prompt: bool = arg(False, "compute the loss on the response only (the book's exercise 7.2)")
     group_by_length: bool = arg(False, "batch examples of similar length together (less padding; the order "
                                        "still changes every epoch; evaluation regroups its same examples)")
-    out: str = arg("runs/sft", "output folder (refused if it exists, unless --resume/--overwrite)",
-                   aliases=("--output-dir",))
-    overwrite: bool = arg(False, "replace an existing output folder (after every check of the run has passed)")
-    resume: str | None = arg(None, "continue from the latest checkpoint in OUT/checkpoints, or from the "
-                                   "given checkpoint folder", nargs="?", const="latest")
+    out: str = run_arg("out", "runs/sft")
+    overwrite: bool = run_arg("overwrite")
+    resume: str | None = run_arg("resume")
     epochs: int = arg(2, "passes over the training split")
-    max_steps: int | None = arg(None, "stop after this many optimizer steps")
+    max_steps: int | None = run_arg("max_steps")
     batch_size: int = arg(8, "global batch size (examples per micro-batch, over all processes)")
-    grad_accum: int = arg(1, "micro-batches per optimizer step (gradient accumulation)")
+    grad_accum: int = run_arg("grad_accum")
     lr: float = arg(5e-5, "peak learning rate (AdamW)")
     weight_decay: float = arg(0.1, "AdamW weight decay")
     lr_schedule: Literal["constant", "cosine"] = arg("constant", "learning-rate schedule after warmup "
                                                                  "(the book: constant)")
     warmup_steps: int = arg(0, "linear warmup steps")
-    max_grad_norm: float = arg(0.0, "clip the gradient norm to this value (0: no clipping, as the book)")
-    mixed_precision: Literal["no", "bf16", "auto"] = precision_arg()
+    max_grad_norm: float = run_arg("max_grad_norm")
+    mixed_precision: Literal["no", "bf16", "auto"] = run_arg("mixed_precision")
     seed: int = arg(123, "seed for initialisation, data order and synthetic data")
-    eval_freq: int = arg(5, "evaluate (and log a line) every this many optimizer steps")
-    eval_iter: int = arg(5, "validation batches per evaluation")
-    save_every: int = arg(0, "also checkpoint every this many steps (0: only at the end of each epoch)")
-    keep_checkpoints: int = arg(2, "how many of the newest checkpoints to keep (0: all)")
-    sample_tokens: int = arg(35, "tokens of the greedy sample printed after each epoch")
-    max_new_tokens: int = arg(256, "longest response generated for the test split")
-    response_batch_size: int = arg(8, "prompts per batch when generating the test responses")
+    eval_freq: int = run_arg("eval_freq")
+    eval_iter: int = run_arg("eval_iter")
+    save_every: int = run_arg("save_every")
+    keep_checkpoints: int = run_arg("keep_checkpoints")
+    sample_tokens: int = run_arg("sample_tokens")
+    max_new_tokens: int = run_arg("max_new_tokens")
+    response_batch_size: int = run_arg("response_batch_size")
     lora: Literal["default", "book"] | None = lora_arg("lora")
     lora_r: int | None = lora_arg("lora_r")
     lora_alpha: float | None = lora_arg("lora_alpha")
@@ -118,7 +116,7 @@ class SFTArgs:
     lora_init: Literal["peft", "book"] | None = lora_arg("lora_init")
     base_dtype: Literal["fp32", "bf16"] = lora_arg("base_dtype")
     merge: bool = lora_arg("merge")
-    push_to_hub: str | None = arg(None, "after training, upload the model to this Hub repo (USER/NAME)")
+    push_to_hub: str | None = run_arg("push_to_hub")
     offline_demo: bool = arg(False, "the offline demo profile: a small random GPT-2 on synthetic tasks; "
                                     "options you give explicitly still win")
     book_exact: bool = arg(False, "follow the book's gpt_instruction_finetuning.py step for step (one process, fp32; "

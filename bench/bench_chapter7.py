@@ -1,0 +1,178 @@
+"""The book's whole chapter-7 run, on this machine: wall clock of full finetuning and LoRA, and the step's MFU.
+
+    python bench/bench_chapter7.py                        # full and LoRA, book order and --group-by-length
+    python bench/bench_chapter7.py --steps 20 --configs full lora
+
+The run the book's readers wait for: gpt2-medium, the book's 1100 records (935 train), batch 8, 2 epochs
+(232 optimizer steps), evaluation after steps 1, 6, 11, ... over 5 validation batches, the initial
+losses. Each configuration runs the real ``train/sft.py`` (random weights at gpt2-medium's shape: OpenAI's
+are not needed for speed) for ``--steps`` steps in its own process, and the whole run is extrapolated
+from what it measured:
+
+    training  = seconds per padded token of its steps × the padded tokens of all 232 batches (computed
+                from the sampler, so --group-by-length gets credit for every batch it shortens)
+    evaluation = seconds per evaluation (wall clock between log lines minus the steps) × 47 evaluations,
+                plus the initial losses as measured
+    start-up  = process start to the first log line (imports, model init, data)
+
+Not counted: the 35-token sample after each epoch and the test responses (`bench/bench_eval.py`).
+
+The same run also measures the machine's matrix-multiply rate at the model's shapes (fp32, and bf16
+where it is fast) and reports the model FLOP utilisation of the training steps: useful FLOPs per
+padded token are 2 (forward) + 2 (input gradients) + 2 (weight gradients, trainable weights only) times
+the parameters each token passes through; the output head only runs on target positions (train/sft.py
+projects nothing else), so it counts for target tokens alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+BOOK_DATA = REPO.parent / "shared" / "data" / "instruction-data.json"
+EPOCHS, BATCH, EVAL_FREQ, EVAL_ITER = 2, 8, 5, 5
+
+CONFIGS = {  # name: extra train/sft.py options
+    "full": [],
+    "full+group": ["--group-by-length"],
+    "lora": ["--lora", "book"],
+    "lora+group": ["--lora", "book", "--group-by-length"],
+}
+
+
+def full_run_tokens(group: bool) -> tuple[int, int, int]:
+    """(steps, padded tokens, target tokens) of the whole 2-epoch run, from the sampler and the collate."""
+    from core.records import load_records
+    from gpt2_scratch import get_tokenizer
+    from train.data import IGNORE_INDEX, EpochBatchSampler, InstructionCollator, prepare_instruction_data
+
+    data = prepare_instruction_data(load_records(str(BOOK_DATA)), get_tokenizer(), max_length=1024)
+    collate = InstructionCollator(allowed_max_length=1024)
+    sampler = EpochBatchSampler(list(data.train["length"]), BATCH, shuffle=True, group_by_length=group, seed=123)
+    steps = padded = targets = 0
+    for epoch in range(EPOCHS):
+        sampler.set_epoch(epoch)
+        for indices in sampler:
+            batch = collate([data.train[i] for i in indices])
+            steps += 1
+            padded += batch["input_ids"].numel()
+            targets += int((batch["labels"] != IGNORE_INDEX).sum())
+    return steps, padded, targets
+
+
+def run_config(name: str, steps: int, precision: str) -> dict:
+    """Run train/sft.py for ``steps`` steps; time its phases from the moments its log lines arrive."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "run"
+        cmd = [sys.executable, str(REPO / "train" / "sft.py"), "--model", "gpt2-medium", "--random-init",
+               "--data", str(BOOK_DATA), "--epochs", str(EPOCHS), "--batch-size", str(BATCH),
+               "--eval-freq", str(EVAL_FREQ), "--eval-iter", str(EVAL_ITER), "--max-steps", str(steps),
+               "--mixed-precision", precision, "--max-new-tokens", "1", "--sample-tokens", "1",
+               "--out", str(out), *CONFIGS[name]]
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                                env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+        moments: list[tuple[float, str]] = []
+        for line in proc.stdout:
+            moments.append((time.perf_counter() - start, line.rstrip()))
+        if proc.wait() != 0:
+            raise SystemExit(f"{name}: train/sft.py failed (exit {proc.returncode}); run it by hand:\n  "
+                             + " ".join(cmd))
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    first = next(t for t, line in moments if line.startswith("initial losses"))
+    header = next(t for t, line in moments if line.startswith("model "))
+    logged = [t for t, line in moments if re.match(r"epoch \d+/\d+ \| step", line)]
+    step_rows = [r for r in rows if not r.get("initial")]
+    train_seconds, previous = 0.0, 0
+    for r in step_rows:  # each row's throughput covers the steps since the row before
+        train_seconds += (r["tokens_seen"] - previous) / r["tokens_per_sec"]
+        previous = r["tokens_seen"]
+    evals = len(step_rows)
+    return {"name": name, "startup_s": header, "initial_s": first - header, "steps": step_rows[-1]["step"],
+            "tokens": step_rows[-1]["tokens_seen"], "targets": step_rows[-1]["target_tokens_seen"],
+            "train_s": train_seconds, "eval_s": max(logged[-1] - first - train_seconds, 0.0) / evals}
+
+
+def matmul_rate(dtype_name: str, rows: int, repeats: int = 5) -> float:
+    """FLOP/s of the block's four weight products on [rows, in] inputs (median of repeats)."""
+    import torch
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    shapes = [(1024, 3072), (1024, 1024), (1024, 4096), (4096, 1024)]  # c_attn, attn c_proj, c_fc, mlp c_proj
+    pairs = [(torch.randn(rows, k, dtype=dtype), torch.randn(k, n, dtype=dtype)) for k, n in shapes]
+    flops = sum(2 * rows * k * n for k, n in shapes)
+    for x, w in pairs:  # warm-up
+        x @ w
+    times = []
+    for _ in range(repeats):
+        tick = time.perf_counter()
+        for x, w in pairs:
+            x @ w
+        times.append(time.perf_counter() - tick)
+    return flops / sorted(times)[len(times) // 2]
+
+
+def useful_flops(result: dict, lora: bool) -> float:
+    """FLOPs the measured steps had to do (see the module docstring)."""
+    layers, d, vocab = 24, 1024, 50257
+    block = layers * 12 * d * d  # c_attn 3d², attn c_proj d², c_fc 4d², mlp c_proj 4d²
+    weight_grads = 0 if lora else 2
+    per_token = (4 + weight_grads) * block
+    head = (4 + weight_grads) * vocab * d  # the head is the tied embedding: trained in full finetuning
+    return per_token * result["tokens"] + head * result["targets"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=10, help="steps measured per configuration")
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--precision", default="auto", choices=["no", "bf16", "auto"],
+                        help="train/sft.py's --mixed-precision (auto: bf16 only where it is fast)")
+    args = parser.parse_args()
+
+    from bench.bench_lora import cpu_header
+    from train.run import fast_bf16, quiet_libraries
+
+    quiet_libraries()
+
+    precision = ("bf16" if fast_bf16() else "no") if args.precision == "auto" else args.precision
+    print(f"# {cpu_header()}; precision {'fp32' if precision == 'no' else precision}; {args.steps} measured steps each\n")
+    full = {group: full_run_tokens(group) for group in (False, True)}
+    results = []
+    for name in args.configs:
+        result = run_config(name, args.steps, precision)
+        steps, padded, targets = full["group" in name]
+        train = result["train_s"] / result["tokens"] * padded
+        evaluation = result["initial_s"] + result["eval_s"] * (1 + (steps - 1) // EVAL_FREQ)
+        result.update(full_steps=steps, full_padded=padded, train_min=train / 60, eval_min=evaluation / 60,
+                      total_min=(result["startup_s"] + train + evaluation) / 60,
+                      flops_per_s=useful_flops(result, name.startswith("lora")) / result["train_s"])
+        results.append(result)
+        print(f"  measured {name}: {result['steps']} steps, {result['tokens'] / result['train_s']:,.0f} tok/s",
+              flush=True)
+
+    avg_rows = BATCH * round(full[False][1] / full[False][0] / BATCH)
+    rates = {"fp32": matmul_rate("fp32", avg_rows)}
+    if precision == "bf16" or fast_bf16():
+        rates["bf16"] = matmul_rate("bf16", avg_rows)
+    rate = rates["bf16" if precision == "bf16" else "fp32"]
+    print("\n| config | padded tokens (whole run) | tok/s | training | evaluation | whole run | MFU |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for r in results:
+        print(f"| {r['name']} | {r['full_padded']:,} | {r['tokens'] / r['train_s']:,.0f} | {r['train_min']:.1f} min | "
+              f"{r['eval_min']:.1f} min | {r['total_min']:.1f} min | {r['flops_per_s'] / rate:.0%} |")
+    print("\nmatrix-multiply rate at the block's shapes, " + ", ".join(
+        f"{k}: {v / 1e9:,.0f} GFLOP/s" for k, v in rates.items()) + f" ([{avg_rows}, 1024] inputs)")
+
+
+if __name__ == "__main__":
+    main()
