@@ -36,7 +36,6 @@ if __name__ == "__main__":  # `python eval/judge.py ARGS` is `gpt2-scratch judge
     run_script("judge")
 
 import datetime as _dt
-import json
 import logging
 import math
 import os
@@ -58,7 +57,6 @@ from eval.judge_client import (
     MAX_REPLY_TOKENS,
     REQUEST_TIMEOUT,
     Cancelled,
-    JudgeError,
     JudgeInputError,
     RequestFailed,
     RetryPolicy,

@@ -56,6 +56,22 @@ def run_cli(*args: str, cwd: Path = REPO_ROOT, timeout: int = 600, input: str | 
     )
 
 
+def kill_at_checkpoint(cmd: list, marker: Path, *, cwd: Path, env: dict, timeout: float = 600) -> None:
+    """Start a training command and SIGKILL it as soon as ``marker`` (a checkpoint's last file) exists:
+    the crash a resume must survive, at a known step."""
+    import signal
+    import time
+
+    proc = subprocess.Popen([str(c) for c in cmd], cwd=cwd, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    assert marker.exists(), f"killed before {marker} was written"
+
+
 def transformers_twin(model):
     """transformers' own GPT2LMHeadModel holding the same weights as our ``model`` (the reference)."""
     from transformers import GPT2Config, GPT2LMHeadModel

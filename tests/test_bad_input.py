@@ -26,7 +26,7 @@ from typing import Callable
 
 import pytest
 import torch
-from conftest import REPO_ROOT, TINY
+from conftest import REPO_ROOT
 from safetensors.torch import load_file, save_file
 
 from core.cli import main

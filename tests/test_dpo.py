@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY
+from conftest import TINY, kill_at_checkpoint
 
 from core.cli import main as cli_main
 from train.dpo import ResponseLogProbs, dpo_loss, pair_logprobs
@@ -273,21 +273,12 @@ def test_dpo_resume_after_sigkill_matches_the_uninterrupted_run(dpo_run, tiny_sf
     """A DPO run killed after its step-10 checkpoint and resumed logs the same numbers and ends with the
     same weights as the uninterrupted run (the reference is rebuilt from --model, the running means come
     back from the checkpoint)."""
-    import signal
-    import time
-
     from safetensors.torch import load_file
 
     ref_out, _ = dpo_run
     out = tmp_path / "killed"
-    cmd = [sys.executable, "train/dpo.py", "--model", str(tiny_sft_model), *RUN, "--save-every", "10", "--out", str(out)]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    marker = out / "checkpoints" / "step-00000010" / "train_state.json"
-    deadline = time.monotonic() + 600
-    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    kill_at_checkpoint([sys.executable, "train/dpo.py", "--model", tiny_sft_model, *RUN, "--save-every", "10",
+                        "--out", out], out / "checkpoints" / "step-00000010" / "train_state.json", cwd=REPO, env=ENV)
     resumed = dpo("--model", tiny_sft_model, *RUN, "--save-every", "10", "--out", out, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     keys = ("train_loss", "val_loss", "train_reward_margin", "val_reward_accuracy")

@@ -4,16 +4,14 @@
 import copy
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import TINY, run_python
+from conftest import TINY, kill_at_checkpoint, run_python
 from safetensors.torch import load_file
 
 from core.errors import InputError
@@ -234,7 +232,7 @@ def test_lora_run_leaves_merged_model_and_adapter(lora_run):
         print(m(torch.tensor([[1, 2, 3]])).logits.shape)
     """
     assert "50257" in run_python(code, cwd=Path("/"), block_project=True, env={"PYTHONPATH": ""}).stdout
-    from train.publish import RunInfo, build_model_card, find_run_info
+    from train.publish import build_model_card, find_run_info
 
     card = str(build_model_card(out, "alice/tiny-lora", find_run_info(out)))
     assert "This is a LoRA finetune (peft; rank 16, alpha 256, i.e. scale 16" in card
@@ -253,14 +251,8 @@ def test_no_merge_keeps_only_the_adapter(tmp_path):
 def test_lora_resume_after_sigkill_ends_with_the_same_adapter(lora_run, tmp_path):
     ref_out, _ = lora_run
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "train/sft.py", *RUN, "--out", str(out)], cwd=REPO, env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    marker = out / "checkpoints" / "step-00000010" / "train_state.json"
-    deadline = time.monotonic() + 300
-    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    kill_at_checkpoint([sys.executable, "train/sft.py", *RUN, "--out", out],
+                       out / "checkpoints" / "step-00000010" / "train_state.json", cwd=REPO, env=ENV)
     assert not (out / "adapter").exists()
     resumed = sft(*RUN, "--out", out, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -6,7 +6,7 @@ import sys
 import textwrap
 
 import torch
-from conftest import BLOCK_PROJECT_IMPORTS, REPO_ROOT, TINY, run_cli, run_python
+from conftest import BLOCK_PROJECT_IMPORTS, TINY, run_cli, run_python
 
 from core.errors import InputError
 

@@ -8,15 +8,14 @@ OUT, then compared with a run killed by SIGKILL and resumed, and (slow) with a 2
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from conftest import kill_at_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -104,15 +103,8 @@ def test_training_run_leaves_a_complete_output_dir(reference_run):
 def test_resume_after_sigkill_matches_uninterrupted_run(reference_run, tmp_path):
     ref_out, _ = reference_run
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "train/sft.py", *TINY, "--output-dir", str(out)], cwd=REPO, env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    marker = out / "checkpoints" / "step-00000010" / "train_state.json"
-    deadline = time.monotonic() + 300
-    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
-    assert marker.exists()
+    kill_at_checkpoint([sys.executable, "train/sft.py", *TINY, "--output-dir", out],
+                       out / "checkpoints" / "step-00000010" / "train_state.json", cwd=REPO, env=ENV)
     assert not (out / "model.safetensors").exists()  # no final model from a killed run
 
     resumed = sft(*TINY, "--output-dir", out, "--resume")
