@@ -7,21 +7,21 @@ The run the book's readers wait for: gpt2-medium, the book's 1100 records (935 t
 (232 optimizer steps), evaluation after steps 1, 6, 11, ... over 5 validation batches, the initial
 losses. Each configuration runs the real ``train/sft.py`` (random weights at gpt2-medium's shape: OpenAI's
 are not needed for speed) for ``--steps`` steps in its own process, and the whole run is extrapolated
-from what it measured:
+from the moments its log lines arrive:
 
-    training  = seconds per padded token of its steps × the padded tokens of all 232 batches (computed
-                from the sampler, so --group-by-length gets credit for every batch it shortens)
-    evaluation = seconds per evaluation (wall clock between log lines minus the steps) × 47 evaluations,
-                plus the initial losses as measured
-    start-up  = process start to the first log line (imports, model init, data)
+    whole run = start-up (process start to the first log line: imports, model init, data)
+              + the initial losses
+              + seconds per step, evaluations included, over the measured steps × 232
 
+With the default 16 steps the measured stretch holds 4 evaluations (one per 4 steps; the whole run has
+47 in 232 steps), so the estimate leans slightly high. ``--book-exact`` is measured the same way.
 Not counted: the 35-token sample after each epoch and the test responses (`bench/bench_eval.py`).
 
 The same run also measures the machine's matrix-multiply rate at the model's shapes (fp32, and bf16
-where it is fast) and reports the model FLOP utilisation of the training steps: useful FLOPs per
-padded token are 2 (forward) + 2 (input gradients) + 2 (weight gradients, trainable weights only) times
-the parameters each token passes through; the output head only runs on target positions (train/sft.py
-projects nothing else), so it counts for target tokens alone.
+where it is fast) and reports the model FLOP utilisation of the training steps (their own time, from
+metrics.jsonl): useful FLOPs per padded token are 2 (forward) + 2 (input gradients) + 2 (weight
+gradients, trainable weights only) times the parameters each token passes through; the output head
+only runs on target positions (train/sft.py projects nothing else), so it counts for target tokens alone.
 """
 
 from __future__ import annotations
@@ -46,27 +46,19 @@ CONFIGS = {  # name: extra train/sft.py options
     "full+group": ["--group-by-length"],
     "lora": ["--lora", "book"],
     "lora+group": ["--lora", "book", "--group-by-length"],
+    "book-exact": ["--book-exact"],
 }
 
 
-def full_run_tokens(group: bool) -> tuple[int, int, int]:
-    """(steps, padded tokens, target tokens) of the whole 2-epoch run, from the sampler and the collate."""
+def full_run_steps(group: bool) -> int:
+    """Optimizer steps of the whole 2-epoch run (the sampler drops the last incomplete batch, as the book)."""
     from core.records import load_records
     from gpt2_scratch import get_tokenizer
-    from train.data import IGNORE_INDEX, EpochBatchSampler, InstructionCollator, prepare_instruction_data
+    from train.data import EpochBatchSampler, prepare_instruction_data
 
     data = prepare_instruction_data(load_records(str(BOOK_DATA)), get_tokenizer(), max_length=1024)
-    collate = InstructionCollator(allowed_max_length=1024)
     sampler = EpochBatchSampler(list(data.train["length"]), BATCH, shuffle=True, group_by_length=group, seed=123)
-    steps = padded = targets = 0
-    for epoch in range(EPOCHS):
-        sampler.set_epoch(epoch)
-        for indices in sampler:
-            batch = collate([data.train[i] for i in indices])
-            steps += 1
-            padded += batch["input_ids"].numel()
-            targets += int((batch["labels"] != IGNORE_INDEX).sum())
-    return steps, padded, targets
+    return EPOCHS * len(list(sampler))
 
 
 def run_config(name: str, steps: int, precision: str) -> dict:
@@ -76,7 +68,8 @@ def run_config(name: str, steps: int, precision: str) -> dict:
         cmd = [sys.executable, str(REPO / "train" / "sft.py"), "--model", "gpt2-medium", "--random-init",
                "--data", str(BOOK_DATA), "--epochs", str(EPOCHS), "--batch-size", str(BATCH),
                "--eval-freq", str(EVAL_FREQ), "--eval-iter", str(EVAL_ITER), "--max-steps", str(steps),
-               "--mixed-precision", precision, "--max-new-tokens", "1", "--sample-tokens", "1",
+               "--mixed-precision", "no" if name == "book-exact" else precision,  # the book trains in fp32
+               "--max-new-tokens", "1", "--sample-tokens", "1",
                "--out", str(out), *CONFIGS[name]]
         start = time.perf_counter()
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
@@ -88,18 +81,19 @@ def run_config(name: str, steps: int, precision: str) -> dict:
             raise SystemExit(f"{name}: train/sft.py failed (exit {proc.returncode}); run it by hand:\n  "
                              + " ".join(cmd))
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    first = next(t for t, line in moments if line.startswith("initial losses"))
     header = next(t for t, line in moments if line.startswith("model "))
-    logged = [t for t, line in moments if re.match(r"epoch \d+/\d+ \| step", line)]
-    step_rows = [r for r in rows if not r.get("initial")]
+    first = next(t for t, line in moments if line.startswith("initial losses"))
+    logged = [(t, int(m.group(1))) for t, line in moments if (m := re.match(r"epoch \d+/\d+ \| step\s+(\d+)/", line))]
+    last_t, n = logged[-1]
+    last_row = next(r for r in reversed(rows) if r["step"] in (n, n - 1) and not r.get("initial"))
     train_seconds, previous = 0.0, 0
-    for r in step_rows:  # each row's throughput covers the steps since the row before
-        train_seconds += (r["tokens_seen"] - previous) / r["tokens_per_sec"]
-        previous = r["tokens_seen"]
-    evals = len(step_rows)
-    return {"name": name, "startup_s": header, "initial_s": first - header, "steps": step_rows[-1]["step"],
-            "tokens": step_rows[-1]["tokens_seen"], "targets": step_rows[-1]["target_tokens_seen"],
-            "train_s": train_seconds, "eval_s": max(logged[-1] - first - train_seconds, 0.0) / evals}
+    for r in rows:  # our rows' throughput covers the steps since the row before (--book-exact's rows have none)
+        if r.get("tokens_per_sec"):
+            train_seconds += (r["tokens_seen"] - previous) / r["tokens_per_sec"]
+            previous = r["tokens_seen"]
+    return {"name": name, "startup_s": header, "initial_s": first - header, "steps": n, "loop_s": last_t - first,
+            "tokens": last_row["tokens_seen"], "targets": last_row.get("target_tokens_seen", 0),
+            "train_s": train_seconds or None}
 
 
 def matmul_rate(dtype_name: str, rows: int, repeats: int = 5) -> float:
@@ -133,7 +127,7 @@ def useful_flops(result: dict, lora: bool) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=10, help="steps measured per configuration")
+    parser.add_argument("--steps", type=int, default=16, help="steps measured per configuration")
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--precision", default="auto", choices=["no", "bf16", "auto"],
                         help="train/sft.py's --mixed-precision (auto: bf16 only where it is fast)")
@@ -146,30 +140,31 @@ def main() -> None:
 
     precision = ("bf16" if fast_bf16() else "no") if args.precision == "auto" else args.precision
     print(f"# {cpu_header()}; precision {'fp32' if precision == 'no' else precision}; {args.steps} measured steps each\n")
-    full = {group: full_run_tokens(group) for group in (False, True)}
+    full_steps = {group: full_run_steps(group) for group in (False, True)}
     results = []
     for name in args.configs:
         result = run_config(name, args.steps, precision)
-        steps, padded, targets = full["group" in name]
-        train = result["train_s"] / result["tokens"] * padded
-        evaluation = result["initial_s"] + result["eval_s"] * (1 + (steps - 1) // EVAL_FREQ)
-        result.update(full_steps=steps, full_padded=padded, train_min=train / 60, eval_min=evaluation / 60,
-                      total_min=(result["startup_s"] + train + evaluation) / 60,
-                      flops_per_s=useful_flops(result, name.startswith("lora")) / result["train_s"])
+        steps = full_steps["group" in name]
+        result.update(full_steps=steps, total_min=(result["startup_s"] + result["initial_s"]
+                                                   + result["loop_s"] / result["steps"] * steps) / 60)
         results.append(result)
-        print(f"  measured {name}: {result['steps']} steps, {result['tokens'] / result['train_s']:,.0f} tok/s",
-              flush=True)
+        print(f"  measured {name}: {result['steps']} steps in {result['loop_s']:.0f} s", flush=True)
 
-    avg_rows = BATCH * round(full[False][1] / full[False][0] / BATCH)
+    plain = next((r for r in results if r["train_s"]), None)
+    avg_rows = BATCH * round(plain["tokens"] / plain["steps"] / BATCH) if plain else 560
     rates = {"fp32": matmul_rate("fp32", avg_rows)}
     if precision == "bf16" or fast_bf16():
         rates["bf16"] = matmul_rate("bf16", avg_rows)
     rate = rates["bf16" if precision == "bf16" else "fp32"]
-    print("\n| config | padded tokens (whole run) | tok/s | training | evaluation | whole run | MFU |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("\n| config | measured | per step (evals incl.) | training tok/s | MFU | whole run (232 steps) |")
+    print("|---|---:|---:|---:|---:|---:|")
     for r in results:
-        print(f"| {r['name']} | {r['full_padded']:,} | {r['tokens'] / r['train_s']:,.0f} | {r['train_min']:.1f} min | "
-              f"{r['eval_min']:.1f} min | {r['total_min']:.1f} min | {r['flops_per_s'] / rate:.0%} |")
+        rate_cell = mfu_cell = "—"
+        if r["train_s"]:
+            rate_cell = f"{r['tokens'] / r['train_s']:,.0f}"
+            mfu_cell = f"{useful_flops(r, r['name'].startswith('lora')) / r['train_s'] / rate:.0%}"
+        print(f"| {r['name']} | {r['steps']} steps | {r['loop_s'] / r['steps']:.1f} s | {rate_cell} | {mfu_cell} | "
+              f"{r['total_min']:.1f} min |")
     print("\nmatrix-multiply rate at the block's shapes, " + ", ".join(
         f"{k}: {v / 1e9:,.0f} GFLOP/s" for k, v in rates.items()) + f" ([{avg_rows}, 1024] inputs)")
 

@@ -191,9 +191,12 @@ def fetch_hf_repo(repo_id: str, revision: str | None = None) -> Path:
     )
 
     where = f"{constants.ENDPOINT}/{repo_id}"
+    # Without a resolvable Hub host, huggingface_hub would retry each file for ~25 s, logging every
+    # attempt: look in its cache only, and say why below.
+    unreachable = not constants.HF_HUB_OFFLINE and not _endpoint_resolves(constants.ENDPOINT)
 
     def get(filename: str) -> Path:
-        return Path(hf_hub_download(repo_id, filename, revision=revision))
+        return Path(hf_hub_download(repo_id, filename, revision=revision, local_files_only=unreachable))
 
     try:
         config = get("config.json")
@@ -216,7 +219,8 @@ def fetch_hf_repo(repo_id: str, revision: str | None = None) -> Path:
         raise ConvertError(f"{where}: has no {_missing_name(e)}; only GPT-2 safetensors checkpoints are "
                            "converted") from None
     except LocalEntryNotFoundError:
-        offline = " (HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE else ""
+        offline = (" (HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE
+                   else " (its host name does not resolve: offline?)" if unreachable else "")
         raise DownloadError(f"cannot download {repo_id} from {constants.ENDPOINT} and it is not in the Hugging Face "
                             f"cache{offline}; copy its folder here and use `python -m convert hf --from-dir PATH`",
                             url=where, reason="not cached", offline=True) from None
@@ -225,6 +229,22 @@ def fetch_hf_repo(repo_id: str, revision: str | None = None) -> Path:
         raise DownloadError(f"{where}: download failed ({first}); retry, or use `python -m convert hf --from-dir PATH`",
                             url=where, reason=first) from None
     return config.parent
+
+
+def _endpoint_resolves(endpoint: str) -> bool:
+    """Whether the Hub's host name resolves here (always assumed behind a proxy, which resolves it)."""
+    import socket
+    import urllib.parse
+    import urllib.request
+
+    host = urllib.parse.urlsplit(endpoint).hostname
+    if not host or urllib.request.getproxies().get(urllib.parse.urlsplit(endpoint).scheme):
+        return True
+    try:
+        socket.getaddrinfo(host, None)
+    except (OSError, UnicodeError):
+        return False
+    return True
 
 
 def _missing_name(e: Exception) -> str:

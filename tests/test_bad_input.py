@@ -337,6 +337,7 @@ def test_a_diverging_run_stops_with_one_line_and_saves_no_model(tmp_path):
         assert all(torch.isfinite(t).all() for t in weights.values()), name
 
 
+@pytest.mark.slow  # several fresh interpreters (~10 s each here): the slow suite
 def test_ctrl_c_stops_with_a_checkpoint_and_resume_finishes_the_run(tmp_path):
     out = tmp_path / "interrupted"
     proc = sft_process(*RUN, "--max-steps", "400", "--eval-freq", "50", "--out", out)

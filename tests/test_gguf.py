@@ -290,6 +290,7 @@ def test_modelfile(tiny, exports, tmp_path):
     assert (elsewhere.parent / from_line[5:]).resolve() == gguf_path.resolve()
 
 
+@pytest.mark.slow  # several fresh interpreters (~10 s each here): the slow suite
 def test_prompt_style_sources(tmp_path):
     """config.json's prompt_style is used; --prompt-style overrides; absent = plain completion + a note."""
     model = make_model(seed=3)

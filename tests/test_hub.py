@@ -156,6 +156,7 @@ def test_no_token_is_a_one_line_error_before_any_work(hub, tmp_path):
     assert hub.log == []
 
 
+@pytest.mark.slow  # several fresh interpreters (~10 s each here): the slow suite
 def test_existing_repo_needs_exist_ok_and_login_cache_token(hub, run_dir, tmp_path):
     # Token from the login cache ($HF_HOME/token), the way `hf auth login` leaves it.
     env = hub_env(hub, tmp_path, token=False)
@@ -178,6 +179,7 @@ def test_existing_repo_needs_exist_ok_and_login_cache_token(hub, run_dir, tmp_pa
     assert front_matter(readme)["base_model"] == "openai-community/gpt2"
 
 
+@pytest.mark.slow  # several fresh interpreters (~10 s each here): the slow suite
 def test_rejected_token_and_unreachable_hub_are_one_line_errors(hub, run_dir, tmp_path):
     env = hub_env(hub, tmp_path)
     env["HF_TOKEN"] = "hf_wrong"

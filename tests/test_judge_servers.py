@@ -169,8 +169,11 @@ def test_ctrl_c_stops_the_run_and_a_rerun_resumes(tmp_path):
     out, cache = tmp_path / "scores.json", tmp_path / "scores.cache.jsonl"
     cmd = [sys.executable, JUDGE, "--quiet", "--file", str(data), "--workers", "2", "--out", str(out)]
     with OllamaStandin(models=["llama3"], delay=0.05, slow_seconds=60) as server:
+        # SIGINT back to its default in the child: a shell that starts CI in the background hands it
+        # down ignored, and Python then never raises KeyboardInterrupt.
         proc = subprocess.Popen(cmd + ["--host", server.url], cwd=tmp_path, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
+                                stderr=subprocess.PIPE, text=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         deadline = time.monotonic() + 60
         while server.count("SLOW") < 2 or server.in_flight < 2:  # both workers are stuck now
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()

@@ -5,6 +5,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 from conftest import BLOCK_PROJECT_IMPORTS, TINY, run_cli, run_python
 
@@ -119,6 +120,7 @@ def test_cli_init_and_generate(tmp_path):
     assert "prompt cropped from the left: 100 → 60 tokens" in result.stderr
 
 
+@pytest.mark.slow  # several fresh interpreters (~10 s each here): the slow suite
 def test_cli_bad_input_is_one_line(tmp_path):
     cases = [
         (["init", "--preset", "gpt2-small", "--out", str(tmp_path / "x"), "--emb-dim", "100"],
@@ -134,6 +136,7 @@ def test_cli_bad_input_is_one_line(tmp_path):
     assert result.returncode == 2 and "invalid choice: 'gpt2-huge'" in result.stderr
 
 
+@pytest.mark.slow  # several fresh interpreters (~10 s each here): the slow suite
 def test_loading_and_training_say_nothing_about_loss_type(tmp_path, tiny_model_dir):
     """config.json carries no `loss_type`, and loading it (with or without our package) and computing a
     loss prints no "`loss_type=None` was set in the config but it is unrecognized" warning."""

@@ -100,6 +100,7 @@ def test_training_run_leaves_a_complete_output_dir(reference_run):
     assert torch.equal(weights["transformer.h.1.mlp.c_fc.weight"], final_ckpt["transformer.h.1.mlp.c_fc.weight"])
 
 
+@pytest.mark.slow  # several fresh interpreters (~10 s each here): the slow suite
 def test_resume_after_sigkill_matches_uninterrupted_run(reference_run, tmp_path):
     ref_out, _ = reference_run
     out = tmp_path / "killed"
@@ -120,6 +121,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(reference_run, tmp_path)
         torch.testing.assert_close(weights[name], ref_weights[name], rtol=1e-6, atol=1e-7, msg=name)
 
 
+@pytest.mark.slow  # several fresh interpreters (~10 s each here): the slow suite
 def test_the_caching_malloc_changes_speed_not_results(reference_run, tmp_path):
     """train/sft.py re-executes itself with mimalloc preloaded (train/allocator.py); the same run on
     glibc's malloc logs the same losses and checkpoints the same weights at step 10."""
