@@ -44,7 +44,7 @@ import torch
 
 from core.files import atomic_path
 from convert.errors import ConvertError
-from convert.mapping import Dims, Rule, convert_tensors, plan_conversion
+from convert.mapping import Dims, Rule, convert_tensors, embd_shape, plan_conversion
 
 log = logging.getLogger(__name__)
 
@@ -56,28 +56,24 @@ Q8_0_BLOCK = 32  # values per q8_0 block, along a row
 # ---------------------------------------------------------------------------------------------
 # The tensor table: our name → llama.cpp's gpt2 name, with the layout change
 # ---------------------------------------------------------------------------------------------
-def _embd(d: Dims) -> tuple[int]:
-    return (d.n_embd,)
-
-
 # Shapes are ours (the source); "transpose" turns our [in, out] into GGUF's [out, in].
 GGUF_RULES: tuple[Rule, ...] = (
     Rule("transformer.wte.weight", "token_embd.weight", lambda d: (d.n_vocab, d.n_embd)),
     Rule("transformer.wpe.weight", "position_embd.weight", lambda d: (d.n_ctx, d.n_embd)),
-    Rule("transformer.h.{i}.ln_1.weight", "blk.{i}.attn_norm.weight", _embd),
-    Rule("transformer.h.{i}.ln_1.bias", "blk.{i}.attn_norm.bias", _embd),
+    Rule("transformer.h.{i}.ln_1.weight", "blk.{i}.attn_norm.weight", embd_shape),
+    Rule("transformer.h.{i}.ln_1.bias", "blk.{i}.attn_norm.bias", embd_shape),
     Rule("transformer.h.{i}.attn.c_attn.weight", "blk.{i}.attn_qkv.weight", lambda d: (d.n_embd, 3 * d.n_embd), "transpose"),
     Rule("transformer.h.{i}.attn.c_attn.bias", "blk.{i}.attn_qkv.bias", lambda d: (3 * d.n_embd,)),
     Rule("transformer.h.{i}.attn.c_proj.weight", "blk.{i}.attn_output.weight", lambda d: (d.n_embd, d.n_embd)),
-    Rule("transformer.h.{i}.attn.c_proj.bias", "blk.{i}.attn_output.bias", _embd),
-    Rule("transformer.h.{i}.ln_2.weight", "blk.{i}.ffn_norm.weight", _embd),
-    Rule("transformer.h.{i}.ln_2.bias", "blk.{i}.ffn_norm.bias", _embd),
+    Rule("transformer.h.{i}.attn.c_proj.bias", "blk.{i}.attn_output.bias", embd_shape),
+    Rule("transformer.h.{i}.ln_2.weight", "blk.{i}.ffn_norm.weight", embd_shape),
+    Rule("transformer.h.{i}.ln_2.bias", "blk.{i}.ffn_norm.bias", embd_shape),
     Rule("transformer.h.{i}.mlp.c_fc.weight", "blk.{i}.ffn_up.weight", lambda d: (d.n_embd, 4 * d.n_embd), "transpose"),
     Rule("transformer.h.{i}.mlp.c_fc.bias", "blk.{i}.ffn_up.bias", lambda d: (4 * d.n_embd,)),
     Rule("transformer.h.{i}.mlp.c_proj.weight", "blk.{i}.ffn_down.weight", lambda d: (d.n_embd, 4 * d.n_embd)),
-    Rule("transformer.h.{i}.mlp.c_proj.bias", "blk.{i}.ffn_down.bias", _embd),
-    Rule("transformer.ln_f.weight", "output_norm.weight", _embd),
-    Rule("transformer.ln_f.bias", "output_norm.bias", _embd),
+    Rule("transformer.h.{i}.mlp.c_proj.bias", "blk.{i}.ffn_down.bias", embd_shape),
+    Rule("transformer.ln_f.weight", "output_norm.weight", embd_shape),
+    Rule("transformer.ln_f.bias", "output_norm.bias", embd_shape),
 )
 # Only for a head that is not tied to the token embedding.
 UNTIED_HEAD_RULE = Rule("lm_head.weight", "output.weight", lambda d: (d.n_vocab, d.n_embd))

@@ -85,27 +85,27 @@ class Rule:
     layout: str = "same"
 
 
-def _embd(d: Dims) -> tuple[int]:
+def embd_shape(d: Dims) -> tuple[int]:
     """The shape of LayerNorm parameters and of the n_embd-wide biases."""
     return (d.n_embd,)
 
 OPENAI_RULES: tuple[Rule, ...] = (
     Rule("model/wte", "transformer.wte.weight", lambda d: (d.n_vocab, d.n_embd)),
     Rule("model/wpe", "transformer.wpe.weight", lambda d: (d.n_ctx, d.n_embd)),
-    Rule("model/h{i}/ln_1/g", "transformer.h.{i}.ln_1.weight", _embd),
-    Rule("model/h{i}/ln_1/b", "transformer.h.{i}.ln_1.bias", _embd),
+    Rule("model/h{i}/ln_1/g", "transformer.h.{i}.ln_1.weight", embd_shape),
+    Rule("model/h{i}/ln_1/b", "transformer.h.{i}.ln_1.bias", embd_shape),
     Rule("model/h{i}/attn/c_attn/w", "transformer.h.{i}.attn.c_attn.weight", lambda d: (1, d.n_embd, 3 * d.n_embd), "squeeze"),
     Rule("model/h{i}/attn/c_attn/b", "transformer.h.{i}.attn.c_attn.bias", lambda d: (3 * d.n_embd,)),
     Rule("model/h{i}/attn/c_proj/w", "transformer.h.{i}.attn.c_proj.weight", lambda d: (1, d.n_embd, d.n_embd), "conv1d"),
-    Rule("model/h{i}/attn/c_proj/b", "transformer.h.{i}.attn.c_proj.bias", _embd),
-    Rule("model/h{i}/ln_2/g", "transformer.h.{i}.ln_2.weight", _embd),
-    Rule("model/h{i}/ln_2/b", "transformer.h.{i}.ln_2.bias", _embd),
+    Rule("model/h{i}/attn/c_proj/b", "transformer.h.{i}.attn.c_proj.bias", embd_shape),
+    Rule("model/h{i}/ln_2/g", "transformer.h.{i}.ln_2.weight", embd_shape),
+    Rule("model/h{i}/ln_2/b", "transformer.h.{i}.ln_2.bias", embd_shape),
     Rule("model/h{i}/mlp/c_fc/w", "transformer.h.{i}.mlp.c_fc.weight", lambda d: (1, d.n_embd, 4 * d.n_embd), "squeeze"),
     Rule("model/h{i}/mlp/c_fc/b", "transformer.h.{i}.mlp.c_fc.bias", lambda d: (4 * d.n_embd,)),
     Rule("model/h{i}/mlp/c_proj/w", "transformer.h.{i}.mlp.c_proj.weight", lambda d: (1, 4 * d.n_embd, d.n_embd), "conv1d"),
-    Rule("model/h{i}/mlp/c_proj/b", "transformer.h.{i}.mlp.c_proj.bias", _embd),
-    Rule("model/ln_f/g", "transformer.ln_f.weight", _embd),
-    Rule("model/ln_f/b", "transformer.ln_f.bias", _embd),
+    Rule("model/h{i}/mlp/c_proj/b", "transformer.h.{i}.mlp.c_proj.bias", embd_shape),
+    Rule("model/ln_f/g", "transformer.ln_f.weight", embd_shape),
+    Rule("model/ln_f/b", "transformer.ln_f.bias", embd_shape),
 )
 
 # transformers' GPT2LMHeadModel, keys as in the Hub's openai-community/gpt2* files (no
@@ -113,20 +113,20 @@ OPENAI_RULES: tuple[Rule, ...] = (
 HF_RULES: tuple[Rule, ...] = (
     Rule("wte.weight", "transformer.wte.weight", lambda d: (d.n_vocab, d.n_embd)),
     Rule("wpe.weight", "transformer.wpe.weight", lambda d: (d.n_ctx, d.n_embd)),
-    Rule("h.{i}.ln_1.weight", "transformer.h.{i}.ln_1.weight", _embd),
-    Rule("h.{i}.ln_1.bias", "transformer.h.{i}.ln_1.bias", _embd),
+    Rule("h.{i}.ln_1.weight", "transformer.h.{i}.ln_1.weight", embd_shape),
+    Rule("h.{i}.ln_1.bias", "transformer.h.{i}.ln_1.bias", embd_shape),
     Rule("h.{i}.attn.c_attn.weight", "transformer.h.{i}.attn.c_attn.weight", lambda d: (d.n_embd, 3 * d.n_embd)),
     Rule("h.{i}.attn.c_attn.bias", "transformer.h.{i}.attn.c_attn.bias", lambda d: (3 * d.n_embd,)),
     Rule("h.{i}.attn.c_proj.weight", "transformer.h.{i}.attn.c_proj.weight", lambda d: (d.n_embd, d.n_embd), "transpose"),
-    Rule("h.{i}.attn.c_proj.bias", "transformer.h.{i}.attn.c_proj.bias", _embd),
-    Rule("h.{i}.ln_2.weight", "transformer.h.{i}.ln_2.weight", _embd),
-    Rule("h.{i}.ln_2.bias", "transformer.h.{i}.ln_2.bias", _embd),
+    Rule("h.{i}.attn.c_proj.bias", "transformer.h.{i}.attn.c_proj.bias", embd_shape),
+    Rule("h.{i}.ln_2.weight", "transformer.h.{i}.ln_2.weight", embd_shape),
+    Rule("h.{i}.ln_2.bias", "transformer.h.{i}.ln_2.bias", embd_shape),
     Rule("h.{i}.mlp.c_fc.weight", "transformer.h.{i}.mlp.c_fc.weight", lambda d: (d.n_embd, 4 * d.n_embd)),
     Rule("h.{i}.mlp.c_fc.bias", "transformer.h.{i}.mlp.c_fc.bias", lambda d: (4 * d.n_embd,)),
     Rule("h.{i}.mlp.c_proj.weight", "transformer.h.{i}.mlp.c_proj.weight", lambda d: (4 * d.n_embd, d.n_embd), "transpose"),
-    Rule("h.{i}.mlp.c_proj.bias", "transformer.h.{i}.mlp.c_proj.bias", _embd),
-    Rule("ln_f.weight", "transformer.ln_f.weight", _embd),
-    Rule("ln_f.bias", "transformer.ln_f.bias", _embd),
+    Rule("h.{i}.mlp.c_proj.bias", "transformer.h.{i}.mlp.c_proj.bias", embd_shape),
+    Rule("ln_f.weight", "transformer.ln_f.weight", embd_shape),
+    Rule("ln_f.bias", "transformer.ln_f.bias", embd_shape),
 )
 # Causal-mask buffers older transformers saved with the weights: not parameters, dropped.
 HF_IGNORED = re.compile(r"^h\.\d+\.attn\.(bias|masked_bias)$")
