@@ -52,9 +52,9 @@ CONFIGS = {  # name: extra train/sft.py options
 
 def full_run_steps(group: bool) -> int:
     """Optimizer steps of the whole 2-epoch run (the sampler drops the last incomplete batch, as the book)."""
-    from core.records import load_records
+    from gpt2_scratch.core.records import load_records
     from gpt2_scratch import get_tokenizer
-    from train.data import EpochBatchSampler, prepare_instruction_data
+    from gpt2_scratch.train.data import EpochBatchSampler, prepare_instruction_data
 
     data = prepare_instruction_data(load_records(str(BOOK_DATA)), get_tokenizer(), max_length=1024)
     sampler = EpochBatchSampler(list(data.train["length"]), BATCH, shuffle=True, group_by_length=group, seed=123)
@@ -134,7 +134,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from bench.bench_lora import cpu_header
-    from train.run import fast_bf16, quiet_libraries
+    from gpt2_scratch.train.run import fast_bf16, quiet_libraries
 
     quiet_libraries()
 

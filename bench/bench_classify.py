@@ -32,8 +32,8 @@ def run_one(preset: str, trainable: str, precision: str, steps: int, warmup: int
 
     sys.path.insert(0, str(REPO_ROOT))
     from gpt2_scratch import GPT2ScratchConfig, GPT2ScratchForSequenceClassification, get_encoding
-    from train.classify import set_trainable
-    from train.spam_data import SpamDataset, prepare_splits
+    from gpt2_scratch.train.classify import set_trainable
+    from gpt2_scratch.train.spam_data import SpamDataset, prepare_splits
 
     torch.manual_seed(123)
     splits = prepare_splits(data)

@@ -133,8 +133,8 @@ def bench_judge(args) -> list[tuple]:
     """(how, workers, records, wall s, average line) for the CLI (whole process) and score_records alone."""
     from ollama_standin import OllamaStandin
 
-    from eval.judge import score_records
-    from eval.judge_client import OllamaJudge
+    from gpt2_scratch.eval.judge import score_records
+    from gpt2_scratch.eval.judge_client import OllamaJudge
 
     records = json.loads((SHARED / "data" / "instruction-data.json").read_text())[935:935 + args.judge_records]
     records = [{**r, "model_response": r["output"]} for r in records]

@@ -38,7 +38,7 @@ sys.path.insert(0, str(REPO))
 
 if __name__ == "__main__":
     # Before torch is imported: re-run with the caching malloc our generation uses (train/allocator.py).
-    from train.allocator import use_caching_allocator_or_exit
+    from gpt2_scratch.train.allocator import use_caching_allocator_or_exit
 
     use_caching_allocator_or_exit()
 
@@ -59,7 +59,7 @@ def cpu_description() -> tuple[str, str]:
 
 
 def prompts(n: int, quick: bool) -> list[str]:
-    from core.prompts import format_input, response_header
+    from gpt2_scratch.core.prompts import format_input, response_header
 
     path = SHARED / "data" / "instruction-data.json"
     if path.is_file():
@@ -108,7 +108,7 @@ def main() -> None:
         import llama_cpp
     except ImportError:
         sys.exit("error: llama_cpp is not importable; install it with `pip install -e .[llama]`")
-    from convert.gguf import export_gguf
+    from gpt2_scratch.convert.gguf import export_gguf
     from gpt2_scratch import GPT2ScratchConfig, GPT2ScratchForCausalLM, get_encoding, save_model_dir
 
     torch.set_num_threads(args.threads)
@@ -153,7 +153,7 @@ def main() -> None:
     name, flags = cpu_description()
     base = statistics.median(speeds["ours"])
     shape = "tiny (2 layers, emb 64)" if args.quick else "gpt2-small shape (124M, random weights)"
-    from train.allocator import loaded_allocator
+    from gpt2_scratch.train.allocator import loaded_allocator
 
     print(f"\n{shape}; greedy, batch 1, {len(token_lists)} prompts of {min(map(len, token_lists))}-"
           f"{max(map(len, token_lists))} tokens + {args.new_tokens} new tokens each, {args.rounds} rounds; "

@@ -64,9 +64,9 @@ def cpu_header() -> str:
 
 
 def sft_batches(n: int) -> list[dict]:
-    from core.records import load_records
+    from gpt2_scratch.core.records import load_records
     from gpt2_scratch import get_tokenizer
-    from train.data import EpochBatchSampler, InstructionCollator, prepare_instruction_data
+    from gpt2_scratch.train.data import EpochBatchSampler, InstructionCollator, prepare_instruction_data
 
     data = prepare_instruction_data(load_records(str(DATA / "instruction-data.json")), get_tokenizer(), max_length=1024)
     ds = data.train.select_columns(["input_ids", "prompt_length"])
@@ -77,8 +77,8 @@ def sft_batches(n: int) -> list[dict]:
 
 def dpo_batches(n: int) -> list[dict]:
     from gpt2_scratch import get_tokenizer
-    from train.data import EpochBatchSampler
-    from train.preference_data import PreferenceCollator, load_preference_records, prepare_preference_data
+    from gpt2_scratch.train.data import EpochBatchSampler
+    from gpt2_scratch.train.preference_data import PreferenceCollator, load_preference_records, prepare_preference_data
 
     records = load_preference_records(str(DATA / "instruction-data-with-preference.json"))
     data = prepare_preference_data(records, get_tokenizer(), max_length=1024)
@@ -97,7 +97,7 @@ LORA = {"lora": dict(lora="default"), "lora-book": dict(lora="book"),
 
 
 def lora_settings(impl: str, precision: str):
-    from train import lora
+    from gpt2_scratch.train import lora
 
     options = dict(lora=None, lora_r=None, lora_alpha=None, lora_dropout=None, lora_targets=None, lora_init=None,
                    base_dtype="fp32", merge=True, mixed_precision=precision, push_to_hub=None)
@@ -113,7 +113,7 @@ class Trainer:
         from accelerate import Accelerator
 
         from gpt2_scratch import GPT2ScratchConfig, GPT2ScratchForCausalLM
-        from train import lora
+        from gpt2_scratch.train import lora
 
         self.impl, self.steps_done, self.tokens, self.seconds = impl, 0, 0, 0.0
         torch.manual_seed(123)
@@ -124,7 +124,7 @@ class Trainer:
         self.batches = dpo_batches(steps + 1) if is_dpo else sft_batches(steps + 1)
 
         if not is_dpo:
-            from train.sft import token_loss_sum
+            from gpt2_scratch.train.sft import token_loss_sum
 
             model = lora.wrap(model, settings).train()
             self.trainable, self.total = lora.parameter_counts(model)
@@ -143,7 +143,7 @@ class Trainer:
         else:
             import copy
 
-            from train.dpo import Reference, ResponseLogProbs, batch_sums
+            from gpt2_scratch.train.dpo import Reference, ResponseLogProbs, batch_sums
 
             args = SimpleNamespace(logprob="mean", beta=0.1)
             precomputed = impl.endswith("precomputed")
@@ -228,7 +228,7 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.child:
-        from core.allocator import use_caching_allocator
+        from gpt2_scratch.core.allocator import use_caching_allocator
 
         use_caching_allocator()  # as the training scripts do
         kind, impls, shape, precision = args.child.split(":")

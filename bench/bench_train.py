@@ -132,8 +132,8 @@ EVAL_FREQ = EVAL_ITER = 5  # the book's settings, also train/sft.py's defaults
 def load_batches(steps: int, group: bool) -> tuple[list[dict], list[dict]]:
     """`steps` training batches (this sampler's order) and EVAL_ITER batches of the validation split."""
     from gpt2_scratch import get_tokenizer
-    from core.records import load_records
-    from train.data import EpochBatchSampler, InstructionCollator, evaluation_sampler, prepare_instruction_data
+    from gpt2_scratch.core.records import load_records
+    from gpt2_scratch.train.data import EpochBatchSampler, InstructionCollator, evaluation_sampler, prepare_instruction_data
 
     data = prepare_instruction_data(load_records(str(BOOK_DATA)), get_tokenizer(), max_length=1024)
     collate = InstructionCollator(allowed_max_length=1024)
@@ -187,7 +187,7 @@ class Trainer:
         else:
             from accelerate import Accelerator
 
-            from train.sft import token_loss_sum
+            from gpt2_scratch.train.sft import token_loss_sum
 
             if shared_lm is not None:  # ours and ours+group differ only in their batches
                 lm = shared_lm
@@ -268,7 +268,7 @@ def run_throughput(impls: list[str], shape: str, precision: str, rounds: int, st
     for impl in impls:
         shared = next((t.lm for t in trainers if {t.impl, impl} == {"ours", "ours+group"}), None)
         trainers.append(Trainer(impl, shape, precision, rounds * steps_per_round, shared_lm=shared))
-    from core.allocator import loaded_allocator
+    from gpt2_scratch.core.allocator import loaded_allocator
 
     malloc = loaded_allocator()
     for _ in range(rounds):
@@ -320,7 +320,7 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.child:
-        from core.allocator import use_caching_allocator
+        from gpt2_scratch.core.allocator import use_caching_allocator
 
         use_caching_allocator()  # as train/sft.py does: re-exec with GPT2_SCRATCH_ALLOCATOR's malloc
         kind, impls, shape, precision = args.child.split(":")

@@ -30,10 +30,10 @@ from pathlib import Path
 
 import torch
 
-from core.files import atomic_path
-from convert.errors import ConvertError
-from convert.hf import N_HEAD_OF_WIDTH, SafetensorsReader, _weight_files
-from convert.mapping import Dims, Rule, convert_tensors, plan_conversion
+from gpt2_scratch.core.files import atomic_path
+from gpt2_scratch.convert.errors import ConvertError
+from gpt2_scratch.convert.hf import N_HEAD_OF_WIDTH, SafetensorsReader, _weight_files
+from gpt2_scratch.convert.mapping import Dims, Rule, convert_tensors, plan_conversion
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +158,7 @@ def infer_dims(shapes: dict[str, tuple[int, ...]], source: str, n_heads: int | N
     """Vocabulary, width, context and layers from the tensors; heads from `n_heads` or the width."""
     if "tok_emb.weight" not in shapes or "pos_emb.weight" not in shapes:
         found = ", ".join(sorted(shapes)[:3])
-        hint = ("; this looks like a Hugging Face GPT-2 state dict: use `python -m convert hf`"
+        hint = ("; this looks like a Hugging Face GPT-2 state dict: use `gpt2-scratch convert hf`"
                 if any(n.startswith(("transformer.", "wte.", "h.0.")) for n in shapes) else "")
         raise ConvertError(f"{source}: no 'tok_emb.weight'/'pos_emb.weight' tensors (found {found}, ...); not a "
                            f"state dict of the book's GPTModel{hint}")
@@ -213,7 +213,7 @@ def load_book_checkpoint(path: str | os.PathLike, *, n_heads: int | None = None,
     `n_heads` is needed only when the width is not one of GPT-2's released ones. `labels` names a
     classifier's classes (default: chapter 6's ham/spam for two classes, LABEL_i otherwise).
     """
-    from convert.build import classifier_from_state, model_from_state
+    from gpt2_scratch.convert.build import classifier_from_state, model_from_state
 
     state, source = read_book_state(path)
     shapes = {name: tuple(t.shape) for name, t in state.items()}
@@ -352,7 +352,7 @@ def export_book(model_dir: str | os.PathLike, out_pth: str | os.PathLike, *, ove
         raise ConvertError(f"{model_dir}/config.json: not a gpt2-scratch config ({_first_line(e)})") from None
     if config is None:
         raise ConvertError(f"{model_dir}/config.json: model_type {model_type!r} is not gpt2-scratch; convert the folder "
-                           "to ours first (python -m convert hf --from-dir ...)")
+                           "to ours first (gpt2-scratch convert hf --from-dir ...)")
     if out_pth.exists() and not overwrite:
         raise ConvertError(f"{out_pth}: already exists; choose another --out or pass --overwrite")
     if out_pth.is_dir():

@@ -16,8 +16,8 @@ import logging
 
 import torch
 
-from convert.errors import ConvertError
-from convert.mapping import TIED, Dims
+from gpt2_scratch.convert.errors import ConvertError
+from gpt2_scratch.convert.mapping import TIED, Dims
 
 log = logging.getLogger(__name__)
 

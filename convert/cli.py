@@ -1,13 +1,13 @@
 """The ``convert`` commands: GPT-2 weights in (OpenAI's TF checkpoint, Hugging Face) and out (Hugging Face).
 
-    python -m convert openai --size 355M --out models/gpt2-medium [--models-dir CACHE]
-    python -m convert openai --from-dir FILES --out DIR
-    python -m convert hf --repo openai-community/gpt2-medium --out DIR
-    python -m convert hf --from-dir PATH --out DIR          # folder or .safetensors file
-    python -m convert export-hf --model DIR --out HF_DIR    # standard GPT2LMHeadModel folder
-    python -m convert book --pth FILE.pth --out DIR [--n-heads N]   # the book's GPTModel state dict
-    python -m convert export-book --model DIR --out FILE.pth        # … and back, printing its cfg
-    python -m convert gguf --model DIR --out FILE.gguf [--dtype f16]   # llama.cpp/Ollama + FILE.Modelfile
+    gpt2-scratch convert openai --size 355M --out models/gpt2-medium [--models-dir CACHE]
+    gpt2-scratch convert openai --from-dir FILES --out DIR
+    gpt2-scratch convert hf --repo openai-community/gpt2-medium --out DIR
+    gpt2-scratch convert hf --from-dir PATH --out DIR          # folder or .safetensors file
+    gpt2-scratch convert export-hf --model DIR --out HF_DIR    # standard GPT2LMHeadModel folder
+    gpt2-scratch convert book --pth FILE.pth --out DIR [--n-heads N]   # the book's GPTModel state dict
+    gpt2-scratch convert export-book --model DIR --out FILE.pth        # … and back, printing its cfg
+    gpt2-scratch convert gguf --model DIR --out FILE.gguf [--dtype f16]   # llama.cpp/Ollama + FILE.Modelfile
 
 (``gpt2-scratch convert ...`` is the same.) Every output is a complete folder or nothing (written to a
 temporary name, then renamed); the output is checked before the slow part starts.
@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from core.args import arg
-from core.errors import InputError
-from core.files import check_output_dir, check_output_file
+from gpt2_scratch.core.args import arg
+from gpt2_scratch.core.errors import InputError
+from gpt2_scratch.core.files import check_output_dir, check_output_file
 
 OVERWRITE_HELP = "replace an existing --out folder"
 
@@ -61,7 +61,7 @@ class OpenAIArgs:
 
 
 def run_openai(args: OpenAIArgs) -> None:
-    from convert.openai import download_openai, load_openai_checkpoint, openai_tokenizer
+    from gpt2_scratch.convert.openai import download_openai, load_openai_checkpoint, openai_tokenizer
 
     if (args.size is None) == (args.from_dir is None):
         raise InputError("give exactly one of --size (download) and --from-dir (files you have)")
@@ -86,7 +86,7 @@ class HFArgs:
 
 
 def run_hf(args: HFArgs) -> None:
-    from convert.hf import fetch_hf_repo, load_hf_checkpoint
+    from gpt2_scratch.convert.hf import fetch_hf_repo, load_hf_checkpoint
     from gpt2_scratch import get_tokenizer
 
     if (args.repo is None) == (args.from_dir is None):
@@ -108,7 +108,7 @@ class ExportHFArgs:
 
 
 def run_export_hf(args: ExportHFArgs) -> None:
-    from convert.hf import export_hf
+    from gpt2_scratch.convert.hf import export_hf
 
     started = time.perf_counter()
     _check_out(args.out, args.overwrite, inputs=[("--model", args.model)])
@@ -131,7 +131,7 @@ class BookArgs:
 
 
 def run_book(args: BookArgs) -> None:
-    from convert.book import load_book_checkpoint
+    from gpt2_scratch.convert.book import load_book_checkpoint
 
     started = time.perf_counter()
     out = _check_out(args.out, args.overwrite, inputs=[("--pth", args.pth)])
@@ -156,7 +156,7 @@ class ExportBookArgs:
 
 
 def run_export_book(args: ExportBookArgs) -> None:
-    from convert.book import export_book
+    from gpt2_scratch.convert.book import export_book
     from gpt2_scratch.model_dir import is_classifier_config, read_config
 
     started = time.perf_counter()
@@ -186,7 +186,7 @@ class GGUFArgs:
 
 
 def run_gguf(args: GGUFArgs) -> None:
-    from convert.gguf import export_gguf
+    from gpt2_scratch.convert.gguf import export_gguf
 
     started = time.perf_counter()
     modelfile = args.modelfile or str(Path(args.out).with_suffix(".Modelfile"))

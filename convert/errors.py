@@ -7,7 +7,7 @@ block) and what to do. A download that fails is `core.download.DownloadError`, a
 
 from __future__ import annotations
 
-from core.errors import InputError
+from gpt2_scratch.core.errors import InputError
 
 
 class ConvertError(InputError):

@@ -1,6 +1,6 @@
 """Our model folder → one GGUF file for llama.cpp / Ollama, plus an Ollama Modelfile beside it.
 
-    python -m convert gguf --model DIR --out FILE.gguf [--dtype f32|f16|bf16|q8_0] [--prompt-style alpaca|phi3]
+    gpt2-scratch convert gguf --model DIR --out FILE.gguf [--dtype f32|f16|bf16|q8_0] [--prompt-style alpaca|phi3]
 
 The file uses llama.cpp's own "gpt2" architecture, so llama.cpp, Ollama, llama-cpp-python and
 transformers' GGUF reader run it with no code of ours:
@@ -42,9 +42,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from core.files import atomic_path
-from convert.errors import ConvertError
-from convert.mapping import Dims, Rule, convert_tensors, embd_shape, plan_conversion
+from gpt2_scratch.core.files import atomic_path
+from gpt2_scratch.convert.errors import ConvertError
+from gpt2_scratch.convert.mapping import Dims, Rule, convert_tensors, embd_shape, plan_conversion
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ UNTIED_HEAD_RULE = Rule("lm_head.weight", "output.weight", lambda d: (d.n_vocab,
 
 
 # ---------------------------------------------------------------------------------------------
-# Prompt templates, derived from core.prompts so they cannot drift from training
+# Prompt templates, derived from gpt2_scratch.core.prompts so they cannot drift from training
 # ---------------------------------------------------------------------------------------------
 _INSTRUCTION, _INPUT = "\x00INSTRUCTION\x00", "\x00INPUT\x00"
 
@@ -91,7 +91,7 @@ def prompt_parts(style: str) -> tuple[str, str, str]:
     Found by formatting placeholder records with the training code's own `format_input`, so the
     templates below reproduce it by construction; the tests render them and compare with it.
     """
-    from core.prompts import format_input, response_header
+    from gpt2_scratch.core.prompts import format_input, response_header
 
     plain = format_input({"instruction": _INSTRUCTION}, style)
     with_input = format_input({"instruction": _INSTRUCTION, "input": _INPUT}, style)
@@ -164,7 +164,7 @@ def modelfile_text(gguf_path: Path, modelfile_path: Path, *, style: str | None, 
                  "# Temperature 0 and repeat_penalty 1 give greedy decoding, as gpt2-scratch's generate does;",
                  "# an answer stops at <|endoftext|> or after 256 tokens (the book's limit for its test responses)."]
     lines = [
-        f"# Written by `python -m convert gguf` from {source}.",
+        f"# Written by `gpt2-scratch convert gguf` from {source}.",
         f"# ollama create NAME -f {modelfile_path.name}",
         *usage,
         f"FROM {from_path}",
@@ -189,7 +189,7 @@ def _read_config(model_dir: Path) -> dict:
     config = read_config(model_dir)
     if config.get("model_type") != "gpt2-scratch":
         kind = config.get("model_type")
-        hint = (" (a transformers GPT-2: convert it first with `python -m convert hf --from-dir DIR --out OURS`)"
+        hint = (" (a transformers GPT-2: convert it first with `gpt2-scratch convert hf --from-dir DIR --out OURS`)"
                 if kind == "gpt2" else "")
         raise ConvertError(f"{model_dir}: model_type {kind!r} is not a gpt2-scratch model{hint}")
     if is_classifier_config(config):
@@ -206,7 +206,7 @@ def resolve_prompt_style(model_dir: str | os.PathLike, override: str | None = No
     ``prompt_style`` of args.json beside it (an SFT run's output folder from before config.json
     recorded it); else unknown.
     """
-    from core.prompts import PROMPT_STYLES
+    from gpt2_scratch.core.prompts import PROMPT_STYLES
 
     model_dir = Path(model_dir)
     candidates = [(override, "--prompt-style")]

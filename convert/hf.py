@@ -21,11 +21,11 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from convert.build import model_from_state
-from convert.errors import ConvertError
-from convert.mapping import HF_IGNORED, HF_RULES, HF_TIED_HEAD, Dims, convert_tensors, plan_conversion, strip_hf_prefix
-from core.download import DownloadError
-from core.files import write_dir_atomically
+from gpt2_scratch.convert.build import model_from_state
+from gpt2_scratch.convert.errors import ConvertError
+from gpt2_scratch.convert.mapping import HF_IGNORED, HF_RULES, HF_TIED_HEAD, Dims, convert_tensors, plan_conversion, strip_hf_prefix
+from gpt2_scratch.core.download import DownloadError
+from gpt2_scratch.core.files import write_dir_atomically
 
 log = logging.getLogger(__name__)
 
@@ -222,11 +222,11 @@ def fetch_hf_repo(repo_id: str, revision: str | None = None) -> Path:
         offline = (" (HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE
                    else " (its host name does not resolve: offline?)" if unreachable else "")
         raise DownloadError(f"cannot download {repo_id} from {constants.ENDPOINT} and it is not in the Hugging Face "
-                            f"cache{offline}; copy its folder here and use `python -m convert hf --from-dir PATH`",
+                            f"cache{offline}; copy its folder here and use `gpt2-scratch convert hf --from-dir PATH`",
                             url=where, reason="not cached", offline=True) from None
     except (HfHubHTTPError, OSError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DownloadError(f"{where}: download failed ({first}); retry, or use `python -m convert hf --from-dir PATH`",
+        raise DownloadError(f"{where}: download failed ({first}); retry, or use `gpt2-scratch convert hf --from-dir PATH`",
                             url=where, reason=first) from None
     return config.parent
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from convert.errors import ConvertError
+from gpt2_scratch.convert.errors import ConvertError
 
 # ---------------------------------------------------------------------------------------------
 # The model's dimensions, as both sources and our config name them

@@ -17,18 +17,18 @@ from pathlib import Path
 
 import torch
 
-from core.download import download_file
-from core.files import cache_root
-from core.retry import RetryPolicy
+from gpt2_scratch.core.download import download_file
+from gpt2_scratch.core.files import cache_root
+from gpt2_scratch.core.retry import RetryPolicy
 from gpt2_scratch.tokenizer import ENCODER_JSON_SHA256, VOCAB_BPE_SHA256
-from convert.build import model_from_state
-from convert.errors import ConvertError
-from convert.mapping import OPENAI_RULES, Dims, convert_tensors, plan_conversion
-from convert.tf_bundle import TensorBundle, checkpoint_prefix
+from gpt2_scratch.convert.build import model_from_state
+from gpt2_scratch.convert.errors import ConvertError
+from gpt2_scratch.convert.mapping import OPENAI_RULES, Dims, convert_tensors, plan_conversion
+from gpt2_scratch.convert.tf_bundle import TensorBundle, checkpoint_prefix
 
 log = logging.getLogger(__name__)
 
-# What `python -m convert openai --size` downloads (the release's seven files) and the subset
+# What `gpt2-scratch convert openai --size` downloads (the release's seven files) and the subset
 # a conversion needs.
 OPENAI_FILES = ("checkpoint", "encoder.json", "hparams.json", "model.ckpt.data-00000-of-00001",
                 "model.ckpt.index", "model.ckpt.meta", "vocab.bpe")

@@ -21,8 +21,8 @@ import logging
 import os
 from pathlib import Path
 
-from core.download import DownloadError, is_hub_id
-from convert.errors import ConvertError
+from gpt2_scratch.core.download import DownloadError, is_hub_id
+from gpt2_scratch.convert.errors import ConvertError
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +52,10 @@ def load_model(spec: str, *, random_init: bool = False, models_dir: str | os.Pat
                 return GPT2ScratchForCausalLM(config).eval()
             return load_model_dir(path, head="causal-lm", flag=flag)
         if path.is_dir() and any(path.glob("*.index")):
-            from convert.openai import load_openai_checkpoint
+            from gpt2_scratch.convert.openai import load_openai_checkpoint
 
             return load_openai_checkpoint(path)
-        from convert.hf import load_hf_checkpoint
+        from gpt2_scratch.convert.hf import load_hf_checkpoint
 
         return load_hf_checkpoint(path)
 
@@ -63,7 +63,7 @@ def load_model(spec: str, *, random_init: bool = False, models_dir: str | os.Pat
     if preset is not None:
         if random_init:
             return GPT2ScratchForCausalLM(GPT2ScratchConfig.from_preset(preset)).eval()
-        from convert.openai import OPENAI_REQUIRED, default_models_dir, download_openai, load_openai_checkpoint
+        from gpt2_scratch.convert.openai import OPENAI_REQUIRED, default_models_dir, download_openai, load_openai_checkpoint
 
         size = OPENAI_SIZE_OF_PRESET[preset]
         root = Path(models_dir) if models_dir is not None else default_models_dir()
@@ -73,12 +73,12 @@ def load_model(spec: str, *, random_init: bool = False, models_dir: str | os.Pat
         except DownloadError as e:
             raise DownloadError(f"cannot get OpenAI's {preset} weights into {root / size}: {e.url} failed "
                                 f"({e.reason}); pass --random-init for an untrained {preset}, or {flag} DIR with "
-                                "a converted model (`python -m convert openai --from-dir FILES --out DIR`)",
+                                "a converted model (`gpt2-scratch convert openai --from-dir FILES --out DIR`)",
                                 url=e.url, reason=e.reason, offline=e.offline) from None
         return load_openai_checkpoint(folder)
 
     if is_hub_id(spec) and not spec.startswith((".", "/", "~")):
-        from convert.hf import fetch_hf_repo, load_hf_checkpoint
+        from gpt2_scratch.convert.hf import fetch_hf_repo, load_hf_checkpoint
 
         try:
             return load_hf_checkpoint(fetch_hf_repo(spec))

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from convert.errors import BundleError
+from gpt2_scratch.convert.errors import BundleError
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ import os
 import sys
 from pathlib import Path
 
-from core.errors import InputError
+from gpt2_scratch.core.errors import InputError
 
 ENV_VAR = "GPT2_SCRATCH_ALLOCATOR"
 CHOICES = ("auto", "mimalloc", "tcmalloc", "system")

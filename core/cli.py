@@ -24,7 +24,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from core.errors import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_INTERRUPTED, Failure, InputError, describe_os_error, one_line
+from gpt2_scratch.core.errors import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_INTERRUPTED, Failure, InputError, describe_os_error, one_line
 
 
 @dataclass(frozen=True)
@@ -48,28 +48,28 @@ COMMANDS: dict[str, Command | dict[str, Command]] = {
     "predict": Command("gpt2_scratch.commands", "PredictArgs", "run_predict",
                        "label texts with a finetuned classifier (e.g. spam / ham)"),
     "convert": {
-        "openai": Command("convert.cli", "OpenAIArgs", "run_openai", "OpenAI's released TF checkpoint → our model folder"),
-        "hf": Command("convert.cli", "HFArgs", "run_hf", "Hugging Face GPT2LMHeadModel (Hub repo or local) → our model folder"),
-        "export-hf": Command("convert.cli", "ExportHFArgs", "run_export_hf",
+        "openai": Command("gpt2_scratch.convert.cli", "OpenAIArgs", "run_openai", "OpenAI's released TF checkpoint → our model folder"),
+        "hf": Command("gpt2_scratch.convert.cli", "HFArgs", "run_hf", "Hugging Face GPT2LMHeadModel (Hub repo or local) → our model folder"),
+        "export-hf": Command("gpt2_scratch.convert.cli", "ExportHFArgs", "run_export_hf",
                              "our model folder → a standard transformers GPT2LMHeadModel folder"),
-        "book": Command("convert.cli", "BookArgs", "run_book",
+        "book": Command("gpt2_scratch.convert.cli", "BookArgs", "run_book",
                         "the book's GPTModel .pth (chapters 5-7) → our model folder"),
-        "export-book": Command("convert.cli", "ExportBookArgs", "run_export_book",
+        "export-book": Command("gpt2_scratch.convert.cli", "ExportBookArgs", "run_export_book",
                                "our model folder → a .pth the book's GPTModel loads (prints its cfg)"),
-        "gguf": Command("convert.cli", "GGUFArgs", "run_gguf",
+        "gguf": Command("gpt2_scratch.convert.cli", "GGUFArgs", "run_gguf",
                         "our model folder → a GGUF file for llama.cpp and Ollama, with a Modelfile"),
     },
-    "sft": Command("train.sft", "SFTArgs", "run", "instruction-finetune a GPT-2 (the book's chapter 7)",
+    "sft": Command("gpt2_scratch.train.sft", "SFTArgs", "run", "instruction-finetune a GPT-2 (the book's chapter 7)",
                    caching_allocator=True),
-    "dpo": Command("train.dpo", "DPOArgs", "run", "preference-tune an instruction model with DPO (the book's bonus: "
+    "dpo": Command("gpt2_scratch.train.dpo", "DPOArgs", "run", "preference-tune an instruction model with DPO (the book's bonus: "
                    "polite over impolite answers)", caching_allocator=True),
-    "classify": Command("train.classify", "ClassifyArgs", "run", "finetune a GPT-2 text classifier (chapter 6: spam)",
+    "classify": Command("gpt2_scratch.train.classify", "ClassifyArgs", "run", "finetune a GPT-2 text classifier (chapter 6: spam)",
                         caching_allocator=True),
-    "push": Command("train.publish", "PushArgs", "run_push",
+    "push": Command("gpt2_scratch.train.publish", "PushArgs", "run_push",
                     "upload a model folder with a generated model card to the Hugging Face Hub"),
-    "respond": Command("eval.generate", "RespondArgs", "run", "add a model's responses to instruction records",
+    "respond": Command("gpt2_scratch.eval.generate", "RespondArgs", "run", "add a model's responses to instruction records",
                        caching_allocator=True),
-    "judge": Command("eval.judge", "JudgeArgs", "run", "score responses 0-100 with an LLM judge (Ollama or "
+    "judge": Command("gpt2_scratch.eval.judge", "JudgeArgs", "run", "score responses 0-100 with an LLM judge (Ollama or "
                      "an OpenAI-compatible server)"),
 }
 # `python -m gpt2_scratch classify --model DIR --text ...` predicted labels before `predict` existed.
@@ -129,12 +129,12 @@ def execute(command: Command, argv: Sequence[str], *, prog: str, entry_point: bo
     a caching malloc preloaded (before torch is imported); called from Python it never re-executes.
     """
     if entry_point and command.caching_allocator:
-        from core.allocator import use_caching_allocator
+        from gpt2_scratch.core.allocator import use_caching_allocator
 
         code = run_command(use_caching_allocator)  # re-executes the process, or returns
         if code:
             return code
-    from core.args import parse_dataclass_args
+    from gpt2_scratch.core.args import parse_dataclass_args
 
     module = importlib.import_module(command.module)
     try:

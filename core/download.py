@@ -31,9 +31,9 @@ from urllib.parse import unquote, urlparse
 import requests
 from tqdm.auto import tqdm
 
-from core.errors import Failure
-from core.files import cache_root
-from core.retry import RetryPolicy
+from gpt2_scratch.core.errors import Failure
+from gpt2_scratch.core.files import cache_root
+from gpt2_scratch.core.retry import RetryPolicy
 
 log = logging.getLogger(__name__)
 

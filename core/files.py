@@ -30,7 +30,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from core.errors import InputError
+from gpt2_scratch.core.errors import InputError
 
 log = logging.getLogger(__name__)
 

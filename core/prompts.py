@@ -8,7 +8,7 @@ Plain text, no torch: training, generation, the judge and the GGUF export's chat
 these functions, so what a model is trained on is exactly what it is asked at every other step.
 """
 
-from core.errors import InputError
+from gpt2_scratch.core.errors import InputError
 
 PROMPT_STYLES = ("alpaca", "phi3")
 

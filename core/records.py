@@ -27,8 +27,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from core.download import fetch_to_cache, is_hub_id, is_url
-from core.errors import InputError
+from gpt2_scratch.core.download import fetch_to_cache, is_hub_id, is_url
+from gpt2_scratch.core.errors import InputError
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ import os
 import random
 from dataclasses import dataclass
 
-from core.errors import InputError
+from gpt2_scratch.core.errors import InputError
 
 
 def _env_number(name: str, default: float) -> float:

@@ -18,7 +18,7 @@ of those regenerates. ``OUT`` itself is written atomically at the end, then the 
 from __future__ import annotations
 
 if __name__ == "__main__":  # `python eval/generate.py ARGS` is `gpt2-scratch respond ARGS`
-    from core.cli import run_script
+    from gpt2_scratch.core.cli import run_script
 
     run_script("respond")
 
@@ -31,10 +31,10 @@ from typing import Literal
 
 from tqdm.auto import tqdm
 
-from core.args import arg
-from core.errors import EXIT_INTERRUPTED, InputError
-from core.files import JsonlFile, check_output_file, content_key, write_json_atomic
-from core.records import load_records, record_input, select_split
+from gpt2_scratch.core.args import arg
+from gpt2_scratch.core.errors import EXIT_INTERRUPTED, InputError
+from gpt2_scratch.core.files import JsonlFile, check_output_file, content_key, write_json_atomic
+from gpt2_scratch.core.records import load_records, record_input, select_split
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ def generate_file(model, tokenizer, records: list[dict], out: Path, *, fingerpri
 
 
 def run(args: RespondArgs) -> int:
-    from convert.resolve import load_model, load_tokenizer
+    from gpt2_scratch.convert.resolve import load_model, load_tokenizer
 
     for name in ("batch_size", "max_new_tokens", "save_every"):
         if getattr(args, name) < 1:

@@ -31,7 +31,7 @@ the other one.
 from __future__ import annotations
 
 if __name__ == "__main__":  # `python eval/judge.py ARGS` is `gpt2-scratch judge ARGS`
-    from core.cli import run_script
+    from gpt2_scratch.core.cli import run_script
 
     run_script("judge")
 
@@ -48,12 +48,12 @@ from typing import Callable, Literal
 
 from tqdm.auto import tqdm
 
-from core.args import arg
-from core.errors import EXIT_INTERRUPTED, Failure, InputError
-from core.files import check_output_file, write_json_atomic, write_text_atomic
-from core.records import load_records, record_input
-from eval.judge_cache import JudgeCache, cache_key
-from eval.judge_client import (
+from gpt2_scratch.core.args import arg
+from gpt2_scratch.core.errors import EXIT_INTERRUPTED, Failure, InputError
+from gpt2_scratch.core.files import check_output_file, write_json_atomic, write_text_atomic
+from gpt2_scratch.core.records import load_records, record_input
+from gpt2_scratch.eval.judge_cache import JudgeCache, cache_key
+from gpt2_scratch.eval.judge_client import (
     MAX_REPLY_TOKENS,
     REQUEST_TIMEOUT,
     Cancelled,
@@ -62,7 +62,7 @@ from eval.judge_client import (
     RetryPolicy,
     make_judge,
 )
-from eval.judge_prompts import (
+from gpt2_scratch.eval.judge_prompts import (
     PROMPT_VERSION,
     SCORE_SCHEMA,
     VERDICT_SCHEMA,
@@ -73,7 +73,7 @@ from eval.judge_prompts import (
     parse_verdict,
     score_prompt,
 )
-from eval.judge_summary import (
+from gpt2_scratch.eval.judge_summary import (
     format_pairwise_summary,
     format_score_summary,
     pairwise_summary,

@@ -15,8 +15,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from core.files import JsonlFile
-from core.files import content_key as cache_key
+from gpt2_scratch.core.files import JsonlFile
+from gpt2_scratch.core.files import content_key as cache_key
 
 __all__ = ["JudgeCache", "cache_key"]
 

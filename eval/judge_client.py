@@ -40,9 +40,9 @@ from urllib.parse import urlsplit
 
 import requests
 
-from core.errors import Failure, InputError
-from core.retry import RetryPolicy
-from eval.judge_prompts import OLLAMA_OPTIONS
+from gpt2_scratch.core.errors import Failure, InputError
+from gpt2_scratch.core.retry import RetryPolicy
+from gpt2_scratch.eval.judge_prompts import OLLAMA_OPTIONS
 
 log = logging.getLogger(__name__)
 

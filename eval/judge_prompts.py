@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import re
 
-from core.prompts import format_input
+from gpt2_scratch.core.prompts import format_input
 
 PROMPT_VERSION = "book-ch07-v1"
 

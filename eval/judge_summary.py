@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from core.files import atomic_path
-from eval.judge_prompts import is_score
+from gpt2_scratch.core.files import atomic_path
+from gpt2_scratch.eval.judge_prompts import is_score
 
 # Two-sided 95% critical values of Student's t for 1..30 degrees of freedom; beyond that the
 # Cornish-Fisher expansion below is accurate to ~1e-5 (no scipy dependency for one number).

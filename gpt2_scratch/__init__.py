@@ -1,57 +1,85 @@
 """gpt2-scratch: GPT-2 written from scratch in PyTorch, native to the Hugging Face ecosystem.
 
-Importing this package registers the model with transformers' Auto classes, so
-``AutoModelForCausalLM.from_pretrained(dir)`` works on our directories without trust_remote_code.
+The one importable name of the project. Its stages are subpackages: the model (this folder),
+``gpt2_scratch.convert`` (weights in and out), ``gpt2_scratch.train`` (the training loop and its
+tasks), ``gpt2_scratch.eval`` (responses and the LLM judge) and ``gpt2_scratch.core`` (what they all
+share). In a checkout they are the top-level folders convert/, train/, eval/ and core/; pyproject.toml
+maps them into this package.
+
+    from gpt2_scratch import GPT2ScratchForCausalLM, get_tokenizer
+
+Importing this package is instant: torch and transformers load when a name below is first used
+(the command line and the judge need neither to start). That first use also registers the model
+with transformers' Auto classes, so ``AutoModelForCausalLM.from_pretrained(dir)`` works on our folders
+without trust_remote_code; ``gpt2_scratch.register()`` does it explicitly.
 """
 
-from transformers import (
-    AutoConfig,
-    AutoModel,
-    AutoModelForCausalLM,
-    AutoModelForSequenceClassification,
-)
+from __future__ import annotations
 
-from .configuration_gpt2_scratch import HUB_ID_OF_PRESET, OPENAI_SIZE_OF_PRESET, PRESETS, GPT2ScratchConfig
-from .model_dir import save_model_dir
-from .modeling_gpt2_scratch import (
-    GPT2ScratchForCausalLM,
-    GPT2ScratchForSequenceClassification,
-    GPT2ScratchModel,
-)
-from core.prompts import PROMPT_STYLES, extract_response, format_example, format_input, response_header
-from .responses import generate_responses
-from .tokenizer import ENDOFTEXT, ENDOFTEXT_ID, get_encoding, get_tokenizer
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-# In this process: resolve model_type "gpt2-scratch" to our classes.
-AutoConfig.register(GPT2ScratchConfig.model_type, GPT2ScratchConfig, exist_ok=True)
-AutoModel.register(GPT2ScratchConfig, GPT2ScratchModel, exist_ok=True)
-AutoModelForCausalLM.register(GPT2ScratchConfig, GPT2ScratchForCausalLM, exist_ok=True)
-AutoModelForSequenceClassification.register(GPT2ScratchConfig, GPT2ScratchForSequenceClassification, exist_ok=True)
-# In saved directories: write auto_map and copy the config/modeling code beside the weights, so a
-# process without this package loads them with trust_remote_code=True.
-GPT2ScratchConfig.register_for_auto_class()
-GPT2ScratchForCausalLM.register_for_auto_class("AutoModelForCausalLM")
-GPT2ScratchForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")
+# Public name -> the module (relative to this package) that defines it.
+_EXPORTS = {
+    "GPT2ScratchConfig": ".configuration_gpt2_scratch",
+    "HUB_ID_OF_PRESET": ".configuration_gpt2_scratch",
+    "OPENAI_SIZE_OF_PRESET": ".configuration_gpt2_scratch",
+    "PRESETS": ".configuration_gpt2_scratch",
+    "GPT2ScratchModel": ".modeling_gpt2_scratch",
+    "GPT2ScratchForCausalLM": ".modeling_gpt2_scratch",
+    "GPT2ScratchForSequenceClassification": ".modeling_gpt2_scratch",
+    "save_model_dir": ".model_dir",
+    "generate_responses": ".responses",
+    "ENDOFTEXT": ".tokenizer",
+    "ENDOFTEXT_ID": ".tokenizer",
+    "get_encoding": ".tokenizer",
+    "get_tokenizer": ".tokenizer",
+    "PROMPT_STYLES": ".core.prompts",
+    "extract_response": ".core.prompts",
+    "format_example": ".core.prompts",
+    "format_input": ".core.prompts",
+    "response_header": ".core.prompts",
+}
+__all__ = sorted(_EXPORTS) + ["register"]
 
-__all__ = [
-    "ENDOFTEXT",
-    "ENDOFTEXT_ID",
-    "HUB_ID_OF_PRESET",
-    "OPENAI_SIZE_OF_PRESET",
-    "PRESETS",
-    "PROMPT_STYLES",
-    "GPT2ScratchConfig",
-    "GPT2ScratchForCausalLM",
-    "GPT2ScratchForSequenceClassification",
-    "GPT2ScratchModel",
-    "extract_response",
-    "format_example",
-    "format_input",
-    "generate_responses",
-    "get_encoding",
-    "get_tokenizer",
-    "response_header",
-    "save_model_dir",
-]
+_registered = False
+
+
+def register() -> None:
+    """Register our config and models with transformers' Auto classes (in this process), and make saved
+    folders carry ``auto_map`` plus the modeling code, so a process without this package loads them with
+    ``trust_remote_code=True``. Idempotent; called on the first use of any model name of this package."""
+    global _registered
+    if _registered:
+        return
+    _registered = True
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from .configuration_gpt2_scratch import GPT2ScratchConfig
+    from .modeling_gpt2_scratch import GPT2ScratchForCausalLM, GPT2ScratchForSequenceClassification, GPT2ScratchModel
+
+    AutoConfig.register(GPT2ScratchConfig.model_type, GPT2ScratchConfig, exist_ok=True)
+    AutoModel.register(GPT2ScratchConfig, GPT2ScratchModel, exist_ok=True)
+    AutoModelForCausalLM.register(GPT2ScratchConfig, GPT2ScratchForCausalLM, exist_ok=True)
+    AutoModelForSequenceClassification.register(GPT2ScratchConfig, GPT2ScratchForSequenceClassification,
+                                                exist_ok=True)
+    GPT2ScratchConfig.register_for_auto_class()
+    GPT2ScratchForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+    GPT2ScratchForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'gpt2_scratch' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    if not module.startswith(".core"):
+        register()
+    globals()[name] = value  # the next lookup is a plain attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

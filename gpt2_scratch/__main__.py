@@ -2,6 +2,6 @@
 
 import sys
 
-from core.cli import main
+from gpt2_scratch.core.cli import main
 
 sys.exit(main(prog="python -m gpt2_scratch"))

@@ -16,8 +16,8 @@ import sys
 from dataclasses import dataclass
 from typing import Literal
 
-from core.args import arg
-from core.errors import InputError
+from gpt2_scratch.core.args import arg
+from gpt2_scratch.core.errors import InputError
 
 PRESET_NAMES = ("gpt2-small", "gpt2-medium", "gpt2-large", "gpt2-xl")
 MODEL_HELP = "model folder, preset (gpt2-small|gpt2-medium|gpt2-large|gpt2-xl: OpenAI's weights) or Hub repo id"
@@ -46,7 +46,7 @@ class InitArgs:
 def run_init(args: InitArgs) -> None:
     import torch
 
-    from core.files import check_output_dir
+    from gpt2_scratch.core.files import check_output_dir
 
     from . import GPT2ScratchConfig, GPT2ScratchForCausalLM, save_model_dir
 
@@ -106,7 +106,7 @@ class GenerateArgs(SamplingArgs):
 
 def load_for_generation(spec: str, max_new_tokens: int):
     """(model, tokenizer, longest prompt) for ``spec``; an error when no prompt would fit the context."""
-    from convert.resolve import load_model, load_tokenizer
+    from gpt2_scratch.convert.resolve import load_model, load_tokenizer
 
     model = load_model(spec)
     context = model.config.max_position_embeddings
@@ -181,7 +181,7 @@ class ChatArgs(SamplingArgs):
 def chat_prompt(message: str, style: str, input_text: str | None = None) -> str:
     """What the model sees for one message: the training prompt up to and including the response header,
     so the answer is the first thing it writes (training examples are exactly this text + the answer)."""
-    from core.prompts import format_input, response_header
+    from gpt2_scratch.core.prompts import format_input, response_header
 
     record = {"instruction": message, "input": input_text or ""}
     return format_input(record, style) + response_header(style)

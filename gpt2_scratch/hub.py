@@ -18,7 +18,7 @@ import logging
 import os
 from pathlib import Path
 
-from core.errors import Failure, InputError
+from gpt2_scratch.core.errors import Failure, InputError
 
 logger = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ import logging
 import os
 from pathlib import Path
 
-from core.errors import InputError
-from core.files import write_dir_atomically
+from gpt2_scratch.core.errors import InputError
+from gpt2_scratch.core.files import write_dir_atomically
 
 from .tokenizer import ENDOFTEXT_ID, get_tokenizer
 
@@ -41,6 +41,9 @@ def save_model_dir(model, out_dir: str | os.PathLike, *, tokenizer=None, overwri
     chat command and the GGUF export wrap a message the way the model was trained. An existing non-empty
     ``out_dir`` is refused unless ``overwrite``; then it is replaced only once the new folder is complete.
     """
+    from . import register
+
+    register()  # the folder gets auto_map and the modeling code (loads with trust_remote_code elsewhere)
     auto_map = getattr(model.config, "auto_map", None)
     if auto_map:
         # A config loaded from another head's folder (a classifier made from a causal LM) carries that
@@ -73,7 +76,7 @@ def read_config(path: str | os.PathLike, *, flag: str = "--model") -> dict:
     config_file = path / "config.json"
     if not config_file.is_file():
         raise ModelDirError(f"{flag} {path}: no config.json, so it is not a model folder; pass a folder written "
-                            "by save_pretrained, a training run or `python -m convert`")
+                            "by save_pretrained, a training run or `gpt2-scratch convert`")
     try:
         config = json.loads(config_file.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as err:
@@ -128,13 +131,15 @@ def load_model_dir(path: str | os.PathLike, *, head: str = "auto", flag: str = "
     import transformers
     from safetensors import SafetensorError
 
+    from . import register
     from .modeling_gpt2_scratch import GPT2ScratchForCausalLM, GPT2ScratchForSequenceClassification
 
+    register()
     path = Path(path).expanduser()
     config = read_config(path, flag=flag)
     if config.get("model_type") != "gpt2-scratch":
         raise ModelDirError(f"{flag} {path} holds a {config.get('model_type')!r} model, not a gpt2-scratch one; "
-                            "convert it first (`python -m convert hf --from-dir DIR --out OUT`)")
+                            "convert it first (`gpt2-scratch convert hf --from-dir DIR --out OUT`)")
     is_classifier = is_classifier_config(config)
     if head == "auto":
         head = "classifier" if is_classifier else "causal-lm"
@@ -175,7 +180,7 @@ def check_finite(model, where: str) -> None:
     """Raise a Failure naming the first parameter that holds NaN or infinity (a diverged run)."""
     import torch
 
-    from core.errors import Failure
+    from gpt2_scratch.core.errors import Failure
 
     for name, param in model.named_parameters():
         if not bool(torch.isfinite(param).all()):

@@ -12,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from core.prompts import extract_response, format_input
+from gpt2_scratch.core.prompts import extract_response, format_input
 from .tokenizer import ENDOFTEXT_ID
 
 logger = logging.getLogger(__name__)

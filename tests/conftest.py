@@ -118,6 +118,6 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 def convert_main(argv) -> int:
     """``python -m convert ARGV`` in this process: the exit code the command line would give."""
-    from core.cli import main
+    from gpt2_scratch.core.cli import main
 
     return main(["convert", *map(str, argv)], prog="python -m convert")

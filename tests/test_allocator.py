@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from core import allocator
+from gpt2_scratch.core import allocator
 
 REPO = Path(__file__).resolve().parents[1]
-CHILD = ("import os; from core.allocator import use_caching_allocator, loaded_allocator\n"
+CHILD = ("import os; from gpt2_scratch.core.allocator import use_caching_allocator, loaded_allocator\n"
          "use_caching_allocator()\n"
          "print(loaded_allocator(), os.environ.get('MIMALLOC_PURGE_DELAY'), os.environ.get('LD_PRELOAD'))\n")
 

@@ -29,7 +29,7 @@ import torch
 from conftest import REPO_ROOT
 from safetensors.torch import load_file, save_file
 
-from core.cli import main
+from gpt2_scratch.core.cli import main
 
 SHARED = REPO_ROOT.parent / "shared"
 BOOK_DATA = SHARED / "data" / "instruction-data.json"

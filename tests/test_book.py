@@ -18,9 +18,9 @@ import pytest
 import torch
 from conftest import REPO_ROOT, run_cli
 
-from convert.book import export_book, infer_dims, load_book_checkpoint
+from gpt2_scratch.convert.book import export_book, infer_dims, load_book_checkpoint
 from conftest import convert_main
-from convert.errors import ConvertError
+from gpt2_scratch.convert.errors import ConvertError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from book_reference import BookGPT, generate_greedy, make_classifier, perturbed  # noqa: E402

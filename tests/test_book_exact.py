@@ -34,9 +34,9 @@ from book_reference import (  # noqa: E402
     perturbed,
 )
 
-import train.book_exact as book_exact  # noqa: E402
-from convert.book import book_cfg, book_state_dict, export_book  # noqa: E402
-from core.cli import main  # noqa: E402
+import gpt2_scratch.train.book_exact as book_exact  # noqa: E402
+from gpt2_scratch.convert.book import book_cfg, book_state_dict, export_book  # noqa: E402
+from gpt2_scratch.core.cli import main  # noqa: E402
 from gpt2_scratch import GPT2ScratchConfig, GPT2ScratchForCausalLM, get_encoding, save_model_dir  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -230,8 +230,8 @@ def test_replay_takes_our_config_through_book_cfg():
 
 
 def test_the_sample_is_50_tokens_unless_given():
-    from core.args import parse_dataclass_args
-    from train.sft import SFTArgs
+    from gpt2_scratch.core.args import parse_dataclass_args
+    from gpt2_scratch.train.sft import SFTArgs
 
     def parsed(*argv: str) -> SFTArgs:
         args, explicit = parse_dataclass_args(SFTArgs, list(argv))

@@ -27,7 +27,7 @@ from book_reference import (  # noqa: E402
 
 from gpt2_scratch import format_example, get_encoding  # noqa: E402
 from gpt2_scratch import format_input as our_format_input  # noqa: E402
-from train.data import collate_instruction_batch  # noqa: E402
+from gpt2_scratch.train.data import collate_instruction_batch  # noqa: E402
 
 # Small enough to run in seconds: the vocabulary projection (50257 wide) is nearly all the work.
 CFG = dict(vocab_size=50257, context_length=128, emb_dim=16, n_heads=2, n_layers=2, drop_rate=0.0, qkv_bias=True)

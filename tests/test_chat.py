@@ -16,8 +16,8 @@ import pytest
 import torch
 from conftest import REPO_ROOT
 
-from core.cli import main
-from core.prompts import format_input, response_header
+from gpt2_scratch.core.cli import main
+from gpt2_scratch.core.prompts import format_input, response_header
 from gpt2_scratch.commands import chat_prompt
 
 TINY_1024 = dict(n_layers=2, emb_dim=64, n_heads=4, context_length=256)

@@ -12,8 +12,8 @@ import yaml
 
 from conftest import REPO_ROOT, run_python
 from hub_standin import HubStandin
-from train.classify import build_classifier, set_trainable
-from train.spam_data import SpamDataset, prepare_splits
+from gpt2_scratch.train.classify import build_classifier, set_trainable
+from gpt2_scratch.train.spam_data import SpamDataset, prepare_splits
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +76,7 @@ def test_only_the_intended_parameters_get_gradients(tiny_model_dir, sms_path, sp
 
 
 def test_bad_trainable_spec(tiny_model_dir):
-    from core.errors import InputError
+    from gpt2_scratch.core.errors import InputError
 
     model = build_classifier(str(tiny_model_dir), labels=("ham", "spam"))
     for spec in ("last-3", "first-block", "last-0"):
@@ -151,7 +151,7 @@ def test_the_saved_classifier_reloads_and_predicts_the_same(trained_run, sms_pat
     assert remote == [model.config.id2label[p] for p in preds[:40]]
 
     # The CLI (its parser and output, in this process): label and probability per text, the same labels.
-    from core.cli import main
+    from gpt2_scratch.core.cli import main
 
     # `classify --text` predicts, as `python -m gpt2_scratch classify --text ...` always has (= `predict`).
     capsys.readouterr()
@@ -176,7 +176,7 @@ def test_push_to_hub_uploads_the_classifier_and_its_card(trained_run):
 
 
 def test_the_run_makes_a_classifier_model_card(trained_run):
-    from train.publish import build_model_card, find_run_info
+    from gpt2_scratch.train.publish import build_model_card, find_run_info
 
     out, _, _ = trained_run
     card = str(build_model_card(out, "bob/gpt2-spam", find_run_info(out), base_model="gpt2-small"))

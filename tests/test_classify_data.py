@@ -13,8 +13,8 @@ import torch
 
 from conftest import REPO_ROOT, run_cli
 
-from core.download import DownloadError
-from train.spam_data import (
+from gpt2_scratch.core.download import DownloadError
+from gpt2_scratch.train.spam_data import (
     PAD_TOKEN_ID,
     SpamDataError,
     SpamDataset,

@@ -13,8 +13,8 @@ import sys
 import pytest
 from conftest import REPO_ROOT
 
-from core.args import parse_dataclass_args
-from core.cli import COMMANDS, Command, main
+from gpt2_scratch.core.args import parse_dataclass_args
+from gpt2_scratch.core.cli import COMMANDS, Command, main
 
 
 def all_commands():
@@ -45,8 +45,8 @@ def test_every_command_has_help_and_follows_the_naming_rules(name, command, caps
 
 
 def test_older_spellings_still_parse_to_the_same_options():
-    from eval.judge import JudgeArgs
-    from train.sft import SFTArgs
+    from gpt2_scratch.eval.judge import JudgeArgs
+    from gpt2_scratch.train.sft import SFTArgs
 
     old, _ = parse_dataclass_args(SFTArgs, ["--output-dir", "runs/x", "--style", "phi3"])
     new, _ = parse_dataclass_args(SFTArgs, ["--out", "runs/x", "--prompt-style", "phi3"])

@@ -3,7 +3,7 @@
 import torch
 
 from gpt2_scratch import format_input, get_tokenizer
-from train.data import (
+from gpt2_scratch.train.data import (
     EpochBatchSampler,
     InstructionCollator,
     collate_instruction_batch,

@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from conftest import convert_main
-from convert.errors import ConvertError
-from convert.openai import load_openai_checkpoint
-from convert.tf_bundle import read_index
+from gpt2_scratch.convert.errors import ConvertError
+from gpt2_scratch.convert.openai import load_openai_checkpoint
+from gpt2_scratch.convert.tf_bundle import read_index
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent

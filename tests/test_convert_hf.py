@@ -22,8 +22,8 @@ from safetensors.torch import save_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from conftest import convert_main
-from convert.errors import ConvertError
-from convert.hf import load_hf_checkpoint
+from gpt2_scratch.convert.errors import ConvertError
+from gpt2_scratch.convert.hf import load_hf_checkpoint
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -214,7 +214,7 @@ def run_convert(args: list[str], env_extra: dict, tmp_path: Path) -> subprocess.
 
 TWO_CONVERSIONS = textwrap.dedent("""
     import sys
-    from core.cli import main
+    from gpt2_scratch.core.cli import main
     sys.exit(10 * main(["convert", *sys.argv[1:6]]) + main(["convert", *sys.argv[6:]]))
 """)
 
@@ -251,8 +251,8 @@ def test_hf_repo_through_local_endpoint_then_offline_cache(tmp_path):
     env.update({"HF_HUB_OFFLINE": "1", "HF_HOME": str(hf_home)})
     script = textwrap.dedent("""
         import sys
-        from convert import load_model
-        from core.cli import main
+        from gpt2_scratch.convert import load_model
+        from gpt2_scratch.core.cli import main
         assert main(["convert", "hf", "--repo", sys.argv[1], "--out", sys.argv[2]]) == 0
         print("load_model layers:", load_model(sys.argv[1]).config.n_layers)
     """)

@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 
 from conftest import convert_main
-from convert.openai import download_openai, openai_urls
-from core.download import download_file
-from core.retry import RetryPolicy
-from convert.errors import ConvertError
-from core.download import DownloadError
+from gpt2_scratch.convert.openai import download_openai, openai_urls
+from gpt2_scratch.core.download import download_file
+from gpt2_scratch.core.retry import RetryPolicy
+from gpt2_scratch.convert.errors import ConvertError
+from gpt2_scratch.core.download import DownloadError
 
 HERE = Path(__file__).resolve().parent
 SHARED_TINY = HERE.parent.parent / "shared" / "fixtures" / "openai-gpt2-tiny"
@@ -279,7 +279,7 @@ def test_cli_offline_is_one_line(tmp_path, monkeypatch, capsys):
 
 # --- load_model (what train/ and eval/ call) -------------------------------------------------
 def test_load_model_preset_uses_the_cache_offline(tmp_path, monkeypatch):
-    from convert import load_model
+    from gpt2_scratch.convert import load_model
 
     cache = tmp_path / "cache" / "124M"
     cache.mkdir(parents=True)
@@ -291,7 +291,7 @@ def test_load_model_preset_uses_the_cache_offline(tmp_path, monkeypatch):
 
 
 def test_load_model_preset_offline_suggests_random_init(tmp_path, monkeypatch):
-    from convert import load_model
+    from gpt2_scratch.convert import load_model
 
     monkeypatch.setenv("GPT2_SCRATCH_DOWNLOAD_BACKOFF", "0")
     monkeypatch.setenv("GPT2_SCRATCH_OPENAI_URL", dead_url())
@@ -304,7 +304,7 @@ def test_load_model_preset_offline_suggests_random_init(tmp_path, monkeypatch):
 
 
 def test_load_model_other_specs(tmp_path, monkeypatch):
-    from convert import load_model
+    from gpt2_scratch.convert import load_model
     from gpt2_scratch import GPT2ScratchForCausalLM, save_model_dir
 
     tiny = load_model(str(SHARED_TINY))  # an OpenAI checkpoint folder

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from conftest import TINY, kill_at_checkpoint
 
-from core.cli import main as cli_main
-from train.dpo import ResponseLogProbs, dpo_loss, pair_logprobs
+from gpt2_scratch.core.cli import main as cli_main
+from gpt2_scratch.train.dpo import ResponseLogProbs, dpo_loss, pair_logprobs
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -34,9 +34,9 @@ def test_loss_matches_hand_computed_values():
 
 def tiny_batch(n_pairs: int = 3):
     """A preference batch of the book's first records, collated as train/dpo.py does."""
-    from core.records import load_records
+    from gpt2_scratch.core.records import load_records
     from gpt2_scratch import get_tokenizer
-    from train.preference_data import PreferenceCollator, tokenize_pairs
+    from gpt2_scratch.train.preference_data import PreferenceCollator, tokenize_pairs
 
     records = load_records(str(PREFERENCE_DATA))[:n_pairs]
     ds = tokenize_pairs(records, get_tokenizer(), max_length=128)
@@ -155,9 +155,9 @@ def test_bad_preference_records_are_one_line_errors(records, message, tmp_path, 
 @pytest.fixture(scope="module")
 def tiny_sft_model(tmp_path_factory) -> Path:
     """A tiny GPT-2 instruction-finetuned for 40 steps on the book's data (plain loop, seconds)."""
-    from core.records import load_records
+    from gpt2_scratch.core.records import load_records
     from gpt2_scratch import GPT2ScratchConfig, GPT2ScratchForCausalLM, get_tokenizer, save_model_dir
-    from train.data import InstructionCollator, prepare_instruction_data
+    from gpt2_scratch.train.data import InstructionCollator, prepare_instruction_data
 
     torch.manual_seed(123)
     model = GPT2ScratchForCausalLM(GPT2ScratchConfig.from_preset("gpt2-small", **TINY))
@@ -196,10 +196,10 @@ def dpo_run(tiny_sft_model, tmp_path_factory):
 
 def train_pair_rewards(policy_dir: Path, reference_dir: Path, pairs: int = 64) -> tuple[float, float]:
     """(mean reward margin, reward accuracy) of the first training pairs in file order, book's mean log-probs."""
-    from core.records import load_records
+    from gpt2_scratch.core.records import load_records
     from gpt2_scratch import get_tokenizer
     from gpt2_scratch.model_dir import load_model_dir
-    from train.preference_data import PreferenceCollator, prepare_preference_data
+    from gpt2_scratch.train.preference_data import PreferenceCollator, prepare_preference_data
 
     data = prepare_preference_data(load_records(str(PREFERENCE_DATA)), get_tokenizer(), max_length=128)
     batch = PreferenceCollator(allowed_max_length=128)([data.train[i] for i in range(pairs)])

@@ -10,8 +10,8 @@ import pytest
 import torch
 from conftest import REPO_ROOT, run_cli
 
-from core.files import JsonlFile, content_key
-from eval.generate import generate_file, model_fingerprint
+from gpt2_scratch.core.files import JsonlFile, content_key
+from gpt2_scratch.eval.generate import generate_file, model_fingerprint
 
 GENERATE = str(REPO_ROOT / "eval" / "generate.py")
 TINY_256 = dict(n_layers=2, emb_dim=64, n_heads=4, context_length=256)  # room for every test prompt + 32

@@ -37,8 +37,8 @@ import pytest
 import torch
 
 from conftest import convert_main
-from convert.errors import ConvertError
-from convert.gguf import GGUF_RULES, chat_template, export_gguf, ollama_template
+from gpt2_scratch.convert.errors import ConvertError
+from gpt2_scratch.convert.gguf import GGUF_RULES, chat_template, export_gguf, ollama_template
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -238,7 +238,7 @@ def jinja_render(template: str, messages: list[dict]) -> str:
 
 @pytest.mark.parametrize("style", ["alpaca", "phi3"])
 def test_templates_render_the_training_prompt(style, shared_dir):
-    from core.prompts import format_input, response_header
+    from gpt2_scratch.core.prompts import format_input, response_header
 
     records = instruction_records(shared_dir)
     assert any(r.get("input") for r in records) and any(not r.get("input") for r in records)
@@ -387,7 +387,7 @@ def test_templates_render_the_training_prompt_in_go(style, shared_dir, tmp_path)
     import shutil
     import subprocess
 
-    from core.prompts import format_input, response_header
+    from gpt2_scratch.core.prompts import format_input, response_header
 
     go = shutil.which("go")
     if go is None:
@@ -453,7 +453,7 @@ def test_classifier_folder_is_refused(tmp_path, capsys):
 
 
 def test_failed_write_leaves_old_file_and_no_temp(tiny, tmp_path, monkeypatch):
-    import convert.gguf as gguf_mod
+    import gpt2_scratch.convert.gguf as gguf_mod
 
     _, folder = tiny
     out = tmp_path / "m.gguf"
@@ -597,7 +597,7 @@ def test_llama_cpp_gpt2_small_shape(small):
 @pytest.mark.slow
 def test_llama_cpp_tokenizer_matches_ours_on_the_instruction_data(exports, shared_dir):
     from gpt2_scratch import get_encoding
-    from core.prompts import format_example, format_input
+    from gpt2_scratch.core.prompts import format_example, format_input
 
     enc = get_encoding()
     records = instruction_records(shared_dir)
@@ -617,7 +617,7 @@ def test_llama_cpp_chat_uses_the_training_prompt(tiny, exports, shared_dir):
     from llama_cpp import llama_chat_format
 
     from gpt2_scratch import get_encoding
-    from core.prompts import format_input, response_header
+    from gpt2_scratch.core.prompts import format_input, response_header
 
     ours, _ = tiny
     enc = get_encoding()

@@ -198,7 +198,7 @@ def test_rejected_token_and_unreachable_hub_are_one_line_errors(hub, run_dir, tm
 def test_a_run_directory_is_pushed_without_its_checkpoints(tmp_path, tiny_model_dir):
     # train/sft.py and train/classify.py save the model at the top of OUT, beside checkpoints/.
     from gpt2_scratch.hub import _model_files
-    from train.publish import find_run_info, resolve_datasets
+    from gpt2_scratch.train.publish import find_run_info, resolve_datasets
 
     out = tmp_path / "out"
     shutil.copytree(tiny_model_dir, out)
@@ -212,7 +212,7 @@ def test_a_run_directory_is_pushed_without_its_checkpoints(tmp_path, tiny_model_
     run = find_run_info(out)
     assert run.args["model"] == "gpt2-small"
     # Trained from random weights: no base model; a URL is not a Hub data set id.
-    from train.publish import resolve_base_model
+    from gpt2_scratch.train.publish import resolve_base_model
 
     assert resolve_base_model(run.args) is None
     assert resolve_datasets(run.args) == [] and resolve_datasets(run.args, "https://x.org/d.json") == []

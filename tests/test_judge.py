@@ -18,8 +18,8 @@ import pytest
 from conftest import REPO_ROOT, run_cli
 from ollama_standin import OllamaStandin, standin_score
 
-from core.prompts import format_input
-from eval.judge_prompts import parse_score, parse_verdict, score_prompt
+from gpt2_scratch.core.prompts import format_input
+from gpt2_scratch.eval.judge_prompts import parse_score, parse_verdict, score_prompt
 
 JUDGE = str(REPO_ROOT / "eval" / "judge.py")
 
@@ -345,7 +345,7 @@ def test_openai_compatible_api(tmp_path, server, test_records):
 def test_evaluate_metric_modules(tmp_path, server, test_records):
     import evaluate
 
-    from eval.metrics import load_metric
+    from gpt2_scratch.eval.metrics import load_metric
 
     records = test_records[:12]
     preds = [r["output"] if i % 3 else "Something else." for i, r in enumerate(records)]

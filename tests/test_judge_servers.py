@@ -16,11 +16,11 @@ import pytest
 from conftest import REPO_ROOT, run_cli
 from ollama_standin import OllamaStandin, standin_score
 
-from eval.judge import _judge_identity, compare_records, score_records
-from eval.judge_cache import JudgeCache
-from eval.judge_client import RetryPolicy, make_judge
-from eval.judge_prompts import SCORE_SCHEMA
-from eval.judge_summary import score_summary
+from gpt2_scratch.eval.judge import _judge_identity, compare_records, score_records
+from gpt2_scratch.eval.judge_cache import JudgeCache
+from gpt2_scratch.eval.judge_client import RetryPolicy, make_judge
+from gpt2_scratch.eval.judge_prompts import SCORE_SCHEMA
+from gpt2_scratch.eval.judge_summary import score_summary
 
 JUDGE = str(REPO_ROOT / "eval" / "judge.py")
 FAST = RetryPolicy(attempts=4, backoff=0.01)

@@ -12,7 +12,7 @@ import pytest
 import requests
 from ollama_standin import OllamaStandin, standin_score
 
-from eval.judge_prompts import SCORE_SCHEMA, score_prompt
+from gpt2_scratch.eval.judge_prompts import SCORE_SCHEMA, score_prompt
 
 RECORD = {"instruction": "Name the capital of France.", "input": "", "output": "Paris."}
 

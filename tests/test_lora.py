@@ -14,8 +14,8 @@ import torch
 from conftest import TINY, kill_at_checkpoint, run_python
 from safetensors.torch import load_file
 
-from core.errors import InputError
-from train import lora
+from gpt2_scratch.core.errors import InputError
+from gpt2_scratch.train import lora
 
 REPO = Path(__file__).resolve().parents[1]
 BOOK_DATA = REPO.parent / "shared" / "data" / "instruction-data.json"
@@ -232,7 +232,7 @@ def test_lora_run_leaves_merged_model_and_adapter(lora_run):
         print(m(torch.tensor([[1, 2, 3]])).logits.shape)
     """
     assert "50257" in run_python(code, cwd=Path("/"), block_project=True, env={"PYTHONPATH": ""}).stdout
-    from train.publish import build_model_card, find_run_info
+    from gpt2_scratch.train.publish import build_model_card, find_run_info
 
     card = str(build_model_card(out, "alice/tiny-lora", find_run_info(out)))
     assert "This is a LoRA finetune (peft; rank 16, alpha 256, i.e. scale 16" in card

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from core.download import DownloadError
-from core.records import (
+from gpt2_scratch.core.download import DownloadError
+from gpt2_scratch.core.records import (
     PREFERENCE_FIELDS,
     DataError,
     book_split,

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import BLOCK_PROJECT_IMPORTS, TINY, run_cli, run_python
 
-from core.errors import InputError
+from gpt2_scratch.core.errors import InputError
 
 import gpt2_scratch
 from gpt2_scratch import GPT2ScratchConfig, GPT2ScratchForCausalLM, save_model_dir

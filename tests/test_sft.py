@@ -228,10 +228,10 @@ def test_grouped_evaluation_batches_give_the_same_validation_loss():
     from conftest import TINY as TINY_SHAPE
     from torch.utils.data import DataLoader
 
-    from core.records import load_records
+    from gpt2_scratch.core.records import load_records
     from gpt2_scratch import GPT2ScratchConfig, GPT2ScratchForCausalLM, get_tokenizer
-    from train.data import InstructionCollator, evaluation_sampler, prepare_instruction_data
-    from train.sft import evaluate
+    from gpt2_scratch.train.data import InstructionCollator, evaluation_sampler, prepare_instruction_data
+    from gpt2_scratch.train.sft import evaluate
 
     torch.manual_seed(0)
     model = GPT2ScratchForCausalLM(GPT2ScratchConfig.from_preset("gpt2-small", **TINY_SHAPE))
@@ -249,8 +249,8 @@ def test_grouped_evaluation_batches_give_the_same_validation_loss():
 
 
 def test_cli_arguments_and_offline_demo_profile():
-    from core.args import parse_dataclass_args
-    from train.sft import OFFLINE_DEMO, SFTArgs
+    from gpt2_scratch.core.args import parse_dataclass_args
+    from gpt2_scratch.train.sft import OFFLINE_DEMO, SFTArgs
 
     args, explicit = parse_dataclass_args(SFTArgs, [])
     assert (args.model, args.epochs, args.batch_size, args.lr, args.weight_decay, args.eval_freq, args.eval_iter) == (
@@ -271,15 +271,15 @@ def test_cli_arguments_and_offline_demo_profile():
 def test_auto_precision_picks_bf16_only_where_it_is_fast(monkeypatch, capsys, fast):
     """--mixed-precision auto (the offline demo's): bf16 on AMX/AVX512-BF16/GPU, fp32 on an AVX2-only CPU,
     where torch's bf16 fallback is tens of times slower; asking for bf16 there works but prints a note."""
-    import train.run
-    from train.sft import SFTArgs
+    import gpt2_scratch.train.run as train_run
+    from gpt2_scratch.train.sft import SFTArgs
 
-    monkeypatch.setattr(train.run, "fast_bf16", lambda: fast)
+    monkeypatch.setattr(train_run, "fast_bf16", lambda: fast)
     args = SFTArgs(mixed_precision="auto")
-    train.run.resolve_precision(args)
+    train_run.resolve_precision(args)
     assert args.mixed_precision == ("bf16" if fast else "no") and capsys.readouterr().err == ""
     args = SFTArgs(mixed_precision="bf16")
-    train.run.resolve_precision(args)
+    train_run.resolve_precision(args)
     assert args.mixed_precision == "bf16"
     assert ("neither AMX nor AVX512-BF16" in capsys.readouterr().err) is not fast
 
@@ -302,7 +302,7 @@ def test_push_to_hub_hook_uploads_the_run(reference_run, tmp_path):
     from hub_standin import HubStandin
 
     out, _ = reference_run
-    code = ("import sys; from pathlib import Path; from train.publish import push_run\n"
+    code = ("import sys; from pathlib import Path; from gpt2_scratch.train.publish import push_run\n"
             "push_run(Path(sys.argv[1]), 'alice/tiny-sft')\n")
     with HubStandin(tmp_path / "hub", token="hf_test") as hub:
         env = {**ENV, "HF_ENDPOINT": hub.endpoint, "HF_TOKEN": hub.token, "HF_HUB_DISABLE_XET": "1",

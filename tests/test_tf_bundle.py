@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from convert.errors import BundleError
-from convert.tf_bundle import (
+from gpt2_scratch.convert.errors import BundleError
+from gpt2_scratch.convert.tf_bundle import (
     TensorBundle,
     checkpoint_prefix,
     crc32c,
@@ -246,7 +246,7 @@ def test_pure_python_crc_fallback_reads_the_same(tmp_path):
     script = (
         "import sys; sys.modules['google_crc32c'] = None\n"
         "import numpy as np\n"
-        "from convert.tf_bundle import TensorBundle, crc32c, _gcrc\n"
+        "from gpt2_scratch.convert.tf_bundle import TensorBundle, crc32c, _gcrc\n"
         "assert _gcrc is None and crc32c(b'123456789') == 0xE3069283\n"
         f"b = TensorBundle({str(SHARED_TINY / 'model.ckpt')!r})\n"
         f"e = np.load({str(SHARED_TINY / 'expected.npz')!r})\n"

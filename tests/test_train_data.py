@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from core.records import DataError, load_records
+from gpt2_scratch.core.records import DataError, load_records
 from gpt2_scratch import format_example, get_tokenizer
-from train.data import prepare_instruction_data
-from train.synthetic import DEFAULT_TASKS, TASKS, exact_match_report, make_synthetic_records, synthetic_records
+from gpt2_scratch.train.data import prepare_instruction_data
+from gpt2_scratch.train.synthetic import DEFAULT_TASKS, TASKS, exact_match_report, make_synthetic_records, synthetic_records
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 BOOK_DATA = SHARED / "data" / "instruction-data.json"

@@ -14,7 +14,7 @@ import torch
 from conftest import TINY, run_python, transformers_twin
 from safetensors import safe_open
 
-from convert.hf import export_hf, load_hf_checkpoint
+from gpt2_scratch.convert.hf import export_hf, load_hf_checkpoint
 from gpt2_scratch import GPT2ScratchConfig, GPT2ScratchForCausalLM, save_model_dir
 
 IDS = torch.tensor([[464, 3290, 373, 1043, 287, 257, 2214, 1474]])

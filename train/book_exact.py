@@ -48,9 +48,9 @@ from itertools import islice
 import torch
 import torch.nn.functional as F
 
-from core.errors import InputError
-from train.data import collate_instruction_batch
-from train.run import TrainState
+from gpt2_scratch.core.errors import InputError
+from gpt2_scratch.train.data import collate_instruction_batch
+from gpt2_scratch.train.run import TrainState
 
 BOOK_ALLOWED_MAX_LENGTH = 1024  # the book's collate cuts every batch to this many positions
 BOOK_SAMPLE_TOKENS = 50  # new tokens of the book's epoch-end sample
@@ -226,8 +226,8 @@ def fit_book_exact(setup, args) -> tuple[TrainState, bool]:
     """
     from tqdm.auto import tqdm
 
-    from convert.book import book_cfg
-    from train.run import StopRequest, check_loss
+    from gpt2_scratch.convert.book import book_cfg
+    from gpt2_scratch.train.run import StopRequest, check_loss
 
     accelerator, state, metrics = setup.accelerator, setup.state, setup.metrics
     model = accelerator.unwrap_model(setup.model)
@@ -322,7 +322,7 @@ def fit_book_exact(setup, args) -> tuple[TrainState, bool]:
 
 def plot_book_curves(rows: list[dict], out) -> None:
     """loss.png/pdf as the book draws them: the evaluated train and validation losses over its steps."""
-    from train.metrics import plot_curves
+    from gpt2_scratch.train.metrics import plot_curves
 
     plot_curves([r for r in rows if not r.get("initial")], out,
                 series={"train_loss": "training loss", "val_loss": "validation loss"})

@@ -32,7 +32,7 @@ Accelerator, the divergence guard, Ctrl-C, the final model; train/metrics.py). W
 from __future__ import annotations
 
 if __name__ == "__main__":  # `python train/classify.py ARGS` and `accelerate launch train/classify.py ARGS`
-    from core.cli import run_script
+    from gpt2_scratch.core.cli import run_script
 
     run_script("classify")
 
@@ -45,11 +45,11 @@ from typing import Literal
 
 import torch
 
-from core.args import arg
-from core.download import is_url
-from core.errors import InputError
-from train.run import TrainState, run_arg
-from train.spam_data import DEFAULT_LABELS, SPAM_BACKUP_URL, SPAM_URL
+from gpt2_scratch.core.args import arg
+from gpt2_scratch.core.download import is_url
+from gpt2_scratch.core.errors import InputError
+from gpt2_scratch.train.run import TrainState, run_arg
+from gpt2_scratch.train.spam_data import DEFAULT_LABELS, SPAM_BACKUP_URL, SPAM_URL
 
 _TRAINABLE = re.compile(r"^(last-block|all|last-(\d+))$")
 
@@ -114,7 +114,7 @@ def build_classifier(spec: str, *, labels: tuple[str, ...], random_init: bool = 
                                 "pass matching --labels or start from a language model")
             return model
 
-    from convert.resolve import load_model
+    from gpt2_scratch.convert.resolve import load_model
 
     body = load_model(spec, random_init=random_init, models_dir=models_dir)  # GPT2ScratchForCausalLM
     config = copy.deepcopy(body.config)
@@ -157,7 +157,7 @@ def set_trainable(model, spec: str) -> int:
 
 
 def run(args: ClassifyArgs) -> int:
-    from train.run import run_training
+    from gpt2_scratch.train.run import run_training
 
     return run_training(args, set_up, fit, finish)
 
@@ -179,7 +179,7 @@ class Setup:
 
 def check_args(args: ClassifyArgs) -> tuple[str, ...]:
     """The run's labels; one InputError for a setting it cannot start with."""
-    from train.run import check_number
+    from gpt2_scratch.train.run import check_number
 
     labels = tuple(label.strip() for label in args.labels.split(",") if label.strip())
     if len(labels) < 2:
@@ -201,10 +201,10 @@ def set_up(args: ClassifyArgs) -> Setup:
     from torch.utils.data import DataLoader
 
     from gpt2_scratch import get_encoding
-    from train.metrics import MetricsLog
-    from train.run import (check_output, clear_output, make_accelerator, quiet_libraries, resolve_precision,
+    from gpt2_scratch.train.metrics import MetricsLog
+    from gpt2_scratch.train.run import (check_output, clear_output, make_accelerator, quiet_libraries, resolve_precision,
                            write_args)
-    from train.spam_data import SpamDataset, fetch_spam_data, prepare_splits
+    from gpt2_scratch.train.spam_data import SpamDataset, fetch_spam_data, prepare_splits
 
     # 1. Arguments, the output folder, the data, the model: checked before anything is written.
     quiet_libraries()
@@ -266,7 +266,7 @@ def set_up(args: ClassifyArgs) -> Setup:
 
     main = accelerator.is_main_process
     if main:
-        from core.allocator import loaded_allocator
+        from gpt2_scratch.core.allocator import loaded_allocator
 
         write_args(out, args)
         n_params = sum(p.numel() for p in accelerator.unwrap_model(model).parameters())
@@ -301,7 +301,7 @@ def evaluate(accelerator, model, loader, num_batches: int | None) -> tuple[float
 
 def fit(setup: Setup, args: ClassifyArgs) -> tuple[TrainState, bool]:
     """The book's loop; returns (state, whether Ctrl-C stopped it). Classifier runs keep no checkpoints."""
-    from train.run import StopRequest, check_loss
+    from gpt2_scratch.train.run import StopRequest, check_loss
 
     accelerator, model, metrics = setup.accelerator, setup.model, setup.metrics
     main = accelerator.is_main_process
@@ -376,8 +376,8 @@ def fit(setup: Setup, args: ClassifyArgs) -> tuple[TrainState, bool]:
 
 def finish(setup: Setup, state: TrainState, args: ClassifyArgs) -> None:
     """The chapter's final numbers (accuracy over the full splits), the classifier, the plots, a push."""
-    from train.metrics import plot_curves
-    from train.run import save_model_into
+    from gpt2_scratch.train.metrics import plot_curves
+    from gpt2_scratch.train.run import save_model_into
 
     accelerator, model, out = setup.accelerator, setup.model, setup.out
     final = {}
@@ -398,7 +398,7 @@ def finish(setup: Setup, state: TrainState, args: ClassifyArgs) -> None:
               f"({rate:,.0f} tok/s); accuracy train {final['train_accuracy']:.2%} | val {final['val_accuracy']:.2%} | "
               f"test {final['test_accuracy']:.2%}; model, metrics, loss.png and accuracy.png in {out}", flush=True)
         if args.push_to_hub:
-            from train.publish import push_run
+            from gpt2_scratch.train.publish import push_run
 
             push_run(out, args.push_to_hub)  # the model files + a card built from OUT's args/metrics/plots
     accelerator.wait_for_everyone()

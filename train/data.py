@@ -21,8 +21,8 @@ import datasets
 import torch
 from torch.utils.data import Sampler
 
-from core.prompts import format_example, format_input
-from core.records import DataError, book_split, record_input
+from gpt2_scratch.core.prompts import format_example, format_input
+from gpt2_scratch.core.records import DataError, book_split, record_input
 from gpt2_scratch.tokenizer import ENDOFTEXT_ID
 
 logger = logging.getLogger(__name__)

@@ -31,7 +31,7 @@ LoRA), and it resumes the same way.
 from __future__ import annotations
 
 if __name__ == "__main__":  # `python train/dpo.py ARGS` and `accelerate launch train/dpo.py ARGS`
-    from core.cli import run_script
+    from gpt2_scratch.core.cli import run_script
 
     run_script("dpo")
 
@@ -49,13 +49,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core.args import arg
-from core.errors import InputError
-from core.records import BOOK_PREFERENCE_DATA_URL
-from train.lora import lora_arg
-from train.run import TrainState, run_arg
+from gpt2_scratch.core.args import arg
+from gpt2_scratch.core.errors import InputError
+from gpt2_scratch.core.records import BOOK_PREFERENCE_DATA_URL
+from gpt2_scratch.train.lora import lora_arg
+from gpt2_scratch.train.run import TrainState, run_arg
 
-logger = logging.getLogger("train.dpo")
+logger = logging.getLogger(__name__)
 
 # The per-pair quantities summed over a window or an evaluation, in this order.
 SUMS = ("loss", "chosen_reward", "rejected_reward", "correct", "pairs")
@@ -116,7 +116,7 @@ MAY_CHANGE_ON_RESUME = {"out", "overwrite", "resume", "eval_freq", "eval_iter", 
 
 def run(args: DPOArgs) -> int:
     """set-up → fit → finish; returns the exit code (130 when stopped by Ctrl-C with a checkpoint saved)."""
-    from train.run import run_training
+    from gpt2_scratch.train.run import run_training
 
     return run_training(args, set_up, fit, finish)
 
@@ -260,7 +260,7 @@ class Setup:
 
 
 def check_args(args: DPOArgs) -> None:
-    from train.run import check_number
+    from gpt2_scratch.train.run import check_number
 
     for name in ("epochs", "batch_size", "grad_accum", "eval_freq", "eval_iter", "sample_tokens", "max_new_tokens",
                  "response_batch_size"):
@@ -280,7 +280,7 @@ def check_args(args: DPOArgs) -> None:
 
 def load_model(args: DPOArgs):
     """The starting model (``convert.resolve.load_model``: folder, preset, Hub id), in train mode."""
-    from convert.resolve import load_model as resolve_model
+    from gpt2_scratch.convert.resolve import load_model as resolve_model
 
     return resolve_model(args.model, models_dir=args.models_dir).train()
 
@@ -289,13 +289,13 @@ def set_up(args: DPOArgs) -> Setup:
     from accelerate.utils import set_seed
     from torch.utils.data import DataLoader
 
-    from core.prompts import format_input
+    from gpt2_scratch.core.prompts import format_input
     from gpt2_scratch import get_tokenizer
-    from train import lora
-    from train.data import EpochBatchSampler, evaluation_sampler
-    from train.metrics import MetricsLog
-    from train.preference_data import PreferenceCollator, load_preference_records, prepare_preference_data
-    from train.run import (check_output, check_resume_args, clear_output, find_checkpoint, load_checkpoint,
+    from gpt2_scratch.train import lora
+    from gpt2_scratch.train.data import EpochBatchSampler, evaluation_sampler
+    from gpt2_scratch.train.metrics import MetricsLog
+    from gpt2_scratch.train.preference_data import PreferenceCollator, load_preference_records, prepare_preference_data
+    from gpt2_scratch.train.run import (check_output, check_resume_args, clear_output, find_checkpoint, load_checkpoint,
                            make_accelerator, quiet_libraries, resolve_precision, write_args)
 
     # 1. Arguments and the output folder: nothing is written or deleted until every check has passed.
@@ -442,8 +442,8 @@ def fit(setup: Setup, args: DPOArgs) -> tuple[TrainState, bool]:
     """Train until the epochs (or --max-steps) are done; returns (state, whether Ctrl-C stopped it)."""
     from tqdm.auto import tqdm
 
-    from train.run import StopRequest, check_loss, save_checkpoint
-    from train.sft import greedy_sample
+    from gpt2_scratch.train.run import StopRequest, check_loss, save_checkpoint
+    from gpt2_scratch.train.sft import greedy_sample
 
     accelerator, state = setup.accelerator, setup.state
     main = accelerator.is_main_process
@@ -558,11 +558,11 @@ PLOTS = {
 
 def finish(setup: Setup, state: TrainState, args: DPOArgs) -> None:
     """The model at the top of OUT (and OUT/adapter with LoRA), the plots, the test responses, a push."""
-    from core.files import write_json_atomic
+    from gpt2_scratch.core.files import write_json_atomic
     from gpt2_scratch import generate_responses
-    from train import lora
-    from train.metrics import plot_curves
-    from train.run import save_model_into
+    from gpt2_scratch.train import lora
+    from gpt2_scratch.train.metrics import plot_curves
+    from gpt2_scratch.train.run import save_model_into
 
     accelerator, out = setup.accelerator, setup.out
     accelerator.wait_for_everyone()
@@ -586,7 +586,7 @@ def finish(setup: Setup, state: TrainState, args: DPOArgs) -> None:
         print(f"done: {state.step} steps, {state.tokens_seen:,} tokens in {state.train_seconds / 60:.1f} min of "
               f"training; model, metrics, plots and responses in {out}", flush=True)
         if args.push_to_hub:
-            from train.publish import push_run
+            from gpt2_scratch.train.publish import push_run
 
             push_run(out, args.push_to_hub)
     accelerator.wait_for_everyone()

@@ -41,8 +41,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from core.args import arg
-from core.errors import InputError
+from gpt2_scratch.core.args import arg
+from gpt2_scratch.core.errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -267,7 +267,7 @@ def merged_model(peft_model, s: LoRASettings, load_base: Callable[[], Any] | Non
 
 def save_adapter(peft_model, out: Path) -> Path:
     """``OUT/adapter``: adapter_config.json + adapter_model.safetensors, written whole or not at all."""
-    from core.files import write_dir_atomically
+    from gpt2_scratch.core.files import write_dir_atomically
 
     # The head's weight is the (frozen, unchanged) embedding: peft would save it along when the head has an
     # adapter; the base model has it already.
@@ -279,7 +279,7 @@ def save_outputs(out: Path, model, tokenizer, s: LoRASettings, *, prompt_style: 
                  load_base: Callable[[], Any] | None = None):
     """Write what a LoRA run leaves: ``OUT/adapter`` and (unless ``--no-merge``) the merged model at the top
     of OUT. Returns the model to generate the test responses with (merged, or the adapter model)."""
-    from train.run import save_model_into
+    from gpt2_scratch.train.run import save_model_into
 
     save_adapter(model, out)
     if not s.merge:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from core.files import JsonlFile, atomic_path
+from gpt2_scratch.core.files import JsonlFile, atomic_path
 
 
 class MetricsLog:

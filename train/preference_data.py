@@ -21,9 +21,9 @@ from dataclasses import dataclass
 import datasets
 import torch
 
-from core.prompts import format_input, response_header
-from core.records import PREFERENCE_FIELDS, DataError, book_split, load_records
-from train.data import IGNORE_INDEX, PAD_TOKEN_ID, collate_instruction_batch
+from gpt2_scratch.core.prompts import format_input, response_header
+from gpt2_scratch.core.records import PREFERENCE_FIELDS, DataError, book_split, load_records
+from gpt2_scratch.train.data import IGNORE_INDEX, PAD_TOKEN_ID, collate_instruction_batch
 
 logger = logging.getLogger(__name__)
 

@@ -21,9 +21,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from core.args import arg
-from core.download import is_hub_id
-from core.errors import InputError
+from gpt2_scratch.core.args import arg
+from gpt2_scratch.core.download import is_hub_id
+from gpt2_scratch.core.errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ def _judge_score(path: Path) -> tuple[float | None, str | None]:
 
 def resolve_base_model(args: dict, explicit: str | None = None) -> str | None:
     """The Hub id the model derives from: --base-model, else the run's --model when it names one."""
-    from convert.resolve import preset_name
+    from gpt2_scratch.convert.resolve import preset_name
     from gpt2_scratch import HUB_ID_OF_PRESET
 
     def hub_id(value: str) -> str | None:
@@ -204,7 +204,7 @@ def build_model_card(
     # OpenAI's GPT-2 weights are MIT-licensed; a model trained from them inherits that by default.
     license = license or ("mit" if base and base.startswith("openai-community/") else "apache-2.0")
 
-    from train.lora import card_line
+    from gpt2_scratch.train.lora import card_line
 
     lora_line = card_line(run.args, base)  # a LoRA finetune says so, and of what
     data = ModelCardData(

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from core.errors import EXIT_INTERRUPTED, Failure, InputError, describe_os_error, one_line
-from core.files import check_output_dir, write_json_atomic
+from gpt2_scratch.core.errors import EXIT_INTERRUPTED, Failure, InputError, describe_os_error, one_line
+from gpt2_scratch.core.files import check_output_dir, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ _SHARED_DEFAULT = object()
 
 def run_arg(name: str, default: Any = _SHARED_DEFAULT, help: str | None = None) -> Any:
     """The ``arg(...)`` of shared option ``name``; ``default``/``help`` where a script's differ."""
-    from core.args import arg
+    from gpt2_scratch.core.args import arg
 
     shared_default, shared_help, extra = RUN_OPTIONS[name]
     return arg(shared_default if default is _SHARED_DEFAULT else default, help or shared_help, **extra)
@@ -196,7 +196,8 @@ def make_accelerator(mixed_precision: str, batch_size: int):
     logging.basicConfig(level=logging.INFO if main else logging.WARNING, handlers=[_StdoutHandler()],
                         format="%(message)s", force=True)
     # Our own lines say what happened; the libraries' INFO lines (every file save_state writes) bury them.
-    for noisy in ("accelerate", "gpt2_scratch", "httpx", "httpx2", "core.download"):
+    noisy_modules = ("model_dir", "hub", "modeling_gpt2_scratch", "responses", "tokenizer", "core.download")
+    for noisy in ("accelerate", "httpx", "httpx2", *(f"gpt2_scratch.{m}" for m in noisy_modules)):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # save_state's note that the tied lm_head is stored once is expected (reload re-ties it).
     logging.getLogger("accelerate.utils.other").addFilter(lambda r: "Removed shared tensor" not in r.getMessage())
@@ -491,7 +492,7 @@ def save_model_into(out: Path, model, tokenizer, *, prompt_style: str | None = N
     """Write the model at OUT's top level: built completely in a staging folder by ``save_model_dir``,
     then each file is moved into OUT (weights last, so OUT never pairs a new config with missing weights).
     Refused when the weights hold NaN; a full disk leaves OUT as it was."""
-    from core.files import replace_files_into
+    from gpt2_scratch.core.files import replace_files_into
     from gpt2_scratch import save_model_dir
     from gpt2_scratch.model_dir import check_finite
 

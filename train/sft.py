@@ -34,7 +34,7 @@ exactly; Ctrl-C saves one and stops; a NaN loss stops the run without saving any
 from __future__ import annotations
 
 if __name__ == "__main__":  # `python train/sft.py ARGS` and `accelerate launch train/sft.py ARGS`
-    from core.cli import run_script
+    from gpt2_scratch.core.cli import run_script
 
     run_script("sft")
 
@@ -50,16 +50,16 @@ from typing import Any, Literal
 
 import torch
 
-from core.args import arg
-from core.errors import InputError
-from core.records import BOOK_DATA_URL
-from train.book_exact import (BOOK_SAMPLE_TOKENS, check_book_exact_args, fit_book_exact, plot_book_curves,
+from gpt2_scratch.core.args import arg
+from gpt2_scratch.core.errors import InputError
+from gpt2_scratch.core.records import BOOK_DATA_URL
+from gpt2_scratch.train.book_exact import (BOOK_SAMPLE_TOKENS, check_book_exact_args, fit_book_exact, plot_book_curves,
                               set_up_book_exact)
-from train.data import IGNORE_INDEX
-from train.lora import lora_arg
-from train.run import TrainState, run_arg
+from gpt2_scratch.train.data import IGNORE_INDEX
+from gpt2_scratch.train.lora import lora_arg
+from gpt2_scratch.train.run import TrainState, run_arg
 
-logger = logging.getLogger("train.sft")
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -148,7 +148,7 @@ MAY_CHANGE_ON_RESUME = {"out", "overwrite", "resume", "eval_freq", "eval_iter", 
 
 def run(args: SFTArgs) -> int:
     """set-up → fit → finish; returns the exit code (130 when stopped by Ctrl-C with a checkpoint saved)."""
-    from train.run import run_training
+    from gpt2_scratch.train.run import run_training
 
     return run_training(args, set_up, fit_book_exact if args.book_exact else fit, finish)
 
@@ -181,7 +181,7 @@ class Setup:
 
 def check_args(args: SFTArgs) -> None:
     """The numbers a run cannot start with, as one line each."""
-    from train.run import check_number
+    from gpt2_scratch.train.run import check_number
 
     for name in ("epochs", "batch_size", "grad_accum", "eval_freq", "eval_iter", "sample_tokens",
                  "max_new_tokens", "response_batch_size"):
@@ -215,14 +215,14 @@ def load_model(args: SFTArgs):
             return GPT2ScratchForCausalLM(GPT2ScratchConfig.from_preset(args.model, **overrides))
         except ValueError as err:
             raise InputError(f"bad model shape {overrides}: {err}") from None
-    from convert.resolve import load_model as resolve_model
+    from gpt2_scratch.convert.resolve import load_model as resolve_model
 
     return resolve_model(args.model, random_init=args.random_init, models_dir=args.models_dir)
 
 
 def load_instruction_records(spec: str, seed: int) -> list[dict]:
-    from core.records import load_records
-    from train.synthetic import synthetic_records
+    from gpt2_scratch.core.records import load_records
+    from gpt2_scratch.train.synthetic import synthetic_records
 
     records = synthetic_records(spec, seed)
     return records if records is not None else load_records(spec)
@@ -232,12 +232,12 @@ def set_up(args: SFTArgs) -> Setup:
     from accelerate.utils import set_seed
     from torch.utils.data import DataLoader
 
-    from core.prompts import format_input
+    from gpt2_scratch.core.prompts import format_input
     from gpt2_scratch import get_tokenizer
-    from train import lora
-    from train.data import EpochBatchSampler, InstructionCollator, evaluation_sampler, prepare_instruction_data
-    from train.metrics import MetricsLog
-    from train.run import (check_output, check_resume_args, clear_output, find_checkpoint, load_checkpoint,
+    from gpt2_scratch.train import lora
+    from gpt2_scratch.train.data import EpochBatchSampler, InstructionCollator, evaluation_sampler, prepare_instruction_data
+    from gpt2_scratch.train.metrics import MetricsLog
+    from gpt2_scratch.train.run import (check_output, check_resume_args, clear_output, find_checkpoint, load_checkpoint,
                            make_accelerator, quiet_libraries, resolve_precision, write_args)
 
     # 1. Arguments and the output folder: nothing is written or deleted until every check has passed.
@@ -320,7 +320,7 @@ def set_up(args: SFTArgs) -> Setup:
                   f"{state.batches_done} batches into it", flush=True)
     if main:
         write_args(out, args)
-        from core.allocator import loaded_allocator
+        from gpt2_scratch.core.allocator import loaded_allocator
 
         print(f"model {args.model}{' (random init)' if args.random_init else ''}: {model_parameters(model):,} "
               f"parameters, context {context}; data {args.data}: {len(data.train)} train / {len(data.validation)} "
@@ -406,7 +406,7 @@ def fit(setup: Setup, args: SFTArgs) -> tuple[TrainState, bool]:
     """Train until the epochs (or --max-steps) are done; returns (state, whether Ctrl-C stopped it)."""
     from tqdm.auto import tqdm
 
-    from train.run import StopRequest, check_loss, save_checkpoint
+    from gpt2_scratch.train.run import StopRequest, check_loss, save_checkpoint
 
     accelerator, model, state = setup.accelerator, setup.model, setup.state
     main = accelerator.is_main_process
@@ -537,11 +537,11 @@ def train_step(setup: Setup, args: SFTArgs, window: list[dict]) -> tuple[float, 
 
 def finish(setup: Setup, state: TrainState, args: SFTArgs) -> None:
     """The model at the top of OUT, the loss plot, the test responses (and the demo's exact match), a push."""
-    from core.files import write_json_atomic
+    from gpt2_scratch.core.files import write_json_atomic
     from gpt2_scratch import generate_responses
-    from train import lora
-    from train.metrics import plot_curves
-    from train.run import save_model_into
+    from gpt2_scratch.train import lora
+    from gpt2_scratch.train.metrics import plot_curves
+    from gpt2_scratch.train.run import save_model_into
 
     accelerator, out = setup.accelerator, setup.out
     accelerator.wait_for_everyone()
@@ -568,7 +568,7 @@ def finish(setup: Setup, state: TrainState, args: SFTArgs) -> None:
         write_json_atomic(out / "instruction-data-with-response.json",
                           [dict(r, model_response=resp) for r, resp in zip(records, responses)])
         if records and all("task" in r for r in records):
-            from train.synthetic import exact_match_report
+            from gpt2_scratch.train.synthetic import exact_match_report
 
             report = exact_match_report(records, responses)
             write_json_atomic(out / "exact_match.json", {k: {"correct": c, "total": n, "accuracy": c / n}
@@ -579,7 +579,7 @@ def finish(setup: Setup, state: TrainState, args: SFTArgs) -> None:
         print(f"done: {state.step} steps, {state.tokens_seen:,} tokens in {state.train_seconds / 60:.1f} min of "
               f"training; model, metrics, loss.png/pdf and responses in {out}", flush=True)
         if args.push_to_hub:
-            from train.publish import push_run
+            from gpt2_scratch.train.publish import push_run
 
             push_run(out, args.push_to_hub)
     accelerator.wait_for_everyone()

@@ -34,9 +34,9 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from core.download import fetch_to_cache
-from core.files import write_bytes_atomic
-from core.records import DataError
+from gpt2_scratch.core.download import fetch_to_cache
+from gpt2_scratch.core.files import write_bytes_atomic
+from gpt2_scratch.core.records import DataError
 from gpt2_scratch.tokenizer import ENDOFTEXT_ID
 
 logger = logging.getLogger(__name__)

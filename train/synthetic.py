@@ -101,7 +101,7 @@ def synthetic_records(spec: str, seed: int = 123) -> list[dict] | None:
         return None
     size = spec.split(":", 1)[1] if ":" in spec else str(DEFAULT_SIZE)
     if not size.isdigit() or int(size) < 1:
-        from core.errors import InputError
+        from gpt2_scratch.core.errors import InputError
 
         raise InputError(f"--data {spec}: expected synthetic or synthetic:N with N a positive number of records")
     return make_synthetic_records(int(size), seed)

@@ -5,7 +5,7 @@ network; these live in the repository instead and load by path::
 
     import evaluate
     judge = evaluate.load("eval/metrics/llm_judge")          # relative to the repo root, or
-    from eval.metrics import load_metric
+    from gpt2_scratch.eval.metrics import load_metric
     judge = load_metric("llm_judge")                         # from anywhere
 
 - ``exact_match``: share of predictions equal to the reference (after stripping whitespace).

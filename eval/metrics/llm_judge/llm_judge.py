@@ -10,9 +10,9 @@ records (unparsable after retries, or unreachable) are not averaged; they are re
 import datasets
 import evaluate
 
-from eval.judge import score_records
-from eval.judge_cache import JudgeCache
-from eval.judge_client import MAX_REPLY_TOKENS, REQUEST_TIMEOUT, RetryPolicy, make_judge
+from gpt2_scratch.eval.judge import score_records
+from gpt2_scratch.eval.judge_cache import JudgeCache
+from gpt2_scratch.eval.judge_client import MAX_REPLY_TOKENS, REQUEST_TIMEOUT, RetryPolicy, make_judge
 
 _DESCRIPTION = "Mean 0-100 score an LLM judge (Ollama or OpenAI-compatible) gives the responses."
 _KWARGS = """
