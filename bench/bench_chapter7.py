@@ -37,7 +37,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 BOOK_DATA = REPO.parent / "shared" / "data" / "instruction-data.json"
 EPOCHS, BATCH, EVAL_FREQ, EVAL_ITER = 2, 8, 5, 5
 
@@ -133,7 +132,7 @@ def main() -> None:
                         help="train/sft.py's --mixed-precision (auto: bf16 only where it is fast)")
     args = parser.parse_args()
 
-    from bench.bench_lora import cpu_header
+    from bench_lora import cpu_header  # a sibling script: bench/ is sys.path[0]
     from gpt2_scratch.train.run import fast_bf16, quiet_libraries
 
     quiet_libraries()

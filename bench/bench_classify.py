@@ -30,7 +30,6 @@ def run_one(preset: str, trainable: str, precision: str, steps: int, warmup: int
     """One configuration, in this process; returns its measurements."""
     import torch
 
-    sys.path.insert(0, str(REPO_ROOT))
     from gpt2_scratch import GPT2ScratchConfig, GPT2ScratchForSequenceClassification, get_encoding
     from gpt2_scratch.train.classify import set_trainable
     from gpt2_scratch.train.spam_data import SpamDataset, prepare_splits

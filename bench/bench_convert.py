@@ -42,10 +42,12 @@ threading.Thread(target=_sample, daemon=True).start()
 CHILD = SAMPLER + r"""
 import json, resource, sys, time
 t0 = time.perf_counter()
-import gpt2_scratch, convert.cli  # imports are not part of the conversion
+# Imports are not part of the conversion (the package and its command line load torch lazily: import it here).
+import torch, transformers, gpt2_scratch.modeling_gpt2_scratch, gpt2_scratch.convert.cli
+from gpt2_scratch.core.cli import main as cli_main
 imported, imported_anon = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, _anon()
 t1 = time.perf_counter()
-code = convert.cli.main(sys.argv[1:]) if sys.argv[1:] else 0
+code = cli_main(["convert", *sys.argv[1:]]) if sys.argv[1:] else 0
 t2 = time.perf_counter()
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 print("BENCH " + json.dumps({"code": code, "import_s": t1 - t0, "run_s": t2 - t1, "import_rss": imported,

@@ -35,7 +35,6 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
-sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))  # the stand-in Ollama server
 
 

@@ -13,7 +13,7 @@ prefill is included the same way. Methods alternate prompt by prompt (the order 
 so a neighbour's load on the shared cores hits all of them alike; the table reports the median and
 the spread over all (round, prompt) samples. Both sides use the same number of threads (torch's
 intra-op threads = llama.cpp n_threads) and run in one process with the project's caching malloc
-(train/allocator.py), as eval/generate.py does.
+(core/allocator.py), as eval/generate.py does.
 
 Needs the `llama` extra (llama-cpp-python). The CPU can change between sessions here: compare ratios
 within one run, not absolute numbers across runs.
@@ -34,15 +34,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
-sys.path.insert(0, str(REPO))
-
-if __name__ == "__main__":
-    # Before torch is imported: re-run with the caching malloc our generation uses (train/allocator.py).
-    from gpt2_scratch.train.allocator import use_caching_allocator_or_exit
-
-    use_caching_allocator_or_exit()
-
-import torch  # noqa: E402
 
 
 def cpu_description() -> tuple[str, str]:
@@ -71,6 +62,8 @@ def prompts(n: int, quick: bool) -> list[str]:
 
 
 def time_ours(model, ids: list[int], new_tokens: int) -> float:
+    import torch
+
     x = torch.tensor([ids])
     start = time.perf_counter()
     with torch.no_grad():
@@ -98,12 +91,22 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4, help="rounds over the prompts; the table reports medians")
     parser.add_argument("--prompts", type=int, default=5, help="prompts per round")
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens generated per prompt")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="threads for both sides")
+    parser.add_argument("--threads", type=int, help="threads for both sides (default: torch's intra-op threads)")
     parser.add_argument("--quick", action="store_true", help="tiny model, 1 round: checks the script works")
     args = parser.parse_args()
     if args.quick:
         args.rounds, args.prompts, args.new_tokens = 1, 1, 16
 
+    from gpt2_scratch.core.allocator import AllocatorError, loaded_allocator, use_caching_allocator
+
+    try:  # before torch is imported: re-run with the caching malloc our generation uses (core/allocator.py)
+        use_caching_allocator()
+    except AllocatorError as err:
+        sys.exit(f"error: {err}")
+    import torch
+
+    if args.threads is None:
+        args.threads = torch.get_num_threads()
     try:
         import llama_cpp
     except ImportError:
@@ -153,8 +156,6 @@ def main() -> None:
     name, flags = cpu_description()
     base = statistics.median(speeds["ours"])
     shape = "tiny (2 layers, emb 64)" if args.quick else "gpt2-small shape (124M, random weights)"
-    from gpt2_scratch.train.allocator import loaded_allocator
-
     print(f"\n{shape}; greedy, batch 1, {len(token_lists)} prompts of {min(map(len, token_lists))}-"
           f"{max(map(len, token_lists))} tokens + {args.new_tokens} new tokens each, {args.rounds} rounds; "
           f"{args.threads} threads; malloc: {loaded_allocator()}")

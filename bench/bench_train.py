@@ -28,7 +28,7 @@ eval_iter), and the "with evaluation" rate counts that time too: it is what a us
                 PyTorch, logits for every position, F.cross_entropy mean per batch, default AdamW,
                 fp32 only; every 5 steps it evaluates 5 training and 5 validation batches
 
-Memory allocator: train/sft.py runs with a caching malloc preloaded (train/allocator.py: mimalloc,
+Memory allocator: train/sft.py runs with a caching malloc preloaded (core/allocator.py: mimalloc,
 else tcmalloc), so ours and transformers run that way too; the book's loop is plain PyTorch and runs
 with glibc's malloc. An implementation name takes an allocator after "@" (ours@system, book@mimalloc);
 implementations with different allocators run in different processes, one after the other.
@@ -50,7 +50,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 BOOK_DATA = REPO.parent / "shared" / "data" / "instruction-data.json"
 
 

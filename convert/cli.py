@@ -5,7 +5,7 @@
     gpt2-scratch convert hf --repo openai-community/gpt2-medium --out DIR
     gpt2-scratch convert hf --from-dir PATH --out DIR          # folder or .safetensors file
     gpt2-scratch convert export-hf --model DIR --out HF_DIR    # standard GPT2LMHeadModel folder
-    gpt2-scratch convert book --pth FILE.pth --out DIR [--n-heads N]   # the book's GPTModel state dict
+    gpt2-scratch convert book --pth FILE.pth --out DIR [--n-heads N] [--prompt-style alpaca]  # the book's GPTModel
     gpt2-scratch convert export-book --model DIR --out FILE.pth        # … and back, printing its cfg
     gpt2-scratch convert gguf --model DIR --out FILE.gguf [--dtype f16]   # llama.cpp/Ollama + FILE.Modelfile
 
@@ -35,10 +35,11 @@ def _check_out(out: str, overwrite: bool, inputs=()) -> Path:
     return path
 
 
-def _save(model, out: Path, tokenizer, overwrite: bool, source: str, started: float) -> None:
+def _save(model, out: Path, tokenizer, overwrite: bool, source: str, started: float,
+          prompt_style: str | None = None) -> None:
     from gpt2_scratch import save_model_dir
 
-    save_model_dir(model, out, tokenizer=tokenizer, overwrite=overwrite)
+    save_model_dir(model, out, tokenizer=tokenizer, overwrite=overwrite, prompt_style=prompt_style)
     c = model.config
     print(f"wrote {out}: GPT-2 {model.num_parameters() / 1e6:.1f}M params (n_layers={c.n_layers}, "
           f"emb_dim={c.emb_dim}, n_heads={c.n_heads}, vocab={c.vocab_size}, context={c.context_length}) from "
@@ -127,6 +128,9 @@ class BookArgs:
     n_heads: int | None = arg(None, "the cfg's n_heads; needed only when emb_dim is not 768, 1024, 1280 or 1600 "
                                     "(GPT-2's sizes, whose head counts are known)")
     labels: str | None = arg(None, "a classifier's class names, comma-separated (default for two classes: ham,spam)")
+    prompt_style: Literal["alpaca", "phi3"] | None = arg(
+        None, "the prompt style an instruction-finetuned model was trained with (chapter 7's: alpaca); recorded "
+              "in config.json with its chat template, for `chat`, pipelines and the GGUF export")
     overwrite: bool = arg(False, OVERWRITE_HELP)
 
 
@@ -137,7 +141,10 @@ def run_book(args: BookArgs) -> None:
     out = _check_out(args.out, args.overwrite, inputs=[("--pth", args.pth)])
     labels = tuple(args.labels.split(",")) if args.labels else None
     model = load_book_checkpoint(args.pth, n_heads=args.n_heads, labels=labels)
-    _save(model, out, None, args.overwrite, str(args.pth), started)
+    if args.prompt_style is not None and hasattr(model, "score"):
+        raise InputError(f"--pth {args.pth} holds a classifier (chapter 6), which has no prompt style; drop "
+                         "--prompt-style")
+    _save(model, out, None, args.overwrite, str(args.pth), started, args.prompt_style)
     c = model.config
     if hasattr(model, "score"):
         print(f"  a sequence classifier ({', '.join(c.id2label[i] for i in range(c.num_labels))}): load it with "

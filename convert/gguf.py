@@ -19,16 +19,18 @@ transformers' GGUF reader run it with no code of ours:
   `gpt2_scratch.tokenizer`), with bos = eos = pad = <|endoftext|> (50256) written explicitly: llama.cpp
   defaults GPT-2 style vocabularies to token 11, and it must not prepend a BOS our prompts never had.
 - The prompt style the model was trained with goes in as `gpt2_scratch.prompt_style` and as a Jinja
-  `tokenizer.chat_template` (llama.cpp servers, llama-cpp-python and transformers use it for chat).
+  `tokenizer.chat_template` (llama.cpp servers, llama-cpp-python and transformers use it for chat): the
+  very template `save_model_dir` puts in the model folder's tokenizer (`core.prompts.chat_template`).
 
 The Modelfile (`FILE.Modelfile`) makes `ollama create NAME -f FILE.Modelfile` a model that answers in
-the trained prompt format. Chat convention, the same in the Ollama TEMPLATE and the Jinja template:
+the trained prompt format. Its TEMPLATE is the same chat convention (`core.prompts`), written in Go's
+template language from the same pieces of the style:
 
     the last user message is the instruction; the system message, if any, is the input.
 
-So a user who types an instruction gets exactly ``format_input({"instruction": msg}) +
-response_header(style)``, and a record with an input is sent as [system: input, user: instruction].
-Earlier turns are not shown to the model: it was finetuned on single prompts, and its context is short.
+So a user who types an instruction gets exactly ``generation_prompt({"instruction": msg}, style)``, and a
+record with an input is sent as [system: input, user: instruction]. Earlier turns are not shown to the
+model: it was finetuned on single prompts, and its context is short.
 Sampling defaults to greedy decoding (temperature 0, no repeat penalty), what our `generate` does.
 """
 
@@ -43,6 +45,7 @@ import numpy as np
 import torch
 
 from gpt2_scratch.core.files import atomic_path
+from gpt2_scratch.core.prompts import chat_template
 from gpt2_scratch.convert.errors import ConvertError
 from gpt2_scratch.convert.mapping import Dims, Rule, convert_tensors, embd_shape, plan_conversion
 
@@ -80,68 +83,31 @@ UNTIED_HEAD_RULE = Rule("lm_head.weight", "output.weight", lambda d: (d.n_vocab,
 
 
 # ---------------------------------------------------------------------------------------------
-# Prompt templates, derived from gpt2_scratch.core.prompts so they cannot drift from training
+# Prompt templates, built from the pieces in gpt2_scratch.core.prompts so they cannot drift from training
 # ---------------------------------------------------------------------------------------------
-_INSTRUCTION, _INPUT = "\x00INSTRUCTION\x00", "\x00INPUT\x00"
-
-
-def prompt_parts(style: str) -> tuple[str, str, str]:
-    """(before the instruction, between instruction and input, after both) for `style`.
-
-    Found by formatting placeholder records with the training code's own `format_input`, so the
-    templates below reproduce it by construction; the tests render them and compare with it.
-    """
-    from gpt2_scratch.core.prompts import format_input, response_header
-
-    plain = format_input({"instruction": _INSTRUCTION}, style)
-    with_input = format_input({"instruction": _INSTRUCTION, "input": _INPUT}, style)
-    head, tail = plain.split(_INSTRUCTION)
-    if not with_input.startswith(head + _INSTRUCTION) or not with_input.endswith(_INPUT + tail):
-        raise ConvertError(f"prompt style {style!r}: the prompt does not have the shape head + instruction "
-                           "[+ separator + input] + tail, so no template can express it")
-    between = with_input[len(head + _INSTRUCTION):len(with_input) - len(_INPUT + tail)]
-    return head, between, tail + response_header(style)
-
-
 def ollama_template(style: str | None) -> str:
-    """The Modelfile TEMPLATE (Go text/template, Ollama's variables).
+    """The Modelfile TEMPLATE (Go text/template, Ollama's variables): `core.prompts`' chat convention.
 
     With `.Messages` in it, Ollama executes it once per request with all messages (consecutive messages
-    of one role merged) and `.System` = the system messages joined by blank lines; we take the last
-    user message as the instruction and `.System` as the input. Without a known style: `{{ .Prompt }}`,
-    the plain completion template (the text goes to the model as it is).
+    of one role merged) and `.System` = the system messages joined by blank lines. The last user message
+    is the instruction and `.System` the input; an assistant message after it is a prefill, written after
+    the response header (Ollama continues it), so unlike the Jinja template it gets no end-of-text.
+    Without a known style: `{{ .Prompt }}`, the plain completion template (the text goes to the model as it is).
     """
+    from gpt2_scratch.core.prompts import prompt_pieces
+
     if style is None:
         return "{{ .Prompt }}"
-    head, between, tail = prompt_parts(style)
-    for text in (head, between, tail):
+    s = prompt_pieces(style)
+    for text in (s.head, s.input_separator, s.response_header):
         if "{{" in text or '"""' in text:
             raise ConvertError(f"prompt style {style!r}: its text contains '{{{{' or '\"\"\"', which a Modelfile "
                                "TEMPLATE cannot hold literally")
-    return ('{{ $instruction := "" }}{{ range .Messages }}{{ if eq .Role "user" }}{{ $instruction = .Content }}'
-            "{{ end }}{{ end }}"
-            f"{head}{{{{ $instruction }}}}{{{{ if .System }}}}{between}{{{{ .System }}}}{{{{ end }}}}{tail}")
-
-
-def chat_template(style: str) -> str:
-    """The same convention as a Jinja chat template (GGUF `tokenizer.chat_template`).
-
-    Text is emitted only through string literals, so the result does not depend on the renderer's
-    trim_blocks/lstrip_blocks settings (transformers and llama-cpp-python turn both on).
-    """
-    head, between, tail = (json.dumps(part) for part in prompt_parts(style))
-    return (
-        '{%- set ns = namespace(instruction="", input="") -%}'
-        "{%- for message in messages -%}"
-        '{%- if message["role"] == "user" -%}{%- set ns.instruction = message["content"] -%}'
-        '{%- elif message["role"] == "system" -%}'
-        '{%- set ns.input = ns.input + ("\\n\\n" if ns.input else "") + message["content"] -%}'
-        "{%- endif -%}"
-        "{%- endfor -%}"
-        f"{{{{- {head} + ns.instruction -}}}}"
-        f"{{%- if ns.input -%}}{{{{- {between} + ns.input -}}}}{{%- endif -%}}"
-        f"{{{{- {tail} -}}}}"
-    )
+    return ('{{ $instruction := "" }}{{ $response := "" }}{{ range .Messages }}'
+            '{{ if eq .Role "user" }}{{ $instruction = .Content }}{{ $response = "" }}{{ end }}'
+            '{{ if eq .Role "assistant" }}{{ $response = .Content }}{{ end }}{{ end }}'
+            f"{s.head}{{{{ $instruction }}}}{{{{ if .System }}}}{s.input_separator}{{{{ .System }}}}{{{{ end }}}}"
+            f"{s.response_header}{{{{ $response }}}}")
 
 
 def modelfile_text(gguf_path: Path, modelfile_path: Path, *, style: str | None, context_length: int,

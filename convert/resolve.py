@@ -22,6 +22,7 @@ import os
 from pathlib import Path
 
 from gpt2_scratch.core.download import DownloadError, is_hub_id
+from gpt2_scratch.core.files import path_kind
 from gpt2_scratch.convert.errors import ConvertError
 
 log = logging.getLogger(__name__)
@@ -40,15 +41,19 @@ def load_model(spec: str, *, random_init: bool = False, models_dir: str | os.Pat
                flag: str = "--model"):
     """The GPT2ScratchForCausalLM that `spec` names (see the module docstring), in eval mode."""
     from gpt2_scratch import OPENAI_SIZE_OF_PRESET, GPT2ScratchConfig, GPT2ScratchForCausalLM
-    from gpt2_scratch.model_dir import is_our_model_dir, load_model_dir, read_config
+    from gpt2_scratch.model_dir import check_config, is_our_model_dir, load_model_dir, read_config
 
     spec = str(spec)
     path = Path(spec).expanduser()
+    kind = path_kind(path)  # a link loop is not "no such folder", nor a Hub id to download
+    if kind is not None:
+        raise ConvertError(f"{flag} {spec} is {kind}, not a model folder; pass a model folder, a preset "
+                           "(gpt2-small ...) or a Hugging Face repo id")
     if path.exists():
         if path.is_dir() and (path / "config.json").is_file() and is_our_model_dir(path):
             if random_init:
                 log.info("%s: random init with this folder's config", path)
-                config = GPT2ScratchConfig.from_dict(read_config(path, flag=flag))
+                config = check_config(path, read_config(path, flag=flag))
                 return GPT2ScratchForCausalLM(config).eval()
             return load_model_dir(path, head="causal-lm", flag=flag)
         if path.is_dir() and any(path.glob("*.index")):

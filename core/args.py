@@ -12,28 +12,82 @@ or more values), its default the default, ``arg``'s help the help text and ``ali
 spellings that keep working. A field without a default is a required option. Every command of
 ``gpt2-scratch`` is declared this way (core/cli.py lists them), so the same thing has the same flag
 name everywhere.
+
+Options shared by several commands are declared once, in a dataclass the commands' Args inherit
+(train/options.py: every training run's options; train/lora.py: LoRA's); ``--help`` shows them in a
+group titled by that class. A command that needs another default says so with ``redefault``. The
+values are checked in one place, ``check_values``, from what each field declares: ``at_least`` /
+``above`` / ``at_most`` bounds, and every float finite (``--lr nan`` is not a learning rate).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Sequence
 from typing import Any, Callable, Literal
 
 
-def arg(default: Any = dataclasses.MISSING, help: str = "", *, aliases: Sequence[str] = (),
-        **argparse_kwargs: Any) -> Any:
-    """A dataclass field carrying its option's help text, aliases and any extra argparse settings.
+# Field metadata that is ours, not argparse's.
+_CHECKS = ("at_least", "above", "at_most")
+_OURS = ("help", "aliases", *_CHECKS, "resume_may_change")
 
-    Leave ``default`` out for a required option.
+
+def arg(default: Any = dataclasses.MISSING, help: str = "", *, aliases: Sequence[str] = (),
+        at_least: float | None = None, above: float | None = None, at_most: float | None = None,
+        resume_may_change: bool = False, **argparse_kwargs: Any) -> Any:
+    """A dataclass field carrying its option's help text, aliases, value bounds and extra argparse settings.
+
+    Leave ``default`` out for a required option. ``at_least`` / ``above`` / ``at_most`` bound the value
+    (``check_values``; None passes, it means "not set"). ``resume_may_change``: a training run's
+    ``--resume`` may change this option (how a run is watched or what happens after it), not what it computes.
     """
-    metadata = {"help": help, "aliases": tuple(aliases), **argparse_kwargs}
+    metadata = {"help": help, "aliases": tuple(aliases), "at_least": at_least, "above": above, "at_most": at_most,
+                "resume_may_change": resume_may_change, **argparse_kwargs}
     if isinstance(default, list):
         return dataclasses.field(default_factory=lambda: list(default), metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
+
+
+def redefault(cls: type, name: str, default: Any, help: str | None = None) -> Any:
+    """Field ``name`` of the options class ``cls`` with another default (and help): a command whose recipe
+    differs (DPO's lr 5e-6) keeps the option's one declaration."""
+    field = cls.__dataclass_fields__[name]
+    metadata = dict(field.metadata)
+    if help is not None:
+        metadata["help"] = help
+    ours = {k: metadata.pop(k) for k in _OURS if k in metadata}
+    return arg(default, ours.pop("help", ""), **ours, **metadata)
+
+
+def check_values(args: Any) -> None:
+    """Every option's value against what its field declares; raises one InputError naming the option."""
+    from gpt2_scratch.core.errors import InputError
+
+    for field in dataclasses.fields(args):
+        value = getattr(args, field.name)
+        values = value if isinstance(value, list) else [value]
+        for v in values:
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                continue
+            flag = option_name(field.name)
+            if isinstance(v, float) and not math.isfinite(v):
+                raise InputError(f"{flag} must be a finite number, got {v}")
+            meta = field.metadata
+            if meta.get("at_least") is not None and v < meta["at_least"]:
+                raise InputError(f"{flag} must be at least {meta['at_least']:g}, got {v:g}")
+            if meta.get("above") is not None and v <= meta["above"]:
+                raise InputError(f"{flag} must be greater than {meta['above']:g}, got {v:g}")
+            if meta.get("at_most") is not None and v > meta["at_most"]:
+                raise InputError(f"{flag} must be at most {meta['at_most']:g}, got {v:g}")
+
+
+def resume_may_change(cls: type) -> set[str]:
+    """The options of ``cls`` a resumed training run may change."""
+    return {f.name for f in dataclasses.fields(cls) if f.metadata.get("resume_may_change")}
 
 
 def option_name(field_name: str) -> str:
@@ -55,14 +109,30 @@ def _type_and_choices(annotation: Any) -> tuple[Callable | None, list | None, bo
     return annotation, None, False
 
 
+def _declaring_class(cls: type, name: str) -> type:
+    """The class of ``cls``'s MRO that declared field ``name`` first (a ``redefault`` keeps its base's group)."""
+    for klass in reversed(cls.__mro__):
+        if name in getattr(klass, "__dataclass_fields__", {}):
+            return klass
+    return cls
+
+
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> argparse.ArgumentParser:
-    """Add one option per field of dataclass ``cls`` to ``parser``."""
+    """Add one option per field of dataclass ``cls`` to ``parser``: the command's own options first, then
+    one group per shared options class it inherits (titled by that class's docstring)."""
     hints = typing.get_type_hints(cls)
     fields = dataclasses.fields(cls)
-    # Required options first in --help (a subclass's own fields come after its base's in the dataclass).
+    # Required options first in --help.
     fields = sorted(fields, key=lambda f: f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING)
-    for field in fields:
-        meta = dict(field.metadata)
+    owners = sorted({_declaring_class(cls, f.name) for f in fields} - {cls}, key=cls.__mro__.index)
+    groups = {owner: parser.add_argument_group((owner.__doc__ or owner.__name__).strip().split("\n")[0])
+              for owner in owners}
+    by_owner = sorted(fields, key=lambda f: (0 if _declaring_class(cls, f.name) is cls else
+                                             1 + list(groups).index(_declaring_class(cls, f.name))))
+    for field in by_owner:
+        owner = _declaring_class(cls, field.name)
+        target = parser if owner is cls else groups[owner]
+        meta = {k: v for k, v in field.metadata.items() if k not in _CHECKS and k != "resume_may_change"}
         names = [option_name(field.name), *meta.pop("aliases", ())]
         help_text = meta.pop("help", "")
         required = field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
@@ -72,12 +142,12 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> argpa
         if annotation is bool:
             # --flag / --no-flag, unless the field asks for one plain action (``no_cache``: --no-cache only).
             action = meta.pop("action", argparse.BooleanOptionalAction)
-            parser.add_argument(*names, action=action, default=default, help=help_text, dest=field.name)
+            target.add_argument(*names, action=action, default=default, help=help_text, dest=field.name)
             continue
         arg_type, choices, is_list = _type_and_choices(annotation)
         if is_list:
             meta.setdefault("nargs", "+")
-        parser.add_argument(*names, type=meta.pop("type", arg_type), choices=meta.pop("choices", choices),
+        target.add_argument(*names, type=meta.pop("type", arg_type), choices=meta.pop("choices", choices),
                             default=default, required=required, help=help_text, dest=field.name, **meta)
     return parser
 

@@ -134,7 +134,7 @@ def execute(command: Command, argv: Sequence[str], *, prog: str, entry_point: bo
         code = run_command(use_caching_allocator)  # re-executes the process, or returns
         if code:
             return code
-    from gpt2_scratch.core.args import parse_dataclass_args
+    from gpt2_scratch.core.args import check_values, parse_dataclass_args
 
     module = importlib.import_module(command.module)
     try:
@@ -143,7 +143,12 @@ def execute(command: Command, argv: Sequence[str], *, prog: str, entry_point: bo
         return int(exit.code or 0)
     if hasattr(args, "with_explicit"):  # profiles (sft --offline-demo) fill in only what was not given
         args = args.with_explicit(explicit)
-    return run_command(lambda: getattr(module, command.run)(args))
+
+    def work() -> int | None:
+        check_values(args)  # every command checks its option values the same way (core/args.py)
+        return getattr(module, command.run)(args)
+
+    return run_command(work)
 
 
 def main(argv: Sequence[str] | None = None, *, prog: str = "gpt2-scratch", group: str | None = None) -> int:

@@ -18,6 +18,7 @@ writable, all checked before any work is done or anything is deleted.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -235,8 +236,43 @@ def _same_path(a: Path, b: Path) -> bool:
 
 def _inside(child: Path, parent: Path) -> bool:
     """Whether ``child`` is ``parent`` or lies below it (both resolved)."""
-    child, parent = child.resolve(), parent.resolve()
+    child, parent = _resolved(child), _resolved(parent)
     return child == parent or parent in child.parents
+
+
+def _resolved(path: Path) -> Path:
+    """``path.resolve()``, or its absolute form where a symbolic link loop makes resolving impossible."""
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError):  # RuntimeError: Python < 3.13 on a loop
+        return path.absolute()
+
+
+def path_kind(path: str | os.PathLike) -> str | None:
+    """What ``path`` is, in words for a one-line error, when it is there but neither a file nor a folder.
+
+    "a symbolic link loop", "a broken symbolic link (its target X does not exist)", "a named pipe", "a character
+    device", "a block device", "a socket"; None for a file, a folder, or nothing at all. Without it,
+    ``Path.exists()`` calls a link loop absent and ``not is_file()`` calls ``/dev/null`` a folder.
+    """
+    import stat
+
+    path = Path(path).expanduser()
+    try:
+        mode = path.stat().st_mode
+    except OSError as err:
+        if not os.path.lexists(path):
+            return None  # nothing there
+        if err.errno == errno.ELOOP:
+            return "a symbolic link loop"
+        if isinstance(err, FileNotFoundError):
+            return f"a broken symbolic link (its target {os.readlink(path)} does not exist)"
+        return None  # unreadable: the caller's own open reports it
+    for test, words in ((stat.S_ISFIFO, "a named pipe"), (stat.S_ISCHR, "a character device"),
+                        (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return words
+    return None
 
 
 def check_writable_folder(folder: Path, *, flag: str) -> None:
@@ -247,6 +283,9 @@ def check_writable_folder(folder: Path, *, flag: str) -> None:
     """
     existing = folder
     while not existing.exists():
+        kind = path_kind(existing)
+        if kind is not None:  # a link loop or a dangling link: no folder can be made through it
+            raise InputError(f"{flag} {folder}: {existing} is {kind}; choose another path")
         existing = existing.parent
     if not existing.is_dir():
         raise InputError(f"{flag} {folder}: {existing} is a file, not a folder; choose another path")
@@ -278,7 +317,7 @@ def check_output_file(path: str | os.PathLike, *, flag: str = "--out",
         if input_path is None:
             continue
         input_path = Path(input_path).expanduser()
-        if _same_path(path, input_path) or path.resolve() == input_path.resolve():
+        if _same_path(path, input_path) or _resolved(path) == _resolved(input_path):
             raise InputError(f"{flag} {path} is also {input_flag}: writing it would replace the input; "
                              "choose another output file")
         if input_path.is_dir() and _inside(path, input_path) and (
@@ -308,3 +347,59 @@ def check_output_dir(path: str | os.PathLike, *, flag: str = "--out",
                              "writing the output there could replace it; choose another output folder")
     check_writable_folder(path, flag=flag)
     return path
+
+
+class FolderLock:
+    """One process's exclusive claim on a folder: ``flock`` on ``FOLDER/.lock``, which names the holder.
+
+    The kernel drops the lock when its process ends however it ends, so a lock file left behind by a
+    killed run never blocks the next one (that run takes the lock over). Only ``release`` removes the file.
+    """
+
+    NAME = ".lock"
+
+    def __init__(self, path: Path, fd: int):
+        self.path = path
+        self._fd = fd
+
+    @classmethod
+    def acquire(cls, folder: str | os.PathLike, *, what: str = "--out") -> "FolderLock":
+        """Lock ``folder`` (created if missing), or one InputError naming the process that holds it."""
+        import fcntl
+        import socket
+        import sys
+        import time
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / cls.NAME
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                try:
+                    holder = path.read_text(encoding="utf-8", errors="replace").strip() or "a process"
+                except OSError:
+                    holder = "a process"
+                raise InputError(f"{what} {folder} is in use by another run ({holder}); wait for it to finish, or "
+                                 f"use another {what}") from None
+            try:  # the file may have been released (removed) between our open and our lock: lock the new one
+                if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        started = time.strftime("%Y-%m-%d %H:%M:%S")
+        command = " ".join(sys.argv)[:300]
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, started {started}: {command}\n".encode())
+        return cls(path, fd)
+
+    def release(self) -> None:
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            pass
+        os.close(self._fd)

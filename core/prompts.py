@@ -4,43 +4,87 @@
 ends before the response header: the finetuned model writes the header itself, and
 ``extract_response`` removes it again, exactly as the book's evaluation code does.
 
-Plain text, no torch: training, generation, the judge and the GGUF export's chat template all use
-these functions, so what a model is trained on is exactly what it is asked at every other step.
+Plain text, no torch. Each style is four pieces of text (`PromptStyle`); training, generation, the
+judge, the chat template saved with every instruction model and the GGUF/Ollama templates are all built
+from them, so what a model is trained on is exactly what it is asked at every other step.
+
+Chat messages map onto one record, the same way in every template built here (`chat_template`, the
+GGUF's ``tokenizer.chat_template``, the Ollama Modelfile's TEMPLATE):
+
+- the last user message is the instruction;
+- the system messages (joined by a blank line) are the record's input, the book's "### Input:" part:
+  the one channel besides the user's text that OpenAI-style servers and Ollama pass on unchanged;
+- an assistant message after that last user message is the response: it follows the response header
+  and ends with the end-of-text token, the exact text of a training example (transformers'
+  ``continue_final_message=True`` and Ollama, whose template has no end-of-text, continue it instead:
+  a client's prefilled start of an answer);
+- otherwise ``add_generation_prompt`` ends the text with the response header, so the answer is the
+  first thing the model writes;
+- earlier user and assistant turns are left out: the model was finetuned on single prompts, and its
+  1024-token context would soon fill with a conversation it never learned to follow.
+
+So ``[{"role": "user", "content": X}]`` with ``add_generation_prompt=True`` is byte for byte
+``generation_prompt({"instruction": X})``, and ``chat_messages(record)`` gives the messages of a record.
 """
+
+import json
+from dataclasses import dataclass
 
 from gpt2_scratch.core.errors import InputError
 
-PROMPT_STYLES = ("alpaca", "phi3")
 
-# Text placed between the prompt and the output in a training example, per style.
-_RESPONSE_HEADER = {"alpaca": "\n\n### Response:\n", "phi3": "\n<|assistant|>:\n"}
-# What the book strips from the generated continuation to get the bare response.
-_RESPONSE_MARKER = {"alpaca": "### Response:", "phi3": "<|assistant|>:"}
+@dataclass(frozen=True)
+class PromptStyle:
+    """The text around a record's fields in one prompt style."""
+
+    head: str
+    """Before the instruction."""
+    input_separator: str
+    """Between the instruction and the input; absent, like the input, when a record has no input."""
+    response_header: str
+    """Between the prompt and the response in a training example."""
+    response_marker: str
+    """What the book strips from a generated continuation to get the bare response."""
 
 
-def _check_style(style: str) -> None:
-    if style not in PROMPT_STYLES:
+STYLES = {
+    "alpaca": PromptStyle(
+        head=("Below is an instruction that describes a task. "
+              "Write a response that appropriately completes the request."
+              "\n\n### Instruction:\n"),
+        input_separator="\n\n### Input:\n",
+        response_header="\n\n### Response:\n",
+        response_marker="### Response:",
+    ),
+    "phi3": PromptStyle(head="<|user|>\n", input_separator="\n", response_header="\n<|assistant|>:\n",
+                        response_marker="<|assistant|>:"),
+}
+PROMPT_STYLES = tuple(STYLES)
+
+
+def prompt_pieces(style: str) -> PromptStyle:
+    """The pieces of ``style``; a one-line error naming the known styles for any other name."""
+    if style not in STYLES:
         raise InputError(f"unknown prompt style {style!r}; choose one of {', '.join(PROMPT_STYLES)}")
+    return STYLES[style]
 
 
 def format_input(record: dict, style: str = "alpaca") -> str:
     """The prompt for one record: instruction, plus its input when there is one (the key may be absent)."""
-    _check_style(style)
+    s = prompt_pieces(style)
     extra = record.get("input") or ""
-    if style == "alpaca":
-        text = (
-            "Below is an instruction that describes a task. "
-            "Write a response that appropriately completes the request."
-            f"\n\n### Instruction:\n{record['instruction']}"
-        )
-        return text + (f"\n\n### Input:\n{extra}" if extra else "")
-    return f"<|user|>\n{record['instruction']}" + (f"\n{extra}" if extra else "")
+    return s.head + record["instruction"] + (s.input_separator + extra if extra else "")
 
 
 def response_header(style: str = "alpaca") -> str:
     """The text that joins a prompt and its response in a training example."""
-    _check_style(style)
-    return _RESPONSE_HEADER[style]
+    return prompt_pieces(style).response_header
+
+
+def generation_prompt(record: dict, style: str = "alpaca") -> str:
+    """What the model continues to answer ``record``: its prompt and the response header (``chat``, the chat
+    template with ``add_generation_prompt``)."""
+    return format_input(record, style) + response_header(style)
 
 
 def format_example(record: dict, style: str = "alpaca") -> str:
@@ -50,5 +94,39 @@ def format_example(record: dict, style: str = "alpaca") -> str:
 
 def extract_response(generated_text: str, prompt: str, style: str = "alpaca") -> str:
     """The response part of ``generated_text`` (which starts with ``prompt``), as the book extracts it."""
-    _check_style(style)
-    return generated_text[len(prompt):].replace(_RESPONSE_MARKER[style], "").strip()
+    marker = prompt_pieces(style).response_marker
+    return generated_text[len(prompt):].replace(marker, "").strip()
+
+
+def chat_messages(record: dict, *, with_response: bool = False) -> list[dict]:
+    """The chat messages that stand for ``record`` (the convention above): the input, if any, as the system
+    message, the instruction as the user message, and with ``with_response`` the output as the assistant's."""
+    system = [{"role": "system", "content": record["input"]}] if record.get("input") else []
+    response = [{"role": "assistant", "content": record["output"]}] if with_response else []
+    return [*system, {"role": "user", "content": record["instruction"]}, *response]
+
+
+def chat_template(style: str) -> str:
+    """The Jinja chat template of ``style`` (saved with the tokenizer, and the GGUF's), for the convention above.
+
+    Text is emitted only through string literals, so the result does not depend on the renderer's
+    trim_blocks/lstrip_blocks settings (transformers and llama-cpp-python turn both on).
+    """
+    s = prompt_pieces(style)
+    head, separator, header = (json.dumps(text) for text in (s.head, s.input_separator, s.response_header))
+    return (
+        '{%- set ns = namespace(instruction="", input="", response="", answered=false) -%}'
+        "{%- for message in messages -%}"
+        '{%- if message["role"] == "user" -%}'
+        '{%- set ns.instruction = message["content"] -%}{%- set ns.answered = false -%}'
+        '{%- elif message["role"] == "assistant" -%}'
+        '{%- set ns.response = message["content"] -%}{%- set ns.answered = true -%}'
+        '{%- elif message["role"] == "system" -%}'
+        '{%- set ns.input = ns.input + ("\\n\\n" if ns.input else "") + message["content"] -%}'
+        "{%- endif -%}"
+        "{%- endfor -%}"
+        f"{{{{- {head} + ns.instruction -}}}}"
+        f"{{%- if ns.input -%}}{{{{- {separator} + ns.input -}}}}{{%- endif -%}}"
+        f"{{%- if ns.answered -%}}{{{{- {header} + ns.response -}}}}{{{{- eos_token -}}}}"
+        f"{{%- elif add_generation_prompt -%}}{{{{- {header} -}}}}{{%- endif -%}}"
+    )

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from gpt2_scratch.core.download import fetch_to_cache, is_hub_id, is_url
 from gpt2_scratch.core.errors import InputError
+from gpt2_scratch.core.files import path_kind
 
 log = logging.getLogger(__name__)
 
@@ -139,8 +140,11 @@ def load_records(source: str, *, required: Sequence[str] = INSTRUCTION_FIELDS, f
     path = Path(source).expanduser()
     if path.is_file():
         return validate_records(read_records_file(path), str(path), required=required)
-    if path.exists():
+    if path.is_dir():
         raise DataError(f"{flag} {path} is a folder; pass a .json or .jsonl file of records")
+    kind = path_kind(path)  # /dev/null, a named pipe, a link loop: not a folder, and not "no such file"
+    if kind is not None:
+        raise DataError(f"{flag} {path} is {kind}, not a file of records; pass a .json or .jsonl file")
     if is_hub_id(source) and path.suffix not in (".json", ".jsonl"):
         return _load_hub_dataset(source, required)
     raise DataError(f"{flag} {path}: no such file; pass an existing .json/.jsonl file, a URL or a Hub data set id")
@@ -187,18 +191,48 @@ def split_name(name: str) -> str:
     return name
 
 
-def book_split(records: Sequence[dict], *, shuffle: bool = False, seed: int = 123) -> Splits:
+BOOK_FRACTIONS = (0.85, 0.1)  # train, test; validation is the rest (the book's 85/10/5)
+
+
+def parse_split(spec: str) -> tuple[float, float]:
+    """``--split`` "0.85,0.1" (train, test; validation the rest) or "0.8,0.1,0.1" (validation named too)."""
+    try:
+        parts = [float(p) for p in spec.split(",")]
+    except ValueError:
+        parts = []
+    if len(parts) not in (2, 3) or not all(0 <= p <= 1 for p in parts):
+        raise InputError(f"--split {spec!r}: expected two or three fractions in [0, 1] for train, test and "
+                         "validation, e.g. 0.85,0.1 (the book) or 0.8,0.1,0.1 (the blog)")
+    if len(parts) == 3 and abs(sum(parts) - 1) > 1e-6:
+        raise InputError(f"--split {spec!r}: three fractions must add up to 1 (the validation split is the rest)")
+    if parts[0] + parts[1] > 1 + 1e-9 or parts[0] == 0:
+        raise InputError(f"--split {spec!r}: the train fraction must be above 0 and train + test at most 1")
+    return parts[0], parts[1]
+
+
+def book_split(records: Sequence[dict], *, shuffle: bool = False, seed: int = 123,
+               fractions: tuple[float, float] = BOOK_FRACTIONS, sample: int | None = None) -> Splits:
     """First 85% train, next 10% test, last 5% validation (1100 records: [0:935], [935:1045], [1045:1100]).
 
-    With ``shuffle`` the records are first put in the order ``datasets.Dataset.shuffle(seed=seed)`` gives
-    (numpy's ``default_rng(seed).permutation``), so the split is reproducible.
+    ``fractions`` changes the train and test shares (cut with ``int(n * f)`` in the order train, test,
+    validation, as both the book and the blog cut). ``sample`` first draws that many records the way the
+    blog's Alpaca-1000 recipe does, ``random.seed(seed); random.sample(records, sample)`` (Python's own
+    generator, so the same records as the blog). With ``shuffle`` the records are then put in the order
+    ``datasets.Dataset.shuffle(seed=seed)`` gives (numpy's ``default_rng(seed).permutation``).
     """
     records = list(records)
+    if sample is not None:
+        if sample > len(records):
+            raise InputError(f"--sample {sample}: the data has only {len(records)} records")
+        import random
+
+        random.seed(seed)  # the blog's global seeding, then its draw
+        records = random.sample(records, sample)
     if shuffle:
         import numpy as np
 
         records = [records[i] for i in np.random.default_rng(seed).permutation(len(records))]
-    n_train, n_test = int(len(records) * 0.85), int(len(records) * 0.1)
+    n_train, n_test = int(len(records) * fractions[0]), int(len(records) * fractions[1])
     return Splits(train=records[:n_train], test=records[n_train:n_train + n_test],
                   validation=records[n_train + n_test:])
 

@@ -367,6 +367,8 @@ def run(args: JudgeArgs) -> int:
     pairwise = bool(args.compare_key or args.compare_file)
     if args.workers < 1:
         raise InputError(f"--workers must be at least 1, got {args.workers}")
+    if args.limit is not None and args.limit < 0:  # as `respond` does: [:-1] would drop the last record
+        raise InputError(f"--limit must be >= 0, got {args.limit}")
     other_key = args.compare_key or args.response_key
     if pairwise and not args.compare_file and other_key == args.response_key:
         raise InputError(f"pairwise mode compares two responses: pass --compare-key other than "

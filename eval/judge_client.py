@@ -21,6 +21,10 @@ What real servers need, and how it is handled here:
 - Every request has a total deadline (``request_timeout``) besides the wait for each piece of the
   reply (``timeout``): a watchdog shuts the socket when it passes, or when ``stop`` is set, so
   no read blocks past either (a server that streams forever without ``done`` cannot hang a run).
+- Every reply is bounded in size too (``max_reply_bytes``, 4 MiB): the body is read in pieces and
+  split into lines in linear time, and a reply that outgrows the cap fails its record at once
+  (not retried), so one enormous reply costs one record, not the run's time or memory.
+- A request that is redirected and then fails names the address it was sent to, not the one given.
 
 Requests go through ``requests`` with one ``Session`` per worker thread (a Session is not
 thread-safe).
@@ -49,6 +53,9 @@ log = logging.getLogger(__name__)
 # A score or a verdict is a handful of tokens; 64 leaves room for a short sentence around it.
 MAX_REPLY_TOKENS = 64
 REQUEST_TIMEOUT = 300.0
+# The most bytes one reply may hold. A score is a few tokens; Ollama streams ~150 bytes of NDJSON per
+# token, so even an uncapped reply of a few thousand tokens fits with room to spare.
+MAX_REPLY_BYTES = 4 * 1024 * 1024
 
 
 class JudgeError(Failure):
@@ -61,6 +68,14 @@ class JudgeInputError(InputError):
 
 class RequestFailed(Exception):
     """One question could not be answered; the message is the reason reported for its record."""
+
+
+class _TooBig(RequestFailed):
+    """A reply over ``max_reply_bytes``: not retried (the same question gets the same reply)."""
+
+
+class _Overdue(RequestFailed):
+    """A reply still unfinished at the request's deadline: not retried."""
 
 
 class Cancelled(Exception):
@@ -81,6 +96,33 @@ class Reply(str):
     truncated: bool = False
 
 
+class _Answer:
+    """A preflight GET's status and body, read whole (see ``_BaseJudge._get``)."""
+
+    def __init__(self, status_code: int, content: bytes):
+        self.status_code, self.content = status_code, content
+
+    def json(self):
+        return json.loads(self.content)
+
+
+def _lines(pieces):
+    """The lines (without their newline) of a body arriving in ``pieces``, in time linear in its size.
+
+    (requests' ``iter_lines`` joins the pending line with every new piece: quadratic on one long line.)
+    """
+    buf = bytearray()
+    for piece in pieces:
+        start, searched = 0, len(buf)  # what is already in ``buf`` holds no newline
+        buf += piece
+        while (end := buf.find(b"\n", searched)) >= 0:
+            yield bytes(buf[start:end])
+            start = searched = end + 1
+        del buf[:start]
+    if buf:
+        yield bytes(buf)
+
+
 def normalize_host(host: str) -> str:
     """``localhost:11434`` → ``http://localhost:11434`` (Ollama accepts OLLAMA_HOST without a scheme).
 
@@ -88,6 +130,10 @@ def normalize_host(host: str) -> str:
     """
     host = str(host).strip().rstrip("/")
     if "://" not in host:
+        # "htp:/x", "http:/x", "http//x": a mistyped scheme, which would otherwise be taken for a host name
+        typo = re.match(r"[A-Za-z][A-Za-z0-9+.-]*:/+|[A-Za-z][A-Za-z0-9+.-]*//", host)
+        if typo:
+            raise ValueError(f"{typo.group(0)!r} is not a scheme followed by '://'")
         host = "http://" + host
     parts = urlsplit(host)
     if parts.scheme not in ("http", "https"):
@@ -100,6 +146,8 @@ def normalize_host(host: str) -> str:
         raise ValueError(f"the port is not a number in 1..65535 ({parts.netloc!r})") from None
     if not parts.hostname:
         raise ValueError("it names no host")
+    if parts.netloc.endswith(":"):
+        raise ValueError(f"no port follows the ':' in {parts.netloc!r}")
     if port == 0:
         raise ValueError("port 0 is not a server's port")
     if parts.query or parts.fragment:
@@ -107,18 +155,19 @@ def normalize_host(host: str) -> str:
     return host
 
 
-def _error_text(r: requests.Response) -> str:
+def _error_text(content: bytes, reason: str) -> str:
     """The server's error message from an Ollama ``{"error": "..."}`` or OpenAI ``{"error": {...}}`` body."""
+    text = content.decode("utf-8", "replace")
     try:
-        body = r.json()
-        err = body.get("error", body.get("detail", r.text)) if isinstance(body, dict) else r.text
+        body = json.loads(text)
+        err = body.get("error", body.get("detail", text)) if isinstance(body, dict) else text
     except ValueError:
-        err = r.text
+        err = text
     if isinstance(err, dict):
         err = err.get("message", json.dumps(err))
     elif isinstance(err, list):  # FastAPI's 422: {"detail": [{"msg": ...}, ...]}
         err = "; ".join(str(e.get("msg", e)) if isinstance(e, dict) else str(e) for e in err)
-    return " ".join(str(err).split())[:300] or r.reason
+    return " ".join(str(err).split())[:300] or reason
 
 
 # A 5xx whose text says the request itself is invalid (llama-cpp-python answers a request its
@@ -171,7 +220,8 @@ class _BaseJudge:
 
     def __init__(self, host: str, model: str, *, timeout: float = 120.0, connect_timeout: float = 5.0,
                  request_timeout: float = REQUEST_TIMEOUT, max_reply_tokens: int | None = MAX_REPLY_TOKENS,
-                 retry: RetryPolicy | None = None, structured: bool = True):
+                 retry: RetryPolicy | None = None, structured: bool = True,
+                 max_reply_bytes: int = MAX_REPLY_BYTES):
         try:
             self.host = normalize_host(host)
         except ValueError as e:
@@ -182,6 +232,7 @@ class _BaseJudge:
         self.connect_timeout = connect_timeout
         self.request_timeout = request_timeout  # longest time one request may take in all
         self.max_reply_tokens = max_reply_tokens or None  # 0/None: no cap
+        self.max_reply_bytes = max_reply_bytes  # the most bytes one reply (or preflight answer) may hold
         self.retry = retry or RetryPolicy(attempts=5)
         self.structured = structured  # what was asked for; ``format`` is what the server accepted
         self._ladder = self.formats if structured else ("text",)
@@ -206,8 +257,56 @@ class _BaseJudge:
     def _headers(self) -> dict:
         return {}
 
-    def _get(self, path: str) -> requests.Response:
-        return self.session.get(self.host + path, timeout=(self.connect_timeout, self.connect_timeout * 2))
+    def _get(self, path: str) -> "_Answer":
+        """A preflight GET of ``path``: its status and whole body, bounded in time and size like a reply.
+
+        Raises requests' errors as they are, except that a redirect which then fails, a body over
+        ``max_reply_bytes`` or one unfinished after ``min(request_timeout, 30 s)`` is a JudgeError.
+        """
+        url = self.host + path
+        allowed = min(self.request_timeout, 30.0)
+        deadline = time.monotonic() + allowed
+        try:
+            r = self.session.get(url, stream=True, timeout=(self.connect_timeout, self.connect_timeout * 2))
+        except requests.RequestException as e:
+            went = getattr(getattr(e, "request", None), "url", None)
+            if went and went != url:  # requests followed a redirect; the failure is at its target
+                what = "nothing answered in time" if isinstance(e, requests.Timeout) else "no server answers"
+                raise JudgeError(f"{url} redirects to {went}, where {what}; pass --host with the address of a "
+                                 "server that is running") from None
+            raise
+        with r:
+            watch = _Watchdog(r, deadline, None)
+            try:
+                body = b"".join(self._body(r, url, deadline))
+            except _TooBig:
+                raise JudgeError(f"{url} answered with more than {self.max_reply_bytes / 2**20:g} MiB; is "
+                                 f"{self.host} the judge's server?") from None
+            except (_Overdue, OSError, ValueError):  # OSError/ValueError: the watchdog shut the socket
+                if not (watch.fired or time.monotonic() >= deadline):
+                    raise
+                raise JudgeError(f"{url} did not finish its answer within {allowed:g} s; is {self.host} the "
+                                 "judge's server, and is it working?") from None
+            finally:
+                watch.close()
+        return _Answer(r.status_code, body)
+
+    def _body(self, r: requests.Response, url: str, deadline: float):
+        """The body of ``r`` in pieces as they arrive: at most ``max_reply_bytes`` of it, before ``deadline``.
+
+        The deadline is checked between pieces as well as by the watchdog (which unblocks a read), so
+        the time spent on what has already arrived counts too.
+        """
+        size = 0
+        for piece in r.iter_content(chunk_size=64 * 1024):
+            size += len(piece)
+            if size > self.max_reply_bytes:
+                raise _TooBig(f"the reply from {url} is larger than {self.max_reply_bytes / 2**20:g} MiB, far "
+                              "more than a judgement needs; not retried (does the server ignore the reply cap, "
+                              "--max-reply-tokens?)")
+            if time.monotonic() >= deadline:
+                raise _Overdue(self._overran(url))
+            yield piece
 
     # --- asking ------------------------------------------------------------------------------
 
@@ -285,16 +384,18 @@ class _BaseJudge:
         try:
             r = self.session.post(url, json=payload, stream=True, timeout=(self.connect_timeout, wait))
         except requests.ConnectionError as e:  # before Timeout: ConnectTimeout is both
-            raise _Retryable(f"cannot connect to {url}: {type(e).__name__}") from None
+            went = getattr(getattr(e, "request", None), "url", None)
+            where = f"{went} (where {url} redirects)" if went and went != url else url
+            raise _Retryable(f"cannot connect to {where}: {type(e).__name__}") from None
         except requests.Timeout:
             if time.monotonic() >= deadline:
                 raise RequestFailed(self._overran(url)) from None
             raise _Retryable(f"no reply from {url} within {self.timeout:g} s") from None
         with r:
-            if not 200 <= r.status_code < 300:
-                self._raise_for_status(r, url, fmt)
             watch = _Watchdog(r, deadline, stop)
             try:
+                if not 200 <= r.status_code < 300:
+                    self._raise_for_status(r, url, fmt)
                 yield r, watch
             except (OSError, ValueError, _Retryable) as e:  # requests' errors are OSErrors
                 if watch.fired == "stop":
@@ -312,8 +413,14 @@ class _BaseJudge:
                 f"allowed per request (--request-timeout); not retried")
 
     def _raise_for_status(self, r: requests.Response, url: str, fmt: str):
-        code, text = r.status_code, _error_text(r)
-        what = f"HTTP {code} from {url}: {text}"
+        content = bytearray()  # the error message: its first 64 KiB are plenty
+        for piece in r.iter_content(chunk_size=64 * 1024):
+            content += piece
+            if len(content) >= 64 * 1024:
+                break
+        code, text = r.status_code, _error_text(bytes(content[: 64 * 1024]), r.reason)
+        where = f"{r.url} (where {url} redirects)" if r.url and r.url != url else url
+        what = f"HTTP {code} from {where}: {text}"
         deterministic = (400 <= code < 500 and code not in (408, 425, 429)) or (
             code >= 500 and _VALIDATION.search(text) is not None)
         if deterministic and fmt != "text" and not self._confirmed and _MENTIONS_FORMAT.search(text):
@@ -381,7 +488,7 @@ class OllamaJudge(_BaseJudge):
         url = self.host + self._chat_path
         parts = []
         with self._post(payload, fmt, stop) as (r, watch):
-            for line in r.iter_lines():
+            for line in _lines(self._body(r, url, watch.deadline)):
                 if watch.fired:  # the socket is being shut; report why (below, in _post)
                     break
                 if not line.strip():
@@ -474,8 +581,9 @@ class OpenAIJudge(_BaseJudge):
         elif fmt == "json_object":  # llama-cpp-python turns the schema into a grammar
             payload["response_format"] = {"type": "json_object", "schema": schema}
         url = self.host + self._chat_path
-        with self._post(payload, fmt, stop) as (r, _):
-            body = r.content  # read under the watchdog: a body that trickles cannot hold us
+        with self._post(payload, fmt, stop) as (r, watch):
+            # read under the watchdog and the size cap: a body that trickles or never ends cannot hold us
+            body = b"".join(self._body(r, url, watch.deadline))
             try:
                 data = json.loads(body)
             except ValueError:  # cut off (retried), unless the watchdog cut it

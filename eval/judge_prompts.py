@@ -47,10 +47,6 @@ def score_prompt(entry: dict, response: str) -> str:
     )
 
 
-# What a pairwise question asks: "better" (closer to the correct output, the default), or "polite" (the
-# quality the book's DPO bonus tunes for: its preference data pairs a polite and an impolite answer).
-CRITERIA = ("better", "polite")
-
 
 def pairwise_prompt(entry: dict, response_a: str, response_b: str, criterion: str = "better") -> str:
     """Ask which of two responses is better (or more polite), in the book's style of prompt.
@@ -100,11 +96,17 @@ def _as_score(value) -> int | None:
         return None
     if isinstance(value, float) and value.is_integer():
         value = int(value)
-    if isinstance(value, str) and value.strip().isdigit():
-        value = int(value.strip())
+    if isinstance(value, str) and value.strip().isdecimal():  # not isdigit: int("²") fails
+        value = _whole(value.strip())
     if isinstance(value, int) and 0 <= value <= 100:
         return value
     return None
+
+
+def _whole(digits: str) -> int:
+    """``int(digits)``, or -1 (never a score) for digits too many to be one: a reply of 5,000 digits
+    must cost its record, not stop the run (int() refuses strings of more than 4,300 digits)."""
+    return int(digits) if len(digits) <= 12 else -1
 
 
 def _json_candidates(text: str):
@@ -140,7 +142,7 @@ def parse_score(text: str) -> int | None:
             return _as_score(found.pop())
         if len(found) > 1:
             return None
-    found = {int(m) for m in _INTEGER.findall(s)}
+    found = {_whole(m) for m in _INTEGER.findall(s)}
     if len(found) == 1:
         return _as_score(found.pop())
     return None

@@ -37,9 +37,12 @@ _EXPORTS = {
     "get_encoding": ".tokenizer",
     "get_tokenizer": ".tokenizer",
     "PROMPT_STYLES": ".core.prompts",
+    "chat_messages": ".core.prompts",
+    "chat_template": ".core.prompts",
     "extract_response": ".core.prompts",
     "format_example": ".core.prompts",
     "format_input": ".core.prompts",
+    "generation_prompt": ".core.prompts",
     "response_header": ".core.prompts",
 }
 __all__ = sorted(_EXPORTS) + ["register"]

@@ -19,7 +19,6 @@ from typing import Literal
 from gpt2_scratch.core.args import arg
 from gpt2_scratch.core.errors import InputError
 
-PRESET_NAMES = ("gpt2-small", "gpt2-medium", "gpt2-large", "gpt2-xl")
 MODEL_HELP = "model folder, preset (gpt2-small|gpt2-medium|gpt2-large|gpt2-xl: OpenAI's weights) or Hub repo id"
 
 
@@ -180,11 +179,11 @@ class ChatArgs(SamplingArgs):
 
 def chat_prompt(message: str, style: str, input_text: str | None = None) -> str:
     """What the model sees for one message: the training prompt up to and including the response header,
-    so the answer is the first thing it writes (training examples are exactly this text + the answer)."""
-    from gpt2_scratch.core.prompts import format_input, response_header
+    so the answer is the first thing it writes (training examples are exactly this text + the answer).
+    The model folder's chat template renders the same text for [system: input, user: message]."""
+    from gpt2_scratch.core.prompts import generation_prompt
 
-    record = {"instruction": message, "input": input_text or ""}
-    return format_input(record, style) + response_header(style)
+    return generation_prompt({"instruction": message, "input": input_text or ""}, style)
 
 
 def run_chat(args: ChatArgs) -> None:

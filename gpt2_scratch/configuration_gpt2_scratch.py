@@ -4,6 +4,8 @@ This file is copied next to every saved model (``save_pretrained`` writes it wit
 may import nothing from this project except, relatively, the modeling file.
 """
 
+import math
+
 from transformers import PretrainedConfig
 
 # The four released GPT-2 sizes (OpenAI's 124M/355M/774M/1558M checkpoints), in the book's names.
@@ -93,8 +95,21 @@ class GPT2ScratchConfig(PretrainedConfig):
                 f"GPT2ScratchConfig: emb_dim {self.emb_dim} is not divisible by n_heads {self.n_heads}; "
                 f"choose n_heads among the divisors of {self.emb_dim}"
             )
-        if not 0.0 <= self.drop_rate < 1.0:
-            raise ValueError(f"GPT2ScratchConfig: drop_rate must be in [0, 1), got {self.drop_rate!r}")
+        def number(value) -> bool:  # a real number (not a bool, not NaN or infinite)
+            return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+        if not number(self.drop_rate) or not 0.0 <= self.drop_rate < 1.0:
+            raise ValueError(f"GPT2ScratchConfig: drop_rate must be a number in [0, 1), got {self.drop_rate!r}")
+        # LayerNorm divides by sqrt(var + eps): a negative eps gives NaN on a constant row, 0 divides by 0.
+        if not number(self.layer_norm_epsilon) or not 0.0 < self.layer_norm_epsilon < 1.0:
+            raise ValueError(f"GPT2ScratchConfig: layer_norm_epsilon must be a number in (0, 1) (GPT-2: 1e-5), "
+                             f"got {self.layer_norm_epsilon!r}")
+        if not number(self.initializer_range) or self.initializer_range < 0:
+            raise ValueError(f"GPT2ScratchConfig: initializer_range must be a number >= 0 (GPT-2: 0.02), "
+                             f"got {self.initializer_range!r}")
+        for name in ("qkv_bias", "tie_word_embeddings", "use_cache"):
+            if not isinstance(getattr(self, name), bool):  # "false" would count as true
+                raise ValueError(f"GPT2ScratchConfig: {name} must be true or false, got {getattr(self, name)!r}")
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "GPT2ScratchConfig":

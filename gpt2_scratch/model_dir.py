@@ -20,7 +20,7 @@ import os
 from pathlib import Path
 
 from gpt2_scratch.core.errors import InputError
-from gpt2_scratch.core.files import write_dir_atomically
+from gpt2_scratch.core.files import path_kind, write_dir_atomically
 
 from .tokenizer import ENDOFTEXT_ID, get_tokenizer
 
@@ -38,9 +38,16 @@ def save_model_dir(model, out_dir: str | os.PathLike, *, tokenizer=None, overwri
     """Save ``model`` (and the GPT-2 tokenizer unless another is given) to ``out_dir``; return its path.
 
     ``prompt_style`` ("alpaca", "phi3") is recorded in config.json for an instruction-tuned model, so the
-    chat command and the GGUF export wrap a message the way the model was trained. An existing non-empty
-    ``out_dir`` is refused unless ``overwrite``; then it is replaced only once the new folder is complete.
+    chat command and the GGUF export wrap a message the way the model was trained; the tokenizer files
+    get that style's chat template (``core.prompts.chat_template``), so ``apply_chat_template`` and
+    transformers' pipelines build the training prompt too. A model whose config already records a style
+    (one loaded from an instruction folder) keeps its template. An existing non-empty ``out_dir`` is
+    refused unless ``overwrite``; then it is replaced only once the new folder is complete.
     """
+    import copy
+
+    from gpt2_scratch.core.prompts import PROMPT_STYLES, chat_template, prompt_pieces
+
     from . import register
 
     register()  # the folder gets auto_map and the modeling code (loads with trust_remote_code elsewhere)
@@ -50,7 +57,12 @@ def save_model_dir(model, out_dir: str | os.PathLike, *, tokenizer=None, overwri
         # head's entry; keep only the config and this model's own Auto class.
         model.config.auto_map = {k: v for k, v in auto_map.items() if k in ("AutoConfig", type(model)._auto_class)}
     if prompt_style is not None:
+        prompt_pieces(prompt_style)  # an unknown style: one line naming the known ones
         model.config.prompt_style = prompt_style
+    tokenizer = copy.deepcopy(tokenizer) if tokenizer is not None else get_tokenizer()
+    style = getattr(model.config, "prompt_style", None)
+    if style in PROMPT_STYLES:
+        tokenizer.chat_template = chat_template(style)  # a copy: the caller's tokenizer is left as it was
     if getattr(model, "generation_config", None) is not None:
         # GPT-2 has no pad token; batched generation pads with <|endoftext|>, as the book does.
         model.generation_config.pad_token_id = ENDOFTEXT_ID
@@ -59,7 +71,7 @@ def save_model_dir(model, out_dir: str | os.PathLike, *, tokenizer=None, overwri
 
     def write(tmp_dir: Path) -> None:
         model.save_pretrained(tmp_dir)
-        (tokenizer or get_tokenizer()).save_pretrained(tmp_dir)
+        tokenizer.save_pretrained(tmp_dir)
 
     write_dir_atomically(out_dir, write, overwrite=overwrite)
     logger.info("saved model to %s", out_dir)
@@ -69,6 +81,9 @@ def save_model_dir(model, out_dir: str | os.PathLike, *, tokenizer=None, overwri
 def read_config(path: str | os.PathLike, *, flag: str = "--model") -> dict:
     """config.json of a model folder as a dict; a one-line error for a missing folder or a bad file."""
     path = Path(path).expanduser()
+    kind = path_kind(path)
+    if kind is not None:
+        raise ModelDirError(f"{flag} {path} is {kind}, not a model folder; pass the folder that holds config.json")
     if not path.exists():
         raise ModelDirError(f"{flag} {path}: no such folder")
     if not path.is_dir():
@@ -95,11 +110,74 @@ def is_our_model_dir(path: str | os.PathLike) -> bool:
 
 
 def is_classifier_config(config: dict) -> bool:
-    return any(a.endswith("ForSequenceClassification") for a in config.get("architectures") or [])
+    architectures = config.get("architectures")
+    return isinstance(architectures, list) and any(
+        isinstance(a, str) and a.endswith("ForSequenceClassification") for a in architectures)
 
 
-def _check_weight_files(path: Path) -> None:
-    """Every weights file is present and its safetensors header covers the file (not truncated)."""
+# Fields of config.json that transformers reads, with the JSON type each must have: a list where an object
+# belongs fails deep inside transformers, or is misread ("architectures": "X" is iterated letter by letter).
+_CONFIG_TYPES = {"architectures": (list, "a list of class names"), "auto_map": (dict, "an object"),
+                 "id2label": (dict, "an object"), "label2id": (dict, "an object"),
+                 "task_specific_params": (dict, "an object"), "prompt_style": (str, "a string")}
+_TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+_CONFIG_DTYPES = ("float32", "float16", "bfloat16", "float64")  # what a config's dtype may name
+_FLOAT_TENSOR_DTYPES = {"F16", "BF16", "F32", "F64"}  # safetensors' names of the dtypes weights may have
+_JSON_NAMES = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "a number",
+               float: "a number", type(None): "null"}
+
+
+def check_config(path: str | os.PathLike, config: dict):
+    """The GPT2ScratchConfig of ``path``'s config.json (``config``, as read), checked field by field.
+
+    Raises a ModelDirError naming the file and the field for a value no model can be built from: a
+    size that is zero, negative or not an integer, an emb_dim its heads do not divide, a negative
+    layer_norm_epsilon, a string where a number or a boolean belongs, a list where an object belongs.
+    """
+    from .configuration_gpt2_scratch import GPT2ScratchConfig
+
+    config_file = Path(path).expanduser() / "config.json"
+
+    def bad(field: str, wanted: str):
+        value = config[field]
+        shown = json.dumps(value)
+        shown = shown if len(shown) <= 60 else shown[:57] + "..."
+        return ModelDirError(f"{config_file}: {field} must be {wanted}, not {_JSON_NAMES.get(type(value), 'a value')} "
+                             f"({shown}); fix config.json or save the model again")
+
+    for field, (kind, wanted) in _CONFIG_TYPES.items():
+        if config.get(field) is not None and not isinstance(config[field], kind):
+            raise bad(field, wanted)
+    if not all(isinstance(a, str) for a in config.get("architectures") or []):
+        raise bad("architectures", "a list of class names")
+    for field in ("dtype", "torch_dtype"):
+        if config.get(field) is not None and config[field] not in _CONFIG_DTYPES:
+            raise bad(field, f"one of {', '.join(_CONFIG_DTYPES)}")
+    for field in _TOKEN_ID_FIELDS:
+        value = config.get(field)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+            raise bad(field, "a token id (an integer >= 0) or null")
+    try:
+        built = GPT2ScratchConfig.from_dict(config)
+    except (ValueError, TypeError, AttributeError, KeyError) as err:
+        message = " ".join(str(err).split()).removeprefix("GPT2ScratchConfig: ")
+        aliases = [f"{alias} in config.json is {target}" for alias, target in GPT2ScratchConfig.attribute_map.items()
+                   if alias in config and target in message]
+        raise ModelDirError(f"{config_file}: {message}{' (' + '; '.join(aliases) + ')' if aliases else ''}; fix "
+                            "config.json or save the model again") from None
+    for field in _TOKEN_ID_FIELDS:
+        value = config.get(field)
+        if value is not None and value >= built.vocab_size:
+            raise ModelDirError(f"{config_file}: {field} {value} is no token id: vocab_size is {built.vocab_size}; "
+                                "fix config.json or save the model again")
+    return built
+
+
+def _check_weight_files(path: Path) -> dict[str, tuple[tuple[int, ...], str, Path]]:
+    """Every weights file is present and its safetensors header covers the file (not truncated).
+
+    Returns what the headers say, ``{tensor name: (shape, safetensors dtype, file)}``: no tensor is read.
+    """
     from safetensors import SafetensorError, safe_open
 
     if (path / "model.safetensors").is_file():
@@ -113,13 +191,62 @@ def _check_weight_files(path: Path) -> None:
     else:
         raise ModelDirError(f"{path}: no model.safetensors; the model folder is incomplete (a run that stopped "
                             "before saving?)")
+    found = {}
     for file in files:
         try:
-            with safe_open(str(file), framework="pt"):
-                pass
+            with safe_open(str(file), framework="pt") as weights:
+                for name in weights.keys():
+                    piece = weights.get_slice(name)  # the header's entry: nothing is read or allocated
+                    found[name] = (tuple(piece.get_shape()), piece.get_dtype(), file)
         except (SafetensorError, OSError) as err:
             raise ModelDirError(f"{file}: unreadable weights ({' '.join(str(err).split())}); the file is damaged "
                                 "or truncated: save or download the model again") from None
+    return found
+
+
+def _check_tensors(path: Path, found: dict, config, cls) -> None:
+    """The weights files' headers against what ``config`` builds, before any tensor is allocated.
+
+    A config that claims a 30-million-token context would otherwise allocate gigabytes before its
+    mismatch is found; a tensor of integers would be cast to floats in silence; an untied
+    ``lm_head.weight`` under a config that ties the head would change what the model computes.
+    """
+    import torch
+
+    with torch.device("meta"):  # shapes only: no memory
+        expected = {name: tuple(t.shape) for name, t in cls(config).state_dict().items()}
+    tied = set(getattr(cls, "_tied_weights_keys", None) or ()) if config.tie_word_embeddings else set()
+    for name in tied:
+        expected.pop(name, None)  # save_pretrained leaves a tied head out: it is the token embedding
+    single = path / WEIGHT_FILES[0]
+    where = single if single.is_file() else path / WEIGHT_FILES[1]
+    ending = "the folder's weights and config do not belong together (save or convert the model again)"
+
+    def shape(dims) -> str:
+        return "[" + ", ".join(map(str, dims)) + "]"
+
+    for name, (dims, dtype, file) in sorted(found.items()):
+        if dtype not in _FLOAT_TENSOR_DTYPES:
+            raise ModelDirError(f"{file}: tensor '{name}' holds {dtype} values, not floating point (F32, F16 or "
+                                "BF16): the file is damaged or not a model's weights; save or convert the model again")
+    for kind, names, why in (("missing", sorted(set(expected) - set(found)), "the weights file lacks it"),
+                             ("unexpected", sorted(set(found) - set(expected)), "config.json has no place for it")):
+        if not names:
+            continue
+        name, more = min(names, key=lambda n: n not in tied), f" (and {len(names) - 1} more)" if len(names) > 1 else ""
+        if kind == "unexpected" and name in tied:
+            raise ModelDirError(f"{found[name][2]}: unexpected tensor '{name}': a head of its own, but config.json "
+                                "ties the head to the token embedding (tie_word_embeddings true); set "
+                                "\"tie_word_embeddings\": false in config.json if the model was trained with its own "
+                                "head, else save the model again")
+        raise ModelDirError(f"{where if kind == 'missing' else found[name][2]}: {kind} tensor '{name}'{more}: {why}; "
+                            f"{ending}")
+    wrong = [name for name in sorted(expected) if found[name][0] != expected[name]]
+    if wrong:
+        name = wrong[0]
+        more = f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""
+        raise ModelDirError(f"{found[name][2]}: mismatched tensor '{name}'{more}: shape {shape(found[name][0])} in "
+                            f"the file, {shape(expected[name])} by config.json; {ending}")
 
 
 def load_model_dir(path: str | os.PathLike, *, head: str = "auto", flag: str = "--model", **kwargs):
@@ -140,6 +267,7 @@ def load_model_dir(path: str | os.PathLike, *, head: str = "auto", flag: str = "
     if config.get("model_type") != "gpt2-scratch":
         raise ModelDirError(f"{flag} {path} holds a {config.get('model_type')!r} model, not a gpt2-scratch one; "
                             "convert it first (`gpt2-scratch convert hf --from-dir DIR --out OUT`)")
+    built = check_config(path, config)
     is_classifier = is_classifier_config(config)
     if head == "auto":
         head = "classifier" if is_classifier else "causal-lm"
@@ -149,8 +277,9 @@ def load_model_dir(path: str | os.PathLike, *, head: str = "auto", flag: str = "
     if head == "causal-lm" and is_classifier:
         raise ModelDirError(f"{flag} {path} holds a text classifier, not a language model; use `gpt2-scratch "
                             "predict` with it, or pass a language model folder")
-    _check_weight_files(path)
+    found = _check_weight_files(path)
     cls = GPT2ScratchForSequenceClassification if head == "classifier" else GPT2ScratchForCausalLM
+    _check_tensors(path, found, built, cls)
     verbosity = transformers.logging.get_verbosity()
     bars = transformers.utils.logging.is_progress_bar_enabled()
     transformers.logging.set_verbosity_error()  # we report what the load report would say, as one line

@@ -17,6 +17,7 @@ it may import nothing from this project except, relatively, the configuration fi
 
 import math
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +33,24 @@ from .configuration_gpt2_scratch import GPT2ScratchConfig
 # transformers renamed the KV cache from ``past_key_values`` to ``cache`` during 5.x (generate() now
 # passes and reads back ``cache``); outputs are built with whichever field this version declares.
 _OUTPUT_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+# A target that is not one: padding, and with a masked prompt the prompt (torch's cross_entropy skips it).
+IGNORE_INDEX = -100
+
+
+def label_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The log-probability of each target under its logits, in fp32 (even under bf16 autocast): (N, vocab),
+    (N,) -> (N,). The one loss path of the project: the LM loss is minus their mean (or sum), DPO sums
+    them per sequence, and the book's exact loop takes their mean."""
+    return -F.cross_entropy(logits.float(), targets, reduction="none")
+
+
+@dataclass
+class GPT2ScratchCausalLMOutput(CausalLMOutputWithPast):
+    """transformers' causal-LM output plus ``label_logprobs``: the log-probability of each target, for the
+    positions that have one (in row-major order), when targets were given."""
+
+    label_logprobs: torch.FloatTensor | None = None
 
 
 class WideningProjection(Conv1D):
@@ -289,8 +308,9 @@ class GPT2ScratchForCausalLM(GPT2ScratchPreTrainedModel, GenerationMixin):
         return_logits: bool = True,
         past_key_values: Cache | None = None,
         **kwargs,
-    ) -> CausalLMOutputWithPast:
-        """Logits (B, T, vocab) and, given targets, the mean cross-entropy over targets that are not -100.
+    ) -> GPT2ScratchCausalLMOutput:
+        """Logits (B, T, vocab) and, given targets, the mean cross-entropy over targets that are not -100
+        (``IGNORE_INDEX``) and each target's log-probability (``label_logprobs``).
 
         Targets come in one of two conventions:
           labels: aligned with input_ids, shifted here (Hugging Face's convention: labels = input_ids).
@@ -309,34 +329,26 @@ class GPT2ScratchForCausalLM(GPT2ScratchPreTrainedModel, GenerationMixin):
         hidden, cache = self.transformer(
             input_ids, attention_mask, position_ids, cache, use_cache, past_key_values
         )  # (B, T, E)
-        has_targets = labels is not None or shift_labels is not None
-        if not return_logits and has_targets:
-            if shift_labels is None:  # align labels with the positions that predict them
-                shift_labels = F.pad(labels[:, 1:], (0, 1), value=-100)
-            supervised = shift_labels != -100  # (B, T)
-            logits = self.lm_head(hidden[supervised])  # (N, vocab): only positions with a target
-            loss = self.loss_function(
-                logits,
-                None,
-                vocab_size=self.config.vocab_size,
-                shift_labels=shift_labels[supervised],
-                num_items_in_batch=kwargs.get("num_items_in_batch"),
-            )
-            return CausalLMOutputWithPast(loss=loss, logits=None, **{_OUTPUT_CACHE_FIELD: cache})
+        if labels is None and shift_labels is None:
+            if logits_to_keep:
+                hidden = hidden[:, -logits_to_keep:]
+            logits = self.lm_head(hidden)  # (B, T, vocab)
+            return GPT2ScratchCausalLMOutput(logits=logits, **{_OUTPUT_CACHE_FIELD: cache})
 
-        if logits_to_keep:
-            hidden = hidden[:, -logits_to_keep:]
-        logits = self.lm_head(hidden)  # (B, T, vocab)
-        loss = None
-        if has_targets:
-            loss = self.loss_function(
-                logits,
-                labels,
-                vocab_size=self.config.vocab_size,
-                shift_labels=shift_labels,
-                num_items_in_batch=kwargs.get("num_items_in_batch"),
-            )
-        return CausalLMOutputWithPast(loss=loss, logits=logits, **{_OUTPUT_CACHE_FIELD: cache})
+        if shift_labels is None:  # align labels with the positions that predict them
+            shift_labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+        supervised = shift_labels != IGNORE_INDEX  # (B, T)
+        logits = None
+        if return_logits:
+            logits = self.lm_head(hidden)  # (B, T, vocab)
+            supervised_logits = logits[supervised]
+        else:
+            supervised_logits = self.lm_head(hidden[supervised])  # (N, vocab): only positions with a target
+        logprobs = label_logprobs(supervised_logits, shift_labels[supervised])  # (N,)
+        count = kwargs.get("num_items_in_batch")
+        loss = -logprobs.sum() / (count if count is not None else supervised.sum().clamp(min=1))
+        return GPT2ScratchCausalLMOutput(loss=loss, logits=logits, label_logprobs=logprobs,
+                                         **{_OUTPUT_CACHE_FIELD: cache})
 
 
 class GPT2ScratchForSequenceClassification(GPT2ScratchPreTrainedModel):

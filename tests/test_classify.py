@@ -102,9 +102,11 @@ def test_a_short_run_writes_model_metrics_and_plots(trained_run):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     losses = [r for r in rows if "val_loss" in r and r.get("split") != "full"]
     assert [r["step"] for r in losses] == [1, 4, 6]  # every --eval-freq 3 steps from the first, and the last
-    epoch_acc = [r for r in rows if "test_accuracy" in r and r.get("split") != "full"]
-    assert len(epoch_acc) == 1 and {"train_accuracy", "val_accuracy"} <= set(epoch_acc[0])
+    # --max-steps 6 ends the run inside its first epoch: no per-epoch estimate (as for SFT's epoch sample), but
+    # the full-split accuracies at the end.
+    assert not [r for r in rows if "test_accuracy" in r and r.get("split") != "full"]
     assert rows[-1]["split"] == "full" and 0 <= rows[-1]["test_accuracy"] <= 1
+    assert {"train_accuracy", "val_accuracy", "train_loss"} <= set(rows[-1])
     assert "1045 train" in stdout and "149 val" in stdout and "300 test" in stdout and "padded to 120" in stdout
 
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from conftest import TINY, kill_at_checkpoint
 
 from gpt2_scratch.core.cli import main as cli_main
-from gpt2_scratch.train.dpo import ResponseLogProbs, dpo_loss, pair_logprobs
+from gpt2_scratch.train.dpo import dpo_loss, pair_logprobs
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -90,7 +90,7 @@ def test_loss_matches_trl_on_the_same_log_probs(logprob):
     ids = torch.cat([batch["chosen_ids"], batch["rejected_ids"]])
     labels = torch.cat([batch["chosen_labels"], batch["rejected_labels"]])
     with torch.no_grad():
-        ours = [torch.cat(pair_logprobs(ResponseLogProbs(m), batch, logprob)).double() for m in (policy, reference)]
+        ours = [torch.cat(pair_logprobs(m, batch, logprob)).double() for m in (policy, reference)]
         (token_logps, keep), (ref_token_logps, _) = (independent_token_logps(m, ids, labels) for m in (policy, reference))
     counts = keep.sum(-1, keepdim=True)
     if logprob == "mean":  # TRL sums per-token log-probs: give it each token's share of the mean
@@ -204,7 +204,7 @@ def train_pair_rewards(policy_dir: Path, reference_dir: Path, pairs: int = 64) -
     data = prepare_preference_data(load_records(str(PREFERENCE_DATA)), get_tokenizer(), max_length=128)
     batch = PreferenceCollator(allowed_max_length=128)([data.train[i] for i in range(pairs)])
     with torch.no_grad():
-        policy, reference = (pair_logprobs(ResponseLogProbs(load_model_dir(d)), batch, "mean")
+        policy, reference = (pair_logprobs(load_model_dir(d), batch, "mean")
                              for d in (policy_dir, reference_dir))
     _, chosen, rejected = dpo_loss(*policy, *reference, beta=0.1)
     return (chosen - rejected).mean().item(), (chosen > rejected).double().mean().item()

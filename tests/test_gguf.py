@@ -218,9 +218,10 @@ def instruction_records(shared_dir) -> list[dict]:
 
 
 def chat_messages(record: dict) -> list[dict]:
-    """Our convention: the input (if any) as the system message, the instruction as the user message."""
-    system = [{"role": "system", "content": record["input"]}] if record.get("input") else []
-    return [*system, {"role": "user", "content": record["instruction"]}]
+    """Our convention (core/prompts.py): the input (if any) as the system message, the instruction as the user's."""
+    from gpt2_scratch.core.prompts import chat_messages as messages_of
+
+    return messages_of(record)
 
 
 @functools.cache

@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -231,7 +232,8 @@ def test_grouped_evaluation_batches_give_the_same_validation_loss():
     from gpt2_scratch.core.records import load_records
     from gpt2_scratch import GPT2ScratchConfig, GPT2ScratchForCausalLM, get_tokenizer
     from gpt2_scratch.train.data import InstructionCollator, evaluation_sampler, prepare_instruction_data
-    from gpt2_scratch.train.sft import evaluate
+    from gpt2_scratch.train.loop import mean_loss, sums_over
+    from gpt2_scratch.train.sft import SFTArgs, SFTTask
 
     torch.manual_seed(0)
     model = GPT2ScratchForCausalLM(GPT2ScratchConfig.from_preset("gpt2-small", **TINY_SHAPE))
@@ -242,7 +244,9 @@ def test_grouped_evaluation_batches_give_the_same_validation_loss():
     for group in (False, True):
         sampler = evaluation_sampler(list(data.validation["length"]), 8, eval_iter=5, group_by_length=group)
         loader = DataLoader(val, batch_sampler=sampler, collate_fn=collate)
-        losses.append(evaluate(Accelerator(cpu=True), model, loader, 5))
+        run = SimpleNamespace(model=model, accelerator=Accelerator(cpu=True))
+        task = SFTTask(SFTArgs(), None, data, loader, loader, "", None)
+        losses.append(mean_loss(sums_over(run, loader, 5, task.batch_sums)))
         pads.append(sum(int((b["labels"] == -100).sum()) for b in list(loader)[:5]))
     assert pads[1] < pads[0] / 2
     assert losses[1] == pytest.approx(losses[0], rel=1e-5)

@@ -46,7 +46,6 @@ from functools import partial
 from itertools import islice
 
 import torch
-import torch.nn.functional as F
 
 from gpt2_scratch.core.errors import InputError
 from gpt2_scratch.train.data import collate_instruction_batch
@@ -179,9 +178,9 @@ def book_loaders(data, batch_size: int):
 
 
 def book_batch_loss(model, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over the batch's targets (-100 ignored), from the full-vocabulary logits."""
-    logits = model(inputs, use_cache=False).logits  # (B, T, vocab)
-    return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+    """Mean cross-entropy over the batch's targets (``IGNORE_INDEX`` skipped), from the full-vocabulary logits
+    (the book projects every position; the model's one loss path, ``label_logprobs``, takes their mean)."""
+    return model(inputs, shift_labels=targets, use_cache=False).loss
 
 
 @torch.no_grad()
@@ -218,10 +217,12 @@ def book_sample(model, prompt: str, max_new_tokens: int, device) -> str:
 # ---------------------------------------------------------------------------------------------------
 
 
-def fit_book_exact(setup, args) -> tuple[TrainState, bool]:
-    """The book's steps 2-5 (FACTS.md) on ``setup``'s model and data; returns (state, whether Ctrl-C stopped it).
+def fit_book_exact(run, task) -> tuple[TrainState, bool]:
+    """The book's steps 2-5 (FACTS.md) on the run's model and the task's data; returns (state, whether Ctrl-C
+    stopped it). It uses the shared pieces that change no number: the run's state, metrics (and trackers),
+    Ctrl-C and the NaN guard.
 
-    ``setup``'s optimizer, scheduler and loaders are not used: the book's AdamW and DataLoaders are
+    The run's optimizer, scheduler and loaders are not used: the book's AdamW and DataLoaders are
     made here, in the book's order relative to its seeds.
     """
     from tqdm.auto import tqdm
@@ -229,14 +230,14 @@ def fit_book_exact(setup, args) -> tuple[TrainState, bool]:
     from gpt2_scratch.convert.book import book_cfg
     from gpt2_scratch.train.run import StopRequest, check_loss
 
-    accelerator, state, metrics = setup.accelerator, setup.state, setup.metrics
-    model = accelerator.unwrap_model(setup.model)
+    args, accelerator, state = run.args, run.accelerator, run.state
+    model = accelerator.unwrap_model(run.model)
     device = accelerator.device
-    checkpoint_root = setup.out / "checkpoints"  # never written; named by check_loss's message
+    checkpoint_root = run.checkpoint_root  # never written; named by check_loss's message
 
     # 2.-3. Seed, the loaders, and the draws of the book's model init that come between them and step 4.
     torch.manual_seed(args.seed)
-    train_loader, val_loader = book_loaders(setup.data, args.batch_size)
+    train_loader, val_loader = book_loaders(task.data, args.batch_size)
     replay_book_init(book_cfg(model.config))
 
     # 4. Initial losses.
@@ -244,7 +245,7 @@ def fit_book_exact(setup, args) -> tuple[TrainState, bool]:
     initial = {"epoch": 0, "step": -1, "initial": True,
                "train_loss": book_loader_loss(model, train_loader, args.eval_iter, device),
                "val_loss": book_loader_loss(model, val_loader, args.eval_iter, device), "tokens_seen": 0}
-    metrics.log(initial)
+    run.log(initial)
     print(f"initial losses | train {initial['train_loss']:.3f} | val {initial['val_loss']:.3f}", flush=True)
     print(f"Initial losses\n   Training loss: {initial['train_loss']}\n   Validation loss: {initial['val_loss']}",
           flush=True)
@@ -252,7 +253,7 @@ def fit_book_exact(setup, args) -> tuple[TrainState, bool]:
     # 5. The optimizer (torch's default AdamW, as the book's), the second seed, the loop.
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     torch.manual_seed(args.seed)
-    bar = tqdm(total=setup.total_steps, desc="sft --book-exact", unit="step", dynamic_ncols=True)
+    bar = tqdm(total=run.total_steps, desc="sft --book-exact", unit="step", dynamic_ncols=True)
     window_tokens, window_seconds = 0, 0.0  # throughput since the last evaluation line
 
     def evaluate_and_log(epoch: int, global_step: int) -> None:
@@ -263,9 +264,9 @@ def fit_book_exact(setup, args) -> tuple[TrainState, bool]:
                "val_loss": book_loader_loss(model, val_loader, args.eval_iter, device),
                "tokens_seen": state.tokens_seen}
         model.train()
-        metrics.log(row)
+        run.log(row)
         rate = window_tokens / window_seconds if window_seconds else 0.0
-        bar.write(f"epoch {epoch + 1}/{args.epochs} | step {state.step:>5}/{setup.total_steps} | train "
+        bar.write(f"epoch {epoch + 1}/{args.epochs} | step {state.step:>5}/{run.total_steps} | train "
                   f"{row['train_loss']:.3f} | val {row['val_loss']:.3f} | tokens {state.tokens_seen:,} | "
                   f"{rate:,.0f} tok/s")
         bar.write(f"Ep {epoch + 1} (Step {global_step:06d}): Train loss {row['train_loss']:.3f}, "
@@ -275,7 +276,7 @@ def fit_book_exact(setup, args) -> tuple[TrainState, bool]:
 
     with StopRequest() as stop:
         for epoch in range(args.epochs):
-            if state.step >= setup.total_steps:  # --max-steps ended the run at an epoch's end
+            if state.step >= run.total_steps:  # --max-steps ended the run at an epoch's end
                 break
             model.train()
             for inputs, targets in train_loader:
@@ -305,15 +306,15 @@ def fit_book_exact(setup, args) -> tuple[TrainState, bool]:
                     print(f"stopped at step {state.step}; a --book-exact run cannot be resumed: start it again "
                           "(--overwrite) to get the book's log", flush=True)
                     return state, True
-                if state.step >= setup.total_steps:
+                if state.step >= run.total_steps:
                     break
             if state.batches_done < len(train_loader):  # --max-steps stopped it inside the epoch
                 break
             model.eval()
-            sample = book_sample(model, setup.sample_prompt, args.sample_tokens, device)
+            sample = book_sample(model, task.sample_prompt, args.sample_tokens, device)
             model.train()
             bar.write(sample)  # the book prints the sample alone on its line
-            metrics.log({"epoch": epoch + 1, "step": state.step - 1, "sample": sample})
+            run.log({"epoch": epoch + 1, "step": state.step - 1, "sample": sample})
             state.epoch += 1
             state.batches_done = 0
     bar.close()

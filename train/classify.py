@@ -1,9 +1,9 @@
 """Finetune GPT-2 as a spam classifier (the book's chapter 6) with a hand-written Accelerate loop.
 
     accelerate launch train/classify.py [--model DIR|PRESET|HF_ID] [--random-init] [--data PATH|URL]
-        [--out OUT] [--epochs 5] [--batch-size 8] [--lr 5e-5] [--max-steps N]
-        [--trainable last-block|last-N|all] [--pad-to-context] [--seed 123] [--mixed-precision bf16|no]
-        [--push-to-hub USER/NAME]
+        [--out OUT] [--epochs 5] [--batch-size 8] [--lr 5e-5] [--max-steps N] [--resume [PATH]]
+        [--trainable last-block|last-N|all] [--pad-to-context] [--seed 123] [--mixed-precision bf16|no|auto]
+        [--push-to-hub USER/NAME] ...
     python train/classify.py ...            # the same, one process (= gpt2-scratch classify ...)
 
 Defaults reproduce the chapter: gpt2-small with OpenAI's weights; the SMS Spam Collection (downloaded
@@ -12,21 +12,25 @@ shuffled and split 70/10/20 (1045/149/300); every message padded with <|endoftex
 training message (validation/test truncated to it); a new ``score`` head (emb_dim → 2); everything
 frozen except the last transformer block, the final LayerNorm and the head; AdamW lr 5e-5, weight
 decay 0.1, batch 8, 5 epochs; train/validation loss every 50 steps over 5 batches; accuracy after
-every epoch (5 batches of each split, as the book; plus test), and on the full splits at the end.
+every epoch (5 batches of each split, as the book; plus test), and on the full splits at the end. The
+book's training-loss estimate draws its few shuffled training batches anew for each evaluation; here
+they come from (seed, which estimate), so a resumed run draws the same ones.
 
 One difference, on purpose: the book reads the logits at position -1, which for every message shorter
 than the longest is a padding token; ``GPT2ScratchForSequenceClassification`` reads the last *real*
 token (from the attention mask), so predictions do not depend on how much padding a batch has.
 
-It shares train/sft.py's set-up and outputs (train/run.py: the pre-flight of the output folder, the
-Accelerator, the divergence guard, Ctrl-C, the final model; train/metrics.py). What a run leaves in OUT
-(the same layout as train/sft.py, so ``gpt2-scratch push`` and ``predict`` take OUT directly):
+It runs in the one training loop (train/loop.py) as ``ClassifyTask``, so it has everything SFT has:
+gradient accumulation, checkpoints and ``--resume`` (bit-identical to an uninterrupted run), Ctrl-C, the
+divergence guard, trackers. What a run leaves in OUT (the same layout as train/sft.py, so ``gpt2-scratch
+push`` and ``predict`` take OUT directly):
 
     config.json (id2label/label2id) model.safetensors tokenizer files modeling code   the classifier
     args.json                 the arguments of the run
     metrics.jsonl             one JSON object per evaluation, per epoch, and the final accuracies
     loss.png loss.pdf         train/validation loss over steps (examples and tokens seen)
     accuracy.png accuracy.pdf train/validation accuracy after each epoch
+    checkpoints/step-N/       as train/sft.py's (each epoch, every --save-every steps, on Ctrl-C)
 """
 
 from __future__ import annotations
@@ -36,53 +40,44 @@ if __name__ == "__main__":  # `python train/classify.py ARGS` and `accelerate la
 
     run_script("classify")
 
+import logging
 import re
-import time
 from dataclasses import dataclass
-from itertools import islice
 from pathlib import Path
-from typing import Literal
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 
-from gpt2_scratch.core.args import arg
+from gpt2_scratch.core.args import arg, redefault
 from gpt2_scratch.core.download import is_url
 from gpt2_scratch.core.errors import InputError
-from gpt2_scratch.train.run import TrainState, run_arg
+from gpt2_scratch.train.options import ModelOptions, RunOptions
 from gpt2_scratch.train.spam_data import DEFAULT_LABELS, SPAM_BACKUP_URL, SPAM_URL
 
+logger = logging.getLogger(__name__)
+
 _TRAINABLE = re.compile(r"^(last-block|all|last-(\d+))$")
+# The training-loss estimates and the per-epoch accuracy estimates draw their batches from separate ranges.
+_ACCURACY_DRAWS = 1_000_000
 
 
 @dataclass
-class ClassifyArgs:
+class ClassifyArgs(ModelOptions, RunOptions):
     """Finetune GPT-2 to classify text (the book's chapter 6: SMS spam)."""
 
-    model: str = arg("gpt2-small", "model folder, Hugging Face repo id, or preset (gpt2-small|gpt2-medium|"
-                                   "gpt2-large|gpt2-xl: OpenAI's weights, or untrained with --random-init)")
-    random_init: bool = arg(False, "start from random weights instead of pretrained ones (offline runs, tests)")
-    models_dir: str | None = arg(None, "cache folder for OpenAI's weights (default $GPT2_SCRATCH_CACHE/openai "
-                                       "or ~/.cache/gpt2-scratch/openai)")
+    model: str = redefault(ModelOptions, "model", "gpt2-small")
     data: str = arg(SPAM_URL, "label<TAB>text file, or URL of it / of the UCI zip (downloaded once into "
                               "$GPT2_SCRATCH_CACHE/sms_spam, default ~/.cache/gpt2-scratch/sms_spam)")
     labels: str = arg(",".join(DEFAULT_LABELS), "comma-separated class names; their order gives the label ids")
     balance: bool = arg(True, "undersample larger classes to the smallest one (the book)")
-    out: str = run_arg("out", "runs/classify", "output folder (refused if it exists, unless --overwrite)")
-    overwrite: bool = run_arg("overwrite")
-    epochs: int = arg(5, "passes over the training split")
-    max_steps: int | None = run_arg("max_steps")
-    batch_size: int = arg(8, "global batch size (examples per step, over all processes)")
-    lr: float = arg(5e-5, "learning rate (AdamW)")
-    weight_decay: float = arg(0.1, "AdamW weight decay")
     trainable: str = arg("last-block", "what to train besides the final LayerNorm and the head: last-block "
                                        "(the book), last-N (the last N blocks), or all (every parameter)")
     pad_to_context: bool = arg(False, "pad/truncate every message to the model's context length instead of the "
                                       "longest training message (the book's exercise 6.1)")
-    mixed_precision: Literal["no", "bf16", "auto"] = run_arg("mixed_precision")
-    seed: int = arg(123, "seed for balancing, splitting, the head's init and the batch order")
-    eval_freq: int = run_arg("eval_freq", 50, "evaluate the losses every this many optimizer steps")
-    eval_iter: int = run_arg("eval_iter", 5, "batches per loss/accuracy estimate")
-    push_to_hub: str | None = run_arg("push_to_hub")
+    out: str = redefault(RunOptions, "out", "runs/classify")
+    epochs: int = redefault(RunOptions, "epochs", 5)
+    eval_freq: int = redefault(RunOptions, "eval_freq", 50, "evaluate the losses every this many optimizer steps")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -152,72 +147,65 @@ def set_trainable(model, spec: str) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------
-# The run: set-up → fit → finish
+# Set-up: every check first, then the first write
 # ---------------------------------------------------------------------------------------------------
 
 
 def run(args: ClassifyArgs) -> int:
+    """set-up → the loop → finish; returns the exit code (130 when stopped by Ctrl-C with a checkpoint saved)."""
     from gpt2_scratch.train.run import run_training
 
-    return run_training(args, set_up, fit, finish)
+    return run_training(args, set_up)
 
 
-@dataclass
-class Setup:
-    accelerator: object
-    model: object
-    optimizer: object
-    train_loader: object
-    train_eval_loader: object  # shuffled with its own generator: the book's few-batch estimates
-    val_loader: object
-    test_loader: object
-    out: Path
-    metrics: object
-    total_steps: int
-    max_length: int  # every message is padded/truncated to this many tokens
-
-
-def check_args(args: ClassifyArgs) -> tuple[str, ...]:
+def parse_labels(args: ClassifyArgs) -> tuple[str, ...]:
     """The run's labels; one InputError for a setting it cannot start with."""
-    from gpt2_scratch.train.run import check_number
-
     labels = tuple(label.strip() for label in args.labels.split(",") if label.strip())
     if len(labels) < 2:
         raise InputError(f"--labels {args.labels!r}: need at least two comma-separated class names")
-    for name in ("epochs", "batch_size", "eval_freq", "eval_iter"):
-        if getattr(args, name) < 1:
-            raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if args.max_steps is not None and args.max_steps < 1:
-        raise InputError(f"--max-steps must be at least 1, got {args.max_steps}")
     if _TRAINABLE.match(args.trainable) is None:
         raise InputError(f"--trainable {args.trainable!r}: expected last-block, last-N (e.g. last-2) or all")
-    check_number("lr", args.lr, above=0)
-    check_number("weight_decay", args.weight_decay, minimum=0)
     return labels
 
 
-def set_up(args: ClassifyArgs) -> Setup:
+def check_learnable(splits, labels: tuple[str, ...], source) -> None:
+    """A class missing from the training split cannot be learned (a two-class model trained on one class
+    reports 50% accuracy): an error before training. One missing from validation or test: a warning."""
+    counts = splits.train["Label"].value_counts()
+    missing = [label for label in labels if counts.get(label, 0) == 0]
+    if missing:
+        raise InputError(f"{source}: the training split has no example of {', '.join(map(repr, missing))}, so the "
+                         "classifier cannot learn it; give data with every class of --labels (or change --labels)")
+    for name in ("val", "test"):
+        split_counts = getattr(splits, name)["Label"].value_counts()
+        absent = [label for label in labels if split_counts.get(label, 0) == 0]
+        if absent:
+            logger.warning("warning: the %s split has no example of %s: its accuracy says nothing about that class",
+                           name, ", ".join(map(repr, absent)))
+
+
+def set_up(args: ClassifyArgs):
     from accelerate.utils import set_seed
     from torch.utils.data import DataLoader
 
     from gpt2_scratch import get_encoding
-    from gpt2_scratch.train.metrics import MetricsLog
-    from gpt2_scratch.train.run import (check_output, clear_output, make_accelerator, quiet_libraries, resolve_precision,
-                           write_args)
+    from gpt2_scratch.core.allocator import loaded_allocator
+    from gpt2_scratch.train.data import EpochBatchSampler
+    from gpt2_scratch.train.run import fingerprint, launch, start
     from gpt2_scratch.train.spam_data import SpamDataset, fetch_spam_data, prepare_splits
 
     # 1. Arguments, the output folder, the data, the model: checked before anything is written.
-    quiet_libraries()
-    labels = check_args(args)
-    resolve_precision(args)
-    out = check_output(args.out, resume=False, overwrite=args.overwrite,
-                       inputs=[("--model", args.model), ("--data", args.data)])
+    labels = parse_labels(args)
+    started = start(args, inputs=[("--model", args.model), ("--data", args.data)])
     if is_url(args.data):
         # The book's backup copy of the UCI zip is the mirror of the default URL.
         data_path = fetch_spam_data(args.data, mirrors=(SPAM_BACKUP_URL,) if args.data == SPAM_URL else ())
     else:
         data_path = Path(args.data)
     splits = prepare_splits(data_path, labels=labels, seed=args.seed, balance=args.balance)
+    check_learnable(splits, labels, data_path)
+    data_sha256 = fingerprint(data_path.read_bytes())
+    started.check_data(data_sha256, f"--data {data_path}")
     set_seed(args.seed)
     model = build_classifier(args.model, labels=labels, random_init=args.random_init, models_dir=args.models_dir,
                              seed=args.seed)
@@ -239,167 +227,123 @@ def set_up(args: ClassifyArgs) -> Setup:
     # Predict-time truncation must match training: keep the length in the saved config.
     model.config.classification_max_length = max_length
 
-    def loader(ds, shuffle: bool, seed_offset: int = 0, drop_last: bool = False) -> DataLoader:
-        g = torch.Generator().manual_seed(args.seed + seed_offset)
-        return DataLoader(ds, batch_size=args.batch_size, shuffle=shuffle, drop_last=drop_last, generator=g)
-
-    train_loader = loader(train_ds, shuffle=True, drop_last=True)  # the book drops the last partial batch
-    if len(train_loader) == 0:
+    # The book shuffles the training batches each epoch and drops the last partial one; the order comes from
+    # (seed, epoch) alone, so --resume replays it.
+    train_sampler = EpochBatchSampler([max_length] * len(train_ds), args.batch_size, shuffle=True, drop_last=True,
+                                      seed=args.seed)
+    if len(train_sampler) == 0:
         raise InputError(f"{data_path}: {len(train_ds)} training examples make no full batch of {args.batch_size}; "
                          "lower --batch-size")
-    # The book estimates training loss/accuracy on a few shuffled training batches; a separate loader with
-    # its own generator does that without changing the training order.
-    train_eval_loader = loader(train_ds, shuffle=True, seed_offset=1)
-    val_loader, test_loader = loader(val_ds, shuffle=False), loader(test_ds, shuffle=False)
+    # The book estimates the training loss and accuracy on a few shuffled training batches: a sampler of its
+    # own, whose order is set per estimate (ClassifyTask.estimate), so the training order does not change.
+    train_estimate_sampler = EpochBatchSampler([max_length] * len(train_ds), args.batch_size, shuffle=True,
+                                               drop_last=False, seed=args.seed + 1)
+    evaluation = {"train": DataLoader(train_ds, batch_sampler=train_estimate_sampler),
+                  "validation": DataLoader(val_ds, batch_size=args.batch_size),
+                  "test": DataLoader(test_ds, batch_size=args.batch_size)}
 
     # 2. Only now: the processes and the output folder.
-    accelerator = make_accelerator(args.mixed_precision, args.batch_size)
-    clear_output(out, overwrite=args.overwrite, is_main_process=accelerator.is_main_process)
-    accelerator.wait_for_everyone()
-    total_steps = len(train_loader) * args.epochs
-    if args.max_steps is not None:
-        total_steps = min(total_steps, args.max_steps)
-    # As the book: AdamW over model.parameters(); frozen ones have no gradient and are skipped.
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    model, optimizer, train_loader, train_eval_loader, val_loader, test_loader = accelerator.prepare(
-        model, optimizer, train_loader, train_eval_loader, val_loader, test_loader)
-
-    main = accelerator.is_main_process
-    if main:
-        from gpt2_scratch.core.allocator import loaded_allocator
-
-        write_args(out, args)
-        n_params = sum(p.numel() for p in accelerator.unwrap_model(model).parameters())
+    run, evaluation = launch(started, model=model, train_dataset=train_ds, train_sampler=train_sampler, collate=None,
+                             eval_loaders=evaluation, data_sha256=data_sha256)
+    if run.accelerator.is_main_process:
+        n_params = sum(p.numel() for p in model.parameters())
         counts = ", ".join(f"{k} {v}" for k, v in splits.train["Label"].value_counts().sort_index().items())
         print(f"model {args.model}{' (random init)' if args.random_init else ''}: {n_params:,} parameters, "
               f"{n_trainable:,} trainable ({args.trainable}); data {data_path}: {len(train_ds)} train ({counts}) / "
-              f"{len(val_ds)} val / {len(test_ds)} test, padded to {max_length} tokens; {total_steps} steps of "
-              f"{args.batch_size} on {accelerator.num_processes} process(es), "
-              f"{'fp32' if accelerator.mixed_precision == 'no' else accelerator.mixed_precision}, {loaded_allocator()} malloc",
-              flush=True)
-    return Setup(accelerator, model, optimizer, train_loader, train_eval_loader, val_loader, test_loader, out,
-                 MetricsLog(out / "metrics.jsonl", enabled=main), total_steps, max_length)
+              f"{len(val_ds)} val / {len(test_ds)} test, padded to {max_length} tokens; {run.total_steps} steps of "
+              f"{args.batch_size} on {run.accelerator.num_processes} process(es), "
+              f"{'fp32' if run.accelerator.mixed_precision == 'no' else run.accelerator.mixed_precision}, "
+              f"{loaded_allocator()} malloc", flush=True)
+    return run, ClassifyTask(args, evaluation, train_estimate_sampler)
 
 
-@torch.no_grad()
-def evaluate(accelerator, model, loader, num_batches: int | None) -> tuple[float, float]:
-    """(mean loss per batch, accuracy) over the first ``num_batches`` batches (None: all), all processes."""
-    was_training = model.training
-    model.eval()
-    totals = torch.zeros(4, dtype=torch.float64, device=accelerator.device)  # [loss sum, batches, correct, examples]
-    for batch in islice(loader, num_batches):
-        with accelerator.autocast():
-            out = model(**batch)
-        totals[0] += out.loss.double()
-        totals[1] += 1
-        totals[2] += (out.logits.argmax(-1) == batch["labels"]).sum()
-        totals[3] += batch["labels"].numel()
-    model.train(was_training)
-    totals = accelerator.reduce(totals, reduction="sum").tolist()  # host sync
-    return totals[0] / max(totals[1], 1), totals[2] / max(totals[3], 1)
+# ---------------------------------------------------------------------------------------------------
+# The task: what is the classifier's own in the one loop
+# ---------------------------------------------------------------------------------------------------
 
 
-def fit(setup: Setup, args: ClassifyArgs) -> tuple[TrainState, bool]:
-    """The book's loop; returns (state, whether Ctrl-C stopped it). Classifier runs keep no checkpoints."""
-    from gpt2_scratch.train.run import StopRequest, check_loss
+@dataclass
+class ClassifyTask:
+    """Cross-entropy of the class logits (read at each message's last real token); train/loop.py runs it."""
 
-    accelerator, model, metrics = setup.accelerator, setup.model, setup.metrics
-    main = accelerator.is_main_process
-    step, examples_seen, tokens_seen, train_seconds = 0, 0, 0, 0.0
-    window_tokens, window_seconds = 0, 0.0
+    args: ClassifyArgs
+    loaders: dict  # train (the shuffled estimate), validation, test
+    train_estimate_sampler: Any
+    name: str = "classify"
+    units_seen_key: str = "examples_seen"
+    final: dict | None = None  # the full-split numbers, for the summary line
 
-    def state() -> TrainState:
-        return TrainState(step=step, epoch=epoch, tokens_seen=tokens_seen, train_seconds=train_seconds,
-                          extra={"examples_seen": examples_seen})
+    def units(self, batch: dict) -> int:
+        return batch["labels"].numel()
 
-    def log_eval(epoch: int) -> None:
-        nonlocal window_tokens, window_seconds
-        train_loss, _ = evaluate(accelerator, model, setup.train_eval_loader, args.eval_iter)
-        val_loss, _ = evaluate(accelerator, model, setup.val_loader, args.eval_iter)
-        check_loss(val_loss, step, setup.out / "checkpoints", "validation loss")
-        row = {"epoch": epoch, "step": step, "examples_seen": examples_seen, "tokens_seen": tokens_seen,
-               "train_loss": train_loss, "val_loss": val_loss,
-               "tokens_per_sec": window_tokens / window_seconds if window_seconds else 0.0}
-        metrics.log(row)
-        if main:
-            print(f"epoch {epoch}/{args.epochs} | step {step:>4}/{setup.total_steps} | train loss {train_loss:.3f} | "
-                  f"val loss {val_loss:.3f} | {examples_seen} examples | {row['tokens_per_sec']:,.0f} tok/s",
-                  flush=True)
-        window_tokens, window_seconds = 0, 0.0
+    def tokens(self, batch: dict) -> int:
+        return batch["input_ids"].numel()  # every message is padded to the same length: what compute scales with
 
-    model.train()
-    done = False
-    epoch = 0
-    with StopRequest() as stop:
-        for epoch in range(1, args.epochs + 1):
-            for batch in setup.train_loader:
-                tick = time.perf_counter()
-                with accelerator.autocast():
-                    loss = model(**batch).loss
-                accelerator.backward(loss)
-                setup.optimizer.step()
-                setup.optimizer.zero_grad(set_to_none=True)
-                step += 1
-                check_loss(accelerator.reduce(loss.detach(), reduction="mean").item(), step, setup.out / "checkpoints")
-                n = batch["labels"].numel() * accelerator.num_processes
-                examples_seen += n
-                tokens_seen += n * setup.max_length  # processed (padded) tokens: what the compute scales with
-                elapsed = time.perf_counter() - tick
-                train_seconds += elapsed
-                window_tokens += n * setup.max_length
-                window_seconds += elapsed
-                # The book evaluates after its steps 0, 50, 100, ... (0-based); ours count from 1.
-                if (step - 1) % args.eval_freq == 0:
-                    log_eval(epoch)
-                if stop.agreed(accelerator):
-                    if main:
-                        print(f"stopped at step {step}; a classifier run keeps no checkpoints (it takes minutes): "
-                              "run the command again with --overwrite", flush=True)
-                    return state(), True
-                if step >= setup.total_steps:
-                    done = True
-                    break
-            # The book's per-epoch accuracy: a few batches of each split.
-            accuracy = {name: evaluate(accelerator, model, loader, args.eval_iter)[1] for name, loader in
-                        (("train", setup.train_eval_loader), ("val", setup.val_loader), ("test", setup.test_loader))}
-            metrics.log({"epoch": epoch, "step": step, "examples_seen": examples_seen, "tokens_seen": tokens_seen,
-                         **{f"{k}_accuracy": v for k, v in accuracy.items()}})
-            if main:
-                print(f"epoch {epoch}/{args.epochs} | accuracy ({args.eval_iter} batches) train {accuracy['train']:.2%} "
-                      f"| val {accuracy['val']:.2%} | test {accuracy['test']:.2%}", flush=True)
-            if done:
-                break
-    if (step - 1) % args.eval_freq != 0:
-        log_eval(epoch)  # the last step's losses, for the plot and the model card
-    return state(), False
+    def loss(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-entropy summed over the batch's examples, and [that sum, examples, correct predictions]."""
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        loss_sum = F.cross_entropy(logits, batch["labels"], reduction="sum")
+        correct = (logits.argmax(-1) == batch["labels"]).sum()
+        return loss_sum, torch.stack([loss_sum.detach(), logits.new_tensor(len(logits)), correct.float()]).double()
 
+    def batch_sums(self, model, batch: dict) -> torch.Tensor:
+        return self.loss(model, batch)[1]
 
-def finish(setup: Setup, state: TrainState, args: ClassifyArgs) -> None:
-    """The chapter's final numbers (accuracy over the full splits), the classifier, the plots, a push."""
-    from gpt2_scratch.train.metrics import plot_curves
-    from gpt2_scratch.train.run import save_model_into
+    def estimate(self, run, split: str, draw: int | None = None, num_batches: int | None = -1) -> tuple[float, float]:
+        """(mean loss per example, accuracy) over the first ``eval_iter`` batches of ``split`` (``num_batches``
+        None: all of them); the training split's batches are those of estimate number ``draw``."""
+        from gpt2_scratch.train.loop import sums_over
 
-    accelerator, model, out = setup.accelerator, setup.model, setup.out
-    final = {}
-    for name, loader in (("train", setup.train_eval_loader), ("val", setup.val_loader), ("test", setup.test_loader)):
-        final[f"{name}_loss"], final[f"{name}_accuracy"] = evaluate(accelerator, model, loader, None)
-    setup.metrics.log({"step": state.step, "split": "full", **final})
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        final_model = accelerator.unwrap_model(model)
-        final_model.eval()
-        save_model_into(out, final_model, None)
-        rows = [r for r in setup.metrics.read() if r.get("split") != "full"]
+        if split == "train" and draw is not None:
+            self.train_estimate_sampler.set_epoch(draw)
+        sums = sums_over(run, self.loaders[split], self.args.eval_iter if num_batches == -1 else num_batches,
+                         self.batch_sums)
+        loss, examples, correct = sums.tolist()
+        return loss / max(examples, 1), correct / max(examples, 1)
+
+    def initial(self, run) -> None:
+        return None
+
+    def evaluate(self, run, running: torch.Tensor) -> dict:
+        return {"train_loss": self.estimate(run, "train", draw=run.state.evaluations)[0],
+                "val_loss": self.estimate(run, "validation")[0]}
+
+    def eval_line(self, run, row: dict) -> str:
+        return (f"epoch {row['epoch']}/{self.args.epochs} | step {row['step']:>4}/{run.total_steps} | train loss "
+                f"{row['train_loss']:.3f} | val loss {row['val_loss']:.3f} | {row['examples_seen']} examples | "
+                f"{row['tokens_per_sec']:,.0f} tok/s")
+
+    def end_of_epoch(self, run, epoch: int):
+        """The book's per-epoch accuracy: a few batches of each split."""
+        accuracy = {"train": self.estimate(run, "train", draw=_ACCURACY_DRAWS + epoch)[1],
+                    "val": self.estimate(run, "validation")[1], "test": self.estimate(run, "test")[1]}
+        row = {"examples_seen": run.state.units_seen, "tokens_seen": run.state.tokens_seen,
+               **{f"{k}_accuracy": v for k, v in accuracy.items()}}
+        return row, (f"epoch {epoch}/{self.args.epochs} | accuracy ({self.args.eval_iter} batches) train "
+                     f"{accuracy['train']:.2%} | val {accuracy['val']:.2%} | test {accuracy['test']:.2%}")
+
+    def final_evaluation(self, run) -> dict:
+        """The chapter's final numbers: loss and accuracy over the full splits (every process)."""
+        final = {}
+        for name, split in (("train", "train"), ("val", "validation"), ("test", "test")):
+            final[f"{name}_loss"], final[f"{name}_accuracy"] = self.estimate(run, split, num_batches=None)
+        self.final = final
+        return {"split": "full", **final}
+
+    def finish(self, run) -> None:
+        """The classifier at the top of OUT, the loss and accuracy plots, the summary line."""
+        from gpt2_scratch.train.metrics import plot_curves
+        from gpt2_scratch.train.run import save_model_into
+
+        out, state, final = run.out, run.state, self.final
+        model = run.unwrapped()
+        model.eval()
+        save_model_into(out, model, None)
+        rows = [r for r in run.metrics.read() if r.get("split") != "full"]
         plot_curves(rows, out)
         plot_curves(rows, out, stem="accuracy", series={"train_accuracy": "training accuracy",
                                                          "val_accuracy": "validation accuracy"}, ylabel="Accuracy")
         rate = state.tokens_seen / state.train_seconds if state.train_seconds else 0.0
-        print(f"done: {state.step} steps, {state.extra['examples_seen']} examples in {state.train_seconds / 60:.1f} min "
+        print(f"done: {state.step} steps, {state.units_seen} examples in {state.train_seconds / 60:.1f} min "
               f"({rate:,.0f} tok/s); accuracy train {final['train_accuracy']:.2%} | val {final['val_accuracy']:.2%} | "
               f"test {final['test_accuracy']:.2%}; model, metrics, loss.png and accuracy.png in {out}", flush=True)
-        if args.push_to_hub:
-            from gpt2_scratch.train.publish import push_run
-
-            push_run(out, args.push_to_hub)  # the model files + a card built from OUT's args/metrics/plots
-    accelerator.wait_for_everyone()
-    accelerator.end_training()

@@ -5,7 +5,7 @@ file, a URL, a Hub data set), split the book's way (85/10/5 in file order, or af
 Here they become training examples: ``format_example`` text tokenized with ``Dataset.map(batched=True)``,
 over-long examples truncated or dropped, and batches made by ``InstructionCollator``, which reproduces
 the book's ``custom_collate_fn`` exactly: pad every item to the batch's longest + 1 with <|endoftext|>,
-shift inputs and targets by one, and ignore (-100) every padding target after the first, so the model
+shift inputs and targets by one, and ignore (``IGNORE_INDEX``) every padding target after the first, so the model
 learns to emit one <|endoftext|> after a response. ``EpochBatchSampler`` decides the batch order from
 (seed, epoch) alone, so a resumed run sees exactly the batches the interrupted one would have.
 """
@@ -22,13 +22,13 @@ import torch
 from torch.utils.data import Sampler
 
 from gpt2_scratch.core.prompts import format_example, format_input
-from gpt2_scratch.core.records import DataError, book_split, record_input
+from gpt2_scratch.core.records import BOOK_FRACTIONS, DataError, book_split, record_input
+from gpt2_scratch.modeling_gpt2_scratch import IGNORE_INDEX  # the one ignore index (what cross_entropy skips)
 from gpt2_scratch.tokenizer import ENDOFTEXT_ID
 
 logger = logging.getLogger(__name__)
 
 PAD_TOKEN_ID = ENDOFTEXT_ID  # GPT-2 has no pad token: the book pads with <|endoftext|>
-IGNORE_INDEX = -100  # what torch's cross_entropy skips
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -283,12 +283,14 @@ def prepare_instruction_data(
     too_long: str = "truncate",
     shuffle_split: bool = False,
     seed: int = 123,
+    fractions: tuple[float, float] = BOOK_FRACTIONS,
+    sample: int | None = None,
 ) -> InstructionData:
-    """Split (the book's 85/10/5) and tokenize validated ``records``; raise ``DataError`` if no training
-    example is left."""
-    splits = book_split(records, shuffle=shuffle_split, seed=seed)
+    """Split (the book's 85/10/5 unless ``fractions``/``sample`` say otherwise: ``core.records.book_split``) and
+    tokenize validated ``records``; raise ``DataError`` if no training example is left."""
+    splits = book_split(records, shuffle=shuffle_split, seed=seed, fractions=fractions, sample=sample)
     if not splits.train:
-        raise DataError(f"{source}: {len(records)} record(s) leave no training example after the 85/10/5 split; "
+        raise DataError(f"{source}: {len(records)} record(s) leave no training example after the split; "
                         "give at least 2 records")
     tokenized = {
         name: tokenize_dataset(records_dataset(splits[name]), tokenizer, style=style, max_length=max_length,

@@ -39,7 +39,7 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 from gpt2_scratch.core.args import arg
 from gpt2_scratch.core.errors import InputError
@@ -58,30 +58,28 @@ PRESETS: dict[str, dict[str, Any]] = {
     "book": dict(lora_r=16, lora_alpha=256.0, lora_dropout=0.0, lora_targets=["all-linear"], lora_init="book"),
 }
 
-# The options, declared once: each Args class names the field and its type, `lora_arg` gives the rest.
-_OPTIONS: dict[str, tuple[Any, str, dict]] = {
-    "lora": (None, "finetune LoRA adapters (peft) instead of every weight: --lora alone = rank 8, alpha 16 on "
-                   "c_attn, c_proj, c_fc; --lora book = the book's exercise 7.4 (rank 16, x@A@B times 16, every "
-                   "linear layer incl. the head); any --lora-* option also turns LoRA on",
-             dict(nargs="?", const="default")),
-    "lora_r": (None, "LoRA rank (default 8; book 16)", {}),
-    "lora_alpha": (None, "LoRA alpha; the update is scaled by alpha / rank as in peft (default 16; book 256, "
-                         "i.e. the book's 16 without division by the rank)", {}),
-    "lora_dropout": (None, "dropout on the LoRA input (default 0, as the book)", {}),
-    "lora_targets": (None, "layers that get adapters: c_attn c_proj c_fc (default: every projection in the "
-                           "blocks), attn.c_proj, mlp.c_proj, lm_head, or all-linear (the blocks and the head)", {}),
-    "lora_init": (None, "init of LoRA's A: peft (U(±1/√in), the default) or book (U(±1/√rank), as the book's "
-                        "kaiming_uniform_ on A[in, rank]); B starts at zero either way", {}),
-    "base_dtype": ("fp32", "dtype of the frozen base weights with --lora: bf16 halves their memory (needs "
-                           "--mixed-precision bf16)", {}),
-    "merge": (True, "with LoRA: also save the merged model at the top of OUT (--no-merge: only OUT/adapter)", {}),
-}
+@dataclass
+class LoRAOptions:
+    """LoRA (peft): finetune low-rank adapters instead of every weight"""
 
-
-def lora_arg(name: str) -> Any:
-    """The ``arg(...)`` of LoRA option ``name`` (default, help text), the same in every script's Args."""
-    default, help_text, extra = _OPTIONS[name]
-    return arg(default, help_text, **extra)
+    lora: Literal["default", "book"] | None = arg(
+        None, "finetune LoRA adapters (peft) instead of every weight: --lora alone = rank 8, alpha 16 on c_attn, "
+              "c_proj, c_fc; --lora book = the book's exercise 7.4 (rank 16, x@A@B times 16, every linear layer incl. "
+              "the head); any --lora-* option also turns LoRA on", nargs="?", const="default")
+    lora_r: int | None = arg(None, "LoRA rank (default 8; book 16)")
+    lora_alpha: float | None = arg(None, "LoRA alpha; the update is scaled by alpha / rank as in peft (default 16; "
+                                         "book 256, i.e. the book's 16 without division by the rank)")
+    lora_dropout: float | None = arg(None, "dropout on the LoRA input (default 0, as the book)")
+    lora_targets: list[str] | None = arg(None, "layers that get adapters: c_attn c_proj c_fc (default: every "
+                                               "projection in the blocks), attn.c_proj, mlp.c_proj, lm_head, or "
+                                               "all-linear (the blocks and the head)")
+    lora_init: Literal["peft", "book"] | None = arg(None, "init of LoRA's A: peft (U(±1/√in), the default) or book "
+                                                          "(U(±1/√rank), as the book's kaiming_uniform_ on A[in, "
+                                                          "rank]); B starts at zero either way")
+    base_dtype: Literal["fp32", "bf16"] = arg("fp32", "dtype of the frozen base weights with --lora: bf16 halves "
+                                                      "their memory (needs --mixed-precision bf16)")
+    merge: bool = arg(True, "with LoRA: also save the merged model at the top of OUT (--no-merge: only OUT/adapter)",
+                      resume_may_change=True)
 
 
 @dataclass(frozen=True)
@@ -210,12 +208,6 @@ def wrap(model, s: LoRASettings | None, *, base_model: str | None = None):
                 if ".lora_A." in name:
                     param.uniform_(-bound, bound)
     return peft_model
-
-
-def is_lora(model) -> bool:
-    from peft import PeftModel
-
-    return isinstance(model, PeftModel)
 
 
 def parameter_counts(model) -> tuple[int, int]:

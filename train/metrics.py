@@ -32,10 +32,15 @@ class MetricsLog:
     def read(self) -> list[dict]:
         return self.file.read()
 
-    def truncate_after(self, step: int) -> None:
-        """On resume: drop the rows logged after the checkpoint's step (they will be logged again)."""
-        if self.enabled and self.path.exists():
-            self.file.rewrite([row for row in self.read() if row.get("step", 0) <= step])
+    def truncate_after(self, step: int) -> int:
+        """On resume: drop the rows logged after the checkpoint's step (they will be logged again); returns
+        how many were dropped (the trackers already have them, and skip them when they come again)."""
+        if not (self.enabled and self.path.exists()):
+            return 0
+        rows = self.read()
+        kept = [row for row in rows if row.get("step", 0) <= step]
+        self.file.rewrite(kept)
+        return len(rows) - len(kept)
 
 
 def plot_curves(rows: list[dict], out_dir: str | os.PathLike, *, stem: str = "loss",

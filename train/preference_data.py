@@ -22,7 +22,7 @@ import datasets
 import torch
 
 from gpt2_scratch.core.prompts import format_input, response_header
-from gpt2_scratch.core.records import PREFERENCE_FIELDS, DataError, book_split, load_records
+from gpt2_scratch.core.records import BOOK_FRACTIONS, PREFERENCE_FIELDS, DataError, book_split, load_records
 from gpt2_scratch.train.data import IGNORE_INDEX, PAD_TOKEN_ID, collate_instruction_batch
 
 logger = logging.getLogger(__name__)
@@ -84,7 +84,7 @@ class PreferenceCollator:
     "index": [B]}``, chosen and rejected padded to one width (the book's collate, prompt targets masked).
 
     Labels are pre-shifted as in ``InstructionCollator`` (``labels[:, j]`` is the token after
-    ``ids[:, j]``); -100 marks the prompt, the response header and the padding.
+    ``ids[:, j]``); ``IGNORE_INDEX`` marks the prompt, the response header and the padding.
     """
 
     pad_token_id: int = PAD_TOKEN_ID
@@ -113,13 +113,14 @@ class PreferenceData:
 
 
 def prepare_preference_data(records: Sequence[dict], tokenizer, *, source: str = "data", style: str = "alpaca",
-                            max_length: int | None = None, shuffle_split: bool = False,
-                            seed: int = 123) -> PreferenceData:
-    """Split (the book's 85/10/5) and tokenize validated preference records; a DataError if no training
-    pair is left."""
-    splits = book_split(records, shuffle=shuffle_split, seed=seed)
+                            max_length: int | None = None, shuffle_split: bool = False, seed: int = 123,
+                            fractions: tuple[float, float] = BOOK_FRACTIONS,
+                            sample: int | None = None) -> PreferenceData:
+    """Split (the book's 85/10/5 unless ``fractions``/``sample`` say otherwise) and tokenize validated
+    preference records; a DataError if no training pair is left."""
+    splits = book_split(records, shuffle=shuffle_split, seed=seed, fractions=fractions, sample=sample)
     if not splits.train:
-        raise DataError(f"{source}: {len(records)} record(s) leave no training pair after the 85/10/5 split; "
+        raise DataError(f"{source}: {len(records)} record(s) leave no training pair after the split; "
                         "give at least 2 records")
     tokenized = {name: tokenize_pairs(splits[name], tokenizer, style=style, max_length=max_length, split_name=name)
                  for name in ("train", "validation", "test")}

@@ -1,12 +1,17 @@
-"""A training run's life, shared by train/sft.py, train/classify.py and train/dpo.py.
+"""A training run's life, shared by train/sft.py, train/dpo.py and train/classify.py.
 
-    start:      pre-flight (``check_output``: writable, not an input, not an unfinished run) → only
-                then the output folder is cleared (``--overwrite``) → ``make_accelerator``
-    the loop:   ``TrainState`` (the counters a checkpoint records), ``save_checkpoint`` /
-                ``load_checkpoint`` (``--resume``), ``check_resume_args`` (a resumed run must be the
-                same run), ``StopRequest`` (Ctrl-C ends the run at the next step boundary with a
-                checkpoint), ``check_loss`` (a non-finite loss stops the run: nothing broken is saved)
-    finish:     ``save_model_into`` (the model at the top of OUT, never half-written)
+    run_training(args, set_up)   set_up(args) → (Run, Task); loop.fit(run, task); finish(run, task)
+    start:      ``start`` (pre-flight: option values, the output folder writable, not an input, not an
+                unfinished run; the checkpoint to resume and the data it was trained on) → the task loads
+                its data and model → ``launch``: the Accelerator, only then the output folder is locked and
+                cleared (``--overwrite``), the optimizer and scheduler, ``accelerator.prepare``, a restored
+                checkpoint, the trackers
+    the loop:   train/loop.py; here the pieces it uses: ``TrainState`` (the counters a checkpoint records),
+                ``save_checkpoint`` / ``load_checkpoint`` (``--resume``), ``StopRequest`` (Ctrl-C ends the run
+                at the next step boundary with a checkpoint), ``check_loss`` (a non-finite loss stops the
+                run: nothing broken is saved)
+    finish:     ``finish``: the task's final evaluation, the model at the top of OUT (never half-written,
+                with LoRA also the adapter), the task's outputs, a push to the Hub
 
 Only the main process writes; every helper that writes checks ``accelerator.is_main_process`` or is
 called only there. Every failure is one line: an ``InputError`` (exit 2) for what the user passed,
@@ -38,72 +43,31 @@ ARGS_FILE = "args.json"
 
 
 # ---------------------------------------------------------------------------------------------------
-# The options every training script shares
-# ---------------------------------------------------------------------------------------------------
-
-# Declared once (default, help, argparse extras): each Args class names the field and its type, and
-# passes a default only where its recipe differs from this one.
-RUN_OPTIONS: dict[str, tuple[Any, str, dict]] = {
-    "out": (None, "output folder (refused if it exists, unless --resume/--overwrite)", {"aliases": ("--output-dir",)}),
-    "overwrite": (False, "replace an existing output folder (after every check of the run has passed)", {}),
-    "resume": (None, "continue from the latest checkpoint in OUT/checkpoints, or from the given checkpoint folder",
-               {"nargs": "?", "const": "latest"}),
-    "max_steps": (None, "stop after this many optimizer steps", {}),
-    "grad_accum": (1, "micro-batches per optimizer step (gradient accumulation)", {}),
-    "max_grad_norm": (0.0, "clip the gradient norm to this value (0: no clipping, as the book)", {}),
-    "mixed_precision": ("no", "bf16 autocast: fast on CPUs with AMX or AVX512-BF16 and on GPUs, far slower than "
-                              "fp32 elsewhere; auto: bf16 where it is fast, else fp32", {}),
-    "eval_freq": (5, "evaluate (and log a line) every this many optimizer steps", {}),
-    "eval_iter": (5, "validation batches per evaluation", {}),
-    "save_every": (0, "also checkpoint every this many steps (0: only at the end of each epoch)", {}),
-    "keep_checkpoints": (2, "how many of the newest checkpoints to keep (0: all)", {}),
-    "sample_tokens": (35, "tokens of the greedy sample printed after each epoch", {}),
-    "max_new_tokens": (256, "longest response generated for the test split", {}),
-    "response_batch_size": (8, "prompts per batch when generating the test responses", {}),
-    "push_to_hub": (None, "after training, upload the model with a model card to this Hub repo (USER/NAME)", {}),
-}
-_SHARED_DEFAULT = object()
-
-
-def run_arg(name: str, default: Any = _SHARED_DEFAULT, help: str | None = None) -> Any:
-    """The ``arg(...)`` of shared option ``name``; ``default``/``help`` where a script's differ."""
-    from gpt2_scratch.core.args import arg
-
-    shared_default, shared_help, extra = RUN_OPTIONS[name]
-    return arg(shared_default if default is _SHARED_DEFAULT else default, help or shared_help, **extra)
-
-
-# ---------------------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------------------
 
 
-def run_training(args: Any, set_up, fit, finish) -> int:
-    """The shape every training script has: ``set_up(args)`` → ``fit(setup, args)`` → ``finish(setup, state,
-    args)``; returns the exit code (130 when Ctrl-C stopped the loop, with a checkpoint where it keeps them)."""
+def run_training(args: Any, set_up) -> int:
+    """``set_up(args)`` → (Run, Task) → the loop → ``finish``; returns the exit code (130 when Ctrl-C stopped
+    the loop, with a checkpoint saved). The output folder's lock is released however the run ends."""
+    from gpt2_scratch.train.loop import fit
+
     relaunch_multi_cpu()
-    setup = set_up(args)
-    state, interrupted = fit(setup, args)
-    if interrupted:
-        return EXIT_INTERRUPTED
-    finish(setup, state, args)
-    return 0
+    run, task = set_up(args)
+    own_loop = getattr(task, "own_loop", None)  # sft --book-exact: the book's loop, step for step
+    try:
+        state, interrupted = own_loop(run) if own_loop else fit(run, task)
+        if interrupted:
+            return EXIT_INTERRUPTED
+        finish(run, task)
+        return 0
+    finally:
+        run.release()
 
 
 # ---------------------------------------------------------------------------------------------------
 # Start
 # ---------------------------------------------------------------------------------------------------
-
-
-def check_number(name: str, value: float, *, minimum: float | None = None, above: float | None = None) -> None:
-    """A finite number within bounds, or one InputError naming the option (``--lr nan`` is not a learning rate)."""
-    flag = "--" + name.replace("_", "-")
-    if not math.isfinite(value):
-        raise InputError(f"{flag} must be a finite number, got {value}")
-    if minimum is not None and value < minimum:
-        raise InputError(f"{flag} must be at least {minimum:g}, got {value:g}")
-    if above is not None and value <= above:
-        raise InputError(f"{flag} must be greater than {above:g}, got {value:g}")
 
 
 def check_output(out: str | os.PathLike, *, resume: bool, overwrite: bool,
@@ -124,12 +88,15 @@ def check_output(out: str | os.PathLike, *, resume: bool, overwrite: bool,
     return out
 
 
-def clear_output(out: Path, *, overwrite: bool, is_main_process: bool) -> None:
-    """Empty ``out`` (with ``--overwrite``) and create it: the first write of a run, after all checks."""
+def clear_output(out: Path, *, overwrite: bool, is_main_process: bool, keep: set[str] = frozenset()) -> None:
+    """Empty ``out`` (with ``--overwrite``; but the names in ``keep``: the run's own lock) and create it: the
+    first write of a run, after all checks."""
     if not is_main_process:
         return
     if overwrite and out.is_dir():
         for child in out.iterdir():
+            if child.name in keep:
+                continue
             shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
     out.mkdir(parents=True, exist_ok=True)
 
@@ -238,6 +205,164 @@ def check_resume_args(out: Path, args: Any, may_change: set[str]) -> None:
                          f"resume with the run's settings, or start a new run in another --out")
 
 
+@dataclass
+class Start:
+    """What ``start`` decided before any data or model is loaded."""
+
+    args: Any
+    out: Path
+    resume_from: Path | None  # the checkpoint to continue from
+    resume_state: "TrainState | None"  # its counters (read early: the data check needs no model)
+
+    def check_data(self, data_sha256: str, what: str) -> None:
+        """Refuse (exit 2) a resume on data whose contents differ from what the checkpoint trained on."""
+        saved = self.resume_state.data_sha256 if self.resume_state else ""
+        if saved and saved != data_sha256 and not self.args.resume_other_data:
+            raise InputError(f"--resume: {what} differs from the data the checkpoint {self.resume_from} was trained on "
+                             f"(sha256 {data_sha256[:12]}… vs {saved[:12]}…): its batch order and position in the epoch "
+                             "belong to the other data; restore that data, pass --resume-other-data to continue on "
+                             "this data anyway, or start a new run in another --out")
+
+
+def start(args: Any, *, inputs: list[tuple[str, Any]]) -> Start:
+    """Every check that needs neither data nor model: option values, precision, the output folder, the
+    checkpoint to resume and whether the resumed run is the same run (``check_resume_args``)."""
+    from gpt2_scratch.core.args import check_values, resume_may_change
+
+    quiet_libraries()
+    check_values(args)
+    resolve_precision(args)
+    resuming = args.resume is not None
+    out = check_output(args.out, resume=resuming, overwrite=args.overwrite, inputs=inputs)
+    resume_from = find_checkpoint(args.resume, out / "checkpoints") if resuming else None
+    if resuming:
+        # With a constant learning rate the length of the run changes nothing it computes.
+        lengths = {"max_steps", "epochs"} if args.lr_schedule == "constant" else set()
+        check_resume_args(out, args, resume_may_change(type(args)) | lengths)
+    state = TrainState.read(resume_from / TRAIN_STATE_FILE) if resume_from is not None else None
+    return Start(args, out, resume_from, state)
+
+
+@dataclass
+class Run:
+    """Everything the loop needs besides its task, made by ``launch``."""
+
+    args: Any
+    accelerator: Any
+    model: Any  # prepared by accelerate (DDP-wrapped with several processes)
+    optimizer: Any
+    scheduler: Any
+    train_sampler: Any  # an EpochBatchSampler: the batch order from (seed, epoch) alone
+    train_loader: Any
+    out: Path
+    metrics: Any  # train.metrics.MetricsLog
+    total_steps: int
+    state: TrainState
+    lock: Any = None  # the output folder's lock (core.files.FolderLock), released by ``release``
+    trackers: Any = None  # train.trackers.Trackers, or None
+
+    @property
+    def checkpoint_root(self) -> Path:
+        return self.out / "checkpoints"
+
+    def unwrapped(self):
+        return self.accelerator.unwrap_model(self.model)
+
+    def log(self, row: dict) -> None:
+        """One metrics row: metrics.jsonl, and every experiment tracker."""
+        self.metrics.log(row)
+        if self.trackers is not None:
+            self.trackers.log(row)
+
+    def release(self) -> None:
+        if self.trackers is not None:
+            self.trackers.close()
+            self.trackers = None
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+
+def launch(start: Start, *, model, train_dataset, train_sampler, collate, eval_loaders: dict[str, Any],
+           data_sha256: str, trainable=None, before_prepare=None) -> tuple[Run, dict[str, Any]]:
+    """The run's objects, after every check has passed: the Accelerator; the output folder locked, then
+    cleared (``--overwrite``); AdamW (fused: 4x faster than the default on CPU, the same updates) over
+    ``trainable`` (default: every parameter, which the book decays); the schedule; ``accelerator.prepare``;
+    a restored checkpoint; args.json; the trackers. ``before_prepare(accelerator)`` runs once the processes
+    exist and before any checkpoint is restored (DPO's reference of the starting model). Returns the run and
+    the prepared ``eval_loaders``."""
+    from torch.utils.data import DataLoader
+
+    import torch
+    from gpt2_scratch.core.files import FolderLock
+    from gpt2_scratch.train.metrics import MetricsLog
+
+    args, out = start.args, start.out
+    resuming = start.resume_from is not None
+    accelerator = make_accelerator(args.mixed_precision, args.batch_size)
+    main = accelerator.is_main_process
+    lock = FolderLock.acquire(out, what="--out") if main else None
+    try:
+        clear_output(out, overwrite=args.overwrite and not resuming, is_main_process=main, keep={lock.path.name} if lock else set())
+        accelerator.wait_for_everyone()
+        train_loader = DataLoader(train_dataset, batch_sampler=train_sampler, collate_fn=collate)
+        steps_per_epoch = math.ceil(len(train_sampler) / args.grad_accum)
+        total_steps = steps_per_epoch * args.epochs
+        if args.max_steps is not None:
+            total_steps = min(total_steps, args.max_steps)
+        params = [p for p in (trainable if trainable is not None else model.parameters()) if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, fused=True)
+        scheduler = make_scheduler(optimizer, args, total_steps)
+        names = list(eval_loaders)
+        if before_prepare is not None:
+            before_prepare(accelerator)
+        model = maybe_compile(model, args, accelerator.device.type)
+        prepared = accelerator.prepare(model, optimizer, train_loader, scheduler, *eval_loaders.values())
+        model, optimizer, train_loader, scheduler = prepared[:4]
+        eval_loaders = dict(zip(names, prepared[4:]))
+        metrics = MetricsLog(out / "metrics.jsonl", enabled=main)
+        state = TrainState(data_sha256=data_sha256)
+        relogged = 0
+        if resuming:
+            state = load_checkpoint(accelerator, start.resume_from)
+            state.data_sha256 = data_sha256
+            relogged = metrics.truncate_after(state.step)
+            if main:
+                print(f"resumed from {start.resume_from}: step {state.step}, epoch {state.epoch + 1}, "
+                      f"{state.batches_done} batches into it", flush=True)
+        if main:
+            write_args(out, args)
+        run = Run(args, accelerator, model, optimizer, scheduler, train_sampler, train_loader, out, metrics,
+                  total_steps, state, lock)
+        if main and getattr(args, "report_to", None) and args.report_to != ["none"]:
+            from gpt2_scratch.train.trackers import Trackers
+
+            run.trackers = Trackers.start(args, out, resuming=resuming, skip_rows=relogged)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    return run, eval_loaders
+
+
+def make_scheduler(optimizer, args: Any, total_steps: int):
+    """Linear warmup, then constant (the book) or cosine decay, stepped once per optimizer step."""
+    from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
+
+    if args.lr_schedule == "cosine":
+        return get_cosine_schedule_with_warmup(optimizer, args.warmup_steps, max(total_steps, 1))
+    return get_constant_schedule_with_warmup(optimizer, args.warmup_steps)
+
+
+def maybe_compile(model, args: Any, device: str):
+    """``--compile``: torch.compile the model, or one line saying why this platform cannot."""
+    if not getattr(args, "compile", False):
+        return model
+    from gpt2_scratch.core.compile import compile_model
+
+    return compile_model(model, device)
+
+
 def relaunch_multi_cpu() -> None:
     """Make ``accelerate launch --num_processes N --cpu ...`` really run N processes (call first).
 
@@ -291,25 +416,30 @@ class TrainState:
     epoch: int = 0  # epochs finished
     batches_done: int = 0  # micro-batches done in the current epoch (to skip them on resume)
     tokens_seen: int = 0  # input positions processed, padding included (the book's "tokens seen")
-    target_tokens_seen: int = 0  # positions with a target (what the loss averages over)
-    loss_sum: float = 0.0  # summed token loss since the last evaluation
-    loss_tokens: int = 0  # its target tokens
+    units_seen: int = 0  # what the losses averaged over: target tokens (SFT), pairs (DPO), examples (classifier)
+    running: list = dataclasses.field(default_factory=list)  # the task's sums since the last evaluation
     last_eval_step: int = -1
+    evaluations: int = 0  # evaluations done (the classifier's training estimate draws its batches from it)
     train_seconds: float = 0.0
-    extra: dict = dataclasses.field(default_factory=dict)  # a script's own counters (the book's global_step)
-
-    def running_loss(self) -> float:
-        """Mean loss per target token over the steps since the last evaluation."""
-        return self.loss_sum / max(self.loss_tokens, 1)
+    data_sha256: str = ""  # what the run trains on (``fingerprint``): a resume on other data is refused
 
     @classmethod
     def read(cls, path: Path) -> "TrainState":
         try:
             values = json.loads(path.read_text(encoding="utf-8"))
-            return cls(**values)
-        except (ValueError, TypeError, OSError) as err:
+            known = {f.name for f in dataclasses.fields(cls)}
+            return cls(**{k: v for k, v in values.items() if k in known})
+        except (ValueError, TypeError, OSError, AttributeError) as err:
             raise InputError(f"--resume: {path} is damaged ({type(err).__name__}: {one_line(err, 120)}); resume from "
                              "another checkpoint (--resume DIR) or start again with --overwrite") from None
+
+
+def fingerprint(records: Any) -> str:
+    """sha256 of what a run trains on (records as JSON with sorted keys, or a file's bytes)."""
+    import hashlib
+
+    payload = records if isinstance(records, bytes) else json.dumps(records, sort_keys=True, ensure_ascii=False).encode()
+    return hashlib.sha256(payload).hexdigest()
 
 
 def checkpoint_name(step: int) -> str:
@@ -508,3 +638,79 @@ def save_model_into(out: Path, model, tokenizer, *, prompt_style: str | None = N
         raise Failure(f"{reason}; the checkpoints in {out / 'checkpoints'} are kept: free space and run the same "
                       "command with --resume to save the model") from None
     replace_files_into(staging, out)
+
+
+def finish(run: Run, task) -> None:
+    """The task's final evaluation (every process), then on the main process the model at the top of OUT
+    and the task's other outputs (``task.finish``), a push to the Hub; then the processes end together."""
+    accelerator = run.accelerator
+    final = getattr(task, "final_evaluation", None)
+    if final is not None:
+        run.log({"step": run.state.step, **final(run)})
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        task.finish(run)
+        if run.args.push_to_hub:
+            from gpt2_scratch.train.publish import push_run
+
+            push_run(run.out, run.args.push_to_hub)  # the model files + a card built from OUT's args/metrics/plots
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+
+
+# ---------------------------------------------------------------------------------------------------
+# What the language-model tasks (SFT, DPO) share at the end of an epoch and of the run
+# ---------------------------------------------------------------------------------------------------
+
+
+def greedy_sample(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
+    """The book's per-epoch check: greedily continue a fixed validation prompt (newlines shown as spaces)."""
+    import torch
+
+    from gpt2_scratch import ENDOFTEXT_ID
+
+    was_training = model.training
+    model.eval()
+    context = model.config.max_position_embeddings
+    ids = tokenizer.encode(prompt)[-(context - max_new_tokens):]
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids], device=device), attention_mask=torch.ones(1, len(ids), dtype=torch.long,
+                             device=device), max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=ENDOFTEXT_ID,
+                             eos_token_id=None)
+    model.train(was_training)
+    return tokenizer.decode(out[0]).replace("\n", " ")
+
+
+def save_language_model(run: Run, model, tokenizer, *, prompt_style: str, lora_settings, load_base):
+    """The finished language model at the top of OUT (with LoRA: OUT/adapter, and the merged model unless
+    --no-merge); returns the model to generate the test responses with."""
+    from gpt2_scratch.train import lora
+
+    model.eval()
+    if lora_settings is None:
+        save_model_into(run.out, model, tokenizer, prompt_style=prompt_style)
+        return model
+    return lora.save_outputs(run.out, model, tokenizer, lora_settings, prompt_style=prompt_style, load_base=load_base)
+
+
+def write_test_responses(run: Run, model, tokenizer, records: list[dict], style: str) -> list[str]:
+    """The test split with a greedy ``model_response`` per record (instruction-data-with-response.json)."""
+    from gpt2_scratch import generate_responses
+    from gpt2_scratch.core.files import write_json_atomic
+
+    args = run.args
+    print(f"generating {len(records)} test responses (greedy, up to {args.max_new_tokens} new tokens)", flush=True)
+    responses = generate_responses(model, tokenizer, records, batch_size=args.response_batch_size,
+                                   max_new_tokens=args.max_new_tokens, style=style)
+    write_json_atomic(run.out / "instruction-data-with-response.json",
+                      [dict(r, model_response=resp) for r, resp in zip(records, responses)])
+    return responses
+
+
+def check_generation_limits(args: Any, context: int, model_name: str) -> None:
+    """--max-new-tokens and --sample-tokens must leave room for a prompt: found before training, not after."""
+    for name in ("max_new_tokens", "sample_tokens"):
+        if getattr(args, name) >= context:
+            raise InputError(f"--{name.replace('_', '-')} {getattr(args, name)} leaves no room for a prompt in the "
+                             f"{context}-token context of {model_name}; pass at most {context - 1}")

@@ -1,0 +1,178 @@
+"""The one training loop (train/loop.py), as SFT, DPO and the classifier use it.
+
+Every command gets what the loop has: Ctrl-C → a checkpoint → ``--resume`` ends with the weights of an
+uninterrupted run; a non-finite loss of any kind stops the run with exit 1 and no model; a resumed run on
+other data is refused; a second run cannot write into a folder a run is using, and a lock left by a
+killed run does not block the next one. Runs are tiny and in this process (``core.cli.main``), except
+where a process must be killed.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO_ROOT, SHARED_DIR, kill_at_checkpoint
+from safetensors.torch import load_file
+
+from gpt2_scratch.core.cli import main
+
+BOOK_DATA = SHARED_DIR / "data" / "instruction-data.json"
+PREFERENCE_DATA = SHARED_DIR / "data" / "instruction-data-with-preference.json"
+SMS = SHARED_DIR / "data" / "SMSSpamCollection.tsv"
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+SFT = ["sft", "--model", "gpt2-small", "--random-init", "--n-layers", "2", "--emb-dim", "64", "--n-heads", "4",
+       "--context-length", "128", "--data", str(BOOK_DATA), "--lr", "1e-3", "--batch-size", "4", "--grad-accum", "2",
+       "--max-steps", "12", "--eval-freq", "4", "--eval-iter", "1", "--max-new-tokens", "2",
+       "--response-batch-size", "55", "--sample-tokens", "2", "--keep-checkpoints", "0"]
+
+
+def dpo_args(model: Path) -> list[str]:
+    return ["dpo", "--model", str(model), "--data", str(PREFERENCE_DATA), "--lr", "5e-4", "--batch-size", "8",
+            "--max-steps", "10", "--eval-freq", "4", "--eval-iter", "1", "--max-new-tokens", "2",
+            "--response-batch-size", "110", "--sample-tokens", "2", "--keep-checkpoints", "0"]
+
+
+def classify_args(model: Path) -> list[str]:
+    return ["classify", "--model", str(model), "--data", str(SMS), "--batch-size", "8", "--max-steps", "12",
+            "--eval-freq", "4", "--eval-iter", "1", "--keep-checkpoints", "0"]
+
+
+def command(name: str, tiny_model_dir: Path) -> list[str]:
+    return {"sft": SFT, "dpo": dpo_args(tiny_model_dir), "classify": classify_args(tiny_model_dir)}[name]
+
+
+def ctrl_c_after_first_evaluation(out: Path) -> threading.Thread:
+    """Press Ctrl-C (SIGINT to this process) once the run has logged its first evaluation after a step."""
+    def press() -> None:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            metrics = out / "metrics.jsonl"
+            if metrics.exists() and any('"step": 1' in line for line in metrics.read_text().splitlines()):
+                os.kill(os.getpid(), signal.SIGINT)
+                return
+            time.sleep(0.01)
+
+    thread = threading.Thread(target=press, daemon=True)
+    thread.start()
+    return thread
+
+
+def steps(out: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+# Three short runs each; DPO's and the classifier's go to the slow suite (the default suite stays short).
+@pytest.mark.parametrize("name", ["sft", pytest.param("dpo", marks=pytest.mark.slow),
+                                  pytest.param("classify", marks=pytest.mark.slow)])
+def test_ctrl_c_checkpoint_resume_equals_an_uninterrupted_run(name, tiny_model_dir, tmp_path, capsys):
+    argv = command(name, tiny_model_dir)
+    assert main([*argv, "--out", str(tmp_path / "whole")]) == 0
+
+    out = tmp_path / "stopped"
+    ctrl_c_after_first_evaluation(out)
+    assert main([*argv, "--out", str(out)]) == 130
+    err = capsys.readouterr().err
+    assert "stopping after this step" in err
+    (checkpoint,) = (out / "checkpoints").iterdir()
+    assert not (out / "model.safetensors").exists()
+    assert main([*argv, "--out", str(out), "--resume"]) == 0
+    assert f"resumed from {checkpoint}" in capsys.readouterr().out
+
+    assert steps(out) == steps(tmp_path / "whole")  # every evaluation logged once
+    whole, resumed = load_file(tmp_path / "whole" / "model.safetensors"), load_file(out / "model.safetensors")
+    assert whole.keys() == resumed.keys()
+    for key in whole:
+        assert torch.equal(whole[key], resumed[key]), key
+    assert not (out / ".lock").exists()  # released at the end
+
+
+@pytest.mark.slow  # two fresh interpreters (~10 s each here)
+def test_classify_resume_after_sigkill_is_bit_identical(tiny_model_dir, tmp_path):
+    argv = [*classify_args(tiny_model_dir), "--save-every", "4"]
+    assert main([*argv, "--out", str(tmp_path / "whole")]) == 0
+    out = tmp_path / "killed"
+    kill_at_checkpoint([sys.executable, "train/classify.py", *argv[1:], "--out", out],
+                       out / "checkpoints" / "step-00000004" / "train_state.json", cwd=REPO_ROOT, env=ENV)
+    assert (out / ".lock").exists()  # left behind by the killed run: it must not block the resume
+    assert main([*argv, "--out", str(out), "--resume"]) == 0
+    whole, resumed = load_file(tmp_path / "whole" / "model.safetensors"), load_file(out / "model.safetensors")
+    for key in whole:
+        assert torch.equal(whole[key], resumed[key]), key
+    assert steps(out) == steps(tmp_path / "whole")
+
+
+def test_a_nan_validation_loss_stops_dpo_with_exit_1_and_no_model(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """The guard is the loop's, on every loss it reports: here DPO's validation loss turns NaN at the second
+    evaluation (the loss itself is replaced; the guard and what happens after it are real)."""
+    from gpt2_scratch.train import dpo
+
+    measure = dpo.DPOTask.measure
+    calls = []
+
+    def nan_on_second_validation(self, run, loader, split, prefix):
+        row = measure(self, run, loader, split, prefix)
+        if prefix == "val":
+            calls.append(run.state.step)
+            if len(calls) == 3:  # initial, step 1, step 5
+                row["val_loss"] = float("nan")
+        return row
+
+    monkeypatch.setattr(dpo.DPOTask, "measure", nan_on_second_validation)
+    out = tmp_path / "run"
+    assert main([*dpo_args(tiny_model_dir), "--out", str(out), "--save-every", "2"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: training diverged at step 5: the val loss is nan")
+    assert "last good checkpoint is" in err and "step-00000004" in err
+    assert not (out / "model.safetensors").exists()
+    assert all(json.loads(line).get("val_loss") == json.loads(line).get("val_loss")  # no NaN row was logged
+               for line in (out / "metrics.jsonl").read_text().splitlines())
+    assert not (out / ".lock").exists()
+
+
+def test_resume_on_changed_data_is_refused_unless_asked(tmp_path, capsys):
+    data = tmp_path / "data.json"
+    records = json.loads(BOOK_DATA.read_text())
+    data.write_text(json.dumps(records))
+    argv = [*SFT, "--data", str(data), "--save-every", "4", "--out", str(tmp_path / "run")]
+    assert main([*argv, "--max-steps", "4"]) == 0
+    capsys.readouterr()
+    data.write_text(json.dumps(records[::-1]))  # the same records, another order: another run
+    before = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    assert main([*argv, "--max-steps", "6", "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --resume: --data") and "differs from the data the checkpoint" in err
+    assert "--resume-other-data" in err and len(err.splitlines()) == 1
+    assert {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()} == before
+    assert main([*argv, "--max-steps", "6", "--resume", "--resume-other-data"]) == 0
+
+
+def test_a_second_run_cannot_use_a_folder_in_use(tmp_path, capsys):
+    """A run in another process holds OUT; a second one (here: --overwrite, which would delete its files)
+    stops with one line naming that process, and touches nothing."""
+    out = tmp_path / "run"
+    first = subprocess.Popen([sys.executable, "train/sft.py", *SFT[1:], "--max-steps", "100000", "--eval-freq", "1000",
+                              "--out", str(out)], cwd=REPO_ROOT, env=ENV, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / "args.json").exists() and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert first.poll() is None, "the first run ended early"
+        args_json = (out / "args.json").read_bytes()
+        assert main([*SFT, "--out", str(out), "--overwrite"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: --out {out} is in use by another run (pid {first.pid} ")
+        assert len(err.splitlines()) == 1
+        assert (out / "args.json").read_bytes() == args_json and (out / "metrics.jsonl").exists()  # nothing cleared
+        assert first.poll() is None
+    finally:
+        first.kill()
+        first.wait()
