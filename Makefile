@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test test-slow
+.PHONY: setup demo test test-slow gpu-wheelhouse
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -34,3 +34,8 @@ $(VENV)/.llama: $(VENV)/.installed
 test-slow: setup $(VENV)/.llama
 	# pytest exits 5 when no test is marked slow; that is not a failure.
 	$(PY) -m pytest -m slow || [ $$? -eq 5 ]
+
+# wheelhouse/ (git-ignored, ~11 MB): the wheels a CUDA machine with torch preinstalled and no network lacks, plus the
+# book's data; bench/README.md ("A GPU check") gives the one command that installs them there and runs the check.
+gpu-wheelhouse: setup
+	$(PY) bench/gpu_wheelhouse.py

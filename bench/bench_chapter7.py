@@ -114,14 +114,16 @@ def matmul_rate(dtype_name: str, rows: int, repeats: int = 5) -> float:
     return flops / sorted(times)[len(times) // 2]
 
 
-def useful_flops(result: dict, lora: bool) -> float:
-    """FLOPs the measured steps had to do (see the module docstring)."""
-    layers, d, vocab = 24, 1024, 50257
-    block = layers * 12 * d * d  # c_attn 3d², attn c_proj d², c_fc 4d², mlp c_proj 4d²
+def useful_flops(tokens: int, targets: int, *, lora: bool, layers: int = 24, width: int = 1024,
+                 vocab: int = 50257) -> float:
+    """FLOPs the measured steps had to do (see the module docstring); gpt2-medium's shape unless told.
+
+    Per padded token: forward 2, input gradients 2, weight gradients 2 (trained weights only) per block
+    weight; the head (the tied embedding, trained in full finetuning) on target positions only.
+    """
+    block = layers * 12 * width * width  # c_attn 3d², attn c_proj d², c_fc 4d², mlp c_proj 4d²
     weight_grads = 0 if lora else 2
-    per_token = (4 + weight_grads) * block
-    head = (4 + weight_grads) * vocab * d  # the head is the tied embedding: trained in full finetuning
-    return per_token * result["tokens"] + head * result["targets"]
+    return (4 + weight_grads) * (block * tokens + vocab * width * targets)
 
 
 def main() -> None:
@@ -161,7 +163,8 @@ def main() -> None:
         rate_cell = mfu_cell = "—"
         if r["train_s"]:
             rate_cell = f"{r['tokens'] / r['train_s']:,.0f}"
-            mfu_cell = f"{useful_flops(r, r['name'].startswith('lora')) / r['train_s'] / rate:.0%}"
+            flops = useful_flops(r["tokens"], r["targets"], lora=r["name"].startswith("lora"))
+            mfu_cell = f"{flops / r['train_s'] / rate:.0%}"
         print(f"| {r['name']} | {r['steps']} steps | {r['loop_s'] / r['steps']:.1f} s | {rate_cell} | {mfu_cell} | "
               f"{r['total_min']:.1f} min |")
     print("\nmatrix-multiply rate at the block's shapes, " + ", ".join(

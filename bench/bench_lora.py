@@ -123,8 +123,9 @@ class Trainer:
         self.batches = dpo_batches(steps + 1) if is_dpo else sft_batches(steps + 1)
 
         if not is_dpo:
-            from gpt2_scratch.train.sft import token_loss_sum
+            from gpt2_scratch.train.sft import SFTArgs, SFTTask
 
+            sft_task = SFTTask(SFTArgs(), None, None, None, None, "", settings)
             model = lora.wrap(model, settings).train()
             self.trainable, self.total = lora.parameter_counts(model)
             params = [p for p in model.parameters() if p.requires_grad]
@@ -134,7 +135,7 @@ class Trainer:
             def step(batch):  # train/sft.py's train_step for one micro-batch
                 n_targets = int((batch["labels"] != -100).sum())
                 with accelerator.autocast():
-                    loss = token_loss_sum(model, batch)
+                    loss = sft_task.loss(model, batch)[0]  # train/sft.py's loss
                 accelerator.backward(loss / n_targets)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -142,12 +143,11 @@ class Trainer:
         else:
             import copy
 
-            from gpt2_scratch.train.dpo import Reference, ResponseLogProbs, batch_sums
+            from gpt2_scratch.train.dpo import DPOArgs, DPOTask, Reference
 
-            args = SimpleNamespace(logprob="mean", beta=0.1)
             precomputed = impl.endswith("precomputed")
             frozen = None if settings or precomputed else copy.deepcopy(model).eval().requires_grad_(False)
-            policy = ResponseLogProbs(lora.wrap(model, settings)).train()
+            policy = lora.wrap(model, settings).train()
             if settings:
                 reference = Reference(adapters_of=policy)
             elif precomputed:  # the table lookup costs nothing: give every pair a fixed reference value
@@ -155,14 +155,17 @@ class Trainer:
                 table = torch.full((10_000, 2), -2.0)
                 reference.tables = {"train": table}
             else:
-                reference = Reference(model=ResponseLogProbs(frozen))
+                reference = Reference(model=frozen)
+            dpo_task = DPOTask(DPOArgs(logprob="mean", beta=0.1), None, None, reference, None, None, "", "alpaca",
+                               settings)
             self.trainable, self.total = lora.parameter_counts(policy)
             params = [p for p in policy.parameters() if p.requires_grad]
             optimizer = torch.optim.AdamW(params, lr=5e-6, weight_decay=0.01, fused=True)
             policy, optimizer = accelerator.prepare(policy, optimizer)
 
             def step(batch):  # train/dpo.py's train_step for one micro-batch
-                loss, _ = batch_sums(policy, reference, batch, "train", args, accelerator)
+                with accelerator.autocast():
+                    loss, _ = dpo_task.loss(policy, batch)  # train/dpo.py's loss
                 accelerator.backward(loss / len(batch["index"]))
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)

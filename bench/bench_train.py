@@ -186,7 +186,9 @@ class Trainer:
         else:
             from accelerate import Accelerator
 
-            from gpt2_scratch.train.sft import token_loss_sum
+            from gpt2_scratch.train.sft import SFTArgs, SFTTask
+
+            sft_task = SFTTask(SFTArgs(), None, None, None, None, "", None)
 
             if shared_lm is not None:  # ours and ours+group differ only in their batches
                 lm = shared_lm
@@ -215,7 +217,7 @@ class Trainer:
                     hidden = model.transformer(batch["input_ids"], use_cache=False)[0]
                     keep = labels != -100
                     return F.cross_entropy(model.lm_head(hidden[keep]).float(), labels[keep], reduction="sum")
-                return token_loss_sum(model, batch)  # ours: train/sft.py's call
+                return sft_task.loss(model, batch)[0]  # ours: train/sft.py's loss
 
             def step(batch):  # train/sft.py's step, without accumulation (one micro-batch per step)
                 n_targets = int((batch["labels"] != -100).sum())

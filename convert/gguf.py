@@ -241,6 +241,33 @@ def _storage(name: str, array: np.ndarray, dtype: str):
     return quants.quantize(array, GGMLQuantizationType.Q8_0), GGMLQuantizationType.Q8_0
 
 
+def _check_q8_0(tensors: dict[str, np.ndarray], model_dir: Path) -> None:
+    """Say how many matrices --dtype q8_0 stores as f16 instead (rows not whole blocks), and why;
+    refuse when none can be quantized, rather than write an f16 file and call it q8_0."""
+    matrices = {name: a.shape[-1] for name, a in tensors.items() if a.ndim > 1}
+    fallback = {name: width for name, width in matrices.items() if width % Q8_0_BLOCK}
+    if not fallback:
+        return
+    widths = ", ".join(map(str, sorted(set(fallback.values()))))
+    why = f"their rows of {widths} values are not whole q8_0 blocks of {Q8_0_BLOCK}"
+    if len(fallback) == len(matrices):
+        raise ConvertError(f"--dtype q8_0: none of the {len(matrices)} matrices of {model_dir} can be stored as q8_0 "
+                           f"({why}); export with --dtype f16 or bf16")
+    log.warning("--dtype q8_0: %d of %d matrices are stored as f16 instead (%s): %s", len(fallback), len(matrices),
+                why, ", ".join(sorted(fallback)[:3]) + (", ..." if len(fallback) > 3 else ""))
+
+
+def stored_types(path: str | os.PathLike) -> dict[str, int]:
+    """How many tensors the GGUF file at ``path`` holds of each type, read back from the file itself
+    (``{"q8_0": 9, "f16": 3, "f32": 26}``): what an export reports is what it wrote."""
+    from collections import Counter
+
+    from gguf import GGUFReader
+
+    counts = Counter(t.tensor_type.name.lower() for t in GGUFReader(path).tensors)
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
 def _tokenizer_vocab() -> tuple[list[str], list[int], list[str]]:
     """(tokens by id, token types, merges) of the exact GPT-2 BPE."""
     from gguf import TokenType
@@ -349,6 +376,8 @@ def export_gguf(
 
     model = load_causal_lm(model_dir)
     tensors = gguf_tensors(model, source=str(model_dir), dims_source=str(model_dir / "config.json"))
+    if dtype == "q8_0":
+        _check_q8_0(tensors, model_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     modelfile.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out) as tmp:

@@ -25,7 +25,7 @@ from gpt2_scratch.convert.build import model_from_state
 from gpt2_scratch.convert.errors import ConvertError
 from gpt2_scratch.convert.mapping import HF_IGNORED, HF_RULES, HF_TIED_HEAD, Dims, convert_tensors, plan_conversion, strip_hf_prefix
 from gpt2_scratch.core.download import DownloadError
-from gpt2_scratch.core.files import write_dir_atomically
+from gpt2_scratch.core.files import path_kind, write_dir_atomically
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +134,8 @@ def load_hf_checkpoint(path: str | Path):
         files, config_path = [path], path.parent / "config.json"
     elif path.is_dir():
         files, config_path = _weight_files(path), path / "config.json"
+    elif path_kind(path) is not None:  # /dev/null, a named pipe, a link loop
+        raise ConvertError(f"{path} is {path_kind(path)}; pass a model folder or a .safetensors file")
     else:
         raise ConvertError(f"{path}: no such file or folder")
     label = str(files[0]) if len(files) == 1 else str(path / "model.safetensors.index.json")
@@ -263,7 +265,8 @@ def export_hf(model_dir: str | Path, out_dir: str | Path, *, overwrite: bool = F
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     if not (model_dir / "config.json").is_file():
-        raise ConvertError(f"{model_dir}: no config.json; pass a model folder written by gpt2-scratch")
+        what = f"is {path_kind(model_dir)}, not a folder" if path_kind(model_dir) else "no config.json"
+        raise ConvertError(f"{model_dir}: {what}; pass a model folder written by gpt2-scratch")
     cfg = GPT2ScratchConfig.from_pretrained(model_dir)
     reader = SafetensorsReader(_weight_files(model_dir), str(model_dir))
     names = set(reader.shapes())

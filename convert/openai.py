@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from gpt2_scratch.core.download import download_file
-from gpt2_scratch.core.files import cache_root
+from gpt2_scratch.core.files import cache_root, path_kind
 from gpt2_scratch.core.retry import RetryPolicy
 from gpt2_scratch.tokenizer import ENCODER_JSON_SHA256, VOCAB_BPE_SHA256
 from gpt2_scratch.convert.build import model_from_state
@@ -94,7 +94,9 @@ def load_openai_checkpoint(folder: str | Path, *, verify: bool = True):
     """Read, check and convert OpenAI's checkpoint in `folder`; returns our GPT2ScratchForCausalLM."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise ConvertError(f"{folder}: not a directory; pass the folder holding OpenAI's model.ckpt.* and hparams.json")
+        what = (f"is {path_kind(folder)}" if path_kind(folder) else "not a directory" if folder.exists()
+                else "no such folder")
+        raise ConvertError(f"{folder}: {what}; pass the folder holding OpenAI's model.ckpt.* and hparams.json")
     dims, hparams_path = read_hparams(folder)
     bundle = TensorBundle(checkpoint_prefix(folder))
     shapes = {name: bundle.shape(name) for name in bundle.names()}

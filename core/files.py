@@ -261,10 +261,10 @@ def path_kind(path: str | os.PathLike) -> str | None:
     try:
         mode = path.stat().st_mode
     except OSError as err:
+        if err.errno == errno.ELOOP:  # the path itself, or a folder on the way to it
+            return "a symbolic link loop" if os.path.islink(path) else "a path through a symbolic link loop"
         if not os.path.lexists(path):
             return None  # nothing there
-        if err.errno == errno.ELOOP:
-            return "a symbolic link loop"
         if isinstance(err, FileNotFoundError):
             return f"a broken symbolic link (its target {os.readlink(path)} does not exist)"
         return None  # unreadable: the caller's own open reports it

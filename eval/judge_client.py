@@ -43,6 +43,7 @@ from contextlib import contextmanager
 from urllib.parse import urlsplit
 
 import requests
+import urllib3
 
 from gpt2_scratch.core.errors import Failure, InputError
 from gpt2_scratch.core.retry import RetryPolicy
@@ -177,15 +178,39 @@ _VALIDATION = re.compile(r"validation error|input should be|invalid request|unpr
 _MENTIONS_FORMAT = re.compile(r"format|schema|grammar", re.IGNORECASE)
 
 
+class _Connection:
+    """The connection a request is using (urllib3's HTTPConnection), noted as it is taken from the pool."""
+
+    conn = None
+
+
+_in_flight = threading.local()  # .request: the _Connection of the request this thread is making
+
+
+def _tracking(pool_class):
+    """``pool_class`` noting each connection it hands out in this thread's ``_in_flight.request``: the
+    watchdog can then shut a request's socket before its response exists (headers that trickle)."""
+    class Tracking(pool_class):
+        def _get_conn(self, timeout=None):
+            conn = super()._get_conn(timeout)
+            request = getattr(_in_flight, "request", None)
+            if request is not None:
+                request.conn = conn
+            return conn
+
+    return Tracking
+
+
 class _Watchdog:
-    """Shuts a response's socket when the request's deadline passes or ``stop`` is set.
+    """Shuts a request's socket when its deadline passes or ``stop`` is set.
 
     A blocked read then returns at once (EOF or an error); ``fired`` says why ("deadline"/"stop").
-    Without it a server that trickles bytes, or streams forever, could hold a worker past any limit.
+    Without it a server that trickles bytes (its headers or its body), or streams forever, could hold a
+    worker past any limit. Use it as ``with watch.tracking(): session.post(...)``.
     """
 
-    def __init__(self, response: requests.Response, deadline: float, stop: threading.Event | None):
-        self.response, self.deadline, self.stop = response, deadline, stop
+    def __init__(self, deadline: float, stop: threading.Event | None):
+        self.connection, self.deadline, self.stop = _Connection(), deadline, stop
         self.fired: str | None = None
         self._done = threading.Event()
         threading.Thread(target=self._run, name="judge-watchdog", daemon=True).start()
@@ -201,8 +226,7 @@ class _Watchdog:
                 break
             if self._done.wait(min(0.1, left)):
                 return
-        conn = getattr(self.response.raw, "connection", None)  # urllib3's HTTPConnection
-        sock = getattr(conn, "sock", None)
+        sock = getattr(self.connection.conn, "sock", None)
         if sock is not None:
             try:
                 sock.shutdown(socket.SHUT_RDWR)
@@ -211,6 +235,15 @@ class _Watchdog:
 
     def close(self) -> None:
         self._done.set()
+
+    @contextmanager
+    def tracking(self):
+        """Note the connections the requests made inside take from the pool (see ``_tracking``)."""
+        _in_flight.request = self.connection
+        try:
+            yield
+        finally:
+            _in_flight.request = None
 
 
 class _BaseJudge:
@@ -252,6 +285,11 @@ class _BaseJudge:
         if not hasattr(self._local, "session"):
             self._local.session = requests.Session()
             self._local.session.headers.update(self._headers())
+            adapter = requests.adapters.HTTPAdapter()
+            adapter.poolmanager.pool_classes_by_scheme = {
+                "http": _tracking(urllib3.HTTPConnectionPool), "https": _tracking(urllib3.HTTPSConnectionPool)}
+            for prefix in ("http://", "https://"):
+                self._local.session.mount(prefix, adapter)
         return self._local.session
 
     def _headers(self) -> dict:
@@ -260,35 +298,43 @@ class _BaseJudge:
     def _get(self, path: str) -> "_Answer":
         """A preflight GET of ``path``: its status and whole body, bounded in time and size like a reply.
 
-        Raises requests' errors as they are, except that a redirect which then fails, a body over
-        ``max_reply_bytes`` or one unfinished after ``min(request_timeout, 30 s)`` is a JudgeError.
+        Raises requests' errors as they are, except that a redirect which then fails, a redirect loop, a
+        body over ``max_reply_bytes`` or an answer (headers included) unfinished after
+        ``min(request_timeout, 30 s)`` is a JudgeError.
         """
         url = self.host + path
         allowed = min(self.request_timeout, 30.0)
-        deadline = time.monotonic() + allowed
+        watch = _Watchdog(time.monotonic() + allowed, None)  # from the first byte sent: headers may trickle
+        overdue = JudgeError(f"{url} did not finish its answer within {allowed:g} s; is {self.host} the judge's "
+                             "server, and is it working?")
         try:
-            r = self.session.get(url, stream=True, timeout=(self.connect_timeout, self.connect_timeout * 2))
-        except requests.RequestException as e:
-            went = getattr(getattr(e, "request", None), "url", None)
-            if went and went != url:  # requests followed a redirect; the failure is at its target
-                what = "nothing answered in time" if isinstance(e, requests.Timeout) else "no server answers"
-                raise JudgeError(f"{url} redirects to {went}, where {what}; pass --host with the address of a "
-                                 "server that is running") from None
-            raise
-        with r:
-            watch = _Watchdog(r, deadline, None)
             try:
-                body = b"".join(self._body(r, url, deadline))
-            except _TooBig:
-                raise JudgeError(f"{url} answered with more than {self.max_reply_bytes / 2**20:g} MiB; is "
-                                 f"{self.host} the judge's server?") from None
-            except (_Overdue, OSError, ValueError):  # OSError/ValueError: the watchdog shut the socket
-                if not (watch.fired or time.monotonic() >= deadline):
-                    raise
-                raise JudgeError(f"{url} did not finish its answer within {allowed:g} s; is {self.host} the "
-                                 "judge's server, and is it working?") from None
-            finally:
-                watch.close()
+                with watch.tracking():
+                    r = self.session.get(url, stream=True, timeout=(self.connect_timeout, self.connect_timeout * 2))
+            except requests.TooManyRedirects:
+                raise JudgeError(f"{url} redirects in a loop; pass --host with the server's own address") from None
+            except requests.RequestException as e:
+                if watch.fired:
+                    raise overdue from None
+                went = getattr(getattr(e, "request", None), "url", None)
+                if went and went != url:  # requests followed a redirect; the failure is at its target
+                    what = "nothing answered in time" if isinstance(e, requests.Timeout) else "no server answers"
+                    raise JudgeError(f"{url} redirects to {went}, where {what}; pass --host with the address of "
+                                     "a server that is running") from None
+                raise
+            with r:
+                body = b"".join(self._body(r, url, watch.deadline))
+            if watch.fired:  # the socket was shut mid-answer: what arrived may look whole but is not
+                raise _Overdue(self._overran(url))
+        except _TooBig:
+            raise JudgeError(f"{url} answered with more than {self.max_reply_bytes / 2**20:g} MiB; is "
+                             f"{self.host} the judge's server?") from None
+        except (_Overdue, OSError, ValueError):  # OSError/ValueError: the watchdog shut the socket
+            if not (watch.fired or time.monotonic() >= watch.deadline):
+                raise
+            raise overdue from None
+        finally:
+            watch.close()
         return _Answer(r.status_code, body)
 
     def _body(self, r: requests.Response, url: str, deadline: float):
@@ -379,34 +425,45 @@ class _BaseJudge:
         Maps every failure to _Retryable / _FormatRejected / RequestFailed / Cancelled.
         """
         url = self.host + self._chat_path
-        deadline = time.monotonic() + self.request_timeout
         wait = max(0.001, min(self.timeout, self.request_timeout))
+        # From the first byte sent: a server that trickles its headers cannot hold the request either.
+        watch = _Watchdog(time.monotonic() + self.request_timeout, stop)
         try:
-            r = self.session.post(url, json=payload, stream=True, timeout=(self.connect_timeout, wait))
-        except requests.ConnectionError as e:  # before Timeout: ConnectTimeout is both
-            went = getattr(getattr(e, "request", None), "url", None)
-            where = f"{went} (where {url} redirects)" if went and went != url else url
-            raise _Retryable(f"cannot connect to {where}: {type(e).__name__}") from None
-        except requests.Timeout:
-            if time.monotonic() >= deadline:
-                raise RequestFailed(self._overran(url)) from None
-            raise _Retryable(f"no reply from {url} within {self.timeout:g} s") from None
-        with r:
-            watch = _Watchdog(r, deadline, stop)
             try:
-                if not 200 <= r.status_code < 300:
-                    self._raise_for_status(r, url, fmt)
-                yield r, watch
-            except (OSError, ValueError, _Retryable) as e:  # requests' errors are OSErrors
+                with watch.tracking():
+                    r = self.session.post(url, json=payload, stream=True, timeout=(self.connect_timeout, wait))
+            except requests.RequestException as e:
                 if watch.fired == "stop":
                     raise Cancelled() from None
-                if watch.fired == "deadline":
+                if watch.fired == "deadline" or time.monotonic() >= watch.deadline:
                     raise RequestFailed(self._overran(url)) from None
-                if isinstance(e, OSError):  # e.g. a read timeout mid-reply
-                    raise _Retryable(f"reply from {url} broke off: {type(e).__name__}") from None
-                raise
-            finally:
-                watch.close()
+                if isinstance(e, requests.TooManyRedirects):
+                    raise RequestFailed(f"{url} redirects in a loop; pass --host with the server's own "
+                                        "address") from None
+                if isinstance(e, requests.ConnectionError):  # before Timeout: ConnectTimeout is both
+                    went = getattr(getattr(e, "request", None), "url", None)
+                    where = f"{went} (where {url} redirects)" if went and went != url else url
+                    raise _Retryable(f"cannot connect to {where}: {type(e).__name__}") from None
+                if isinstance(e, requests.Timeout):
+                    raise _Retryable(f"no reply from {url} within {self.timeout:g} s") from None
+                raise RequestFailed(f"request to {url} failed: {type(e).__name__}: {e}") from None
+            with r:
+                try:
+                    if watch.fired:  # shut while the headers came: what arrived may look whole but is not
+                        raise _Retryable("cut off")
+                    if not 200 <= r.status_code < 300:
+                        self._raise_for_status(r, url, fmt)
+                    yield r, watch
+                except (OSError, ValueError, _Retryable) as e:  # requests' errors are OSErrors
+                    if watch.fired == "stop":
+                        raise Cancelled() from None
+                    if watch.fired == "deadline":
+                        raise RequestFailed(self._overran(url)) from None
+                    if isinstance(e, OSError):  # e.g. a read timeout mid-reply
+                        raise _Retryable(f"reply from {url} broke off: {type(e).__name__}") from None
+                    raise
+        finally:
+            watch.close()
 
     def _overran(self, url: str) -> str:
         return (f"no complete reply from {url} within {self.request_timeout:g} s, the total time "

@@ -9,14 +9,20 @@ maps them into this package.
     from gpt2_scratch import GPT2ScratchForCausalLM, get_tokenizer
 
 Importing this package is instant: torch and transformers load when a name below is first used
-(the command line and the judge need neither to start). That first use also registers the model
-with transformers' Auto classes, so ``AutoModelForCausalLM.from_pretrained(dir)`` works on our folders
-without trust_remote_code; ``gpt2_scratch.register()`` does it explicitly.
+(the command line and the judge need neither to start). It registers the model with transformers' Auto
+classes, so ``AutoModelForCausalLM.from_pretrained(dir)`` works on our folders without
+trust_remote_code: at once if transformers is already imported, otherwise right after transformers is
+(a one-time import hook), or at the first use of a model name here; ``gpt2_scratch.register()`` does it
+explicitly.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.abc
+import importlib.util
+import logging
+import sys
 from typing import Any
 
 __version__ = "0.1.0"
@@ -57,7 +63,6 @@ def register() -> None:
     global _registered
     if _registered:
         return
-    _registered = True
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from .configuration_gpt2_scratch import GPT2ScratchConfig
@@ -71,6 +76,42 @@ def register() -> None:
     GPT2ScratchConfig.register_for_auto_class()
     GPT2ScratchForCausalLM.register_for_auto_class("AutoModelForCausalLM")
     GPT2ScratchForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")
+    _registered = True
+
+
+class _RegisterAfterTransformers(importlib.abc.MetaPathFinder):
+    """Registers our classes right after ``transformers`` itself is imported (then steps aside), so that
+    ``import gpt2_scratch`` stays instant and ``AutoModel*`` still knows our model type."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "transformers":
+            return None
+        sys.meta_path.remove(self)  # one use; find the real spec without us
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.loader is None:
+            return spec
+        loader = spec.loader
+        exec_module = loader.exec_module
+
+        def exec_then_register(module) -> None:
+            exec_module(module)
+            if any(f"{__name__}.{m}" in sys.modules for m in ("configuration_gpt2_scratch", "modeling_gpt2_scratch")):
+                return  # our own modules are importing transformers: they register when they are done
+            try:
+                register()
+            except Exception as err:  # never break the user's `import transformers`
+                logging.getLogger(__name__).warning("gpt2_scratch: could not register with transformers' Auto "
+                                                    "classes (%s: %s)", type(err).__name__, err)
+
+        loader.exec_module = exec_then_register
+        return spec
+
+
+def _register_with_transformers() -> None:
+    if "transformers" in sys.modules:
+        register()
+    elif not any(isinstance(finder, _RegisterAfterTransformers) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _RegisterAfterTransformers())
 
 
 def __getattr__(name: str) -> Any:
@@ -86,3 +127,6 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted([*globals(), *_EXPORTS])
+
+
+_register_with_transformers()

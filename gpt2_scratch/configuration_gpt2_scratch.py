@@ -99,7 +99,7 @@ class GPT2ScratchConfig(PretrainedConfig):
             return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
         if not number(self.drop_rate) or not 0.0 <= self.drop_rate < 1.0:
-            raise ValueError(f"GPT2ScratchConfig: drop_rate must be a number in [0, 1), got {self.drop_rate!r}")
+            raise ValueError(f"GPT2ScratchConfig: drop_rate must be in [0, 1), got {self.drop_rate!r}")
         # LayerNorm divides by sqrt(var + eps): a negative eps gives NaN on a constant row, 0 divides by 0.
         if not number(self.layer_norm_epsilon) or not 0.0 < self.layer_norm_epsilon < 1.0:
             raise ValueError(f"GPT2ScratchConfig: layer_norm_epsilon must be a number in (0, 1) (GPT-2: 1e-5), "

@@ -176,7 +176,7 @@ CASES = [
     Case("--resume with another --lr", lambda ws: [*_resume(ws), "--resume", "--lr", "1e-4"], 2,
          "--resume: --lr 0.0001 differs from the run's 5e-05"),
     Case("--resume with another --batch-size and --data", lambda ws: [*_resume(ws), "--resume", "--batch-size", "8",
-         "--data", str(ws.data)], 2, "--resume: --data '{root}/data.json' differs from the run's"),
+         "--data", str(ws.data)], 2, "--resume: --batch-size 8 differs from the run's 4"),
     Case("--resume: a garbled train_state.json", lambda ws: [*_damage(ws, "train_state.json", b"{step: 4"),
          "--resume"], 2, "train_state.json is damaged"),
     Case("--resume: a truncated checkpoint model", lambda ws: [*_damage(ws, "model.safetensors", b"\x08\x00"),

@@ -149,4 +149,5 @@ def test_wheelhouse_places_every_dependency(monkeypatch):
     assert "torch" in requirements and "datasets" in requirements
     assert gpu_wheelhouse.unplaced(requirements) == []
     assert "torch" not in gpu_wheelhouse.GPU_IMAGE_LACKS + gpu_wheelhouse.MAYBE_OLDER_THERE
+    assert set(gpu_wheelhouse.GPU_CHECK_NEEDS) <= set(gpu_wheelhouse.GPU_IMAGE_LACKS)
     assert gpu_wheelhouse.unplaced({"some-new-dependency": "some-new-dependency>=1"}) == ["some-new-dependency"]

@@ -73,14 +73,14 @@ def test_apply_chat_template_is_the_training_prompt(folders, style, shared_dir):
     record = records[0]
     ids = tokenizer.apply_chat_template(chat_messages(record), add_generation_prompt=True, return_dict=True)
     assert list(ids["input_ids"]) == tokenizer.encode(generation_prompt(record, style))
-    # The brief's exact call: one user message, the generation prompt.
+    # The usual call, one user message and the generation prompt, against the book's literal header.
     x = "Rewrite the sentence in passive voice."
     assert render(tokenizer, [{"role": "user", "content": x}], add_generation_prompt=True) == \
         format_input({"instruction": x, "input": ""}, style) + ("\n\n### Response:\n" if style == "alpaca"
                                                                  else "\n<|assistant|>:\n")
 
 
-def conversations(style: str) -> list[tuple[list[dict], dict, str, str]]:
+def conversations(style: str) -> list[tuple[list[dict], dict, str, str | None]]:
     """(messages, apply_chat_template kwargs, what the Jinja template gives, what Ollama's template gives)."""
     first = {"instruction": "Add the numbers.", "input": "2, 3", "output": "5."}
     second = {"instruction": "Name a color.", "input": "", "output": "Red."}

@@ -105,8 +105,12 @@ def test_a_short_run_writes_model_metrics_and_plots(trained_run):
     # --max-steps 6 ends the run inside its first epoch: no per-epoch estimate (as for SFT's epoch sample), but
     # the full-split accuracies at the end.
     assert not [r for r in rows if "test_accuracy" in r and r.get("split") != "full"]
-    assert rows[-1]["split"] == "full" and 0 <= rows[-1]["test_accuracy"] <= 1
-    assert {"train_accuracy", "val_accuracy", "train_loss"} <= set(rows[-1])
+    full, timing = rows[-2], rows[-1]
+    assert full["split"] == "full" and 0 <= full["test_accuracy"] <= 1
+    assert {"train_accuracy", "val_accuracy", "train_loss"} <= set(full)
+    # Where the run's time went, by phase (the loop's; the same row for every training command).
+    assert timing["timing"] and timing["seconds_train_steps"] > 0 and timing["seconds_evaluation"] > 0
+    assert "where the time went: startup" in stdout
     assert "1045 train" in stdout and "149 val" in stdout and "300 test" in stdout and "padded to 120" in stdout
 
 
@@ -132,7 +136,8 @@ def test_the_saved_classifier_reloads_and_predicts_the_same(trained_run, sms_pat
     test = SpamDataset(splits.test, get_encoding().encode_ordinary, splits.label2id, max_length=120)
     preds = _predict(model, test)
     # The run's own full-split test accuracy was computed from the model before saving.
-    final = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    (final,) = [row for row in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+                if row.get("split") == "full"]
     assert sum(p == y for p, y in zip(preds, test.labels.tolist())) / len(test) == final["test_accuracy"]
 
     # Without our package (the code shipped in the directory), label by label on the first 40 messages.

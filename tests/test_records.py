@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from gpt2_scratch.core.download import DownloadError
+from gpt2_scratch.core.errors import InputError
 from gpt2_scratch.core.records import (
     PREFERENCE_FIELDS,
     DataError,
@@ -122,3 +123,32 @@ def test_url_downloads_once_into_the_cache(http_server, tmp_path, monkeypatch):
     assert load_records(f"{base}/instruction-data.json") == records
     with pytest.raises(DownloadError, match=r"missing\.json.*HTTP 404.*pass --data with a local copy"):
         load_records(f"{base}/missing.json")
+
+
+def test_the_blog_recipe_sample_and_split_on_a_stand_in_for_alpaca():
+    """`--sample 1000 --split 0.8,0.1,0.1` (seed 123) is the blog's Alpaca-1000 recipe: Python's
+    random.seed(123); random.sample(data, 1000), cut 800/100/100 in the order train, test, validation.
+    The 52,002-record Alpaca file is not reachable here; a stand-in of the same length is."""
+    import random
+
+    from gpt2_scratch.core.records import book_split, parse_split
+
+    data = [{"instruction": f"task {i}", "input": "", "output": f"answer {i}"} for i in range(52_002)]
+    random.seed(123)
+    blog = random.sample(data, 1000)
+    random.seed(0)  # whatever the global generator's state, the recipe seeds it first
+    splits = book_split(data, sample=1000, fractions=parse_split("0.8,0.1,0.1"), seed=123)
+    assert (len(splits.train), len(splits.test), len(splits.validation)) == (800, 100, 100)
+    assert splits.train == blog[:800] and splits.test == blog[800:900] and splits.validation == blog[900:]
+    assert splits.train[0] == blog[0]
+    # The book's default is unchanged: 85/10/5 in file order.
+    book = book_split(data[:1100])
+    assert (len(book.train), len(book.test), len(book.validation)) == (935, 110, 55) and book.train[0] == data[0]
+
+
+@pytest.mark.parametrize("spec", ["0.8", "0.8,0.1,0.2", "a,b", "0,0.1", "0.9,0.2", "-0.1,0.5"])
+def test_bad_splits_are_one_line_errors(spec):
+    from gpt2_scratch.core.records import parse_split
+
+    with pytest.raises(InputError, match="--split"):
+        parse_split(spec)

@@ -332,13 +332,15 @@ class ClassifyTask:
 
     def finish(self, run) -> None:
         """The classifier at the top of OUT, the loss and accuracy plots, the summary line."""
+        from gpt2_scratch.train.loop import timed
         from gpt2_scratch.train.metrics import plot_curves
         from gpt2_scratch.train.run import save_model_into
 
         out, state, final = run.out, run.state, self.final
         model = run.unwrapped()
         model.eval()
-        save_model_into(out, model, None)
+        with timed(state, "save_model"):
+            save_model_into(out, model, None)
         rows = [r for r in run.metrics.read() if r.get("split") != "full"]
         plot_curves(rows, out)
         plot_curves(rows, out, stem="accuracy", series={"train_accuracy": "training accuracy",

@@ -348,12 +348,9 @@ class DPOTask:
                 f"{row['tokens_seen']:,} | {row['tokens_per_sec']:,.0f} tok/s")
 
     def end_of_epoch(self, run, epoch: int):
-        if not run.accelerator.is_main_process:
-            return None
-        from gpt2_scratch.train.run import greedy_sample
+        from gpt2_scratch.train.run import epoch_sample
 
-        sample = greedy_sample(run.unwrapped(), self.tokenizer, self.sample_prompt, self.args.sample_tokens)
-        return {"sample": sample}, f"epoch {epoch} sample: {sample}"
+        return epoch_sample(run, epoch, self.tokenizer, self.sample_prompt, self.args.sample_tokens)
 
     def finish(self, run) -> None:
         """The model at the top of OUT (and OUT/adapter with LoRA), the plots, the test responses."""

@@ -21,7 +21,7 @@ can compute every loss it reports the same way; a task may add more (DPO's rewar
 from __future__ import annotations
 
 import time
-from contextlib import closing, nullcontext
+from contextlib import closing, contextmanager, nullcontext
 from itertools import islice
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
@@ -101,6 +101,16 @@ def train_step(run: Run, task: Task, window: list[dict]) -> tuple[torch.Tensor, 
     return accelerator.reduce(totals.to(accelerator.device), reduction="sum").cpu(), int(n_tokens)  # host sync
 
 
+@contextmanager
+def timed(state: TrainState, phase: str):
+    """Add the wall time of the block to ``state.phase_seconds[phase]`` (where a run's time goes, checkpointed)."""
+    tick = time.perf_counter()
+    try:
+        yield
+    finally:
+        state.phase_seconds[phase] = state.phase_seconds.get(phase, 0.0) + time.perf_counter() - tick
+
+
 def mean_loss(sums: torch.Tensor) -> float:
     """Element 0 (a summed loss) over element 1 (its units)."""
     return sums[0].item() / max(sums[1].item(), 1)
@@ -115,7 +125,8 @@ def fit(run: Run, task: Task) -> tuple[TrainState, bool]:
     root = run.checkpoint_root
 
     def checkpoint() -> None:
-        save_checkpoint(accelerator, run.model, root, state, keep=args.keep_checkpoints or None)
+        with timed(state, "checkpoints"):
+            save_checkpoint(accelerator, run.model, root, state, keep=args.keep_checkpoints or None)
 
     def log(row: dict, line: str | None) -> None:
         for key, value in row.items():  # the NaN guard, on every loss the run reports
@@ -128,7 +139,8 @@ def fit(run: Run, task: Task) -> tuple[TrainState, bool]:
     bar = tqdm(total=run.total_steps, initial=state.step, desc=task.name, unit="step", disable=not main,
                dynamic_ncols=True)
     if state.step == 0 and state.batches_done == 0:
-        row = task.initial(run)
+        with timed(state, "evaluation"):
+            row = task.initial(run)
         if row is not None:
             row = {"epoch": 0, "step": 0, **row, "tokens_seen": 0, "initial": True}
             log(row, task.eval_line(run, row))
@@ -138,7 +150,9 @@ def fit(run: Run, task: Task) -> tuple[TrainState, bool]:
     def eval_and_log() -> None:
         nonlocal window_tokens, window_seconds
         running = torch.tensor(state.running, dtype=torch.float64)
-        row = {"epoch": min(state.epoch + 1, args.epochs), "step": state.step, **task.evaluate(run, running),
+        with timed(state, "evaluation"):
+            measured = task.evaluate(run, running)
+        row = {"epoch": min(state.epoch + 1, args.epochs), "step": state.step, **measured,
                "lr": run.scheduler.get_last_lr()[0], "tokens_seen": state.tokens_seen,
                task.units_seen_key: state.units_seen,
                "tokens_per_sec": window_tokens / window_seconds if window_seconds else 0.0}
@@ -169,6 +183,7 @@ def fit(run: Run, task: Task) -> tuple[TrainState, bool]:
                 state.units_seen += int(sums[1].item())
                 elapsed = time.perf_counter() - tick
                 state.train_seconds += elapsed
+                state.phase_seconds["train_steps"] = state.train_seconds
                 window_tokens += n_tokens
                 window_seconds += elapsed
                 step_loss = mean_loss(sums)
@@ -192,7 +207,8 @@ def fit(run: Run, task: Task) -> tuple[TrainState, bool]:
                     break
 
             if state.batches_done >= len(run.train_sampler):  # the epoch ran to its end
-                ended = task.end_of_epoch(run, epoch + 1)
+                with timed(state, "epoch_end"):
+                    ended = task.end_of_epoch(run, epoch + 1)
                 if ended is not None:
                     row, line = ended
                     log({"epoch": epoch + 1, "step": state.step, **row}, line)

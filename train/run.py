@@ -28,6 +28,7 @@ import os
 import shutil
 import signal
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,7 +54,9 @@ def run_training(args: Any, set_up) -> int:
     from gpt2_scratch.train.loop import fit
 
     relaunch_multi_cpu()
+    tick = time.perf_counter()
     run, task = set_up(args)
+    run.state.phase_seconds["startup"] = run.state.phase_seconds.get("startup", 0.0) + time.perf_counter() - tick
     own_loop = getattr(task, "own_loop", None)  # sft --book-exact: the book's loop, step for step
     try:
         state, interrupted = own_loop(run) if own_loop else fit(run, task)
@@ -232,6 +235,10 @@ def start(args: Any, *, inputs: list[tuple[str, Any]]) -> Start:
     quiet_libraries()
     check_values(args)
     resolve_precision(args)
+    if getattr(args, "report_to", None):
+        from gpt2_scratch.train.trackers import check_installed
+
+        check_installed(args.report_to)  # a tracker that is not installed: one line before anything is written
     resuming = args.resume is not None
     out = check_output(args.out, resume=resuming, overwrite=args.overwrite, inputs=inputs)
     resume_from = find_checkpoint(args.resume, out / "checkpoints") if resuming else None
@@ -421,6 +428,7 @@ class TrainState:
     last_eval_step: int = -1
     evaluations: int = 0  # evaluations done (the classifier's training estimate draws its batches from it)
     train_seconds: float = 0.0
+    phase_seconds: dict = dataclasses.field(default_factory=dict)  # wall time per phase (start-up, steps, ...)
     data_sha256: str = ""  # what the run trains on (``fingerprint``): a resume on other data is refused
 
     @classmethod
@@ -640,16 +648,28 @@ def save_model_into(out: Path, model, tokenizer, *, prompt_style: str | None = N
     replace_files_into(staging, out)
 
 
+PHASES = ("startup", "train_steps", "evaluation", "epoch_end", "checkpoints", "save_model", "responses")
+
+
 def finish(run: Run, task) -> None:
     """The task's final evaluation (every process), then on the main process the model at the top of OUT
-    and the task's other outputs (``task.finish``), a push to the Hub; then the processes end together."""
-    accelerator = run.accelerator
+    and the task's other outputs (``task.finish``), where the run's time went (a metrics row and a line), a
+    push to the Hub; then the processes end together."""
+    from gpt2_scratch.train.loop import timed
+
+    accelerator, state = run.accelerator, run.state
     final = getattr(task, "final_evaluation", None)
     if final is not None:
-        run.log({"step": run.state.step, **final(run)})
+        with timed(state, "evaluation"):
+            run.log({"step": state.step, **final(run)})
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         task.finish(run)
+        seconds = {phase: state.phase_seconds.get(phase, 0.0) for phase in PHASES}
+        run.log({"step": state.step, "timing": True, **{f"seconds_{k}": round(v, 3) for k, v in seconds.items()}})
+        total = sum(seconds.values()) or 1.0
+        print("where the time went: " + " | ".join(f"{k.replace('_', ' ')} {v:,.1f} s ({100 * v / total:.0f}%)"
+                                                   for k, v in seconds.items()), flush=True)
         if run.args.push_to_hub:
             from gpt2_scratch.train.publish import push_run
 
@@ -682,16 +702,27 @@ def greedy_sample(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
     return tokenizer.decode(out[0]).replace("\n", " ")
 
 
+def epoch_sample(run: Run, epoch: int, tokenizer, prompt: str, max_new_tokens: int):
+    """The end of an epoch of SFT or DPO: the greedy sample (main process only) as (row, log line)."""
+    if not run.accelerator.is_main_process:
+        return None
+    sample = greedy_sample(run.unwrapped(), tokenizer, prompt, max_new_tokens)
+    return {"sample": sample}, f"epoch {epoch} sample: {sample}"
+
+
 def save_language_model(run: Run, model, tokenizer, *, prompt_style: str, lora_settings, load_base):
     """The finished language model at the top of OUT (with LoRA: OUT/adapter, and the merged model unless
     --no-merge); returns the model to generate the test responses with."""
     from gpt2_scratch.train import lora
+    from gpt2_scratch.train.loop import timed
 
     model.eval()
-    if lora_settings is None:
-        save_model_into(run.out, model, tokenizer, prompt_style=prompt_style)
-        return model
-    return lora.save_outputs(run.out, model, tokenizer, lora_settings, prompt_style=prompt_style, load_base=load_base)
+    with timed(run.state, "save_model"):
+        if lora_settings is None:
+            save_model_into(run.out, model, tokenizer, prompt_style=prompt_style)
+            return model
+        return lora.save_outputs(run.out, model, tokenizer, lora_settings, prompt_style=prompt_style,
+                                 load_base=load_base)
 
 
 def write_test_responses(run: Run, model, tokenizer, records: list[dict], style: str) -> list[str]:
@@ -699,10 +730,13 @@ def write_test_responses(run: Run, model, tokenizer, records: list[dict], style:
     from gpt2_scratch import generate_responses
     from gpt2_scratch.core.files import write_json_atomic
 
+    from gpt2_scratch.train.loop import timed
+
     args = run.args
     print(f"generating {len(records)} test responses (greedy, up to {args.max_new_tokens} new tokens)", flush=True)
-    responses = generate_responses(model, tokenizer, records, batch_size=args.response_batch_size,
-                                   max_new_tokens=args.max_new_tokens, style=style)
+    with timed(run.state, "responses"):
+        responses = generate_responses(model, tokenizer, records, batch_size=args.response_batch_size,
+                                       max_new_tokens=args.max_new_tokens, style=style)
     write_json_atomic(run.out / "instruction-data-with-response.json",
                       [dict(r, model_response=resp) for r, resp in zip(records, responses)])
     return responses

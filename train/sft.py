@@ -296,12 +296,9 @@ class SFTTask:
                 f"{row['tokens_seen']:,} | {row['tokens_per_sec']:,.0f} tok/s")
 
     def end_of_epoch(self, run, epoch: int):
-        if not run.accelerator.is_main_process:
-            return None
-        from gpt2_scratch.train.run import greedy_sample
+        from gpt2_scratch.train.run import epoch_sample
 
-        sample = greedy_sample(run.unwrapped(), self.tokenizer, self.sample_prompt, self.args.sample_tokens)
-        return {"sample": sample}, f"epoch {epoch} sample: {sample}"
+        return epoch_sample(run, epoch, self.tokenizer, self.sample_prompt, self.args.sample_tokens)
 
     @property
     def own_loop(self):

@@ -1,0 +1,603 @@
+"""Nothing silent: the bad-input table for faults that used to end in exit 0, a hang, or a wrong story.
+
+The same contract as ``tests/test_bad_input.py`` (read its docstring), plus a bound on the time: each case
+runs the command line in this process (``core.cli.main``) and checks
+  * the exit code: 2 for bad input, 1 for a failure of the work;
+  * stderr is exactly one line, ``error: ...``, saying what the thing really is;
+  * every file that existed before is byte for byte the same afterwards (and nothing new was written
+    unless the case says so);
+  * it ended within ``seconds`` (a judge server that sends an endless reply, a config that claims a
+    30-million-token context: both used to hold a command for a long time, or for ever).
+The classes of fault, each with its siblings:
+  * a judge server that answers too much, too slowly, or elsewhere (an endless or enormous reply, an
+    endless error page, a preflight answer that never ends, a redirect to a dead port, 5,000 digits);
+  * a --host no request could use (a mistyped scheme, an empty port) and a --limit below 0;
+  * a path that is neither file nor folder (/dev/null, a named pipe, a symbolic link loop, a broken link),
+    wherever a command takes one (--data, --compare-file, --model, --pth, --from-dir, --out);
+  * a model folder whose config.json holds nonsense, whose weights are integers, or whose weights and
+    config disagree (found from the safetensors header, before any tensor is allocated);
+  * convert gguf --dtype q8_0 on a width whose rows are not whole q8_0 blocks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+from conftest import REPO_ROOT
+from safetensors.torch import load_file, save_file
+
+from gpt2_scratch.core.cli import main
+
+BOOK_DATA = REPO_ROOT.parent / "shared" / "data" / "instruction-data.json"
+CHAT_FLAGS = ["--timeout", "5", "--request-timeout", "10", "--retries", "0", "--quiet", "--workers", "4"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# A judge server that misbehaves: one instance per preflight behaviour, the chat's fault by prompt marker
+# ---------------------------------------------------------------------------------------------------
+
+
+class HostileServer:
+    """Ollama's and OpenAI's endpoints, answered badly on purpose.
+
+    ``version``: "ok", "endless" (an /api/version body that never ends, at full speed), "trickle" (one
+    byte every 0.2 s, for ever) or "slowheaders" (the same, in a header line). ``redirect_to``: every
+    request is answered 307 to that port. The chat reply depends on the prompt: ENDLESS (a body of one
+    line that never ends), HUGE (one whole reply of 64 MB), ERRORFLOOD (HTTP 500 with an endless body), SLOWHEADERS (headers that trickle
+    for ever), DIGITS (a reply of 5,000 digits), otherwise a proper score of 42.
+    """
+
+    def __init__(self, version: str = "ok", redirect_to: int | None = None):
+        self.version, self.redirect_to = version, redirect_to
+        self.stopping = threading.Event()
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
+        self._server.daemon_threads = True
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def _handler(srv: HostileServer):
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args):
+            pass
+
+        def _send(self, status: int, body: bytes) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def _endless(self, status: int, piece: bytes, pause: float = 0.0) -> None:
+            self.send_response(status)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            end = time.monotonic() + 120
+            try:
+                while not srv.stopping.is_set() and time.monotonic() < end:
+                    self.wfile.write(b"%x\r\n" % len(piece) + piece + b"\r\n")
+                    if pause:
+                        self.wfile.flush()
+                        time.sleep(pause)
+            except OSError:  # the client hung up: what it should do
+                pass
+            self.close_connection = True
+
+        def _slow_headers(self) -> None:
+            try:
+                self.wfile.write(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+                end = time.monotonic() + 120
+                while not srv.stopping.is_set() and time.monotonic() < end:
+                    self.wfile.write(b"a")
+                    self.wfile.flush()
+                    time.sleep(0.2)
+            except OSError:
+                pass
+            self.close_connection = True
+
+        def _redirected(self) -> bool:
+            if srv.redirect_to is None:
+                return False
+            self.send_response(307)
+            self.send_header("Location", f"http://127.0.0.1:{srv.redirect_to}{self.path}")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return True
+
+        def do_GET(self):
+            if self._redirected():
+                return
+            if self.path == "/api/version":
+                if srv.version == "endless":
+                    return self._endless(200, b'{"version": "' + b"9" * 65536)
+                if srv.version == "trickle":
+                    return self._endless(200, b" ", pause=0.2)
+                if srv.version == "slowheaders":
+                    return self._slow_headers()
+                return self._send(200, b'{"version": "0.12.0"}')
+            if self.path == "/api/tags":
+                return self._send(200, b'{"models": [{"name": "llama3:latest", "model": "llama3:latest"}]}')
+            if self.path == "/v1/models":
+                return self._send(200, b'{"object": "list", "data": [{"id": "llama3"}]}')
+            self._send(404, b'{"error": "not found"}')
+
+        def do_POST(self):
+            payload = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
+            if self._redirected():
+                return
+            prompt = payload["messages"][-1]["content"]
+            if "ENDLESS" in prompt:
+                return self._endless(200, b"x" * 65536)
+            if "ERRORFLOOD" in prompt:
+                return self._endless(500, b"e" * 65536)
+            if "SLOWHEADERS" in prompt:
+                return self._slow_headers()
+            if "HUGE" in prompt:  # a reply that does end, with a score in it: requests' iter_lines took minutes
+                head, tail = b'{"message": {"role": "assistant", "content": "', b' 42"}, "done": true}\n'
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(head) + 64 * 2**20 + len(tail)))
+                self.end_headers()
+                try:
+                    self.wfile.write(head)
+                    for _ in range(64):
+                        self.wfile.write(b"x" * 2**20)
+                    self.wfile.write(tail)
+                except OSError:
+                    pass
+                return
+            content = "1" * 5000 if "DIGITS" in prompt else '{"score": 42}'
+            if self.path == "/api/chat":
+                body = {"model": "llama3", "message": {"role": "assistant", "content": content}, "done": True,
+                        "done_reason": "stop"}
+                return self._send(200, json.dumps(body).encode() + b"\n")
+            self._send(200, json.dumps({"choices": [{"message": {"role": "assistant", "content": content},
+                                                     "finish_reason": "stop"}]}).encode())
+
+    return Handler
+
+
+def _free_port() -> int:
+    """A port no server listens on (bound, then closed)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def servers():
+    dead = _free_port()
+    made = {"ok": HostileServer(), "bigversion": HostileServer(version="endless"),
+            "slowversion": HostileServer(version="trickle"), "slowheaders": HostileServer(version="slowheaders"),
+            "redirect": HostileServer(redirect_to=dead), "loop": HostileServer()}
+    made["loop"].redirect_to = int(made["loop"].url.rsplit(":", 1)[1])  # to itself, for ever
+    yield {**{name: s.url for name, s in made.items()}, "dead": str(dead)}
+    for s in made.values():
+        s.stop()
+
+
+# ---------------------------------------------------------------------------------------------------
+# The workspace every case starts from
+# ---------------------------------------------------------------------------------------------------
+
+
+class Workspace:
+    """A model folder, instruction data, responses, and the odd paths: a pipe, a link loop, a broken link."""
+
+    def __init__(self, root: Path, tiny_model_dir: Path, servers: dict):
+        self.root, self.servers = root, servers
+        self.model = root / "model"
+        shutil.copytree(tiny_model_dir, self.model)
+        self.data = root / "data.json"
+        self.data.write_text(json.dumps(json.loads(BOOK_DATA.read_text())[:40]))
+        self.responses = self.judged("responses.json", [r["output"] for r in json.loads(self.data.read_text())[:4]])
+        self.pipe = root / "pipe"
+        os.mkfifo(self.pipe)
+        self.loop = root / "loop"  # loop -> loop2 -> loop
+        os.symlink(root / "loop2", self.loop)
+        os.symlink(self.loop, root / "loop2")
+        self.broken = root / "broken"
+        os.symlink(root / "gone", self.broken)
+
+    def file(self, name: str, content: str | bytes) -> Path:
+        path = self.root / name
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+        return path
+
+    def judged(self, name: str, responses: list[str]) -> Path:
+        """Records for the judge whose responses are ``responses`` (markers steer the hostile server)."""
+        return self.file(name, json.dumps([{"instruction": f"Name colour {i}.", "input": "", "output": "Blue.",
+                                            "model_response": r} for i, r in enumerate(responses)]))
+
+    def config(self, name: str, **changes) -> Path:
+        """A copy of the model folder whose config.json has ``changes`` (None removes a field)."""
+        path = self.root / name
+        shutil.copytree(self.model, path)
+        config = json.loads((path / "config.json").read_text())
+        for key, value in changes.items():
+            if value is None:
+                config.pop(key, None)
+            else:
+                config[key] = value
+        (path / "config.json").write_text(json.dumps(config))
+        return path
+
+    def weights(self, name: str, change: Callable[[dict], None]) -> Path:
+        """A copy of the model folder whose weights went through ``change`` (a dict of tensors)."""
+        path = self.root / name
+        shutil.copytree(self.model, path)
+        tensors = load_file(path / "model.safetensors")
+        change(tensors)
+        save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+        return path
+
+    def snapshot(self) -> dict[str, str]:
+        return {str(p.relative_to(self.root)): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted(self.root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture()
+def ws(tmp_path, tiny_model_dir, servers):
+    return Workspace(tmp_path, tiny_model_dir, servers)
+
+
+@pytest.fixture(scope="module")
+def narrow_model(tmp_path_factory):
+    """A model 36 wide: no row of any of its matrices (36 or 144 values) is whole q8_0 blocks of 32."""
+    from gpt2_scratch import GPT2ScratchConfig, GPT2ScratchForCausalLM, save_model_dir
+
+    torch.manual_seed(0)
+    config = GPT2ScratchConfig.from_preset("gpt2-small", n_layers=2, emb_dim=36, n_heads=4, context_length=64)
+    return save_model_dir(GPT2ScratchForCausalLM(config), tmp_path_factory.mktemp("narrow") / "w36")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The table
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Case:
+    id: str
+    argv: Callable[[Workspace], list]  # builds the command line (and any bad file it needs)
+    code: int  # 2: bad input, 1: the work failed
+    needle: str  # what the one line must say; {root} is the workspace, {ok}/{dead}/... the servers
+    new_files: bool = False  # the command may leave new files (never change old ones)
+    env: dict | None = None
+    seconds: float = 20.0  # the command must end within this
+    cwd: bool = False  # run in the workspace (a relative, Hub-like --model)
+
+
+def judge(ws: Workspace, data: Path, *extra) -> list:
+    return ["judge", "--data", str(data), "--out", str(ws.root / "scores.json"), *map(str, extra)]
+
+
+def generate(model: Path) -> list:
+    return ["generate", "--model", str(model), "--prompt", "hi", "--max-new-tokens", "2"]
+
+
+def push(model: Path) -> list:
+    return ["push", "--model", str(model), "--repo-id", "alice/x"]
+
+
+PUSH_ENV = {"HF_TOKEN": "hf_test", "HF_ENDPOINT": "http://127.0.0.1:9"}
+
+
+def _as(dtype: torch.dtype, name: str | None = None) -> Callable[[dict], None]:
+    """Weights with one tensor (or, without ``name``, every tensor) cast to ``dtype``."""
+    def change(tensors: dict) -> None:
+        for key in [name] if name else list(tensors):
+            tensors[key] = tensors[key].to(dtype)
+    return change
+
+
+def _untied_head(tensors: dict) -> None:
+    tensors["lm_head.weight"] = torch.randn_like(tensors["transformer.wte.weight"])
+
+
+CASES = [
+    # --- a judge server that sends too much, too slowly, or elsewhere -----------------------------------
+    Case("judge: a reply that never ends, at full speed (ollama)", lambda ws: [*judge(ws, ws.judged(
+         "endless.json", [f"Blue {i}. ENDLESS" for i in range(4)]), "--host", ws.servers["ok"]), *CHAT_FLAGS], 1,
+         "record 0: the reply from {ok}/api/chat is larger than 4 MiB", new_files=True, seconds=12),
+    Case("judge: a reply that never ends, at full speed (openai)", lambda ws: [*judge(ws, ws.judged(
+         "endless.json", [f"Blue {i}. ENDLESS" for i in range(4)]), "--host", ws.servers["ok"], "--api", "openai"),
+         *CHAT_FLAGS], 1, "record 0: the reply from {ok}/v1/chat/completions is larger than 4 MiB", new_files=True,
+         seconds=12),
+    Case("judge: one whole reply of 64 MB", lambda ws: [*judge(ws, ws.judged("huge.json", ["Blue. HUGE"]), "--host",
+         ws.servers["ok"]), *CHAT_FLAGS], 1, "record 0: the reply from {ok}/api/chat is larger than 4 MiB",
+         new_files=True, seconds=8),
+    Case("judge: an error page that never ends", lambda ws: [*judge(ws, ws.judged(
+         "flood.json", ["Blue. ERRORFLOOD"]), "--host", ws.servers["ok"]), *CHAT_FLAGS], 1,
+         "record 0: HTTP 500 from {ok}/api/chat: eeee", new_files=True, seconds=12),
+    Case("judge: a reply of 5,000 digits", lambda ws: [*judge(ws, ws.judged("digits.json", ["Blue. DIGITS"]),
+         "--host", ws.servers["ok"]), *CHAT_FLAGS], 1, "record 0: unparsable reply", new_files=True),
+    Case("judge: a preflight answer that never ends", lambda ws: [*judge(ws, ws.responses, "--host",
+         ws.servers["bigversion"]), *CHAT_FLAGS], 1, "{bigversion}/api/version answered with more than 4 MiB",
+         seconds=12),
+    Case("judge: a preflight answer that trickles for ever", lambda ws: [*judge(ws, ws.responses, "--host",
+         ws.servers["slowversion"]), *CHAT_FLAGS, "--request-timeout", "2"], 1,
+         "{slowversion}/api/version did not finish its answer within 2 s", seconds=8),
+    Case("judge: preflight headers that trickle for ever", lambda ws: [*judge(ws, ws.responses, "--host",
+         ws.servers["slowheaders"]), *CHAT_FLAGS, "--request-timeout", "2"], 1,
+         "{slowheaders}/api/version did not finish its answer within 2 s", seconds=8),
+    Case("judge: reply headers that trickle for ever", lambda ws: [*judge(ws, ws.judged(
+         "slow.json", ["Blue. SLOWHEADERS"]), "--host", ws.servers["ok"]), *CHAT_FLAGS, "--request-timeout", "2"], 1,
+         "record 0: no complete reply from {ok}/api/chat within 2 s", new_files=True, seconds=8),
+    Case("judge: a server that redirects to itself", lambda ws: [*judge(ws, ws.responses, "--host",
+         ws.servers["loop"]), *CHAT_FLAGS], 1, "{loop}/api/version redirects in a loop"),
+    Case("judge: a server that redirects to a dead port", lambda ws: [*judge(ws, ws.responses, "--host",
+         ws.servers["redirect"]), *CHAT_FLAGS], 1,
+         "{redirect}/api/version redirects to http://127.0.0.1:{dead}/api/version, where no server answers"),
+    Case("judge --api openai: a server that redirects to a dead port", lambda ws: [*judge(ws, ws.responses,
+         "--host", ws.servers["redirect"], "--api", "openai"), *CHAT_FLAGS], 1,
+         "redirects to http://127.0.0.1:{dead}/v1/models, where no server answers"),
+    # --- a --host no request could use, a --limit below 0 -----------------------------------------------
+    Case("judge --host htp:/…", lambda ws: judge(ws, ws.responses, "--host", "htp:/localhost:11434"), 2,
+         "--host: invalid host URL 'htp:/localhost:11434': 'htp:/' is not a scheme followed by '://'"),
+    Case("judge --host http:/…", lambda ws: judge(ws, ws.responses, "--host", "http:/localhost:11434"), 2,
+         "'http:/' is not a scheme followed by '://'"),
+    Case("judge --host http//…", lambda ws: judge(ws, ws.responses, "--host", "http//localhost:11434"), 2,
+         "'http//' is not a scheme followed by '://'"),
+    Case("judge --host with an empty port", lambda ws: judge(ws, ws.responses, "--host", "localhost:"), 2,
+         "no port follows the ':' in 'localhost:'"),
+    Case("$OLLAMA_HOST htp:/…", lambda ws: judge(ws, ws.responses), 2, "$OLLAMA_HOST: invalid host URL",
+         env={"OLLAMA_HOST": "htp:/localhost:11434"}),
+    Case("judge --limit -1", lambda ws: judge(ws, ws.responses, "--limit", "-1"), 2, "--limit must be >= 0, got -1"),
+    Case("respond --limit -1", lambda ws: ["respond", "--model", str(ws.model), "--data", str(ws.data), "--out",
+         str(ws.root / "r.json"), "--limit", "-1"], 2, "--limit must be >= 0, got -1"),
+    # --- paths that are neither file nor folder ---------------------------------------------------------
+    Case("judge --data /dev/null", lambda ws: judge(ws, Path("/dev/null")), 2,
+         "--data /dev/null is a character device, not a file of records"),
+    Case("sft --data: a named pipe", lambda ws: ["sft", "--model", "gpt2-small", "--random-init", "--n-layers", "1",
+         "--emb-dim", "64", "--n-heads", "4", "--context-length", "64", "--data", str(ws.pipe), "--out",
+         str(ws.root / "out")], 2, "--data {root}/pipe is a named pipe, not a file of records"),
+    Case("respond --data: a symbolic link loop", lambda ws: ["respond", "--model", str(ws.model), "--data",
+         str(ws.loop), "--out", str(ws.root / "r.json")], 2, "--data {root}/loop is a symbolic link loop"),
+    Case("judge --data: a symbolic link loop", lambda ws: judge(ws, ws.loop), 2,
+         "--data {root}/loop is a symbolic link loop"),
+    Case("judge --compare-file: a broken link", lambda ws: judge(ws, ws.responses, "--compare-file", ws.broken), 2,
+         "{root}/broken is a broken symbolic link (its target {root}/gone does not exist)"),
+    Case("generate --model: a symbolic link loop", lambda ws: generate(ws.loop), 2,
+         "--model {root}/loop is a symbolic link loop, not a model folder"),
+    Case("generate --model: a relative link loop that looks like a Hub id", lambda ws: generate(Path("loop/x")), 2,
+         "--model loop/x is a path through a symbolic link loop, not a model folder", cwd=True),
+    Case("generate --model /dev/null", lambda ws: generate(Path("/dev/null")), 2,
+         "--model /dev/null is a character device, not a model folder"),
+    Case("push --model: a named pipe", lambda ws: push(ws.pipe), 2, "--model {root}/pipe is a named pipe",
+         env=PUSH_ENV),
+    Case("convert gguf --model: a symbolic link loop", lambda ws: ["convert", "gguf", "--model", str(ws.loop),
+         "--out", str(ws.root / "m.gguf")], 2, "--model {root}/loop is a symbolic link loop"),
+    Case("convert book --pth /dev/null", lambda ws: ["convert", "book", "--pth", "/dev/null", "--out",
+         str(ws.root / "b")], 2, "/dev/null: is a character device, not a file"),
+    Case("convert hf --from-dir: a named pipe", lambda ws: ["convert", "hf", "--from-dir", str(ws.pipe), "--out",
+         str(ws.root / "h")], 2, "{root}/pipe is a named pipe"),
+    Case("convert openai --from-dir: a symbolic link loop", lambda ws: ["convert", "openai", "--from-dir",
+         str(ws.loop), "--out", str(ws.root / "o")], 2, "{root}/loop: is a symbolic link loop"),
+    Case("sft --out inside a symbolic link loop", lambda ws: ["sft", "--model", "gpt2-small", "--random-init",
+         "--data", str(ws.data), "--out", str(ws.loop / "run")], 2,
+         "--out {root}/loop/run: {root}/loop/run is a path through a symbolic link loop"),
+    # --- config.json holding nonsense: one line naming the file and the field ---------------------------
+    *[Case(f"config.json: {field} {value!r}", lambda ws, f=field, v=value: generate(ws.config("bad", **{f: v})), 2,
+           "{root}/bad/config.json: " + needle) for field, value, needle in [
+        ("layer_norm_epsilon", -1.0, "layer_norm_epsilon must be a number in (0, 1)"),
+        ("layer_norm_epsilon", 0, "layer_norm_epsilon must be a number in (0, 1)"),
+        ("layer_norm_epsilon", "1e-5", "layer_norm_epsilon must be a number in (0, 1) (GPT-2: 1e-5), got '1e-5'"),
+        ("layer_norm_epsilon", float("nan"), "layer_norm_epsilon must be a number in (0, 1)"),
+        ("emb_dim", 0, "emb_dim must be a positive integer, got 0"),
+        ("emb_dim", "64", "emb_dim must be a positive integer, got '64'"),
+        ("emb_dim", [64], "emb_dim must be a positive integer, got [64]"),
+        ("n_layers", -1, "n_layers must be a positive integer, got -1"),
+        ("n_heads", 3, "emb_dim 64 is not divisible by n_heads 3"),
+        ("drop_rate", "0.1", "drop_rate must be in [0, 1), got '0.1'"),
+        ("initializer_range", -0.02, "initializer_range must be a number >= 0"),
+        ("qkv_bias", "no", "qkv_bias must be true or false, got 'no'"),
+        ("tie_word_embeddings", "false", "tie_word_embeddings must be true or false, got 'false'"),
+        ("architectures", "GPT2ScratchForCausalLM", "architectures must be a list of class names, not a string"),
+        ("architectures", 5, "architectures must be a list of class names, not a number"),
+        ("auto_map", ["x"], "auto_map must be an object, not a list"),
+        ("id2label", ["ham", "spam"], "id2label must be an object, not a list"),
+        ("task_specific_params", [1], "task_specific_params must be an object, not a list"),
+        ("bos_token_id", "x", "bos_token_id must be a token id (an integer >= 0) or null, not a string"),
+        ("eos_token_id", 99999, "eos_token_id 99999 is no token id: vocab_size is 50257"),
+        ("dtype", "float99", "dtype must be one of float32, float16, bfloat16, float64"),
+    ]],
+    Case("config.json: n_embd (the standard name) not divisible by n_heads", lambda ws: generate(ws.config(
+         "bad", emb_dim=None, n_embd=66)), 2, "emb_dim 66 is not divisible by n_heads 4"),
+    Case("push: config.json with a negative layer_norm_epsilon", lambda ws: push(ws.config(
+         "bad", layer_norm_epsilon=-1e-5)), 2, "{root}/bad/config.json: layer_norm_epsilon must be", env=PUSH_ENV),
+    Case("respond: config.json with a string for qkv_bias", lambda ws: ["respond", "--model", str(ws.config(
+         "bad", qkv_bias="yes")), "--data", str(ws.data), "--out", str(ws.root / "r.json")], 2,
+         "qkv_bias must be true or false"),
+    # --- weights and config that disagree: found in the safetensors header, before any allocation ------
+    Case("config.json claims a 3-million-token context", lambda ws: generate(ws.config(
+         "long", context_length=3_000_000)), 2, "{root}/long/model.safetensors: mismatched tensor "
+         "'transformer.wpe.weight': shape [128, 64] in the file, [3000000, 64] by config.json", seconds=5),
+    Case("config.json claims a larger vocabulary", lambda ws: generate(ws.config("wide", vocab_size=60000)), 2,
+         "mismatched tensor 'transformer.wte.weight': shape [50257, 64] in the file, [60000, 64] by config.json"),
+    Case("push: config.json claims a 3-million-token context", lambda ws: push(ws.config(
+         "long", context_length=3_000_000)), 2, "mismatched tensor 'transformer.wpe.weight'", env=PUSH_ENV, seconds=5),
+    Case("weights of int32", lambda ws: generate(ws.weights("ints", _as(torch.int32))), 2,
+         "{root}/ints/model.safetensors: tensor 'transformer.h.0.attn.c_attn.bias' holds I32 values, not floating "
+         "point"),
+    Case("one tensor of int64", lambda ws: generate(ws.weights("int", _as(torch.int64, "transformer.ln_f.weight"))),
+         2, "tensor 'transformer.ln_f.weight' holds I64 values"),
+    Case("one tensor of booleans", lambda ws: generate(ws.weights("bool", _as(torch.bool, "transformer.ln_f.bias"))),
+         2, "tensor 'transformer.ln_f.bias' holds BOOL values"),
+    Case("push: weights of int8", lambda ws: push(ws.weights("ints", _as(torch.int8))), 2, "holds I8 values",
+         env=PUSH_ENV),
+    Case("an untied lm_head.weight under a tied config", lambda ws: generate(ws.weights("head", _untied_head)), 2,
+         "{root}/head/model.safetensors: unexpected tensor 'lm_head.weight': a head of its own, but config.json ties "
+         "the head to the token embedding (tie_word_embeddings true); set \"tie_word_embeddings\": false"),
+    Case("push: an untied lm_head.weight under a tied config", lambda ws: push(ws.weights("head", _untied_head)), 2,
+         "unexpected tensor 'lm_head.weight'", env=PUSH_ENV),
+    Case("convert gguf: an untied lm_head.weight under a tied config", lambda ws: ["convert", "gguf", "--model",
+         str(ws.weights("head", _untied_head)), "--out", str(ws.root / "m.gguf"), "--prompt-style", "alpaca"], 2,
+         "unexpected tensor 'lm_head.weight'"),
+    Case("an untied config without its head", lambda ws: generate(ws.config("nohead", tie_word_embeddings=False)), 2,
+         "{root}/nohead/model.safetensors: missing tensor 'lm_head.weight'"),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input(case: Case, ws: Workspace, capsys, monkeypatch):
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "OLLAMA_HOST"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_HOME", str(ws.root.parent / "hf-home-empty"))  # no login cache: no token
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("GPT2_SCRATCH_DOWNLOAD_BACKOFF", "0")
+    monkeypatch.setenv("GPT2_SCRATCH_CACHE", str(ws.root.parent / "cache"))
+    for name, value in (case.env or {}).items():
+        monkeypatch.setenv(name, value)
+    if case.cwd:
+        monkeypatch.chdir(ws.root)
+    argv = [str(a) for a in case.argv(ws)]
+    capsys.readouterr()
+    before = ws.snapshot()
+    started = time.monotonic()
+    try:
+        code = main(argv)
+    except SystemExit as exit:  # argparse's own errors (one line too, exit 2)
+        code = exit.code
+    took = time.monotonic() - started
+    err = capsys.readouterr().err
+    after = ws.snapshot()
+    needle = case.needle.format(root=ws.root, **ws.servers)
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert code == case.code, err
+    assert "Traceback" not in err, err
+    assert len(lines) == 1 and needle in lines[0] and "error: " in lines[0], err
+    assert took < case.seconds, f"took {took:.1f} s"
+    assert {k: v for k, v in after.items() if k in before} == before, "a file that existed was changed"
+    assert set(before) <= set(after), "a file that existed was deleted"
+    if not case.new_files:
+        assert set(after) == set(before), f"new files: {sorted(set(after) - set(before))}"
+
+
+def test_q8_0_with_no_whole_block_is_refused(narrow_model, tmp_path, capsys):
+    out = tmp_path / "m.gguf"
+    code = main(["convert", "gguf", "--model", str(narrow_model), "--out", str(out), "--dtype", "q8_0",
+                 "--prompt-style", "alpaca"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0] == (f"error: --dtype q8_0: none of the 10 matrices of {narrow_model} can be stored as q8_0 (their "
+                        "rows of 36, 144 values are not whole q8_0 blocks of 32); export with --dtype f16 or bf16")
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------------
+# Beyond the table: what is reported when the command succeeds, and why it is true
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_q8_0_reports_what_it_stored(tmp_path, capsys, caplog):
+    """A width of 40: only ffn_down's rows (160 values) are whole blocks. The warning counts the fallbacks, and
+    the final line counts the file's tensors by type (read back from the file, not from --dtype)."""
+    from gguf import GGUFReader
+
+    from gpt2_scratch import GPT2ScratchConfig, GPT2ScratchForCausalLM, save_model_dir
+
+    config = GPT2ScratchConfig.from_preset("gpt2-small", n_layers=2, emb_dim=40, n_heads=4, context_length=64)
+    model_dir = save_model_dir(GPT2ScratchForCausalLM(config), tmp_path / "w40")
+    out = tmp_path / "w40.gguf"
+    capsys.readouterr()
+    assert main(["convert", "gguf", "--model", str(model_dir), "--out", str(out), "--dtype", "q8_0",
+                 "--prompt-style", "alpaca"]) == 0
+    stdout = capsys.readouterr().out
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any(w.startswith("--dtype q8_0: 8 of 10 matrices are stored as f16 instead (their rows of 40 values are "
+                            "not whole q8_0 blocks of 32)") for w in warnings), warnings
+    types = [t.tensor_type.name for t in GGUFReader(out).tensors]
+    assert (types.count("Q8_0"), types.count("F16"), types.count("F32")) == (2, 8, 18)
+    assert f"wrote {out} (--dtype q8_0: tensors 18 f32, 8 f16, 2 q8_0;" in stdout, stdout
+
+
+def test_an_enormous_reply_costs_one_record_not_the_run():
+    """Four workers, two questions: the endless reply fails its own record in about a second (the 4 MiB cap,
+    well before --request-timeout), the other is scored; the run goes on."""
+    from gpt2_scratch.eval.judge import score_records
+    from gpt2_scratch.eval.judge_client import RetryPolicy, make_judge
+
+    server = HostileServer()
+    try:
+        for api in ("ollama", "openai"):
+            judge = make_judge(api, server.url, "llama3", timeout=5, request_timeout=10,
+                               retry=RetryPolicy(attempts=3, backoff=0.01))
+            records = [{"instruction": "Name a colour.", "output": "Blue.", "model_response": r}
+                       for r in ("Blue. ENDLESS", "Blue.")]
+            started = time.monotonic()
+            out = score_records(records, judge, workers=4, progress=False)
+            assert time.monotonic() - started < 5
+            assert out[0]["status"] == "failed" and "larger than 4 MiB" in out[0]["reason"], out[0]
+            assert out[1]["status"] == "ok" and out[1]["score"] == 42
+    finally:
+        server.stop()
+
+
+def test_reply_lines_are_split_in_linear_time():
+    """requests' iter_lines re-joins the pending line with every piece: quadratic on one long line."""
+    from gpt2_scratch.eval.judge_client import _lines
+
+    pieces = [b"x" * 65536] * 64 + [b"\n{}\n\n", b"a", b"b\nc"]  # one 4 MiB line, then short ones
+    started = time.monotonic()
+    lines = list(_lines(iter(pieces)))
+    assert time.monotonic() - started < 1.0
+    assert [len(line) for line in lines] == [4 * 2**20, 2, 0, 2, 1]
+    assert lines[1:] == [b"{}", b"", b"ab", b"c"]
+
+
+def test_a_config_that_disagrees_with_its_weights_allocates_nothing(tiny_model_dir, tmp_path, monkeypatch):
+    """The shapes are compared from the safetensors header: from_pretrained (which would allocate the
+    config's 30-million-token position table, ~8 GB, before finding the mismatch) is never called."""
+    from gpt2_scratch import GPT2ScratchForCausalLM
+    from gpt2_scratch.model_dir import ModelDirError, load_model_dir
+
+    folder = tmp_path / "long"
+    shutil.copytree(tiny_model_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "context_length": 30_000_000}))
+
+    def never(*args, **kwargs):
+        raise AssertionError("from_pretrained was called")
+
+    monkeypatch.setattr(GPT2ScratchForCausalLM, "from_pretrained", never)
+    with pytest.raises(ModelDirError, match=r"mismatched tensor 'transformer.wpe.weight': shape \[128, 64\] in the "
+                                            r"file, \[30000000, 64\] by config.json"):
+        load_model_dir(folder)
+
+
+def test_an_untied_head_loads_when_the_config_says_untied(tiny_model_dir, tmp_path):
+    """The remedy the refusal names works: with tie_word_embeddings false, the file's head is the model's."""
+    from gpt2_scratch.model_dir import load_model_dir
+
+    folder = tmp_path / "untied"
+    shutil.copytree(tiny_model_dir, folder)
+    tensors = load_file(folder / "model.safetensors")
+    _untied_head(tensors)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": False}))
+    model = load_model_dir(folder)
+    torch.testing.assert_close(model.lm_head.weight, tensors["lm_head.weight"])
+    assert not torch.equal(model.lm_head.weight, model.transformer.wte.weight)

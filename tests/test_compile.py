@@ -1,0 +1,49 @@
+"""``--compile``: torch.compile (inductor) gives the same losses and gradients as eager (fp32, tiny shape),
+and a training run with --compile ends like the eager one. The speed ratio is bench/bench_compile.py's."""
+
+import pytest
+import torch
+from conftest import TINY
+
+from gpt2_scratch import GPT2ScratchConfig, GPT2ScratchForCausalLM
+
+
+def _batch():
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 50257, (4, 48), generator=g)
+    labels = torch.roll(ids, -1, 1)
+    labels[:, :10] = -100  # a masked prompt
+    labels[2, 30:] = -100  # padding
+    return ids, labels
+
+
+@pytest.mark.slow  # inductor builds C++ kernels on first use (about a minute here)
+def test_compiled_loss_and_gradients_equal_eager():
+    torch.manual_seed(0)
+    eager = GPT2ScratchForCausalLM(GPT2ScratchConfig.from_preset("gpt2-small", **TINY))
+    compiled = GPT2ScratchForCausalLM(GPT2ScratchConfig.from_preset("gpt2-small", **TINY))
+    compiled.load_state_dict(eager.state_dict())
+    from gpt2_scratch.core.compile import compile_model
+
+    compile_model(compiled)
+    ids, labels = _batch()
+    for model in (eager, compiled):
+        model.train()
+        out = model(ids, shift_labels=labels, use_cache=False, return_logits=False, num_items_in_batch=1)
+        out.loss.backward()
+    eager_loss = eager(ids, shift_labels=labels, use_cache=False, return_logits=False).loss
+    compiled_loss = compiled(ids, shift_labels=labels, use_cache=False, return_logits=False).loss
+    torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-5, atol=1e-5)
+    assert compiled.state_dict().keys() == eager.state_dict().keys()  # checkpoints and saving are unchanged
+    for (name, p), q in zip(eager.named_parameters(), compiled.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_no_compiler_is_one_line(monkeypatch):
+    from gpt2_scratch.core import compile as compile_module
+    from gpt2_scratch.core.errors import Failure
+
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr(compile_module.shutil, "which", lambda name: None)
+    with pytest.raises(Failure, match="--compile needs a C\\+\\+ compiler"):
+        compile_module.check_compiler("cpu")
