@@ -31,7 +31,7 @@ from typing import Literal
 
 from tqdm.auto import tqdm
 
-from gpt2_scratch.core.args import arg
+from gpt2_scratch.core.args import arg, check_values
 from gpt2_scratch.core.errors import EXIT_INTERRUPTED, InputError
 from gpt2_scratch.core.files import JsonlFile, check_output_file, content_key, write_json_atomic
 from gpt2_scratch.core.records import load_records, record_input, select_split
@@ -48,13 +48,13 @@ class RespondArgs:
     out: str = arg(help="JSON file to write (the records with the response key added)")
     split: Literal["all", "train", "test", "validation", "val"] = arg(
         "all", "the book's 85/10/5 split of --data (test = [935:1045] of 1100)")
-    limit: int | None = arg(None, "only the first N records (after --split)")
-    batch_size: int = arg(8, "prompts per forward pass")
-    max_new_tokens: int = arg(256, "tokens per response at most")
+    limit: int | None = arg(None, "only the first N records (after --split)", at_least=0)
+    batch_size: int = arg(8, "prompts per forward pass", at_least=1)
+    max_new_tokens: int = arg(256, "tokens per response at most", at_least=1)
     prompt_style: Literal["alpaca", "phi3"] | None = arg(
         None, "prompt format (default: the one the model was trained with, else alpaca)", aliases=("--style",))
     response_key: str = arg("model_response", "key to add to each record")
-    save_every: int = arg(64, "records per checkpoint to OUT.partial.jsonl")
+    save_every: int = arg(64, "records per checkpoint to OUT.partial.jsonl", at_least=1)
     quiet: bool = arg(False, "no progress bar", aliases=("-q",))
 
 
@@ -107,11 +107,7 @@ def generate_file(model, tokenizer, records: list[dict], out: Path, *, fingerpri
 def run(args: RespondArgs) -> int:
     from gpt2_scratch.convert.resolve import load_model, load_tokenizer
 
-    for name in ("batch_size", "max_new_tokens", "save_every"):
-        if getattr(args, name) < 1:
-            raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if args.limit is not None and args.limit < 0:
-        raise InputError(f"--limit must be >= 0, got {args.limit}")
+    check_values(args)  # the command line's one check of option values (also for callers from Python)
     # Pre-flight: the output is writable and replaces neither the data nor the model; the data parses.
     out = check_output_file(args.out, inputs=[("--data", args.data), ("--model", args.model)])
     records = select_split(load_records(args.data, required=("instruction",)), args.split)[: args.limit]

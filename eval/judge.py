@@ -48,7 +48,7 @@ from typing import Callable, Literal
 
 from tqdm.auto import tqdm
 
-from gpt2_scratch.core.args import arg
+from gpt2_scratch.core.args import arg, check_values
 from gpt2_scratch.core.errors import EXIT_INTERRUPTED, Failure, InputError
 from gpt2_scratch.core.files import check_output_file, write_json_atomic, write_text_atomic
 from gpt2_scratch.core.records import load_records, record_input
@@ -336,12 +336,12 @@ class JudgeArgs:
                                          "in the same order)")
     criterion: Literal["better", "polite"] = arg("better", "pairwise mode: which response is better (given the "
                                                            "correct output), or which is more polite (DPO's aim)")
-    workers: int = arg(4, "concurrent requests")
+    workers: int = arg(4, "concurrent requests", at_least=1)
     out: str | None = arg(None, "scores JSON (default: <data stem>-scores.json, or -pairwise.json, in the current "
                                 "folder); .summary.txt/.hist.png go beside it")
     cache: str | None = arg(None, "JSONL answer cache (default: OUT with .cache.jsonl)")
     no_cache: bool = arg(False, "neither read nor write the cache", action="store_true")
-    limit: int | None = arg(None, "only the first N records")
+    limit: int | None = arg(None, "only the first N records", at_least=0)
     timeout: float = arg(120.0, "seconds to wait for a reply to start, and between two pieces of it")
     request_timeout: float = arg(REQUEST_TIMEOUT, "seconds one request may take in all; a reply still unfinished "
                                                   "then fails")
@@ -365,10 +365,7 @@ def _default_out(args: JudgeArgs) -> Path:
 def run(args: JudgeArgs) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
     pairwise = bool(args.compare_key or args.compare_file)
-    if args.workers < 1:
-        raise InputError(f"--workers must be at least 1, got {args.workers}")
-    if args.limit is not None and args.limit < 0:  # as `respond` does: [:-1] would drop the last record
-        raise InputError(f"--limit must be >= 0, got {args.limit}")
+    check_values(args)  # the command line's one check of option values (also for callers from Python)
     other_key = args.compare_key or args.response_key
     if pairwise and not args.compare_file and other_key == args.response_key:
         raise InputError(f"pairwise mode compares two responses: pass --compare-key other than "

@@ -364,15 +364,34 @@ CASES = [
          "no port follows the ':' in 'localhost:'"),
     Case("$OLLAMA_HOST htp:/…", lambda ws: judge(ws, ws.responses), 2, "$OLLAMA_HOST: invalid host URL",
          env={"OLLAMA_HOST": "htp:/localhost:11434"}),
-    Case("judge --limit -1", lambda ws: judge(ws, ws.responses, "--limit", "-1"), 2, "--limit must be >= 0, got -1"),
+    Case("judge --limit -1", lambda ws: judge(ws, ws.responses, "--limit", "-1"), 2, "--limit must be at least 0, got -1"),
     Case("respond --limit -1", lambda ws: ["respond", "--model", str(ws.model), "--data", str(ws.data), "--out",
-         str(ws.root / "r.json"), "--limit", "-1"], 2, "--limit must be >= 0, got -1"),
+         str(ws.root / "r.json"), "--limit", "-1"], 2, "--limit must be at least 0, got -1"),
+    # --- training that can learn nothing: refused before training (exit 2), nothing written --------------
+    Case("sft --mask-prompt where every prompt fills the context", lambda ws: [
+        "sft", "--model", str(ws.model), "--data", str(ws.file("long.json", json.dumps(
+            [{"instruction": "word " * 200, "input": "", "output": "Yes."}] * 20))), "--mask-prompt",
+        "--batch-size", "2", "--max-new-tokens", "4", "--sample-tokens", "4", "--out", str(ws.root / "out")], 2,
+        "with --mask-prompt every training example's prompt fills its 128-token budget"),
+    Case("dpo where every chosen answer equals the rejected one", lambda ws: [
+        "dpo", "--model", str(ws.model), "--data", str(ws.file("same.json", json.dumps(
+            [{"instruction": f"Say {i}.", "chosen": "Fine.", "rejected": "Fine."} for i in range(20)]))),
+        "--batch-size", "2", "--max-new-tokens", "4", "--sample-tokens", "4", "--out", str(ws.root / "out")], 2,
+        "every training pair has the same chosen and rejected answer"),
+    Case("classify with one of its two classes absent", lambda ws: [
+        "classify", "--model", str(ws.model), "--data", str(ws.file("ham.tsv", "".join(
+            f"ham\tmessage number {i}\n" for i in range(40)))), "--no-balance", "--out", str(ws.root / "out")], 2,
+        "the training split has no example of 'spam'"),
+
     # --- paths that are neither file nor folder ---------------------------------------------------------
     Case("judge --data /dev/null", lambda ws: judge(ws, Path("/dev/null")), 2,
          "--data /dev/null is a character device, not a file of records"),
     Case("sft --data: a named pipe", lambda ws: ["sft", "--model", "gpt2-small", "--random-init", "--n-layers", "1",
          "--emb-dim", "64", "--n-heads", "4", "--context-length", "64", "--data", str(ws.pipe), "--out",
          str(ws.root / "out")], 2, "--data {root}/pipe is a named pipe, not a file of records"),
+    Case("classify --data: a named pipe (it used to wait for ever)", lambda ws: ["classify", "--model",
+         str(ws.model), "--data", str(ws.pipe), "--out", str(ws.root / "out")], 2,
+         "{root}/pipe: is a named pipe, not a data file"),
     Case("respond --data: a symbolic link loop", lambda ws: ["respond", "--model", str(ws.model), "--data",
          str(ws.loop), "--out", str(ws.root / "r.json")], 2, "--data {root}/loop is a symbolic link loop"),
     Case("judge --data: a symbolic link loop", lambda ws: judge(ws, ws.loop), 2,

@@ -176,3 +176,26 @@ def test_a_second_run_cannot_use_a_folder_in_use(tmp_path, capsys):
     finally:
         first.kill()
         first.wait()
+
+
+def test_part_of_the_data_that_can_teach_nothing_is_a_warning_with_its_count(caplog):
+    """What cannot be learned from at all stops the run (tests/test_bad_input_silent.py); a part is counted."""
+    from types import SimpleNamespace
+
+    from gpt2_scratch.train import dpo, sft
+
+    examples = SimpleNamespace(train={"length": [40, 30, 50], "prompt_length": [40, 10, 20]})
+    sft.check_learnable(examples, SimpleNamespace(mask_prompt=True, data="d.json"))
+    pairs = SimpleNamespace(train=_Rows(chosen_ids=[[1, 2], [3], [5]], rejected_ids=[[1, 2], [4], [6]]))
+    dpo.check_learnable(pairs, SimpleNamespace(data="p.json"))
+    warnings = [r.getMessage() for r in caplog.records if r.getMessage().startswith("warning:")]
+    assert warnings == ["warning: 1 of 3 training examples keep no response token after truncation (with "
+                        "--mask-prompt they teach only <|endoftext|>)",
+                        "warning: 1 of 3 training pairs have the same chosen and rejected answer (they teach nothing)"]
+
+
+class _Rows(dict):
+    """What check_learnable uses of a datasets.Dataset: its columns by name, and its number of rows."""
+
+    def __len__(self) -> int:
+        return len(next(iter(self.values())))

@@ -66,7 +66,12 @@ def read_labeled_tsv(path: str | os.PathLike, labels: Sequence[str] = DEFAULT_LA
     Raises SpamDataError (one line, with the 1-based line number) for a line without a tab,
     a label not in ``labels``, an empty text, undecodable bytes, or a file without records.
     """
+    from gpt2_scratch.core.files import path_kind
+
     path = Path(path)
+    kind = path_kind(path)
+    if kind is not None:  # a named pipe would be read for ever, /dev/null as an empty file
+        raise SpamDataError(f"{path}: is {kind}, not a data file; pass a label<TAB>text file")
     try:
         raw = path.read_bytes()
     except OSError as e:
