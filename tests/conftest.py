@@ -121,3 +121,16 @@ def convert_main(argv) -> int:
     from gpt2_scratch.core.cli import main
 
     return main(["convert", *map(str, argv)], prog="python -m convert")
+
+
+def copy_with_weights(model: Path, path: Path, change) -> Path:
+    """A copy of the model folder ``model`` at ``path`` whose weights went through ``change`` (a dict of tensors)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(model, path)
+    weights = load_file(path / "model.safetensors")
+    change(weights)
+    save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
+    return path

@@ -26,8 +26,8 @@ from typing import Callable
 
 import pytest
 import torch
-from conftest import REPO_ROOT
-from safetensors.torch import load_file, save_file
+from conftest import REPO_ROOT, copy_with_weights
+from safetensors.torch import load_file
 
 from gpt2_scratch.core.cli import main
 
@@ -65,13 +65,7 @@ class Workspace:
         return path
 
     def model_variant(self, name: str, change: Callable[[dict], None]) -> Path:
-        """A copy of the model folder whose weights went through ``change`` (a dict of tensors)."""
-        path = self.root / name
-        shutil.copytree(self.model, path)
-        weights = load_file(path / "model.safetensors")
-        change(weights)
-        save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
-        return path
+        return copy_with_weights(self.model, self.root / name, change)
 
     def truncated_model(self) -> Path:
         path = self.root / "truncated"

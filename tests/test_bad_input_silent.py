@@ -35,7 +35,7 @@ from typing import Callable
 
 import pytest
 import torch
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, copy_with_weights
 from safetensors.torch import load_file, save_file
 
 from gpt2_scratch.core.cli import main
@@ -244,13 +244,7 @@ class Workspace:
         return path
 
     def weights(self, name: str, change: Callable[[dict], None]) -> Path:
-        """A copy of the model folder whose weights went through ``change`` (a dict of tensors)."""
-        path = self.root / name
-        shutil.copytree(self.model, path)
-        tensors = load_file(path / "model.safetensors")
-        change(tensors)
-        save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
-        return path
+        return copy_with_weights(self.model, self.root / name, change)
 
     def snapshot(self) -> dict[str, str]:
         return {str(p.relative_to(self.root)): hashlib.sha256(p.read_bytes()).hexdigest()
