@@ -126,7 +126,8 @@ def run_config(name: str, steps: int, precision: str, response_tokens: int) -> d
     first = next(t for t, line in moments if line.startswith("initial losses"))
     logged = [(t, int(m.group(1))) for t, line in moments if (m := re.match(r"epoch \d+/\d+ \| step\s+(\d+)/", line))]
     last_t, n = logged[-1]
-    last_row = next(r for r in reversed(rows) if r["step"] in (n, n - 1) and "tokens_seen" in r and not r.get("initial"))
+    last_row = next(r for r in reversed(rows)
+                    if r["step"] in (n, n - 1) and "tokens_seen" in r and not r.get("initial"))
     timing = next((r for r in rows if r.get("timing") and r.get("seconds_train_steps")), None)
     result = {"name": name, "startup_s": header, "initial_s": first - header, "steps": n, "loop_s": last_t - first,
               "tokens": last_row["tokens_seen"], "targets": last_row.get("target_tokens_seen", 0), "wall_s": wall,
@@ -278,8 +279,8 @@ def phase_table(r: dict, shape: dict, gen: dict, rate: float, response_tokens: i
     print(f"\nwhole-run MFU {flops / total / rate:.0%} (step MFU {measured_flops / r['train_s'] / rate:.0%}); "
           f"every response 256 tokens instead: responses {worst / 60:.1f} min ({worst / worst_total:.0%}), whole run "
           f"{worst_total / 60:.1f} min, MFU {flops / worst_total / rate:.0%}")
-    print(f"responses model: prefill of the 110 prompts {gen['prefill_s']:.1f} s + decoding steps at {RESPONSE_BATCH} rows "
-          f"{gen['step_s'] * 1000:.0f} ms each; at {response_tokens} tokens it predicts "
+    print(f"responses model: prefill of the {gen['records']} prompts {gen['prefill_s']:.1f} s + decoding steps at "
+          f"{RESPONSE_BATCH} rows {gen['step_s'] * 1000:.0f} ms each; at {response_tokens} tokens it predicts "
           f"{gen['prefill_s'] + gen['batches'] * (response_tokens - 1) * gen['step_s']:.0f} s, the run measured "
           f"{t['seconds_responses']:.0f} s")
     return {"total_min": total / 60, "worst_min": worst_total / 60}
@@ -305,7 +306,8 @@ def main() -> None:
     quiet_libraries()
 
     precision = ("bf16" if fast_bf16() else "no") if args.precision == "auto" else args.precision
-    print(f"# {cpu_header()}; precision {'fp32' if precision == 'no' else precision}; {args.steps} measured steps each\n")
+    print(f"# {cpu_header()}; precision {'fp32' if precision == 'no' else precision}; "
+          f"{args.steps} measured steps each\n")
     data, tokenizer = book_data()
     shapes = {group: full_run_shape(data, group) for group in (False, True)}
     results = []

@@ -1,16 +1,20 @@
 """Responses to instruction prompts, many at a time: what chapter 7 produces for its test set.
 
 The book generates one prompt at a time and recomputes the whole sequence for every new token.
-Here prompts of similar length are batched together, left-padded, and decoded with transformers'
-``generate`` and the KV cache; greedy decoding, stopping at <|endoftext|>. The text of each response
-is then cut out exactly as the book does (``extract_response``).
+Here prompts of similar length are batched together, left-padded, and decoded greedily with the KV
+cache, stopping at <|endoftext|>. A row that has ended leaves the batch, its cache rows with it, so the
+rows still decoding stop paying for it. Transformers' ``generate`` decodes every row until the batch's
+slowest ends: at the book's finetuned gpt2-medium lengths that is 5,170 decoded row-steps of which 2,314
+are live, and dropping the ended rows is 1.48x faster (bench/README.md). The text of each response is
+then cut out exactly as the book does (``extract_response``).
 """
 
+import inspect
 import logging
 
 import torch
 from tqdm.auto import tqdm
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from gpt2_scratch.core.prompts import extract_response, format_input
 from .tokenizer import ENDOFTEXT_ID
@@ -63,18 +67,8 @@ def generate_responses(
             for row, i in enumerate(batch):  # left padding: every prompt ends at the same column
                 input_ids[row, width - len(prompt_ids[i]) :] = torch.tensor(prompt_ids[i])
                 attention_mask[row, width - len(prompt_ids[i]) :] = 1
-            output = model.generate(
-                input_ids=input_ids.to(device),
-                attention_mask=attention_mask.to(device),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                eos_token_id=ENDOFTEXT_ID,
-                pad_token_id=ENDOFTEXT_ID,
-            )
-            for row, i in enumerate(batch):
-                new_ids = output[row, width:].tolist()
-                if ENDOFTEXT_ID in new_ids:  # the book stops at eos and keeps nothing after it
-                    new_ids = new_ids[: new_ids.index(ENDOFTEXT_ID)]
+            continuations = greedy_batch(model, input_ids.to(device), attention_mask.to(device), max_new_tokens)
+            for i, new_ids in zip(batch, continuations):
                 prompt_text = tokenizer.decode(prompt_ids[i])
                 generated_text = tokenizer.decode(prompt_ids[i] + new_ids)
                 responses[i] = extract_response(generated_text, prompt_text, style)
@@ -83,3 +77,34 @@ def generate_responses(
         bar.close()
         model.train(was_training)
     return responses
+
+
+def greedy_batch(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int) -> list[list[int]]:
+    """The greedy continuation of each row of a left-padded batch: up to ``max_new_tokens`` token ids, without
+    the <|endoftext|> that ends it (the book stops there and keeps nothing after it). A row that has ended
+    leaves the batch and the KV cache; the others decode exactly as they would beside it."""
+    # transformers renamed past_key_values to cache during 5.x; a wrapper (peft) passes either through.
+    cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    cache = DynamicCache(config=model.config)
+    new_ids: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
+    live = list(range(input_ids.shape[0]))  # the batch's rows, as rows of input_ids
+    ids, mask = input_ids, attention_mask
+    for step in range(max_new_tokens):
+        # Positions count real tokens only, so left padding does not shift them.
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]  # (rows, T)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
+                    **{cache_name: cache})
+        next_ids = out.logits[:, -1].argmax(-1)  # (rows,)
+        tokens = next_ids.tolist()  # host sync
+        going = [j for j, token in enumerate(tokens) if token != ENDOFTEXT_ID]
+        for j in going:
+            new_ids[live[j]].append(tokens[j])
+        if not going or step == max_new_tokens - 1:
+            break
+        if len(going) < len(tokens):  # the rows that ended leave the batch
+            keep = torch.tensor(going, device=ids.device)
+            cache.batch_select_indices(keep)
+            next_ids, mask, live = next_ids[keep], mask[keep], [live[j] for j in going]
+        ids = next_ids[:, None]  # (rows, 1)
+        mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)
+    return new_ids

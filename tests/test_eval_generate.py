@@ -67,6 +67,51 @@ def test_batched_equals_one_at_a_time(batched_run, model_dir):
     assert _one_at_a_time(model_dir, [test[i] for i in picked]) == [written[i]["model_response"] for i in picked]
 
 
+def _transformers_generate(model, tokenizer, records, *, batch_size, max_new_tokens):
+    """The reference: transformers' ``generate`` over the same left-padded batches (longest prompts first),
+    which keeps decoding a row that has ended until its batch's last row ends; each continuation is cut at
+    <|endoftext|>. Returns (responses, the new-token count of each row, batch by batch)."""
+    from gpt2_scratch import ENDOFTEXT_ID
+    from gpt2_scratch.core.prompts import extract_response, format_input
+
+    prompts = [tokenizer.encode(format_input(r)) for r in records]
+    order = sorted(range(len(records)), key=lambda i: -len(prompts[i]))
+    responses, counts = [None] * len(records), []
+    for start in range(0, len(order), batch_size):
+        batch = order[start:start + batch_size]
+        width = max(len(prompts[i]) for i in batch)
+        ids = torch.tensor([[ENDOFTEXT_ID] * (width - len(prompts[i])) + prompts[i] for i in batch])
+        mask = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in batch])
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                             eos_token_id=ENDOFTEXT_ID, pad_token_id=ENDOFTEXT_ID)
+        counts.append([])
+        for row, i in enumerate(batch):
+            new = out[row, width:].tolist()
+            new = new[:new.index(ENDOFTEXT_ID)] if ENDOFTEXT_ID in new else new
+            counts[-1].append(len(new))
+            responses[i] = extract_response(tokenizer.decode(prompts[i] + new), tokenizer.decode(prompts[i]))
+    return responses, counts
+
+
+def test_rows_that_end_leave_the_batch_with_the_same_responses(data_path):
+    """generate_responses drops a row from its batch (and the KV cache) once it emits <|endoftext|>; every
+    response is still the one transformers' generate gives in the same batch, where the row stays to the end."""
+    from gpt2_scratch import ENDOFTEXT_ID, GPT2ScratchConfig, GPT2ScratchForCausalLM, generate_responses, get_tokenizer
+
+    torch.manual_seed(123)
+    model = GPT2ScratchForCausalLM(GPT2ScratchConfig.from_preset("gpt2-small", **TINY_256)).eval()
+    with torch.no_grad():  # a likelier <|endoftext|> (the head is the tied embedding): rows end at different steps
+        model.transformer.wte.weight[ENDOFTEXT_ID] *= 3
+    tokenizer = get_tokenizer()
+    records = json.loads(data_path.read_text())[935:967]
+    for batch_size in (8, 3):
+        expected, counts = _transformers_generate(model, tokenizer, records, batch_size=batch_size, max_new_tokens=24)
+        # Rows that ended early beside rows that ran to the limit, and rows that answered nothing at all.
+        assert any(min(c) < max(c) == 24 for c in counts) and any(0 in c for c in counts), counts
+        assert generate_responses(model, tokenizer, records, batch_size=batch_size, max_new_tokens=24,
+                                  progress=False) == expected
+
+
 @pytest.mark.slow
 def test_batched_equals_one_at_a_time_all_110(batched_run, model_dir):
     written, test = batched_run

@@ -83,8 +83,14 @@ def test_ctrl_c_checkpoint_resume_equals_an_uninterrupted_run(name, tiny_model_d
     assert "stopping after this step" in err
     (checkpoint,) = (out / "checkpoints").iterdir()
     assert not (out / "model.safetensors").exists()
+    state = json.loads((checkpoint / "train_state.json").read_text())
+    assert state["cpu_threads"] == torch.get_num_threads()
+    if name == "sft":  # as if the checkpoint came from a run with other threads: said, since bits may differ
+        (checkpoint / "train_state.json").write_text(json.dumps({**state, "cpu_threads": state["cpu_threads"] + 1}))
     assert main([*argv, "--out", str(out), "--resume"]) == 0
-    assert f"resumed from {checkpoint}" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"resumed from {checkpoint}" in printed
+    assert (f"checkpoint's had {state['cpu_threads'] + 1}" in printed) == (name == "sft")
 
     assert steps(out) == steps(tmp_path / "whole")  # every evaluation logged once
     whole, resumed = load_file(tmp_path / "whole" / "model.safetensors"), load_file(out / "model.safetensors")
@@ -100,7 +106,8 @@ def test_classify_resume_after_sigkill_is_bit_identical(tiny_model_dir, tmp_path
     assert main([*argv, "--out", str(tmp_path / "whole")]) == 0
     out = tmp_path / "killed"
     kill_at_checkpoint([sys.executable, "train/classify.py", *argv[1:], "--out", out],
-                       out / "checkpoints" / "step-00000004" / "train_state.json", cwd=REPO_ROOT, env=ENV)
+                       out / "checkpoints" / "step-00000004" / "train_state.json", cwd=REPO_ROOT,
+                       env={**ENV, "OMP_NUM_THREADS": str(torch.get_num_threads())})  # bits depend on threads
     assert (out / ".lock").exists()  # left behind by the killed run: it must not block the resume
     assert main([*argv, "--out", str(out), "--resume"]) == 0
     whole, resumed = load_file(tmp_path / "whole" / "model.safetensors"), load_file(out / "model.safetensors")

@@ -337,6 +337,14 @@ def launch(start: Start, *, model, train_dataset, train_sampler, collate, eval_l
             if main:
                 print(f"resumed from {start.resume_from}: step {state.step}, epoch {state.epoch + 1}, "
                       f"{state.batches_done} batches into it", flush=True)
+        if accelerator.device.type == "cpu":
+            threads = torch.get_num_threads()
+            if main and resuming and state.cpu_threads and state.cpu_threads != threads:
+                # CPU kernels split their sums by thread: the rest of the run is right, but not bit for bit the same.
+                print(f"note: this run has {threads} CPU threads and the checkpoint's had {state.cpu_threads}: "
+                      "it will match an uninterrupted run to rounding, not bit for bit "
+                      f"(OMP_NUM_THREADS={state.cpu_threads} for that)", flush=True)
+            state.cpu_threads = threads
         if main:
             write_args(out, args)
         run = Run(args, accelerator, model, optimizer, scheduler, train_sampler, train_loader, out, metrics,
@@ -430,6 +438,7 @@ class TrainState:
     train_seconds: float = 0.0
     phase_seconds: dict = dataclasses.field(default_factory=dict)  # wall time per phase (start-up, steps, ...)
     data_sha256: str = ""  # what the run trains on (``fingerprint``): a resume on other data is refused
+    cpu_threads: int = 0  # torch's intra-op threads: the order of CPU sums, so bit-identity across a resume
 
     @classmethod
     def read(cls, path: Path) -> "TrainState":
