@@ -86,7 +86,7 @@ def evaluations(steps: int) -> int:
 def full_run_shape(data, group: bool) -> dict:
     """Steps, padded input tokens and target tokens of the whole 2-epoch run (train/sft.py's sampler and
     the book's collate: each batch padded to its longest example; the last incomplete batch dropped)."""
-    from gpt2_scratch.train.data import EpochBatchSampler
+    from gpt2_scratch.train.data import EpochBatchSampler, evaluation_sampler
 
     lengths = list(data.train["length"])
     sampler = EpochBatchSampler(lengths, BATCH, shuffle=True, group_by_length=group, seed=123)
@@ -97,7 +97,17 @@ def full_run_shape(data, group: bool) -> dict:
             steps += 1
             tokens += len(batch) * min(max(lengths[i] for i in batch), 1024)
             targets += sum(min(lengths[i], 1024) for i in batch)
-    return {"steps": steps, "tokens": tokens, "targets": targets, "evaluations": evaluations(steps)}
+    evaluated = {}  # split: (padded tokens, target tokens) of one evaluation's first EVAL_ITER batches
+    for split in ("validation", "train"):
+        split_lengths = list(getattr(data, split)["length"])
+        batches = list(evaluation_sampler(split_lengths, BATCH, eval_iter=EVAL_ITER, group_by_length=group))[:EVAL_ITER]
+        evaluated[split] = (sum(len(b) * min(max(split_lengths[i] for i in b), 1024) for b in batches),
+                            sum(min(split_lengths[i], 1024) for b in batches for i in b))
+    n = evaluations(steps)
+    val, initial_train = evaluated["validation"], evaluated["train"]
+    return {"steps": steps, "tokens": tokens, "targets": targets, "evaluations": n,
+            # every evaluation reads the validation batches; the initial losses read the training batches too
+            "eval_tokens": (n + 1) * val[0] + initial_train[0], "eval_targets": (n + 1) * val[1] + initial_train[1]}
 
 
 def run_config(name: str, steps: int, precision: str, response_tokens: int) -> dict:
@@ -276,6 +286,12 @@ def phase_table(r: dict, shape: dict, gen: dict, rate: float, response_tokens: i
         print(f"| {phase} | {measured} | {scaled} | {seconds / 60:.1f} min | {seconds / total:.0%} |")
     print(f"| **whole run** | | | **{total / 60:.1f} min** | 100% |")
     worst_total = total - gen["book_s"] + worst
+    # The evaluations' forward passes (a third of a training token's FLOPs each) are work the run must do too.
+    eval_flops = useful_flops(shape["eval_tokens"], shape["eval_targets"], lora=True) / 2
+    print(f"\nthe evaluations' forward passes: {eval_flops / 1e12:.0f} TFLOP against the training steps' "
+          f"{flops / 1e12:.0f}; so the training steps' share of the run's FLOPs caps whole-run MFU at "
+          f"{flops / (flops + eval_flops):.0%}; counting both, model-FLOP utilisation "
+          f"{(flops + eval_flops) / total / rate:.0%}")
     print(f"\nwhole-run MFU {flops / total / rate:.0%} (step MFU {measured_flops / r['train_s'] / rate:.0%}); "
           f"every response 256 tokens instead: responses {worst / 60:.1f} min ({worst / worst_total:.0%}), whole run "
           f"{worst_total / 60:.1f} min, MFU {flops / worst_total / rate:.0%}")

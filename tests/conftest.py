@@ -134,3 +134,58 @@ def copy_with_weights(model: Path, path: Path, change) -> Path:
     change(weights)
     save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
     return path
+
+
+# ---------------------------------------------------------------------------------------------------
+# The bad-input tables (test_bad_input.py, test_bad_input_silent.py): one way to run a row and judge it
+# ---------------------------------------------------------------------------------------------------
+
+
+def file_hashes(root: Path) -> dict[str, str]:
+    """sha256 of every file under ``root``, by relative path: what a bad input must leave as it was."""
+    import hashlib
+
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def isolate_user_settings(monkeypatch, scratch: Path, env: dict | None = None) -> None:
+    """No Hub token or login cache, no Ollama host, offline, no download back-off, a cache of the test's own
+    under ``scratch``; then ``env`` on top (a row's own settings)."""
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "OLLAMA_HOST"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_HOME", str(scratch / "hf-home-empty"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("GPT2_SCRATCH_DOWNLOAD_BACKOFF", "0")
+    monkeypatch.setenv("GPT2_SCRATCH_CACHE", str(scratch / "cache"))
+    for name, value in (env or {}).items():
+        monkeypatch.setenv(name, value)
+
+
+def assert_refused(argv: list[str], root: Path, capsys, *, code: int, needle: str, new_files: bool = False,
+                   seconds: float | None = None) -> None:
+    """``main(argv)`` exits ``code`` with one ``error:`` line containing ``needle`` and no traceback, within
+    ``seconds``; every file under ``root`` that existed is unchanged, and none is new unless ``new_files``."""
+    import time
+
+    from gpt2_scratch.core.cli import main
+
+    capsys.readouterr()
+    before = file_hashes(root)
+    started = time.monotonic()
+    try:
+        got = main(argv)
+    except SystemExit as exit:  # argparse's own errors (one line too, exit 2)
+        got = exit.code
+    took = time.monotonic() - started
+    err = capsys.readouterr().err
+    after = file_hashes(root)
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert got == code, err
+    assert "Traceback" not in err, err
+    assert len(lines) == 1 and needle in lines[0] and "error: " in lines[0], err
+    assert seconds is None or took < seconds, f"took {took:.1f} s"
+    assert {k: v for k, v in after.items() if k in before} == before, "a file that existed was changed"
+    assert set(before) <= set(after), "a file that existed was deleted"
+    if not new_files:
+        assert set(after) == set(before), f"new files: {sorted(set(after) - set(before))}"

@@ -21,7 +21,6 @@ The classes of fault, each with its siblings:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -35,7 +34,7 @@ from typing import Callable
 
 import pytest
 import torch
-from conftest import REPO_ROOT, copy_with_weights
+from conftest import REPO_ROOT, assert_refused, copy_with_weights, isolate_user_settings
 from safetensors.torch import load_file, save_file
 
 from gpt2_scratch.core.cli import main
@@ -246,9 +245,6 @@ class Workspace:
     def weights(self, name: str, change: Callable[[dict], None]) -> Path:
         return copy_with_weights(self.model, self.root / name, change)
 
-    def snapshot(self) -> dict[str, str]:
-        return {str(p.relative_to(self.root)): hashlib.sha256(p.read_bytes()).hexdigest()
-                for p in sorted(self.root.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture()
@@ -475,37 +471,12 @@ CASES = [
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_bad_input(case: Case, ws: Workspace, capsys, monkeypatch):
-    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "OLLAMA_HOST"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("HF_HOME", str(ws.root.parent / "hf-home-empty"))  # no login cache: no token
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("GPT2_SCRATCH_DOWNLOAD_BACKOFF", "0")
-    monkeypatch.setenv("GPT2_SCRATCH_CACHE", str(ws.root.parent / "cache"))
-    for name, value in (case.env or {}).items():
-        monkeypatch.setenv(name, value)
+    isolate_user_settings(monkeypatch, ws.root.parent, case.env)
     if case.cwd:
         monkeypatch.chdir(ws.root)
-    argv = [str(a) for a in case.argv(ws)]
-    capsys.readouterr()
-    before = ws.snapshot()
-    started = time.monotonic()
-    try:
-        code = main(argv)
-    except SystemExit as exit:  # argparse's own errors (one line too, exit 2)
-        code = exit.code
-    took = time.monotonic() - started
-    err = capsys.readouterr().err
-    after = ws.snapshot()
-    needle = case.needle.format(root=ws.root, **ws.servers)
-    lines = [line for line in err.strip().splitlines() if line.strip()]
-    assert code == case.code, err
-    assert "Traceback" not in err, err
-    assert len(lines) == 1 and needle in lines[0] and "error: " in lines[0], err
-    assert took < case.seconds, f"took {took:.1f} s"
-    assert {k: v for k, v in after.items() if k in before} == before, "a file that existed was changed"
-    assert set(before) <= set(after), "a file that existed was deleted"
-    if not case.new_files:
-        assert set(after) == set(before), f"new files: {sorted(set(after) - set(before))}"
+    assert_refused([str(a) for a in case.argv(ws)], ws.root, capsys, code=case.code,
+                   needle=case.needle.format(root=ws.root, **ws.servers), new_files=case.new_files,
+                   seconds=case.seconds)
 
 
 def test_q8_0_with_no_whole_block_is_refused(narrow_model, tmp_path, capsys):

@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -186,7 +187,8 @@ def trained(tmp_path_factory):
 
 
 PIPELINE = """
-import json, sys
+import importlib.util, json, sys
+assert importlib.util.find_spec("gpt2_scratch") is None  # as in a venv without our package
 from transformers import pipeline
 
 folders, chats, n = json.loads(sys.argv[1]), json.loads(sys.argv[2]), int(sys.argv[3])
@@ -217,8 +219,11 @@ def test_pipeline_with_chat_messages_answers_as_chat_does(trained, tmp_path, cap
     assert convert_main(["export-hf", "--model", trained, "--out", tmp_path / "hf"]) == 0
     folders = {"ours": str(trained), "export-hf": str(tmp_path / "hf")}
     chats = [chat_messages(record) for record in ASK]
-    result = subprocess.run([sys.executable, "-c", PIPELINE, json.dumps(folders), json.dumps(chats),
-                             str(MAX_NEW_TOKENS)], cwd="/", env={**os.environ, "PYTHONPATH": ""},
+    # -S skips the site-packages' .pth files, and with them the editable install of our package: the folder's
+    # own code (trust_remote_code) is all the model has, as in a venv where only transformers is installed.
+    site_packages = sysconfig.get_paths()["purelib"]
+    result = subprocess.run([sys.executable, "-S", "-c", PIPELINE, json.dumps(folders), json.dumps(chats),
+                             str(MAX_NEW_TOKENS)], cwd="/", env={**os.environ, "PYTHONPATH": site_packages},
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     replies = json.loads(result.stdout.strip().splitlines()[-1])
