@@ -342,11 +342,13 @@ def export_book(model_dir: str | os.PathLike, out_pth: str | os.PathLike, *, ove
     `model.out_head = torch.nn.Linear(cfg["emb_dim"], num_classes)`, as chapter 6 builds it.
     """
     from gpt2_scratch import GPT2ScratchConfig
+    from gpt2_scratch.model_dir import read_config_file
 
     model_dir, out_pth = Path(model_dir), Path(out_pth)
     if not (model_dir / "config.json").is_file():
         what = f"is {path_kind(model_dir)}, not a folder" if path_kind(model_dir) else "no config.json"
         raise ConvertError(f"{model_dir}: {what}; pass a model folder written by gpt2-scratch")
+    read_config_file(model_dir / "config.json", ConvertError)  # a list there: one line naming the file
     try:
         model_type = GPT2ScratchConfig.get_config_dict(model_dir)[0].get("model_type")
         config = GPT2ScratchConfig.from_pretrained(model_dir) if model_type == GPT2ScratchConfig.model_type else None

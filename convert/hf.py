@@ -84,10 +84,9 @@ def _weight_files(folder: Path) -> list[Path]:
 
 
 def _dims_from_config(path: Path) -> tuple[Dims, float]:
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConvertError(f"{path}: unreadable config ({e})") from None
+    from gpt2_scratch.model_dir import read_config_file
+
+    cfg = read_config_file(path, ConvertError)  # a JSON object, or one line naming the file
     if cfg.get("model_type", "gpt2") != "gpt2":
         raise ConvertError(f"{path}: model_type {cfg.get('model_type')!r} is not GPT-2; `convert hf` reads "
                            "GPT2LMHeadModel checkpoints (our own model folders load with from_pretrained)")
@@ -169,7 +168,9 @@ def load_hf_checkpoint(path: str | Path):
 
 
 def _config_unties(path: Path) -> bool:
-    return json.loads(path.read_text(encoding="utf-8")).get("tie_word_embeddings", True) is False
+    from gpt2_scratch.model_dir import read_config_file
+
+    return read_config_file(path, ConvertError).get("tie_word_embeddings", True) is False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,11 +263,13 @@ def export_hf(model_dir: str | Path, out_dir: str | Path, *, overwrite: bool = F
     from transformers import AutoTokenizer, GenerationConfig, GPT2Config, GPT2LMHeadModel
 
     from gpt2_scratch import GPT2ScratchConfig, get_tokenizer
+    from gpt2_scratch.model_dir import read_config_file
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     if not (model_dir / "config.json").is_file():
         what = f"is {path_kind(model_dir)}, not a folder" if path_kind(model_dir) else "no config.json"
         raise ConvertError(f"{model_dir}: {what}; pass a model folder written by gpt2-scratch")
+    read_config_file(model_dir / "config.json", ConvertError)  # a list there: one line naming the file
     cfg = GPT2ScratchConfig.from_pretrained(model_dir)
     reader = SafetensorsReader(_weight_files(model_dir), str(model_dir))
     names = set(reader.shapes())
@@ -314,6 +317,8 @@ def export_hf(model_dir: str | Path, out_dir: str | Path, *, overwrite: bool = F
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
     except (OSError, ValueError):
         tokenizer = get_tokenizer()
+    # The model's context, not GPT-2's 1024 (folders written before save_model_dir said so may carry 1024).
+    tokenizer.model_max_length = dims.n_ctx
 
     # transformers' own class writes the folder, so its layout is whatever transformers expects. Built
     # on the meta device and handed our tensors, it costs no second copy of the model.

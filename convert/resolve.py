@@ -95,16 +95,37 @@ def load_model(spec: str, *, random_init: bool = False, models_dir: str | os.Pat
                        "gpt2-xl) nor a Hugging Face repo id (owner/name)")
 
 
+# The tokenizer's JSON files in a model folder, in the order transformers reads them.
+TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "tokenizer.json")
+
+
 def load_tokenizer(spec: str):
     """The tokenizer saved in model folder ``spec``, else the GPT-2 tokenizer (every preset and Hub GPT-2 uses it)."""
+    import json
+
     from gpt2_scratch import get_tokenizer
 
     path = Path(str(spec)).expanduser()
     if path.is_dir() and (path / "tokenizer.json").is_file():
         from transformers import AutoTokenizer
 
+        # transformers' own message never says which file is broken: read each first, to name the one.
+        for name in TOKENIZER_FILES:
+            file = path / name
+            if not file.is_file():
+                continue
+            try:
+                content = json.loads(file.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as err:
+                raise ConvertError(f"{file}: cannot load the tokenizer: not valid JSON ({' '.join(str(err).split())}); "
+                                   "the folder is damaged (save the model again)") from None
+            if not isinstance(content, dict):
+                raise ConvertError(f"{file}: cannot load the tokenizer: a JSON {type(content).__name__}, not an "
+                                   "object; the folder is damaged (save the model again)")
         try:
             return AutoTokenizer.from_pretrained(path)
-        except (OSError, ValueError) as err:
-            raise ConvertError(f"{path}/tokenizer.json: cannot load the tokenizer ({err}); the folder is damaged") from None
+        except (OSError, ValueError, TypeError, AttributeError, KeyError) as err:
+            reason = " ".join(str(err).split())[:300]
+            raise ConvertError(f"{path}: cannot load the tokenizer from its files ({reason}); the folder is damaged "
+                               "(save the model again)") from None
     return get_tokenizer()

@@ -36,6 +36,26 @@ def one_line(text: object, limit: int = 400) -> str:
     return line if len(line) <= limit else line[: limit - 1] + "…"
 
 
+def unicode_problem(text: str, *, from_bytes: bool = False) -> str | None:
+    """Why ``text`` cannot be written as UTF-8 (None when it can): a lone surrogate in it.
+
+    A JSON ``"\\ud800"`` escape decodes to a lone surrogate, and Python turns each byte of argv or stdin
+    that is not UTF-8 into one of U+DC80..U+DCFF (surrogateescape); the tokenizer, hashing and every
+    file write then fail far from where the text came in. With ``from_bytes`` (text from argv or stdin)
+    such a character is named as the byte it stands for.
+    """
+    if text.isascii():  # the common case, checked at C speed
+        return None
+    try:
+        text.encode("utf-8")
+        return None
+    except UnicodeEncodeError as err:
+        char = ord(text[err.start])
+    if from_bytes and 0xDC80 <= char <= 0xDCFF:
+        return f"not valid UTF-8 (byte 0x{char - 0xDC00:02x})"
+    return f"not valid Unicode (a lone surrogate \\u{char:04x})"
+
+
 def describe_os_error(err: OSError) -> str:
     """One line for an ``OSError`` raised while reading or writing: the path and the system's reason.
 

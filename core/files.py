@@ -328,6 +328,21 @@ def check_output_file(path: str | os.PathLike, *, flag: str = "--out",
     return path
 
 
+def check_replaceable(path: Path, *, flag: str, overwrite: bool, is_ours: Callable[[Any], bool], what: str) -> None:
+    """An existing output file is replaced only when it is the command's own earlier output (a rerun rewrites
+    it) or with ``--overwrite``; any other file (data, notes, another tool's results) is refused, not lost.
+    ``is_ours`` judges the file's parsed JSON; ``what`` says in words what the command writes."""
+    if overwrite or not path.is_file():
+        return
+    try:
+        ours = is_ours(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError):  # unreadable or not JSON: certainly not ours
+        ours = False
+    if not ours:
+        raise InputError(f"{flag} {path} already exists and is not {what}; choose another file, or add "
+                         "--overwrite to replace it")
+
+
 def check_output_dir(path: str | os.PathLike, *, flag: str = "--out",
                      inputs: Iterable[tuple[str, str | os.PathLike | None]] = ()) -> Path:
     """Check, before any work, that folder ``path`` can be written and holds none of ``inputs``.

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gpt2_scratch.core.download import fetch_to_cache, is_hub_id, is_url
-from gpt2_scratch.core.errors import InputError
+from gpt2_scratch.core.errors import InputError, unicode_problem
 from gpt2_scratch.core.files import path_kind
 
 log = logging.getLogger(__name__)
@@ -79,7 +79,25 @@ def validate_records(records: Sequence, source: str, *, required: Sequence[str] 
         if record.get("input") is not None and not isinstance(record["input"], str):
             raise DataError(f"{source}: record {index} field 'input' must be a string or absent, got "
                             f"{type(record['input']).__name__}")
+        for field, value in record.items():
+            # Every field, not only the required ones: stages hash and write whole records (fingerprints,
+            # response files), and a lone surrogate fails there, far from the record that holds it.
+            problem = unicode_problem(field) or _text_problem(value)
+            if problem:
+                raise DataError(f"{source}: record {index} field {ascii(field)} holds text that is {problem}; "
+                                "fix the record")
     return list(records)
+
+
+def _text_problem(value) -> str | None:
+    """``unicode_problem`` of the first bad string in a JSON value (strings in lists and objects too)."""
+    if isinstance(value, str):
+        return unicode_problem(value)
+    if isinstance(value, dict):
+        value = [*value.keys(), *value.values()]
+    if isinstance(value, list):
+        return next((p for p in map(_text_problem, value) if p), None)
+    return None
 
 
 def _names(fields: Sequence[str]) -> str:
@@ -207,6 +225,9 @@ def parse_split(spec: str) -> tuple[float, float]:
         raise InputError(f"--split {spec!r}: three fractions must add up to 1 (the validation split is the rest)")
     if parts[0] + parts[1] > 1 + 1e-9 or parts[0] == 0:
         raise InputError(f"--split {spec!r}: the train fraction must be above 0 and train + test at most 1")
+    if parts[0] + parts[1] > 1 - 1e-9:  # training evaluates on the validation part: it must hold something
+        raise InputError(f"--split {spec!r}: leaves nothing for validation (train + test = 1), whose loss the run "
+                         "reports; leave some, e.g. 0.85,0.1 (the book) or 0.8,0.1,0.1 (the blog)")
     return parts[0], parts[1]
 
 

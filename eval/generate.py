@@ -33,7 +33,8 @@ from tqdm.auto import tqdm
 
 from gpt2_scratch.core.args import arg, check_values
 from gpt2_scratch.core.errors import EXIT_INTERRUPTED, InputError
-from gpt2_scratch.core.files import JsonlFile, check_output_file, content_key, write_json_atomic
+from gpt2_scratch.core.files import (JsonlFile, check_output_file, check_replaceable, content_key,
+                                     write_json_atomic)
 from gpt2_scratch.core.records import load_records, record_input, select_split
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,7 @@ class RespondArgs:
         None, "prompt format (default: the one the model was trained with, else alpaca)", aliases=("--style",))
     response_key: str = arg("model_response", "key to add to each record")
     save_every: int = arg(64, "records per checkpoint to OUT.partial.jsonl", at_least=1)
+    overwrite: bool = arg(False, "replace an existing --out file that is not an earlier output of respond")
     quiet: bool = arg(False, "no progress bar", aliases=("-q",))
 
 
@@ -110,6 +112,14 @@ def run(args: RespondArgs) -> int:
     check_values(args)  # the command line's one check of option values (also for callers from Python)
     # Pre-flight: the output is writable and replaces neither the data nor the model; the data parses.
     out = check_output_file(args.out, inputs=[("--data", args.data), ("--model", args.model)])
+    if not args.response_key.strip() or args.response_key in ("instruction", "input", "output"):
+        # the record's own fields: a response written there replaces the prompt or the reference answer
+        raise InputError(f"--response-key {args.response_key!r}: "
+                         + ("an empty key" if not args.response_key.strip() else "a field of the records themselves")
+                         + "; choose another key (the default is model_response)")
+    check_replaceable(out, flag="--out", overwrite=args.overwrite, what="a responses file written by respond",
+                      is_ours=lambda data: isinstance(data, list) and all(
+                          isinstance(r, dict) and args.response_key in r for r in data))
     records = select_split(load_records(args.data, required=("instruction",)), args.split)[: args.limit]
     model = load_model(args.model)
     tokenizer = load_tokenizer(args.model)

@@ -50,7 +50,7 @@ from tqdm.auto import tqdm
 
 from gpt2_scratch.core.args import arg, check_values
 from gpt2_scratch.core.errors import EXIT_INTERRUPTED, Failure, InputError
-from gpt2_scratch.core.files import check_output_file, write_json_atomic, write_text_atomic
+from gpt2_scratch.core.files import check_output_file, check_replaceable, write_json_atomic, write_text_atomic
 from gpt2_scratch.core.records import load_records, record_input
 from gpt2_scratch.eval.judge_cache import JudgeCache, cache_key
 from gpt2_scratch.eval.judge_client import (
@@ -341,15 +341,16 @@ class JudgeArgs:
                                 "folder); .summary.txt/.hist.png go beside it")
     cache: str | None = arg(None, "JSONL answer cache (default: OUT with .cache.jsonl)")
     no_cache: bool = arg(False, "neither read nor write the cache", action="store_true")
+    overwrite: bool = arg(False, "replace an existing --out file that is not an earlier output of judge")
     limit: int | None = arg(None, "only the first N records", at_least=0)
     timeout: float = arg(120.0, "seconds to wait for a reply to start, and between two pieces of it")
     request_timeout: float = arg(REQUEST_TIMEOUT, "seconds one request may take in all; a reply still unfinished "
                                                   "then fails")
     max_reply_tokens: int = arg(MAX_REPLY_TOKENS, "cap on the judge's reply (Ollama num_predict, OpenAI max_tokens); "
                                                   "a score needs a few tokens; 0 = no cap")
-    retries: int = arg(4, "retries on connection errors, timeouts and 5xx")
+    retries: int = arg(4, "retries on connection errors, timeouts and 5xx", at_least=0)
     retry_backoff: float = arg(1.0, "seconds before the first retry; doubles each retry")
-    parse_retries: int = arg(2, "times to ask again after an unparsable reply before recording a failure")
+    parse_retries: int = arg(2, "times to ask again after an unparsable reply before recording a failure", at_least=0)
     no_structured: bool = arg(False, "don't request structured output (by default a JSON schema, then plain "
                                      "JSON, then text if the server refuses them)", action="store_true")
     lowest: int = arg(5, "lowest-scoring records to list")
@@ -376,6 +377,8 @@ def run(args: JudgeArgs) -> int:
     # Pre-flight: the outputs replace none of the inputs (checked before any question is asked).
     out = check_output_file(args.out or _default_out(args),
                             inputs=[("--data", args.data), ("--compare-file", args.compare_file)])
+    check_replaceable(out, flag="--out", overwrite=args.overwrite, what="a scores file written by judge",
+                      is_ours=lambda data: isinstance(data, dict) and {"summary", "records"} <= data.keys())
     cache_path = None if args.no_cache else Path(args.cache or out.with_suffix(".cache.jsonl"))
     if cache_path is not None:
         check_output_file(cache_path, flag="--cache", inputs=[("--data", args.data),

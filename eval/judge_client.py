@@ -554,12 +554,13 @@ class OllamaJudge(_BaseJudge):
                     chunk = json.loads(line)
                 except ValueError:
                     raise _Retryable(f"{url} sent a line that is not JSON") from None
-                message = chunk.get("message", {}) if isinstance(chunk, dict) else None
+                if isinstance(chunk, dict) and "error" in chunk:  # Ollama reports failures after the 200 as a last line
+                    raise _Retryable(f"error from {url} mid-stream: {chunk['error']}")
+                # Every chunk, the last (done) one too, carries a message: without one it is another protocol.
+                message = chunk.get("message") if isinstance(chunk, dict) else None
                 if not isinstance(message, dict) or not isinstance(message.get("content", ""), str):
                     raise RequestFailed(f"{url} sent a stream line that is not an Ollama chat chunk: "
                                         f"{line[:80].decode('utf-8', 'replace')!r}; is --api right?")
-                if "error" in chunk:  # Ollama reports failures after the 200 as a last line
-                    raise _Retryable(f"error from {url} mid-stream: {chunk['error']}")
                 parts.append(message.get("content", ""))
                 if chunk.get("done"):
                     reply = Reply("".join(parts))

@@ -11,15 +11,44 @@ gpt2-xl: OpenAI's weights, converted and cached on first use) or a Hub repo id (
 
 from __future__ import annotations
 
+import itertools
 import math
 import sys
 from dataclasses import dataclass
 from typing import Literal
 
 from gpt2_scratch.core.args import arg
-from gpt2_scratch.core.errors import InputError
+from gpt2_scratch.core.errors import InputError, unicode_problem
 
 MODEL_HELP = "model folder, preset (gpt2-small|gpt2-medium|gpt2-large|gpt2-xl: OpenAI's weights) or Hub repo id"
+UTF8_HINT = "use a UTF-8 terminal or locale, or convert the text with iconv -t UTF-8"
+
+
+def check_text(text: str, option: str) -> str:
+    """``text`` given with ``option`` (--prompt, --text ...), refused in one line when it is not UTF-8."""
+    problem = unicode_problem(text, from_bytes=True)
+    if problem:
+        raise InputError(f"{option} is {problem}; {UTF8_HINT}")
+    return text
+
+
+def stdin_line(line: str, number: int) -> str:
+    """One line read from standard input, without its line ending (\\n or \\r\\n), checked like an option."""
+    return check_text(line.rstrip("\r\n"), f"standard input line {number}")
+
+
+def read_stdin_line(prompt: str, number: int) -> str:
+    """``input(prompt)`` as a checked ``stdin_line``. Invalid bytes arrive as surrogates (Python's
+    surrogateescape) or, under a locale that decodes strictly, as a UnicodeDecodeError: both are refused."""
+    try:
+        return stdin_line(input(prompt), number)
+    except UnicodeDecodeError as err:
+        raise undecodable_stdin(err) from None
+
+
+def undecodable_stdin(err: UnicodeDecodeError) -> InputError:
+    # Decoded a buffer at a time, not a line: which line holds the byte is not known here.
+    return InputError(f"standard input is not valid UTF-8 (byte 0x{err.object[err.start]:02x}); {UTF8_HINT}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -48,6 +77,7 @@ def run_init(args: InitArgs) -> None:
     from gpt2_scratch.core.files import check_output_dir
 
     from . import GPT2ScratchConfig, GPT2ScratchForCausalLM, save_model_dir
+    from .model_dir import check_fits_in_memory
 
     check_output_dir(args.out)
     overrides = {name: getattr(args, name) for name in ("n_layers", "emb_dim", "n_heads", "context_length")
@@ -56,6 +86,9 @@ def run_init(args: InitArgs) -> None:
         config = GPT2ScratchConfig.from_preset(args.preset, tie_word_embeddings=not args.untied, **overrides)
     except ValueError as err:
         raise InputError(str(err)) from None
+    shape = " ".join(f"--{name.replace('_', '-')} {value}" for name, value in overrides.items())
+    check_fits_in_memory(config, f"init --preset {args.preset}{' ' + shape if shape else ''}",
+                         "choose a smaller preset, --emb-dim, --n-layers or --context-length")
     torch.manual_seed(args.seed)
     model = GPT2ScratchForCausalLM(config)
     save_model_dir(model, args.out, overwrite=args.overwrite)
@@ -132,10 +165,12 @@ def run_generate(args: GenerateArgs) -> None:
     from .tokenizer import ENDOFTEXT_ID
 
     args.check_sampling()
+    if args.prompt is not None:
+        check_text(args.prompt, "--prompt")
     model, tokenizer, max_prompt = load_for_generation(args.model, args.max_new_tokens)
 
     def complete(prompt: str) -> None:
-        ids = crop_prompt(tokenizer.encode(prompt), max_prompt)
+        ids = crop_prompt(tokenizer.encode(prompt, verbose=False), max_prompt)  # crop_prompt says what it cut
         torch.manual_seed(args.seed)
         with torch.inference_mode():
             model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
@@ -147,9 +182,9 @@ def run_generate(args: GenerateArgs) -> None:
         complete(args.prompt)
         return
     print("Type a prompt and press Enter (an empty line or 'quit' ends).", file=sys.stderr)
-    while True:
+    for number in itertools.count(1):
         try:
-            line = input("> ")
+            line = read_stdin_line("> ", number)
         except EOFError:
             break
         if line.strip() in ("", "quit", "exit"):
@@ -193,11 +228,14 @@ def run_chat(args: ChatArgs) -> None:
     from .tokenizer import ENDOFTEXT_ID
 
     args.check_sampling()
+    for option, text in (("--prompt", args.prompt), ("--input", args.input)):
+        if text is not None:
+            check_text(text, option)
     model, tokenizer, max_prompt = load_for_generation(args.model, args.max_new_tokens)
     style = args.prompt_style or getattr(model.config, "prompt_style", None) or "alpaca"
 
     def answer(message: str, input_text: str | None = None) -> None:
-        ids = crop_prompt(tokenizer.encode(chat_prompt(message, style, input_text)), max_prompt)
+        ids = crop_prompt(tokenizer.encode(chat_prompt(message, style, input_text), verbose=False), max_prompt)
         torch.manual_seed(args.seed)
         # skip_prompt: only the answer streams, token by token, as it is generated.
         streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
@@ -215,9 +253,9 @@ def run_chat(args: ChatArgs) -> None:
     if interactive:
         print(f"Chatting with {args.model} ({style} prompts; each message is answered on its own). "
               f"Type /quit or press Ctrl-D to leave.", file=sys.stderr)
-    while True:
+    for number in itertools.count(1):
         try:
-            message = input("you> " if interactive else "")
+            message = read_stdin_line("you> " if interactive else "", number)
         except (EOFError, KeyboardInterrupt):
             if interactive:
                 print(file=sys.stderr)
@@ -262,7 +300,7 @@ def classify_texts(model, tokenizer, texts: list[str]) -> list[tuple[str, float]
     results = []
     with torch.inference_mode():
         for index, text in enumerate(texts):
-            ids = tokenizer.encode(text)
+            ids = tokenizer.encode(text, verbose=False)  # too long: cropped below, with a note of our own
             if not ids:
                 raise InputError(f"--text {index + 1} is empty after tokenization; give some text")
             if len(ids) > max_length:
@@ -280,12 +318,19 @@ def run_predict(args: PredictArgs) -> None:
     from .model_dir import load_model_dir
     from .tokenizer import get_tokenizer
 
+    for number, text in enumerate(args.text, start=1):  # checked before the model loads: a bad one costs no load
+        check_text(text, f"--text {number}" if len(args.text) > 1 else "--text")
     model = load_model_dir(args.model, head="classifier")
     texts: list[str] = []
     for text in args.text:
-        if text == "-":
-            texts.extend(line.rstrip("\n") for line in sys.stdin if line.strip())
-        else:
-            texts.append(text)
+        texts.extend(_stdin_texts() if text == "-" else [text])
     for text, (label, prob) in zip(texts, classify_texts(model, get_tokenizer(), texts)):
         print(f"{label}\t{prob:.4f}" + (f"\t{text}" if len(texts) > 1 else ""))
+
+
+def _stdin_texts() -> list[str]:
+    """The non-blank lines of standard input, each checked and without its line ending (CRLF files too)."""
+    try:
+        return [stdin_line(line, number) for number, line in enumerate(sys.stdin, start=1) if line.strip()]
+    except UnicodeDecodeError as err:
+        raise undecodable_stdin(err) from None

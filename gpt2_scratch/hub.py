@@ -18,7 +18,7 @@ import logging
 import os
 from pathlib import Path
 
-from gpt2_scratch.core.errors import Failure, InputError
+from gpt2_scratch.core.errors import Failure, InputError, one_line
 
 logger = logging.getLogger(__name__)
 
@@ -46,9 +46,20 @@ def _model_files(model_dir: Path) -> dict[str, Path]:
     return files
 
 
-def check_repo_id(repo_id: str) -> None:
+def check_repo_id(repo_id: str, flag: str = "--repo-id") -> None:
+    """A model repository id the Hub would accept, checked here (huggingface_hub's own rules: characters,
+    length, no "--" or ".."), so a bad one is bad input before any request or any training."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
     if repo_id.count("/") != 1 or not all(repo_id.split("/")):
-        raise InputError(f"--repo-id {repo_id!r}: expected USER/NAME (or ORG/NAME)")
+        raise InputError(f"{flag} {repo_id!r}: expected USER/NAME (or ORG/NAME)")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as err:
+        reason = str(err).removesuffix(f": '{repo_id}'.").rstrip(".")  # the id is named once, at the front
+        raise InputError(f"{flag} {repo_id!r}: not a valid Hub repo id ({one_line(reason, 200)}); choose another "
+                         "name") from None
 
 
 def _transport_errors() -> tuple[type[BaseException], ...]:

@@ -60,6 +60,9 @@ def save_model_dir(model, out_dir: str | os.PathLike, *, tokenizer=None, overwri
         prompt_pieces(prompt_style)  # an unknown style: one line naming the known ones
         model.config.prompt_style = prompt_style
     tokenizer = copy.deepcopy(tokenizer) if tokenizer is not None else get_tokenizer()
+    # The folder's tokenizer_config.json states this model's context (GPT-2's 1024 only at that size), so
+    # transformers warns about a too-long text at the length that really is too long.
+    tokenizer.model_max_length = model.config.max_position_embeddings
     style = getattr(model.config, "prompt_style", None)
     if style in PROMPT_STYLES:
         tokenizer.chat_template = chat_template(style)  # a copy: the caller's tokenizer is left as it was
@@ -92,12 +95,27 @@ def read_config(path: str | os.PathLike, *, flag: str = "--model") -> dict:
     if not config_file.is_file():
         raise ModelDirError(f"{flag} {path}: no config.json, so it is not a model folder; pass a folder written "
                             "by save_pretrained, a training run or `gpt2-scratch convert`")
+    return read_config_file(config_file)
+
+
+def read_config_file(config_file: Path, error: type[InputError] = ModelDirError) -> dict:
+    """A config.json's settings; one line naming the file when it is unreadable, not JSON, or not an object.
+
+    Every reader of a model folder's config.json comes through here (``read_config``, the converters, which
+    pass their own ``error`` class), so a list or a number where the object belongs is refused by name, not
+    met later as an AttributeError.
+    """
     try:
         config = json.loads(config_file.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as err:
-        raise ModelDirError(f"{config_file}: not valid JSON ({err}); the model folder is damaged") from None
+    except ValueError as err:  # JSONDecodeError and UnicodeDecodeError are both ValueErrors
+        raise error(f"{config_file}: not valid JSON ({' '.join(str(err).split())}); the model folder is "
+                    "damaged") from None
+    except OSError as err:
+        raise error(f"{config_file}: cannot read it ({err.strerror or err})") from None
     if not isinstance(config, dict):
-        raise ModelDirError(f"{config_file}: not a JSON object; the model folder is damaged")
+        got = _JSON_NAMES.get(type(config), "a value")
+        raise error(f"{config_file}: expected a JSON object of settings, got {got}; the model folder is damaged "
+                    "(save or convert the model again)")
     return config
 
 
@@ -247,6 +265,42 @@ def _check_tensors(path: Path, found: dict, config, cls) -> None:
         more = f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""
         raise ModelDirError(f"{found[name][2]}: mismatched tensor '{name}'{more}: shape {shape(found[name][0])} in "
                             f"the file, {shape(expected[name])} by config.json; {ending}")
+
+
+def memory_limit_bytes() -> int | None:
+    """The memory this process may use: the machine's RAM, or less under a cgroup (container) limit."""
+    limits = []
+    try:
+        limits.append(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):  # not on every platform
+        pass
+    for cgroup_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            limits.append(int(Path(cgroup_file).read_text().strip()))  # "max" (no limit) is not a number
+        except (OSError, ValueError):
+            pass
+    return min(limits) if limits else None
+
+
+def check_fits_in_memory(config, what: str, fix: str) -> None:
+    """Refuse, before allocating anything, a model whose float32 weights alone exceed this machine's memory.
+
+    Counted on the meta device, so the count is the model's own; building it for real would otherwise
+    run for a minute and take gigabytes before the allocator gives up with a traceback.
+    """
+    import torch
+
+    from .modeling_gpt2_scratch import GPT2ScratchForCausalLM
+
+    limit = memory_limit_bytes()
+    if limit is None:
+        return
+    with torch.device("meta"):  # shapes only: no memory
+        n_params = GPT2ScratchForCausalLM(config).num_parameters()
+    needed = 4 * n_params  # float32
+    if needed > limit:
+        raise InputError(f"{what}: {n_params:,} parameters need {needed / 2**30:,.1f} GiB in float32, more than "
+                         f"the {limit / 2**30:,.1f} GiB of memory here; {fix}")
 
 
 def load_model_dir(path: str | os.PathLike, *, head: str = "auto", flag: str = "--model", **kwargs):

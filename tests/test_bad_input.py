@@ -171,6 +171,19 @@ CASES = [
          "--resume"], 2, "train_state.json is damaged"),
     Case("--resume: a truncated checkpoint model", lambda ws: [*_damage(ws, "model.safetensors", b"\x08\x00"),
          "--resume"], 2, "--resume: cannot restore"),
+    # train_state.json that parses but lies: each counter's type and range is checked (the hostile pass)
+    Case("--resume: train_state.json with a string step", lambda ws: [*_state(ws, step="4"), "--resume"], 2,
+         "train_state.json is damaged ('step' must be an integer >= 0, got \"4\")"),
+    Case("--resume: train_state.json with a negative batches_done", lambda ws: [*_state(ws, batches_done=-7),
+         "--resume"], 2, "train_state.json is damaged ('batches_done' must be an integer >= 0, got -7)"),
+    Case("--resume: train_state.json with running null", lambda ws: [*_state(ws, running=None), "--resume"], 2,
+         "train_state.json is damaged ('running' must be an empty list or one of two or more finite numbers"),
+    Case("--resume: train_state.json without its step", lambda ws: [*_state(ws, step=_REMOVED), "--resume"], 2,
+         "train_state.json is damaged (no 'step')"),
+    Case("--resume: train_state.json holding a list", lambda ws: [*_damage(ws, "train_state.json", b"[4]"),
+         "--resume"], 2, "train_state.json is damaged (a JSON list, not an object of counters)"),
+    Case("--resume: batches_done past the epoch", lambda ws: [*_state(ws, batches_done=10**6), "--resume"], 2,
+         "train_state.json is damaged ('batches_done' 1000000 is past the 233 batches of an epoch)"),
     Case("--resume and --overwrite together", lambda ws: [*sft(ws), "--out", str(ws.run), "--resume",
          "--overwrite"], 2, "--resume and --overwrite contradict each other"),
     # --- numbers no run can start with ------------------------------------------------------------------
@@ -253,6 +266,17 @@ def _damage(ws: Workspace, name: str, content: bytes) -> list:
     """The finished run with its newest checkpoint's ``name`` replaced by ``content``."""
     newest = sorted((ws.run / "checkpoints").iterdir())[-1]
     (newest / name).write_bytes(content)
+    return _resume(ws)
+
+
+_REMOVED = object()
+
+
+def _state(ws: Workspace, **changes) -> list:
+    """The finished run with its newest checkpoint's train_state.json changed (``_REMOVED`` drops a field)."""
+    path = sorted((ws.run / "checkpoints").iterdir())[-1] / "train_state.json"
+    state = {**json.loads(path.read_text()), **changes}
+    path.write_text(json.dumps({k: v for k, v in state.items() if v is not _REMOVED}))
     return _resume(ws)
 
 

@@ -21,6 +21,7 @@ The classes of fault, each with its siblings:
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -166,6 +167,8 @@ def _handler(srv: HostileServer):
                 except OSError:
                     pass
                 return
+            if "NOMESSAGE" in prompt and self.path == "/api/chat":  # a last chunk with no message at all
+                return self._send(200, b'{"model": "llama3", "done": true}\n')
             content = "1" * 5000 if "DIGITS" in prompt else '{"score": 42}'
             if self.path == "/api/chat":
                 body = {"model": "llama3", "message": {"role": "assistant", "content": content}, "done": True,
@@ -277,6 +280,7 @@ class Case:
     env: dict | None = None
     seconds: float = 20.0  # the command must end within this
     cwd: bool = False  # run in the workspace (a relative, Hub-like --model)
+    stdin: str | None = None  # what the command reads from standard input (bytes that are not UTF-8 as surrogates)
 
 
 def judge(ws: Workspace, data: Path, *extra) -> list:
@@ -292,6 +296,12 @@ def push(model: Path) -> list:
 
 
 PUSH_ENV = {"HF_TOKEN": "hf_test", "HF_ENDPOINT": "http://127.0.0.1:9"}
+
+
+def tiny_sft(ws: Workspace) -> list:
+    """A short sft run on the workspace's model and data (the cases add what is wrong with it)."""
+    return ["sft", "--model", str(ws.model), "--data", str(ws.data), "--max-steps", "2", "--batch-size", "4",
+            "--max-new-tokens", "2", "--sample-tokens", "2", "--out", str(ws.root / "out")]
 
 
 def _as(dtype: torch.dtype, name: str | None = None) -> Callable[[dict], None]:
@@ -466,6 +476,93 @@ CASES = [
          "unexpected tensor 'lm_head.weight'"),
     Case("an untied config without its head", lambda ws: generate(ws.config("nohead", tie_word_embeddings=False)), 2,
          "{root}/nohead/model.safetensors: missing tensor 'lm_head.weight'"),
+
+    # --- the second hostile pass: outputs that are someone else's file, keys and counts that make no sense --
+    Case("respond --out: an existing file that is not respond's output", lambda ws: [
+        "respond", "--model", str(ws.model), "--data", str(ws.data), "--out", str(ws.file("notes.json", "[1, 2]")),
+        "--limit", "2", "--max-new-tokens", "2"], 2,
+        "--out {root}/notes.json already exists and is not a responses file written by respond; choose another "
+        "file, or add --overwrite to replace it"),
+    Case("judge --out: an existing file that is not judge's output", lambda ws: [
+        "judge", "--data", str(ws.responses), "--out", str(ws.file("mine.txt", "my notes")), "--host",
+        ws.servers["ok"], *CHAT_FLAGS], 2, "--out {root}/mine.txt already exists and is not a scores file written by judge"),
+    Case("respond --response-key output (the reference answer)", lambda ws: [
+        "respond", "--model", str(ws.model), "--data", str(ws.data), "--out", str(ws.root / "r.json"),
+        "--response-key", "output"], 2, "--response-key 'output': a field of the records themselves"),
+    Case("respond --response-key ''", lambda ws: ["respond", "--model", str(ws.model), "--data", str(ws.data),
+         "--out", str(ws.root / "r.json"), "--response-key", ""], 2, "--response-key '': an empty key"),
+    Case("judge --retries -1", lambda ws: judge(ws, ws.responses, "--retries", "-1"), 2,
+         "--retries must be at least 0, got -1"),
+    Case("judge: an Ollama server whose chat reply has no message", lambda ws: [*judge(ws, ws.judged(
+         "nomessage.json", ["Blue. NOMESSAGE"]), "--host", ws.servers["ok"]), *CHAT_FLAGS], 1,
+         "{ok}/api/chat sent a stream line that is not an Ollama chat chunk", new_files=True),
+    Case("classify --labels ham,ham", lambda ws: ["classify", "--model", str(ws.model), "--data", str(ws.file(
+        "ham.tsv", "".join(f"ham\tmessage number {i}\n" for i in range(40)))), "--labels", "ham,ham", "--no-balance",
+        "--out", str(ws.root / "out")], 2, "--labels 'ham,ham': 'ham' is named twice; give each class once"),
+
+    # --- text that is not Unicode: a lone surrogate in a record, bytes that are not UTF-8 in argv or stdin --
+    # (in this process argv and stdin hold such a byte as Python's surrogateescape does: b"\xe9" is "\udce9")
+    Case("respond --data: a record holding a lone surrogate", lambda ws: ["respond", "--model", str(ws.model),
+         "--data", str(ws.file("surrogate.json", '[{"instruction": "Say hi.", "output": "x\\ud800y"}]')),
+         "--out", str(ws.root / "r.json")], 2, "{root}/surrogate.json: record 0 field 'output' holds text that is "
+         "not valid Unicode (a lone surrogate \\ud800); fix the record"),
+    Case("sft --data: a lone surrogate in a field no stage requires", lambda ws: ["sft", "--model", str(ws.model),
+         "--data", str(ws.file("surrogate.jsonl", '{"instruction": "A.", "output": "B."}\n{"instruction": "C.", '
+                                                  '"output": "D.", "note": ["\\udce9"]}\n')),
+         "--out", str(ws.root / "out")], 2,
+         "{root}/surrogate.jsonl: record 1 field 'note' holds text that is not valid Unicode (a lone surrogate "
+         "\\udce9); fix the record"),
+    Case("generate --prompt: a Latin-1 byte", lambda ws: ["generate", "--model", str(ws.model), "--prompt",
+         "caf\udce9"], 2, "--prompt is not valid UTF-8 (byte 0xe9); use a UTF-8 terminal or locale"),
+    Case("chat --input: a Latin-1 byte", lambda ws: ["chat", "--model", str(ws.model), "--prompt", "Say hi.",
+         "--input", "caf\udce9"], 2, "--input is not valid UTF-8 (byte 0xe9)"),
+    Case("predict --text: a Latin-1 byte", lambda ws: ["predict", "--model", str(ws.model), "--text", "ok",
+         "--text", "caf\udce9"], 2, "--text 2 is not valid UTF-8 (byte 0xe9)"),
+    Case("chat: standard input that is not UTF-8", lambda ws: ["chat", "--model", str(ws.model),
+         "--max-new-tokens", "2"], 2, "standard input line 1 is not valid UTF-8 (byte 0xff)",
+         stdin="\udcff\udcfe bad\n"),
+    # --- a model folder's JSON files: config.json that is no object, a broken tokenizer_config.json -------
+    Case("generate: config.json holding a list", lambda ws: generate(
+         (lambda d: (d / "config.json").write_text("[1, 2]") and d)(ws.config("list"))), 2,
+         "{root}/list/config.json: expected a JSON object of settings, got a list"),
+    Case("convert export-hf: config.json holding a list", lambda ws: [
+        "convert", "export-hf", "--model", str((lambda d: (d / "config.json").write_text("[1, 2]") and d)(
+            ws.config("list"))), "--out", str(ws.root / "hf")], 2,
+         "{root}/list/config.json: expected a JSON object of settings, got a list"),
+    Case("generate: a broken tokenizer_config.json", lambda ws: generate(
+         (lambda d: (d / "tokenizer_config.json").write_text("{bad") and d)(ws.config("tok"))), 2,
+         "{root}/tok/tokenizer_config.json: cannot load the tokenizer: not valid JSON"),
+    # --- the third hostile pass: splits with no validation part, Hub targets checked before training, push's
+    # --- explicit --scores and --run-dir (train_state.json and --resume: tests/test_bad_input.py, test_loop.py)
+    *[Case(f"{command} --split {spec}: no validation part", lambda ws, c=command, sp=spec: [
+        *(tiny_sft(ws) if c == "sft" else ["dpo", "--model", str(ws.model), "--data", str(ws.file("pref.json", json.dumps(
+            [{"instruction": f"Say {i}.", "chosen": "Yes.", "rejected": "No."} for i in range(20)]))), "--out",
+            str(ws.root / "out")]), "--split", sp], 2,
+           f"--split '{spec}': leaves nothing for validation (train + test = 1)") for command, spec in [
+        ("sft", "1,0"), ("sft", "0.5,0.5"), ("sft", "0.9,0.1"), ("dpo", "1,0,0")]],
+    Case("sft --push-to-hub: an invalid repo id, refused before training", lambda ws: [
+        *tiny_sft(ws), "--push-to-hub", "alice/not a repo"], 2,
+        "--push-to-hub 'alice/not a repo': not a valid Hub repo id (Repo id must use alphanumeric chars",
+        env=PUSH_ENV, seconds=5),
+    Case("sft --push-to-hub: no USER/ and no token, the id named first", lambda ws: [
+        *tiny_sft(ws), "--push-to-hub", "not a repo"], 2, "--push-to-hub 'not a repo': expected USER/NAME", seconds=5),
+    Case("sft --push-to-hub without a token, refused before training", lambda ws: [
+        *tiny_sft(ws), "--push-to-hub", "alice/ok"], 2, "--push-to-hub alice/ok: no Hugging Face token", seconds=5),
+    Case("push --repo-id with a space: refused before any request", lambda ws: [
+        "push", "--model", str(ws.model), "--repo-id", "alice/my model"], 2,
+        "--repo-id 'alice/my model': not a valid Hub repo id", env=PUSH_ENV),
+    Case("push --repo-id ending in .git", lambda ws: ["push", "--model", str(ws.model), "--repo-id", "alice/m.git"],
+         2, "--repo-id 'alice/m.git': not a valid Hub repo id (Repo_id cannot end by '.git')", env=PUSH_ENV),
+    Case("push --scores: malformed JSON", lambda ws: [*push(ws.model), "--scores", str(ws.file(
+        "bad-scores.json", '{"summary": {"average": 42,}}'))], 2,
+        "--scores {root}/bad-scores.json: malformed JSON at line 1 column 28: Expecting property name", env=PUSH_ENV),
+    Case("push --scores: no such file", lambda ws: [*push(ws.model), "--scores", str(ws.root / "gone.json")], 2,
+         "--scores {root}/gone.json: no such file", env=PUSH_ENV),
+    Case("push --run-dir: no such folder", lambda ws: [*push(ws.model), "--run-dir", str(ws.root / "nowhere")], 2,
+         "--run-dir {root}/nowhere: no such folder", env=PUSH_ENV),
+    Case("push --run-dir: a folder with no run in it", lambda ws: [*push(ws.model), "--run-dir", str(
+        (lambda d: d.mkdir() or d)(ws.root / "empty"))], 2, "--run-dir {root}/empty: holds no training run",
+        env=PUSH_ENV),
 ]
 
 
@@ -474,6 +571,8 @@ def test_bad_input(case: Case, ws: Workspace, capsys, monkeypatch):
     isolate_user_settings(monkeypatch, ws.root.parent, case.env)
     if case.cwd:
         monkeypatch.chdir(ws.root)
+    if case.stdin is not None:
+        monkeypatch.setattr("sys.stdin", io.StringIO(case.stdin))
     assert_refused([str(a) for a in case.argv(ws)], ws.root, capsys, code=case.code,
                    needle=case.needle.format(root=ws.root, **ws.servers), new_files=case.new_files,
                    seconds=case.seconds)

@@ -61,6 +61,23 @@ def test_piped_messages_are_answered_in_the_model_s_style_until_quit(chat_model,
     assert out == "".join(a + "\n" for a in answers)  # the empty line is skipped, /quit ends the chat
 
 
+def test_piped_crlf_lines_are_the_same_messages(chat_model, monkeypatch, capsys):
+    """A file saved on Windows: the \\r of each line ending is no part of the message."""
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Name a color.\r\n/quit\r\n"))
+    assert main(["chat", "--model", str(chat_model), "--max-new-tokens", "6"]) == 0
+    assert capsys.readouterr().out == expected_answer(chat_model, "Name a color.", "phi3", 6) + "\n"
+
+
+def test_piped_text_that_is_not_utf8_is_one_line_naming_the_line(chat_model, monkeypatch, capsys):
+    """A byte that is not UTF-8 reaches Python as a surrogate (surrogateescape), "caf\\xe9" as "caf\\udce9"."""
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Say hi.\ncaf\udce9\n"))
+    assert main(["generate", "--model", str(chat_model), "--max-new-tokens", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("error: standard input line 2 is not valid UTF-8 (byte 0xe9); use a "
+                                                   "UTF-8 terminal or locale")
+
+
 def test_one_shot_prints_one_answer_and_style_can_be_overridden(chat_model, capsys):
     assert main(["chat", "--model", str(chat_model), "--prompt", "Name a color.", "--max-new-tokens", "9",
                  "--style", "alpaca"]) == 0

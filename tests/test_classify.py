@@ -227,3 +227,54 @@ def test_pad_to_context_and_all_trainable_with_data_from_a_url(tmp_path, tiny_mo
     config = json.loads((out / "config.json").read_text())
     assert config["classification_max_length"] == config["context_length"] == 128
     assert "3,324,866 trainable (all)" in result.stdout and "padded to 128 tokens" in result.stdout
+
+
+@pytest.fixture(scope="module")
+def tiny_classifier(tmp_path_factory):
+    """An untrained two-class classifier folder with a 128-token context (quick: no training run)."""
+    from conftest import TINY
+
+    from gpt2_scratch import GPT2ScratchConfig, GPT2ScratchForSequenceClassification, save_model_dir
+
+    torch.manual_seed(0)
+    model = GPT2ScratchForSequenceClassification(GPT2ScratchConfig.from_preset("gpt2-small", **TINY, num_labels=2))
+    return save_model_dir(model, tmp_path_factory.mktemp("clf") / "clf")
+
+
+def test_predict_reads_crlf_lines_as_the_texts_themselves(tiny_classifier, monkeypatch, capsys):
+    """A file saved on Windows: each line's \r is no part of its text, so the labels are those of --text."""
+    import io
+
+    from gpt2_scratch.core.cli import main
+
+    capsys.readouterr()
+    assert main(["predict", "--model", str(tiny_classifier), "--text", "win a free prize", "--text", "hello"]) == 0
+    from_argv = capsys.readouterr().out
+    monkeypatch.setattr(sys, "stdin", io.StringIO("win a free prize\r\nhello\r\n"))
+    assert main(["predict", "--model", str(tiny_classifier), "--text", "-"]) == 0
+    assert capsys.readouterr().out == from_argv and "\r" not in from_argv
+
+
+def test_predict_crops_a_long_text_with_one_note_and_no_transformers_warning(tiny_classifier, monkeypatch, capsys):
+    """transformers warns of "indexing errors" past the tokenizer's model_max_length; predict crops the text to
+    the classifier's context itself and says so once, and the folder's tokenizer states that context."""
+    import io
+    import logging
+
+    from gpt2_scratch.core.cli import main
+
+    config = json.loads((tiny_classifier / "tokenizer_config.json").read_text())
+    assert config["model_max_length"] == 128  # the classifier's context, not GPT-2's 1024
+    warnings = []
+    handler = logging.Handler()
+    handler.emit = lambda record: warnings.append(record.getMessage())
+    logging.getLogger("transformers").addHandler(handler)  # transformers' loggers do not propagate to caplog
+    try:
+        capsys.readouterr()
+        monkeypatch.setattr(sys, "stdin", io.StringIO("word " * 5000 + "\n"))
+        assert main(["predict", "--model", str(tiny_classifier), "--text", "-"]) == 0
+    finally:
+        logging.getLogger("transformers").removeHandler(handler)
+    assert [w for w in warnings if "sequence length" in w] == []
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["[text 1 cropped to its first 128 of 5001 tokens, the length the classifier was trained with]"]

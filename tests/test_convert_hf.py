@@ -187,6 +187,8 @@ def test_export_hf_loads_in_transformers_without_our_code(tmp_path):
     np.testing.assert_allclose(hf_logits, logits(ours).numpy(), atol=1e-5, rtol=0)
     cfg = json.loads((tmp_path / "exported" / "config.json").read_text())
     assert cfg["model_type"] == "gpt2" and cfg["architectures"] == ["GPT2LMHeadModel"]
+    tokenizer_cfg = json.loads((tmp_path / "exported" / "tokenizer_config.json").read_text())
+    assert tokenizer_cfg["model_max_length"] == cfg["n_positions"] == ours.config.context_length
     # Exported folders convert back losslessly.
     back = load_hf_checkpoint(tmp_path / "exported")
     for (name, a), (_, b) in zip(ours.state_dict().items(), back.state_dict().items()):

@@ -214,3 +214,22 @@ def test_records_without_input_get_responses(tmp_path, model_dir):
     assert r.returncode == 0, r.stderr
     written = json.loads(out.read_text())
     assert [{k: v for k, v in w.items() if k != "model_response"} for w in written] == records
+
+
+def test_a_rerun_replaces_its_own_output_and_overwrite_any_file(model_dir, data_path, tmp_path, capsys):
+    """An existing --out is replaced when it is respond's own earlier output (the same command run again) or
+    with --overwrite; anything else is refused (the bad-input table has that row)."""
+    from gpt2_scratch.core.cli import main
+
+    out = tmp_path / "responses.json"
+    argv = ["respond", "--model", str(model_dir), "--data", str(data_path), "--out", str(out), "--limit", "2",
+            "--max-new-tokens", "2", "--quiet"]
+    assert main(argv) == 0
+    first = out.read_text()
+    assert main([*argv, "--limit", "3"]) == 0  # its own output: replaced
+    assert len(json.loads(out.read_text())) == 3 and out.read_text() != first
+    out.write_text("my notes, not JSON")
+    assert main(argv) == 2 and "add --overwrite" in capsys.readouterr().err
+    assert out.read_text() == "my notes, not JSON"
+    assert main([*argv, "--overwrite"]) == 0
+    assert len(json.loads(out.read_text())) == 2

@@ -161,6 +161,37 @@ def test_resume_on_changed_data_is_refused_unless_asked(tmp_path, capsys):
     assert main([*argv, "--max-steps", "6", "--resume", "--resume-other-data"]) == 0
 
 
+def test_resume_of_a_finished_run_is_refused_and_every_row_is_logged_once(tmp_path, capsys):
+    """A run finished at its last step: --resume says so (exit 2) and touches nothing. A run that stopped while
+    finishing (no model saved yet) is finished by --resume without evaluating or logging anything twice, and
+    one continued with a higher --max-steps keeps each row once (the old run's final timing row is dropped)."""
+    out, data = tmp_path / "run", tmp_path / "data.json"
+    data.write_text(json.dumps(json.loads(BOOK_DATA.read_text())[:80]))  # 8 steps an epoch: none ends here
+    argv = [*SFT, "--data", str(data), "--max-steps", "4", "--save-every", "4", "--out", str(out)]
+    assert main(argv) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], bool(r.get("timing"))) for r in rows] == [(0, False), (1, False), (4, False), (4, True)]
+    capsys.readouterr()
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert main([*argv, "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: --resume: the run in {out} already finished at step 4; raise --max-steps or --epochs "
+                   "to train on, or start again with --overwrite")
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+    # Stopped while saving the model: no timing row, no model. --resume only finishes the run.
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:-1]))
+    (out / "model.safetensors").unlink()
+    assert main([*argv, "--resume"]) == 0
+    again = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert again[:-1] == rows[:-1] and again[-1]["timing"] and again[-1]["step"] == 4
+    assert (out / "model.safetensors").is_file()
+
+    assert main([*argv, "--max-steps", "6", "--resume"]) == 0  # a constant schedule may be run longer
+    longer = [(r["step"], bool(r.get("timing"))) for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
+    assert longer == [(0, False), (1, False), (4, False), (5, False), (6, False), (6, True)]
+
+
 def test_a_second_run_cannot_use_a_folder_in_use(tmp_path, capsys):
     """A run in another process holds OUT; a second one (here: --overwrite, which would delete its files)
     stops with one line naming that process, and touches nothing."""

@@ -32,6 +32,8 @@ def test_model_directory_contents(tiny_model_dir):
     assert config["model_type"] == "gpt2-scratch"
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_gpt2_scratch.GPT2ScratchForCausalLM"
     assert json.loads((tiny_model_dir / "generation_config.json").read_text())["pad_token_id"] == 50256
+    # The tokenizer states the model's context (128 here), so transformers warns at the length that overflows.
+    assert json.loads((tiny_model_dir / "tokenizer_config.json").read_text())["model_max_length"] == 128
     # No leftovers of the atomic write next to it.
     assert not [p for p in tiny_model_dir.parent.iterdir() if p.name.startswith(".")]
 
@@ -118,6 +120,26 @@ def test_cli_init_and_generate(tmp_path):
                      "--max-new-tokens", "4")
     assert result.returncode == 0, result.stderr
     assert "prompt cropped from the left: 100 → 60 tokens" in result.stderr
+
+
+def test_init_refuses_a_model_larger_than_memory_before_building_it(tmp_path, monkeypatch, capsys):
+    """The count comes from the config (on the meta device); here the machine is made to have 256 MiB."""
+    from gpt2_scratch import model_dir
+    from gpt2_scratch.core.cli import main
+
+    monkeypatch.setattr(model_dir, "memory_limit_bytes", lambda: 256 * 2**20)
+    built = []
+    monkeypatch.setattr(gpt2_scratch, "GPT2ScratchForCausalLM", lambda config: built.append(config))
+    capsys.readouterr()
+    assert main(["init", "--preset", "gpt2-small", "--out", str(tmp_path / "big"), "--context-length", "64"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: init --preset gpt2-small --context-length 64: 123,702,528 parameters need 0.5 GiB in float32, more "
+        "than the 0.2 GiB of memory here; choose a smaller preset, --emb-dim, --n-layers or --context-length"]
+    assert built == [] and not (tmp_path / "big").exists()
+    monkeypatch.undo()
+    monkeypatch.setattr(model_dir, "memory_limit_bytes", lambda: 256 * 2**20)
+    assert main(["init", "--preset", "gpt2-small", "--out", str(tmp_path / "tiny"), "--n-layers", "1",
+                 "--emb-dim", "64", "--n-heads", "4", "--context-length", "64"]) == 0  # 3.3 M parameters fit
 
 
 @pytest.mark.slow  # several fresh interpreters (~10 s each here): the slow suite

@@ -163,6 +163,10 @@ def parse_labels(args: ClassifyArgs) -> tuple[str, ...]:
     labels = tuple(label.strip() for label in args.labels.split(",") if label.strip())
     if len(labels) < 2:
         raise InputError(f"--labels {args.labels!r}: need at least two comma-separated class names")
+    repeated = sorted({label for label in labels if labels.count(label) > 1})
+    if repeated:  # two outputs of one name: the head would learn to split a class against itself
+        raise InputError(f"--labels {args.labels!r}: {', '.join(map(repr, repeated))} is named twice; give each "
+                         "class once")
     if _TRAINABLE.match(args.trainable) is None:
         raise InputError(f"--trainable {args.trainable!r}: expected last-block, last-N (e.g. last-2) or all")
     return labels

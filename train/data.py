@@ -262,6 +262,15 @@ def evaluation_sampler(lengths: Sequence[int], batch_size: int, *, eval_iter: in
 # ---------------------------------------------------------------------------------------------------
 
 
+def check_validation_left(kept: int, source: str, *, unit: str, max_length: int | None, remedy: str) -> None:
+    """Every evaluation reports the validation loss: refuse, before anything is written, a validation part that
+    lost all its examples to the length limit (``kept`` are left). ``parse_split`` already refused fractions
+    that leave it no record; an empty test part is fine (it only means no test responses)."""
+    if kept == 0:
+        raise DataError(f"{source}: no validation {unit} is left after dropping those longer than {max_length} "
+                        f"tokens; {remedy}")
+
+
 @dataclass
 class InstructionData:
     """The three tokenized splits plus the raw records of the test and validation splits."""
@@ -290,7 +299,7 @@ def prepare_instruction_data(
     tokenize validated ``records``; raise ``DataError`` if no training example is left."""
     splits = book_split(records, shuffle=shuffle_split, seed=seed, fractions=fractions, sample=sample)
     if not splits.train:
-        raise DataError(f"{source}: {len(records)} record(s) leave no training example after the split; "
+        raise DataError(f"{source}: {sample or len(records)} record(s) leave no training example after the split; "
                         "give at least 2 records")
     tokenized = {
         name: tokenize_dataset(records_dataset(splits[name]), tokenizer, style=style, max_length=max_length,
@@ -300,6 +309,8 @@ def prepare_instruction_data(
     if len(tokenized["train"]) == 0:
         raise DataError(f"{source}: no training example is left after dropping those longer than {max_length} "
                         "tokens; use --too-long truncate or a model with a longer context")
+    check_validation_left(len(tokenized["validation"]), source, unit="example", max_length=max_length,
+                          remedy="use --too-long truncate or a model with a longer context")
     logger.info("data %s: %d train / %d validation / %d test examples", source, len(tokenized["train"]),
                 len(tokenized["validation"]), len(tokenized["test"]))
     return InstructionData(train=tokenized["train"], validation=tokenized["validation"], test=tokenized["test"],

@@ -278,7 +278,7 @@ def set_up(args: DPOArgs):
               f"log-probs, reference {ref}", flush=True)
         if lora_settings is not None:
             print(lora.describe(policy, lora_settings), flush=True)
-    first_val = data.validation_records[0] if data.validation_records else data.test_records[0]
+    first_val = data.validation_records[0]  # never empty: parse_split and check_validation_left saw to it
     task = DPOTask(args, tokenizer, data, reference, evaluation["validation"], evaluation["train"],
                    format_input(first_val, style), style, lora_settings)
     return run, task

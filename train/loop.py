@@ -125,6 +125,7 @@ def fit(run: Run, task: Task) -> tuple[TrainState, bool]:
     root = run.checkpoint_root
 
     def checkpoint() -> None:
+        state.metrics_rows = run.metrics.count  # a resume drops the rows logged after this point
         with timed(state, "checkpoints"):
             save_checkpoint(accelerator, run.model, root, state, keep=args.keep_checkpoints or None)
 
@@ -191,7 +192,10 @@ def fit(run: Run, task: Task) -> tuple[TrainState, bool]:
                 bar.set_postfix(loss=f"{step_loss:.3f}")
                 check_loss(step_loss, state.step, root)
 
-                if (state.step - 1) % args.eval_freq == 0:
+                last = state.step >= run.total_steps
+                # The last step's evaluation comes before its checkpoint, so a resume from that checkpoint
+                # does not evaluate (and log) it again.
+                if (state.step - 1) % args.eval_freq == 0 or last:
                     eval_and_log()
                 if args.save_every and state.step % args.save_every == 0:
                     checkpoint()
@@ -202,7 +206,7 @@ def fit(run: Run, task: Task) -> tuple[TrainState, bool]:
                         print(f"stopped at step {state.step}: checkpoint saved in {root}; continue with the same "
                               "command and --resume", flush=True)
                     return state, True
-                if state.step >= run.total_steps:
+                if last:
                     done = True
                     break
 

@@ -20,6 +20,9 @@ class MetricsLog:
     def __init__(self, path: str | os.PathLike, *, enabled: bool = True):
         self.file = JsonlFile(path)
         self.enabled = enabled
+        # Rows in the file (the main process's count): a checkpoint records it, so a resume knows which rows
+        # came after it.
+        self.count = len(self.read()) if enabled and self.path.exists() else 0
 
     @property
     def path(self) -> Path:
@@ -28,19 +31,24 @@ class MetricsLog:
     def log(self, row: dict) -> None:
         if self.enabled:
             self.file.append(row)
+            self.count += 1
 
     def read(self) -> list[dict]:
         return self.file.read()
 
-    def truncate_after(self, step: int) -> int:
-        """On resume: drop the rows logged after the checkpoint's step (they will be logged again); returns
-        how many were dropped (the trackers already have them, and skip them when they come again)."""
+    def truncate_after(self, step: int, *, rows: int | None = None) -> int:
+        """On resume: drop the rows logged after the checkpoint, its first ``rows`` being those logged before it
+        (None, a checkpoint that did not count them: those of a later step). The resumed run logs them again,
+        so each row is logged once (a finished run's final rows are among them). Returns how many of a later
+        step were dropped (the trackers already have them, and skip them when they come again)."""
         if not (self.enabled and self.path.exists()):
             return 0
-        rows = self.read()
-        kept = [row for row in rows if row.get("step", 0) <= step]
+        logged = self.read()
+        kept = logged[:rows] if rows is not None else [row for row in logged if row.get("step", 0) <= step]
+        dropped = logged[len(kept):] if rows is not None else [row for row in logged if row.get("step", 0) > step]
         self.file.rewrite(kept)
-        return len(rows) - len(kept)
+        self.count = len(kept)
+        return sum(1 for row in dropped if row.get("step", 0) > step)
 
 
 def plot_curves(rows: list[dict], out_dir: str | os.PathLike, *, stem: str = "loss",

@@ -23,7 +23,7 @@ import torch
 
 from gpt2_scratch.core.prompts import format_input, response_header
 from gpt2_scratch.core.records import BOOK_FRACTIONS, PREFERENCE_FIELDS, DataError, book_split, load_records
-from gpt2_scratch.train.data import IGNORE_INDEX, PAD_TOKEN_ID, collate_instruction_batch
+from gpt2_scratch.train.data import IGNORE_INDEX, PAD_TOKEN_ID, check_validation_left, collate_instruction_batch
 
 logger = logging.getLogger(__name__)
 
@@ -120,13 +120,15 @@ def prepare_preference_data(records: Sequence[dict], tokenizer, *, source: str =
     preference records; a DataError if no training pair is left."""
     splits = book_split(records, shuffle=shuffle_split, seed=seed, fractions=fractions, sample=sample)
     if not splits.train:
-        raise DataError(f"{source}: {len(records)} record(s) leave no training pair after the split; "
+        raise DataError(f"{source}: {sample or len(records)} record(s) leave no training pair after the split; "
                         "give at least 2 records")
     tokenized = {name: tokenize_pairs(splits[name], tokenizer, style=style, max_length=max_length, split_name=name)
                  for name in ("train", "validation", "test")}
     if len(tokenized["train"]) == 0:
         raise DataError(f"{source}: no training pair is left after dropping those longer than {max_length} tokens; "
                         "use a model with a longer context")
+    check_validation_left(len(tokenized["validation"]), source, unit="pair", max_length=max_length,
+                          remedy="use a model with a longer context")
     logger.info("data %s: %d train / %d validation / %d test pairs", source, len(tokenized["train"]),
                 len(tokenized["validation"]), len(tokenized["test"]))
     return PreferenceData(train=tokenized["train"], validation=tokenized["validation"], test=tokenized["test"],

@@ -62,6 +62,8 @@ def find_run_info(model_dir: Path, run_dir: Path | None = None, scores: Path | N
 
     ``scores`` names the judge's scores file; otherwise the first ``*scores.json`` found is used.
     """
+    if run_dir is not None:
+        check_run_dir(Path(run_dir))
     search = [Path(run_dir)] if run_dir is not None else [model_dir, model_dir.parent]
     info = RunInfo()
     for d in search:
@@ -84,12 +86,25 @@ def find_run_info(model_dir: Path, run_dir: Path | None = None, scores: Path | N
                     info.judge_file = path
                     break
     if scores is not None:
-        info.judge_score, info.judge_model = _judge_score(Path(scores))
+        info.judge_score, info.judge_model = _judge_score(Path(scores), flag="--scores")
         if info.judge_score is None:
             raise InputError(f"--scores {scores}: no judge score in it (expected eval/judge.py output or a list of "
                              "scores)")
         info.judge_file = Path(scores)
     return info
+
+
+def check_run_dir(run_dir: Path) -> None:
+    """An explicit --run-dir must be a folder a run left its files in: a card built from nothing would be
+    published without its results or arguments, and without a word."""
+    if not run_dir.is_dir():
+        what = "is not a folder" if run_dir.exists() else "no such folder"
+        raise InputError(f"--run-dir {run_dir}: {what}; give the training run's output folder (args.json, "
+                         "metrics.jsonl), or leave --run-dir out to use the model folder and its parent")
+    names = (*ARGS_FILES, "metrics.jsonl", *PLOT_FILES)
+    if not any((run_dir / name).is_file() for name in names) and not any(run_dir.glob(SCORE_GLOB)):
+        raise InputError(f"--run-dir {run_dir}: holds no training run (none of {', '.join(names)} or "
+                         f"{SCORE_GLOB}); give the run's output folder, or leave --run-dir out")
 
 
 def _final_metrics(path: Path) -> dict:
@@ -113,14 +128,25 @@ def _final_metrics(path: Path) -> dict:
     return final
 
 
-def _judge_score(path: Path) -> tuple[float | None, str | None]:
+def _judge_score(path: Path, flag: str | None = None) -> tuple[float | None, str | None]:
     """(average score, judge model) of a scores file: eval/judge.py's ``{"model", "summary": {"average"}}``,
-    a dict with an ``average``/``mean``/``score`` key, or a plain list of per-item scores (the book's)."""
+    a dict with an ``average``/``mean``/``score`` key, or a plain list of per-item scores (the book's).
+
+    A file found by its name is skipped with a warning when it cannot be read; one the user named (``flag``)
+    is an InputError saying why."""
     try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        logger.warning("ignoring unreadable score file %s: %s", path, e)
-        return None, None
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # ValueError: malformed JSON, or bytes that are not UTF-8
+        if flag is None:
+            logger.warning("ignoring unreadable score file %s: %s", path, e)
+            return None, None
+        if isinstance(e, json.JSONDecodeError):
+            why = f"malformed JSON at line {e.lineno} column {e.colno}: {e.msg}"
+        elif isinstance(e, UnicodeDecodeError):
+            why = f"not UTF-8 text (byte {e.start})"
+        else:
+            why = "no such file" if isinstance(e, FileNotFoundError) else f"cannot read it ({e.strerror or e})"
+        raise InputError(f"{flag} {path}: {why}; give the scores file eval/judge.py wrote") from None
     judge = None
     if isinstance(data, dict):
         judge = data.get("model") if isinstance(data.get("model"), str) else None
@@ -348,8 +374,8 @@ def push_run(model_dir: str | os.PathLike, repo_id: str, *, run_dir: str | os.Pa
     from gpt2_scratch.model_dir import check_finite, load_model_dir
 
     model_dir = Path(model_dir)
-    upload["token"] = hub_token(upload.get("token"))  # the cheap checks first: no token, no point
-    check_repo_id(repo_id)
+    check_repo_id(repo_id)  # the cheap checks first: a bad id or no token, no point in the rest
+    upload["token"] = hub_token(upload.get("token"))
     model = load_model_dir(model_dir, flag="--model")
     check_finite(model, str(model_dir))
     del model

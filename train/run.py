@@ -1,11 +1,12 @@
 """A training run's life, shared by train/sft.py, train/dpo.py and train/classify.py.
 
     run_training(args, set_up)   set_up(args) → (Run, Task); loop.fit(run, task); finish(run, task)
-    start:      ``start`` (pre-flight: option values, the output folder writable, not an input, not an
-                unfinished run; the checkpoint to resume and the data it was trained on) → the task loads
-                its data and model → ``launch``: the Accelerator, only then the output folder is locked and
-                cleared (``--overwrite``), the optimizer and scheduler, ``accelerator.prepare``, a restored
-                checkpoint, the trackers
+    start:      ``start`` (pre-flight: option values, --push-to-hub's repo id and token, the output folder
+                writable, not an input, not an unfinished run; the checkpoint to resume and the data it was
+                trained on) → the task loads its data and model → ``launch``: the Accelerator, only then
+                the output folder is locked and cleared (``--overwrite``), the optimizer and scheduler,
+                ``accelerator.prepare``, a restored checkpoint (refused when the run already finished), the
+                trackers
     the loop:   train/loop.py; here the pieces it uses: ``TrainState`` (the counters a checkpoint records),
                 ``save_checkpoint`` / ``load_checkpoint`` (``--resume``), ``StopRequest`` (Ctrl-C ends the run
                 at the next step boundary with a checkpoint), ``check_loss`` (a non-finite loss stops the
@@ -208,6 +209,17 @@ def check_resume_args(out: Path, args: Any, may_change: set[str]) -> None:
                          f"resume with the run's settings, or start a new run in another --out")
 
 
+def check_push_target(repo_id: str) -> None:
+    """--push-to-hub's pre-flight: a valid repo id and a token, found before training rather than after it."""
+    from gpt2_scratch.hub import check_repo_id, hub_token
+
+    check_repo_id(repo_id, flag="--push-to-hub")
+    try:
+        hub_token()
+    except InputError as err:
+        raise InputError(f"--push-to-hub {repo_id}: {err}") from None
+
+
 @dataclass
 class Start:
     """What ``start`` decided before any data or model is loaded."""
@@ -239,6 +251,8 @@ def start(args: Any, *, inputs: list[tuple[str, Any]]) -> Start:
         from gpt2_scratch.train.trackers import check_installed
 
         check_installed(args.report_to)  # a tracker that is not installed: one line before anything is written
+    if getattr(args, "push_to_hub", None):
+        check_push_target(args.push_to_hub)
     resuming = args.resume is not None
     out = check_output(args.out, resume=resuming, overwrite=args.overwrite, inputs=inputs)
     resume_from = find_checkpoint(args.resume, out / "checkpoints") if resuming else None
@@ -333,7 +347,8 @@ def launch(start: Start, *, model, train_dataset, train_sampler, collate, eval_l
         if resuming:
             state = load_checkpoint(accelerator, start.resume_from)
             state.data_sha256 = data_sha256
-            relogged = metrics.truncate_after(state.step)
+            check_resumable(start, state, total_steps, len(train_sampler), metrics)  # before anything is written
+            relogged = metrics.truncate_after(state.step, rows=state.metrics_rows)
             if main:
                 print(f"resumed from {start.resume_from}: step {state.step}, epoch {state.epoch + 1}, "
                       f"{state.batches_done} batches into it", flush=True)
@@ -358,6 +373,30 @@ def launch(start: Start, *, model, train_dataset, train_sampler, collate, eval_l
             lock.release()
         raise
     return run, eval_loaders
+
+
+def check_resumable(start: Start, state: TrainState, total_steps: int, epoch_batches: int, metrics) -> None:
+    """Refuse (exit 2) to resume from counters this run cannot continue: a position past the epoch's batches,
+    a step past the run's total, or a run that already finished (its final rows are logged: resuming would
+    only evaluate and write everything again). A checkpoint at the last step of a run that did not finish
+    (a full disk while saving the model) is resumed: the run then only finishes."""
+    where = start.resume_from / TRAIN_STATE_FILE
+    if state.batches_done > epoch_batches:
+        raise InputError(f"--resume: {where} is damaged ('batches_done' {state.batches_done} is past the "
+                         f"{epoch_batches} batches of an epoch); resume from another checkpoint (--resume DIR) or "
+                         "start again with --overwrite")
+    if state.step < total_steps:
+        return
+    args, out = start.args, start.out
+    more = ("raise --max-steps or --epochs to train on" if args.lr_schedule == "constant" else
+            f"to train on, start a new run from its model (--model {out}) in another --out")
+    if state.step > total_steps:
+        raise InputError(f"--resume: the checkpoint {start.resume_from} is at step {state.step}, past this run's "
+                         f"{total_steps} steps; {more}, or resume from an earlier checkpoint")
+    # finish() logs the timing row last, after every checkpoint of the run's last step.
+    if any(row.get("timing") and row.get("step") == state.step for row in metrics.read()):
+        raise InputError(f"--resume: the run in {out} already finished at step {state.step}; {more}, or start "
+                         "again with --overwrite")
 
 
 def make_scheduler(optimizer, args: Any, total_steps: int):
@@ -439,16 +478,68 @@ class TrainState:
     phase_seconds: dict = dataclasses.field(default_factory=dict)  # wall time per phase (start-up, steps, ...)
     data_sha256: str = ""  # what the run trains on (``fingerprint``): a resume on other data is refused
     cpu_threads: int = 0  # torch's intra-op threads: the order of CPU sums, so bit-identity across a resume
+    # Rows in metrics.jsonl when the checkpoint was saved: a resume drops the later ones, which it logs again
+    # (None: a checkpoint from before this field; the rows after its step are dropped instead).
+    metrics_rows: int | None = None
 
     @classmethod
     def read(cls, path: Path) -> "TrainState":
+        """The counters of a checkpoint, every field checked: a wrong type or an impossible value is a one-line
+        InputError (a resume must not train on from counters it cannot trust)."""
+        def damaged(reason: str) -> InputError:
+            return InputError(f"--resume: {path} is damaged ({reason}); resume from another checkpoint "
+                              "(--resume DIR) or start again with --overwrite")
+
         try:
             values = json.loads(path.read_text(encoding="utf-8"))
-            known = {f.name for f in dataclasses.fields(cls)}
-            return cls(**{k: v for k, v in values.items() if k in known})
-        except (ValueError, TypeError, OSError, AttributeError) as err:
-            raise InputError(f"--resume: {path} is damaged ({type(err).__name__}: {one_line(err, 120)}); resume from "
-                             "another checkpoint (--resume DIR) or start again with --overwrite") from None
+        except (ValueError, OSError) as err:
+            raise damaged(f"{type(err).__name__}: {one_line(err, 120)}") from None
+        if not isinstance(values, dict):
+            raise damaged(f"a JSON {type(values).__name__}, not an object of counters")
+        for name in _REQUIRED_STATE:
+            if name not in values:
+                raise damaged(f"no '{name}'")
+        known = {f.name for f in dataclasses.fields(cls)}
+        for name, value in values.items():
+            if name in known and (problem := _state_field_problem(name, value)):
+                raise damaged(f"'{name}' {problem}, got {json.dumps(value)[:40]}")
+        state = cls(**{k: v for k, v in values.items() if k in known})
+        if state.last_eval_step > state.step:
+            raise damaged(f"'last_eval_step' {state.last_eval_step} is after 'step' {state.step}")
+        return state
+
+
+# What a checkpoint's counters must be. The first three say where the run is: a file without them is no
+# checkpoint of ours; the others may be absent (a checkpoint from before they were recorded).
+_REQUIRED_STATE = ("step", "epoch", "batches_done")
+_COUNTS_FROM = {"step": 0, "epoch": 0, "batches_done": 0, "tokens_seen": 0, "units_seen": 0, "last_eval_step": -1,
+                "evaluations": 0, "cpu_threads": 0, "metrics_rows": 0}
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _state_field_problem(name: str, value: Any) -> str | None:
+    """What is wrong with ``value`` for the TrainState field ``name`` (None: nothing)."""
+    if name in _COUNTS_FROM:
+        if name == "metrics_rows" and value is None:
+            return None
+        if not isinstance(value, int) or isinstance(value, bool) or value < _COUNTS_FROM[name]:
+            return f"must be an integer >= {_COUNTS_FROM[name]}"
+    elif name == "running":  # empty, or the task's sums: the loss summed, its units, and any more
+        if not isinstance(value, list) or len(value) == 1 or not all(_is_number(v) for v in value):
+            return "must be an empty list or one of two or more finite numbers"
+    elif name == "train_seconds":
+        if not _is_number(value) or value < 0:
+            return "must be a number >= 0"
+    elif name == "phase_seconds":
+        if not isinstance(value, dict) or not all(_is_number(v) and v >= 0 for v in value.values()):
+            return "must be an object of seconds >= 0"
+    elif name == "data_sha256":
+        if not isinstance(value, str):
+            return "must be a string"
+    return None
 
 
 def fingerprint(records: Any) -> str:

@@ -222,7 +222,7 @@ def set_up(args: SFTArgs):
               f"{loaded_allocator()} malloc{', compiled' if args.compile else ''}", flush=True)
         if lora_settings is not None:
             print(lora.describe(model, lora_settings), flush=True)
-    first_val = data.validation_records[0] if data.validation_records else data.test_records[0]
+    first_val = data.validation_records[0]  # never empty: parse_split and check_validation_left saw to it
     task = SFTTask(args, tokenizer, data, evaluation["validation"], evaluation["train"],
                    format_input(first_val, args.prompt_style), lora_settings)
     return run, task
