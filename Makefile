@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 setup: $(VENV)/.installed
 
-# About 5 minutes on 2 CPU cores (fp32; bf16 where the CPU has it), no network: writes runs/offline-demo/ and prints held-out accuracy.
+# 2-5 minutes on 2 CPU cores (bf16 where the CPU has it fast, else fp32), no network: writes runs/offline-demo/ and prints held-out accuracy.
 demo: setup
 	$(PY) train/sft.py --offline-demo --overwrite
 
