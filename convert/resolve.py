@@ -41,7 +41,7 @@ def load_model(spec: str, *, random_init: bool = False, models_dir: str | os.Pat
                flag: str = "--model"):
     """The GPT2ScratchForCausalLM that `spec` names (see the module docstring), in eval mode."""
     from gpt2_scratch import OPENAI_SIZE_OF_PRESET, GPT2ScratchConfig, GPT2ScratchForCausalLM
-    from gpt2_scratch.model_dir import check_config, is_our_model_dir, load_model_dir, read_config
+    from gpt2_scratch.model_dir import check_config, check_fits_in_memory, is_our_model_dir, load_model_dir, read_config
 
     spec = str(spec)
     path = Path(spec).expanduser()
@@ -54,6 +54,7 @@ def load_model(spec: str, *, random_init: bool = False, models_dir: str | os.Pat
             if random_init:
                 log.info("%s: random init with this folder's config", path)
                 config = check_config(path, read_config(path, flag=flag))
+                check_fits_in_memory(config, f"{flag} {spec} --random-init", "choose a smaller model")
                 return GPT2ScratchForCausalLM(config).eval()
             return load_model_dir(path, head="causal-lm", flag=flag)
         if path.is_dir() and any(path.glob("*.index")):
@@ -67,7 +68,9 @@ def load_model(spec: str, *, random_init: bool = False, models_dir: str | os.Pat
     preset = preset_name(spec)
     if preset is not None:
         if random_init:
-            return GPT2ScratchForCausalLM(GPT2ScratchConfig.from_preset(preset)).eval()
+            config = GPT2ScratchConfig.from_preset(preset)
+            check_fits_in_memory(config, f"{flag} {spec} --random-init", "choose a smaller preset")
+            return GPT2ScratchForCausalLM(config).eval()
         from gpt2_scratch.convert.openai import OPENAI_REQUIRED, default_models_dir, download_openai, load_openai_checkpoint
 
         size = OPENAI_SIZE_OF_PRESET[preset]

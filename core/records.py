@@ -109,7 +109,9 @@ def read_records_file(path: Path, source: str | None = None) -> list:
     """The records of a local .json / .jsonl file, unvalidated; a syntax error names its line."""
     source = source or str(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        # A byte order mark (Windows Notepad writes one) is dropped after decoding, not by utf-8-sig, so a
+        # byte the error names is still counted from the start of the file.
+        text = path.read_text(encoding="utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as err:
         raise DataError(f"{source}: not UTF-8 text (byte {err.start}); save the file as UTF-8 JSON") from None
     except OSError as err:

@@ -17,7 +17,7 @@ import sys
 from dataclasses import dataclass
 from typing import Literal
 
-from gpt2_scratch.core.args import arg
+from gpt2_scratch.core.args import arg, option_name
 from gpt2_scratch.core.errors import InputError, unicode_problem
 
 MODEL_HELP = "model folder, preset (gpt2-small|gpt2-medium|gpt2-large|gpt2-xl: OpenAI's weights) or Hub repo id"
@@ -63,12 +63,48 @@ class InitArgs:
     preset: Literal["gpt2-small", "gpt2-medium", "gpt2-large", "gpt2-xl"] = arg(help="GPT-2 size to start from")
     out: str = arg(help="model folder to create")
     seed: int = arg(123, "seed of the random init")
-    n_layers: int | None = arg(None, "override the preset's number of blocks")
-    emb_dim: int | None = arg(None, "override the preset's embedding width")
-    n_heads: int | None = arg(None, "override the preset's attention heads")
-    context_length: int | None = arg(None, "override the context length (1024)")
+    n_layers: int | None = arg(None, "override the preset's number of blocks", at_least=1)
+    emb_dim: int | None = arg(None, "override the preset's embedding width", at_least=1)
+    n_heads: int | None = arg(None, "override the preset's attention heads", at_least=1)
+    context_length: int | None = arg(None, "override the context length (1024)", at_least=1)
     untied: bool = arg(False, "give the LM head its own weights instead of sharing the token embedding's")
     overwrite: bool = arg(False, "replace an existing folder")
+
+
+SHAPE_OPTIONS = ("n_layers", "emb_dim", "n_heads", "context_length")
+
+
+def shape_options(args) -> dict[str, int]:
+    """The shape options (``SHAPE_OPTIONS``) given in ``args``, by field name."""
+    return {name: getattr(args, name) for name in SHAPE_OPTIONS if getattr(args, name) is not None}
+
+
+def preset_config(preset: str, shape: dict[str, int], *, command: str, **fields):
+    """``preset``'s config with the shape options the user typed (``shape``, by field name, each already at
+    least 1: ``check_values``), refused in the options' own names when no model has that shape, and before
+    anything is allocated when its weights alone would not fit in memory. ``command`` ("init --preset
+    gpt2-small") starts the memory message; ``fields`` are other config fields (tie_word_embeddings)."""
+    from . import PRESETS, GPT2ScratchConfig
+    from .model_dir import check_fits_in_memory
+
+    # Checked here, not left to the config, whose message names its fields: each value is named as the user
+    # sees it, the option they typed or the preset's value they left alone.
+    full_shape = {**PRESETS[preset], **shape}
+    if full_shape["emb_dim"] % full_shape["n_heads"]:
+        def said(name: str) -> str:
+            return f"{option_name(name)} {shape[name]}" if name in shape else f"{preset}'s {name} {full_shape[name]}"
+
+        raise InputError(f"{said('emb_dim')} is not divisible by {said('n_heads')}; give --n-heads among the "
+                         f"divisors of {full_shape['emb_dim']}, or an --emb-dim that is a multiple of "
+                         f"{full_shape['n_heads']}")
+    try:
+        config = GPT2ScratchConfig.from_preset(preset, **shape, **fields)
+    except ValueError as err:
+        raise InputError(str(err)) from None
+    typed = "".join(f" {option_name(name)} {value}" for name, value in shape.items())
+    check_fits_in_memory(config, f"{command}{typed}", "choose a smaller preset, --emb-dim, --n-layers or "
+                         "--context-length")
+    return config
 
 
 def run_init(args: InitArgs) -> None:
@@ -76,19 +112,11 @@ def run_init(args: InitArgs) -> None:
 
     from gpt2_scratch.core.files import check_output_dir
 
-    from . import GPT2ScratchConfig, GPT2ScratchForCausalLM, save_model_dir
-    from .model_dir import check_fits_in_memory
+    from . import GPT2ScratchForCausalLM, save_model_dir
 
     check_output_dir(args.out)
-    overrides = {name: getattr(args, name) for name in ("n_layers", "emb_dim", "n_heads", "context_length")
-                 if getattr(args, name) is not None}
-    try:
-        config = GPT2ScratchConfig.from_preset(args.preset, tie_word_embeddings=not args.untied, **overrides)
-    except ValueError as err:
-        raise InputError(str(err)) from None
-    shape = " ".join(f"--{name.replace('_', '-')} {value}" for name, value in overrides.items())
-    check_fits_in_memory(config, f"init --preset {args.preset}{' ' + shape if shape else ''}",
-                         "choose a smaller preset, --emb-dim, --n-layers or --context-length")
+    config = preset_config(args.preset, shape_options(args), command=f"init --preset {args.preset}",
+                           tie_word_embeddings=not args.untied)
     torch.manual_seed(args.seed)
     model = GPT2ScratchForCausalLM(config)
     save_model_dir(model, args.out, overwrite=args.overwrite)

@@ -167,6 +167,8 @@ CASES = [
          "--resume: --lr 0.0001 differs from the run's 5e-05"),
     Case("--resume with another --batch-size and --data", lambda ws: [*_resume(ws), "--resume", "--batch-size", "8",
          "--data", str(ws.data)], 2, "--resume: --batch-size 8 differs from the run's 4"),
+    Case("--resume DIR: no such folder", lambda ws: [*_resume(ws), "--resume", str(ws.root / "nowhere")], 2,
+         "--resume {root}/nowhere: no such folder; pass a step-N folder under the run's checkpoints/"),
     Case("--resume: a garbled train_state.json", lambda ws: [*_damage(ws, "train_state.json", b"{step: 4"),
          "--resume"], 2, "train_state.json is damaged"),
     Case("--resume: a truncated checkpoint model", lambda ws: [*_damage(ws, "model.safetensors", b"\x08\x00"),
@@ -205,6 +207,13 @@ CASES = [
          str(ws.root / "r.json"), "--batch-size", "0"], 2, "--batch-size must be at least 1"),
     Case("judge --workers 0", lambda ws: ["judge", "--data", str(ws.responses), "--workers", "0"], 2,
          "--workers must be at least 1"),
+    Case("init --n-layers 0", lambda ws: ["init", "--preset", "gpt2-small", "--out", str(ws.root / "m"),
+         "--n-layers", "0"], 2, "--n-layers must be at least 1, got 0"),
+    Case("init --emb-dim the preset's heads do not divide", lambda ws: ["init", "--preset", "gpt2-small", "--out",
+         str(ws.root / "m"), "--emb-dim", "100"], 2, "--emb-dim 100 is not divisible by gpt2-small's n_heads 12; "
+         "give --n-heads among the divisors of 100, or an --emb-dim that is a multiple of 12"),
+    Case("sft --random-init --n-heads that does not divide --emb-dim", lambda ws: [*sft(ws), "--n-heads", "3"], 2,
+         "--emb-dim 64 is not divisible by --n-heads 3"),
     # --- data that parses wrongly or is too small -------------------------------------------------------
     Case("2-9 records: no full batch", lambda ws: [*sft(ws), "--batch-size", "8", "--data", str(ws.file(
          "nine.json", json.dumps([{"instruction": f"i{i}", "output": "o"} for i in range(9)])))], 2,

@@ -373,6 +373,10 @@ CASES = [
             [{"instruction": "word " * 200, "input": "", "output": "Yes."}] * 20))), "--mask-prompt",
         "--batch-size", "2", "--max-new-tokens", "4", "--sample-tokens", "4", "--out", str(ws.root / "out")], 2,
         "with --mask-prompt every training example's prompt fills its 128-token budget"),
+    Case("sft where every output is whitespace", lambda ws: [
+        *tiny_sft(ws), "--data", str(ws.file("blank.json", json.dumps(
+            [{"instruction": f"Say {i}.", "input": "", "output": " \n\t"} for i in range(20)])))], 2,
+        "{root}/blank.json: every training record's 'output' is empty or whitespace, so there is no answer to learn"),
     Case("dpo where every chosen answer equals the rejected one", lambda ws: [
         "dpo", "--model", str(ws.model), "--data", str(ws.file("same.json", json.dumps(
             [{"instruction": f"Say {i}.", "chosen": "Fine.", "rejected": "Fine."} for i in range(20)]))),

@@ -57,6 +57,21 @@ def test_jsonl_wrapped_json_and_absent_input(tmp_path):
     assert load_records(str(lines)) == records
 
 
+def test_a_byte_order_mark_is_read_past(tmp_path):
+    """Windows Notepad saves UTF-8 with a BOM: the same records, in .json and .jsonl alike."""
+    records = [{"instruction": "Say hi in French.", "output": "Salut, ça va ?"}, {"instruction": "Echo.", "output": "x"}]
+    for name, text in (("d.json", json.dumps(records, ensure_ascii=False)),
+                       ("d.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))):
+        plain, bom = tmp_path / name, tmp_path / f"bom-{name}"
+        plain.write_text(text, encoding="utf-8")
+        bom.write_bytes(b"\xef\xbb\xbf" + plain.read_bytes())
+        assert load_records(str(bom)) == load_records(str(plain)) == records
+    late = tmp_path / "late.json"  # a byte the error names still counts the BOM's three
+    late.write_bytes(b"\xef\xbb\xbf[\xff]")
+    with pytest.raises(DataError, match=r"not UTF-8 text \(byte 4\)"):
+        load_records(str(late))
+
+
 def test_preference_records_need_chosen_and_rejected(tmp_path):
     shared = load_records(str(SHARED / "data" / "instruction-data-with-preference.json"), required=PREFERENCE_FIELDS)
     assert len(shared) == 1100 and all(r["chosen"] and r["rejected"] for r in shared)

@@ -142,11 +142,35 @@ def test_init_refuses_a_model_larger_than_memory_before_building_it(tmp_path, mo
                  "--emb-dim", "64", "--n-heads", "4", "--context-length", "64"]) == 0  # 3.3 M parameters fit
 
 
+def test_sft_refuses_a_random_model_larger_than_memory_before_building_it(tmp_path, monkeypatch, capsys):
+    """init's pre-check wherever training builds a random model: a preset alone (convert.resolve, which dpo and
+    classify share) and a preset with shape options (train/sft.py). Nothing is built, nothing is written."""
+    from conftest import assert_refused, isolate_user_settings
+
+    from gpt2_scratch import model_dir
+
+    root = tmp_path / "ws"
+    root.mkdir()
+    data = root / "data.json"
+    data.write_text(json.dumps([{"instruction": f"Say {i}.", "output": f"{i}."} for i in range(20)]))
+    isolate_user_settings(monkeypatch, tmp_path)
+    monkeypatch.setattr(model_dir, "memory_limit_bytes", lambda: 256 * 2**20)
+    built = []
+    monkeypatch.setattr(gpt2_scratch, "GPT2ScratchForCausalLM", lambda config: built.append(config))
+    sft = ["sft", "--model", "gpt2-small", "--random-init", "--data", str(data), "--out", str(root / "out")]
+    assert_refused(sft, root, capsys, code=2, needle="--model gpt2-small --random-init: 124,439,808 parameters need "
+                   "0.5 GiB in float32, more than the 0.2 GiB of memory here; choose a smaller preset")
+    assert_refused([*sft, "--context-length", "64"], root, capsys, code=2, needle="--model gpt2-small --random-init "
+                   "--context-length 64: 123,702,528 parameters need 0.5 GiB in float32, more than the 0.2 GiB of "
+                   "memory here; choose a smaller preset, --emb-dim, --n-layers or --context-length")
+    assert built == []
+
+
 @pytest.mark.slow  # several fresh interpreters (~10 s each here): the slow suite
 def test_cli_bad_input_is_one_line(tmp_path):
     cases = [
         (["init", "--preset", "gpt2-small", "--out", str(tmp_path / "x"), "--emb-dim", "100"],
-         "error: GPT2ScratchConfig: emb_dim 100 is not divisible by n_heads 12; choose n_heads among the divisors of 100"),
+         "error: --emb-dim 100 is not divisible by gpt2-small's n_heads 12; give --n-heads among the divisors of 100"),
         (["generate", "--model", str(tmp_path / "missing"), "--prompt", "hi"], "error:"),
     ]
     for args, message in cases:

@@ -252,6 +252,21 @@ def test_grouped_evaluation_batches_give_the_same_validation_loss():
     assert losses[1] == pytest.approx(losses[0], rel=1e-5)
 
 
+def test_training_records_without_an_answer_are_a_warning_with_their_count(caplog):
+    """Some records with a blank output teach an empty answer: counted in the training split, not the whole file
+    (all of them stop the run: tests/test_bad_input_silent.py)."""
+    from gpt2_scratch import get_tokenizer
+    from gpt2_scratch.train.data import prepare_instruction_data
+    from gpt2_scratch.train.sft import check_answers
+
+    records = [{"instruction": f"Say {i}.", "output": " \n" if i % 4 == 0 else f"{i}."} for i in range(40)]
+    data = prepare_instruction_data(records, get_tokenizer())  # train: the first 34, 9 of them blank (10 in all)
+    check_answers(data.train_records, "d.json")
+    warnings = [r.getMessage() for r in caplog.records if r.getMessage().startswith("warning:")]
+    assert warnings == ["warning: 9 of 34 training records have an empty or whitespace-only 'output' (they teach the "
+                        "model to answer with nothing)"]
+
+
 def test_cli_arguments_and_offline_demo_profile():
     from gpt2_scratch.core.args import parse_dataclass_args
     from gpt2_scratch.train.sft import OFFLINE_DEMO, SFTArgs

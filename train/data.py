@@ -273,13 +273,14 @@ def check_validation_left(kept: int, source: str, *, unit: str, max_length: int 
 
 @dataclass
 class InstructionData:
-    """The three tokenized splits plus the raw records of the test and validation splits."""
+    """The three tokenized splits plus the raw records of each."""
 
     train: datasets.Dataset
     validation: datasets.Dataset
     test: datasets.Dataset
     test_records: list[dict]
     validation_records: list[dict]
+    train_records: list[dict]
 
 
 def prepare_instruction_data(
@@ -314,4 +315,4 @@ def prepare_instruction_data(
     logger.info("data %s: %d train / %d validation / %d test examples", source, len(tokenized["train"]),
                 len(tokenized["validation"]), len(tokenized["test"]))
     return InstructionData(train=tokenized["train"], validation=tokenized["validation"], test=tokenized["test"],
-                           test_records=splits.test, validation_records=splits.validation)
+                           test_records=splits.test, validation_records=splits.validation, train_records=splits.train)

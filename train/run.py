@@ -573,6 +573,9 @@ def find_checkpoint(spec: str, root: str | os.PathLike) -> Path:
                              "or give a checkpoint folder")
         return found[-1]
     path = Path(spec)
+    if not os.path.lexists(path):  # a mistyped folder: "no train_state.json" would send the user looking inside it
+        raise InputError(f"--resume {spec}: no such folder; pass a {CHECKPOINT_PREFIX}N folder under the run's "
+                         "checkpoints/ or just --resume for the latest")
     if not (path / TRAIN_STATE_FILE).is_file():
         raise InputError(f"--resume {spec}: not a complete checkpoint (no {TRAIN_STATE_FILE}); pass a "
                          f"{CHECKPOINT_PREFIX}N folder under checkpoints/ or just --resume for the latest")

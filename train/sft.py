@@ -113,18 +113,16 @@ def run(args: SFTArgs) -> int:
 def load_model(args: SFTArgs):
     """The model ``--model`` names (``convert.resolve.load_model``: folder, preset, Hub id); a preset with
     ``--random-init`` and shape overrides is built here."""
-    from gpt2_scratch import PRESETS, GPT2ScratchConfig, GPT2ScratchForCausalLM
+    from gpt2_scratch import PRESETS, GPT2ScratchForCausalLM
+    from gpt2_scratch.commands import preset_config, shape_options
 
-    overrides = {k: getattr(args, k) for k in ("n_layers", "emb_dim", "n_heads", "context_length")
-                 if getattr(args, k) is not None}
+    overrides = shape_options(args)
     if overrides:
         if not (args.random_init and args.model in PRESETS):
             raise InputError("--n-layers/--emb-dim/--n-heads/--context-length need --random-init and a preset "
                              f"--model ({', '.join(PRESETS)})")
-        try:
-            return GPT2ScratchForCausalLM(GPT2ScratchConfig.from_preset(args.model, **overrides))
-        except ValueError as err:
-            raise InputError(f"bad model shape {overrides}: {err}") from None
+        return GPT2ScratchForCausalLM(preset_config(args.model, overrides, command=f"--model {args.model} "
+                                                    "--random-init"))
     from gpt2_scratch.convert.resolve import load_model as resolve_model
 
     return resolve_model(args.model, random_init=args.random_init, models_dir=args.models_dir)
@@ -152,6 +150,19 @@ def check_learnable(data, args: SFTArgs) -> None:
     if empty:
         logger.warning("warning: %d of %d training examples keep no response token after truncation (with "
                        "--mask-prompt they teach only <|endoftext|>)", empty, len(lengths))
+
+
+def check_answers(train_records: list[dict], source: str) -> None:
+    """A record whose output is empty or only whitespace teaches the model to end its answer before it starts
+    (<|endoftext|> right after the response header). All of them is an error before training; some, a warning
+    with the count."""
+    blank = sum(1 for record in train_records if not record["output"].strip())
+    if blank == len(train_records):
+        raise InputError(f"{source}: every training record's 'output' is empty or whitespace, so there is no answer "
+                         "to learn (only <|endoftext|>); give records whose 'output' holds the answer")
+    if blank:
+        logger.warning("warning: %d of %d training records have an empty or whitespace-only 'output' (they teach "
+                       "the model to answer with nothing)", blank, len(train_records))
 
 
 def set_up(args: SFTArgs):
@@ -193,6 +204,7 @@ def set_up(args: SFTArgs):
 
     # 3. The limits, checked now rather than after hours of training.
     check_generation_limits(args, context, args.model)
+    check_answers(data.train_records, args.data)
     check_learnable(data, args)
     train_sampler = EpochBatchSampler(list(data.train["length"]), args.batch_size, shuffle=True, drop_last=True,
                                       group_by_length=args.group_by_length, seed=args.seed)
