@@ -223,12 +223,14 @@ def measure_generation(data, tokenizer) -> dict:
             "decode_calls": sum(1 for p, _, _ in calls if p == 1)}
 
 
-def matmul_rate(dtype_name: str, rows: int, repeats: int = 5) -> float:
-    """FLOP/s of the block's four weight products on [rows, in] inputs (median of repeats)."""
+def matmul_rate(dtype_name: str, rows: int, repeats: int = 5, width: int = 1024) -> float:
+    """FLOP/s of the block's four weight products on [rows, in] inputs (median of repeats); gpt2-medium's width
+    unless told."""
     import torch
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
-    shapes = [(1024, 3072), (1024, 1024), (1024, 4096), (4096, 1024)]  # c_attn, attn c_proj, c_fc, mlp c_proj
+    d = width
+    shapes = [(d, 3 * d), (d, d), (d, 4 * d), (4 * d, d)]  # c_attn, attn c_proj, c_fc, mlp c_proj
     pairs = [(torch.randn(rows, k, dtype=dtype), torch.randn(k, n, dtype=dtype)) for k, n in shapes]
     flops = sum(2 * rows * k * n for k, n in shapes)
     for x, w in pairs:  # warm-up

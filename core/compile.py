@@ -9,6 +9,10 @@ The model is compiled in place (``nn.Module.compile``): its state-dict keys stay
 checkpoints, ``--resume``, LoRA and saving need nothing else. Batches of new lengths recompile a few
 times until inductor marks the sequence length dynamic; the ``return_logits=False`` loss indexes the
 positions that have a target (a data-dependent shape), where the graph breaks into two compiled parts.
+
+Generation runs eager (``eager``): the KV cache grows a token at a time, so every decoding step is a new
+shape; compiled, the first steps would each recompile until dynamo's recompile limit, then warn and fall
+back to eager anyway, after a minute of compiling for nothing.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+from contextlib import contextmanager
 
 from gpt2_scratch.core.errors import Failure, one_line
 
@@ -46,3 +51,12 @@ def compile_model(model, device: str | None = None):
     model.compile()
     logger.info("model compiled with torch.compile (inductor)")
     return model
+
+
+@contextmanager
+def eager():
+    """Run a compiled model eager inside the block (generation: a new shape every token); a no-op otherwise."""
+    import torch
+
+    with torch.compiler.set_stance("force_eager"):
+        yield

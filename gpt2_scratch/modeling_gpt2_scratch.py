@@ -125,11 +125,21 @@ class CausalSelfAttention(nn.Module):
                 v,
                 attn_mask=attn_mask,
                 dropout_p=self.attn_dropout if self.training else 0.0,
-                # The cheap causal kernel is exact only when queries and keys start at the same position.
-                is_causal=attn_mask is None and q.shape[2] == k.shape[2] and T > 1,
+                is_causal=attn_mask is None and self_attends_causally(q, k, cache),
             )  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, E)  # heads side by side again
         return self.resid_dropout(self.c_proj(y))
+
+
+def self_attends_causally(q: torch.Tensor, k: torch.Tensor, cache: Cache | None) -> bool:
+    """Whether SDPA's built-in causal mask (top-left aligned) is the right one: only when queries and keys start
+    at the same position. Without a cache that is always so, and the answer must not read a shape: under
+    torch.compile with a dynamic length, ``q.shape[2] == k.shape[2]`` is a symbolic bool that SDPA refuses,
+    and the whole forward would fall back to eager. With a cache, the keys include the past: causal only
+    while it is empty (the prefill), and a single new token attends to everything (no mask at all)."""
+    if cache is None:
+        return True  # a single position attends to itself alone: causal or not, the same result
+    return q.shape[2] == k.shape[2] and q.shape[2] > 1
 
 
 class MLP(nn.Module):

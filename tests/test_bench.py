@@ -151,3 +151,29 @@ def test_wheelhouse_places_every_dependency(monkeypatch):
     assert "torch" not in gpu_wheelhouse.GPU_IMAGE_LACKS + gpu_wheelhouse.MAYBE_OLDER_THERE
     assert set(gpu_wheelhouse.GPU_CHECK_NEEDS) <= set(gpu_wheelhouse.GPU_IMAGE_LACKS)
     assert gpu_wheelhouse.unplaced({"some-new-dependency": "some-new-dependency>=1"}) == ["some-new-dependency"]
+
+
+def test_step_profile_accounts_for_the_whole_step():
+    """bench_step.py on a 2-layer model: every op group is a row, and the groups add up to the profiled total
+    (no operator is lost between them)."""
+    result = subprocess.run([sys.executable, str(BENCH / "bench_step.py"), "--preset", "gpt2-small", "--n-layers", "2",
+                             "--lengths", "16", "24", "--rounds", "1"], cwd=REPO_ROOT, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    sys.path.insert(0, str(BENCH))
+    try:
+        from bench_step import GROUPS
+    finally:
+        sys.path.pop(0)
+    rows = {}
+    for line in result.stdout.splitlines():
+        cells = line.split()
+        for group in GROUPS:
+            if line.startswith(group + " "):
+                rows[group] = (float(cells[-2]), float(cells[-1].rstrip("%")))
+    assert set(rows) == set(GROUPS), result.stdout
+    total = next(float(line.split()[-1]) for line in result.stdout.splitlines() if line.startswith("total "))
+    assert sum(seconds for seconds, _ in rows.values()) == pytest.approx(total, abs=0.005)
+    assert sum(share for _, share in rows.values()) == pytest.approx(100, abs=0.5)
+    assert rows["matrix products"][1] > 30  # a training step is mostly its matrix products
+    assert "step MFU" in result.stdout

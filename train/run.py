@@ -809,7 +809,10 @@ def epoch_sample(run: Run, epoch: int, tokenizer, prompt: str, max_new_tokens: i
     """The end of an epoch of SFT or DPO: the greedy sample (main process only) as (row, log line)."""
     if not run.accelerator.is_main_process:
         return None
-    sample = greedy_sample(run.unwrapped(), tokenizer, prompt, max_new_tokens)
+    from gpt2_scratch.core.compile import eager
+
+    with eager():  # --compile trains compiled; generation decodes a new shape every token
+        sample = greedy_sample(run.unwrapped(), tokenizer, prompt, max_new_tokens)
     return {"sample": sample}, f"epoch {epoch} sample: {sample}"
 
 
@@ -831,13 +834,13 @@ def save_language_model(run: Run, model, tokenizer, *, prompt_style: str, lora_s
 def write_test_responses(run: Run, model, tokenizer, records: list[dict], style: str) -> list[str]:
     """The test split with a greedy ``model_response`` per record (instruction-data-with-response.json)."""
     from gpt2_scratch import generate_responses
+    from gpt2_scratch.core.compile import eager
     from gpt2_scratch.core.files import write_json_atomic
-
     from gpt2_scratch.train.loop import timed
 
     args = run.args
     print(f"generating {len(records)} test responses (greedy, up to {args.max_new_tokens} new tokens)", flush=True)
-    with timed(run.state, "responses"):
+    with timed(run.state, "responses"), eager():  # --compile: generation decodes a new shape every token
         responses = generate_responses(model, tokenizer, records, batch_size=args.response_batch_size,
                                        max_new_tokens=args.max_new_tokens, style=style)
     write_json_atomic(run.out / "instruction-data-with-response.json",
