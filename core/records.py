@@ -113,7 +113,10 @@ def read_records_file(path: Path, source: str | None = None) -> list:
         # byte the error names is still counted from the start of the file.
         text = path.read_text(encoding="utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as err:
-        raise DataError(f"{source}: not UTF-8 text (byte {err.start}); save the file as UTF-8 JSON") from None
+        # Notepad's "Unicode" and PowerShell's default redirection write UTF-16, which starts with its BOM.
+        utf16 = err.object[:2] in (b"\xff\xfe", b"\xfe\xff")
+        raise DataError(f"{source}: " + ("UTF-16 text, not UTF-8" if utf16 else f"not UTF-8 text (byte {err.start})")
+                        + "; save the file as UTF-8 JSON") from None
     except OSError as err:
         raise DataError(f"{source}: cannot read it ({err.strerror or err})") from None
     if path.suffix == ".jsonl":

@@ -70,6 +70,10 @@ def test_a_byte_order_mark_is_read_past(tmp_path):
     late.write_bytes(b"\xef\xbb\xbf[\xff]")
     with pytest.raises(DataError, match=r"not UTF-8 text \(byte 4\)"):
         load_records(str(late))
+    utf16 = tmp_path / "utf16.json"  # Notepad's "Unicode": named as what it is
+    utf16.write_text(json.dumps(records), encoding="utf-16")
+    with pytest.raises(DataError, match=r"utf16.json: UTF-16 text, not UTF-8; save the file as UTF-8 JSON"):
+        load_records(str(utf16))
 
 
 def test_preference_records_need_chosen_and_rejected(tmp_path):
