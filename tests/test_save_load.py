@@ -202,3 +202,33 @@ def test_loading_and_training_say_nothing_about_loss_type(tmp_path, tiny_model_d
                                 text=True, timeout=300)
         assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
         assert "loss_type" not in result.stderr, result.stderr
+
+
+def test_training_that_cannot_fit_in_memory_is_refused_before_the_folder_is_touched(tmp_path, monkeypatch, capsys):
+    """Weights that fit, but weights + gradients + AdamW's moments that do not: one line before the first step,
+    and an existing --out (even with --overwrite) is left as it was. LoRA trains few parameters and fits."""
+    from conftest import assert_refused, isolate_user_settings
+
+    from gpt2_scratch import model_dir
+    from gpt2_scratch.core.cli import main
+
+    root = tmp_path / "ws"
+    root.mkdir()
+    data = root / "data.json"
+    data.write_text(json.dumps([{"instruction": f"Say {i}.", "output": f"{i}."} for i in range(20)]))
+    out = root / "out"
+    out.mkdir()
+    (out / "kept.txt").write_text("an earlier run's file")
+    isolate_user_settings(monkeypatch, tmp_path)
+    monkeypatch.setattr(model_dir, "memory_limit_bytes", lambda: 32 * 2**20)
+    params = GPT2ScratchForCausalLM(GPT2ScratchConfig.from_preset(
+        "gpt2-small", n_layers=1, emb_dim=64, n_heads=4, context_length=64)).num_parameters()
+    assert 4 * params < 32 * 2**20 < 16 * params  # the weights fit; training them in full does not
+    sft = ["sft", "--model", "gpt2-small", "--random-init", "--n-layers", "1", "--emb-dim", "64", "--n-heads", "4",
+           "--context-length", "64", "--data", str(data), "--epochs", "1", "--batch-size", "2",
+           "--max-new-tokens", "1", "--sample-tokens", "1"]
+    assert_refused([*sft, "--out", str(out), "--overwrite"], root, capsys, code=2,
+                   needle=f"--model gpt2-small: training {params:,} parameters needs at least "
+                          f"{16 * params / 2**20:.0f} MiB (fp32 weights, gradients and AdamW's two moments), more "
+                          "than the 32 MiB of memory here; train fewer parameters (--lora")
+    assert main([*sft, "--out", str(tmp_path / "lora"), "--lora", "book"]) == 0

@@ -304,6 +304,28 @@ class Run:
             self.lock = None
 
 
+def check_training_fits(model, trainable, model_name: str) -> None:
+    """Refuse, before the first step, training that cannot fit in this machine's memory: the fp32 weights plus,
+    for every trained parameter, its gradient and AdamW's two moments (16 bytes in all; activations come on
+    top). Without it, full finetuning of gpt2-xl on a 16 GiB laptop loads for minutes and is then killed by
+    the kernel with no message at all."""
+    from gpt2_scratch.model_dir import memory_limit_bytes
+
+    limit = memory_limit_bytes()
+    if limit is None:
+        return
+    trained = sum(p.numel() for p in (trainable if trainable is not None else model.parameters()) if p.requires_grad)
+    needed = 4 * sum(p.numel() for p in model.parameters()) + 12 * trained  # a tied head counts once
+    if needed > limit:
+        def size(n: int) -> str:
+            return f"{n / 2**30:,.1f} GiB" if n >= 2**30 else f"{n / 2**20:,.0f} MiB"
+
+        raise InputError(f"--model {model_name}: training {trained:,} parameters needs at least {size(needed)} (fp32 "
+                         f"weights, gradients and AdamW's two moments), more than the {size(limit)} of memory here; "
+                         "train fewer parameters (--lora, where the command has it), choose a smaller --model, or "
+                         "use a machine with more memory")
+
+
 def launch(start: Start, *, model, train_dataset, train_sampler, collate, eval_loaders: dict[str, Any],
            data_sha256: str, trainable=None, before_prepare=None) -> tuple[Run, dict[str, Any]]:
     """The run's objects, after every check has passed: the Accelerator; the output folder locked, then
@@ -320,6 +342,7 @@ def launch(start: Start, *, model, train_dataset, train_sampler, collate, eval_l
 
     args, out = start.args, start.out
     resuming = start.resume_from is not None
+    check_training_fits(model, trainable, args.model)  # before the folder is touched: a refusal loses nothing
     accelerator = make_accelerator(args.mixed_precision, args.batch_size)
     main = accelerator.is_main_process
     lock = FolderLock.acquire(out, what="--out") if main else None
