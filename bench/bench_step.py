@@ -17,8 +17,8 @@ Printed, for one profiled step per batch (``torch.profiler``, self CPU time of e
                   optimizer, GELU, LayerNorm, gradient clipping, the rest; seconds per step and share
   matmul rate     the fp32 rate of the block's four weight products at the step's token count
                   (``bench_chapter7.matmul_rate``), and the rate the step's own matrix products ran at
-  step MFU        the step's useful FLOPs (6 per parameter per input token, the head only at target
-                  positions, attention's score and value products) over its unprofiled time and that rate
+  step MFU        the step's useful FLOPs (``bench_chapter7.useful_flops``: 6 per block weight per input
+                  token, the head only at target positions) over its unprofiled time and that rate
 With ``--compile``: the same batches through the eager model and ``torch.compile`` of it (the same weights,
 gradients dropped without an optimizer step, so both see the same model), alternated, with the
 compilation time (a first pass over the batches: the first length compiles, the next ones recompile until
@@ -34,7 +34,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench_chapter7 import matmul_rate  # this script runs from bench/, which is first on sys.path
+from bench_chapter7 import matmul_rate, useful_flops  # this script runs from bench/, first on sys.path
 
 REPO = Path(__file__).resolve().parents[1]
 BOOK_DATA = REPO.parent / "shared" / "data" / "instruction-data.json"
@@ -90,19 +90,6 @@ def op_group(name: str, shapes: list, vocab: int, emb: int) -> str:
     return "other"
 
 
-def useful_flops(config, batch: dict) -> float:
-    """Forward + backward FLOPs of one batch that the model needs: 6 per weight per input token through the
-    blocks (and the position embedding's none), 6 per head weight per target position, and attention's
-    score and value products (causal: half of T x T)."""
-    tokens = batch["input_ids"].numel()
-    targets = int((batch["labels"] != -100).sum())
-    length = batch["input_ids"].shape[1]
-    e, layers = config.emb_dim, config.n_layers
-    block = 12 * e * e  # per layer: attention's weights 4 E^2, the MLP's 8 E^2 (bench_chapter7's count)
-    attention = 2 * 2 * length * e / 2  # per token and layer, forward: QK^T and AV over half the positions
-    return 6 * layers * block * tokens + 3 * layers * attention * tokens + 6 * config.vocab_size * e * targets
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="gpt2-medium")
@@ -147,7 +134,9 @@ def main() -> None:
     step(batches[0])  # warm-up: the allocator's pools, oneDNN's kernels, AdamW's state
     seconds = [step(b) for _ in range(args.rounds) for b in batches]
     step_seconds = statistics.fmean(seconds)
-    flops = statistics.fmean(useful_flops(config, b) for b in batches)
+    flops = statistics.fmean(useful_flops(b["input_ids"].numel(), int((b["labels"] != -100).sum()), lora=False,
+                                          layers=config.n_layers, width=config.emb_dim, vocab=config.vocab_size)
+                             for b in batches)
     tokens = statistics.fmean(b["input_ids"].numel() for b in batches)
     # The block's four weight products at this step's token count (bench_chapter7's measure), right after the steps.
     rate = matmul_rate("fp32", int(tokens), width=config.emb_dim)

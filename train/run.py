@@ -304,7 +304,7 @@ class Run:
             self.lock = None
 
 
-def check_training_fits(model, trainable, model_name: str) -> None:
+def check_training_fits(model, trained_params: list, model_name: str) -> None:
     """Refuse, before the first step, training that cannot fit in this machine's memory: the fp32 weights plus,
     for every trained parameter, its gradient and AdamW's two moments (16 bytes in all; activations come on
     top). Without it, full finetuning of gpt2-xl on a 16 GiB laptop loads for minutes and is then killed by
@@ -314,7 +314,7 @@ def check_training_fits(model, trainable, model_name: str) -> None:
     limit = memory_limit_bytes()
     if limit is None:
         return
-    trained = sum(p.numel() for p in (trainable if trainable is not None else model.parameters()) if p.requires_grad)
+    trained = sum(p.numel() for p in trained_params)
     needed = 4 * sum(p.numel() for p in model.parameters()) + 12 * trained  # a tied head counts once
     if needed > limit:
         def size(n: int) -> str:
@@ -342,7 +342,8 @@ def launch(start: Start, *, model, train_dataset, train_sampler, collate, eval_l
 
     args, out = start.args, start.out
     resuming = start.resume_from is not None
-    check_training_fits(model, trainable, args.model)  # before the folder is touched: a refusal loses nothing
+    params = [p for p in (trainable if trainable is not None else model.parameters()) if p.requires_grad]
+    check_training_fits(model, params, args.model)  # before the folder is touched: a refusal loses nothing
     accelerator = make_accelerator(args.mixed_precision, args.batch_size)
     main = accelerator.is_main_process
     lock = FolderLock.acquire(out, what="--out") if main else None
@@ -354,7 +355,6 @@ def launch(start: Start, *, model, train_dataset, train_sampler, collate, eval_l
         total_steps = steps_per_epoch * args.epochs
         if args.max_steps is not None:
             total_steps = min(total_steps, args.max_steps)
-        params = [p for p in (trainable if trainable is not None else model.parameters()) if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, fused=True)
         scheduler = make_scheduler(optimizer, args, total_steps)
         names = list(eval_loaders)
