@@ -23,6 +23,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -65,16 +66,101 @@ def _fsync_path(path: Path, directory: bool = False) -> None:
         os.close(fd)
 
 
+# ---------------------------------------------------------------------------------------------------
+# Temporaries that name their owner, so a later run removes the ones a killed process left
+# ---------------------------------------------------------------------------------------------------
+
+# A SIGKILL (the OOM killer, `kill -9`, a lost node) runs no cleanup: the temporary file or folder of an
+# atomic write stays beside its target, as large as the model. Every temporary is therefore named
+# ".NAME.gpt2tmp-PID-HOST-..." (HOST: a short hash of the host name); each atomic write first removes,
+# in the folder it writes to, the temporaries whose process is gone from this host, and the output
+# locks (``output_lock``) no process holds.
+_TMP_MARK = "gpt2tmp"
+_TMP_RE = re.compile(rf"^\..+\.{_TMP_MARK}-(?P<pid>\d+)-(?P<host>[0-9a-f]{{8}})-")
+_LOCK_SUFFIX = ".lock"
+
+
+def _host_id() -> str:
+    import socket
+
+    return hashlib.sha256(socket.gethostname().encode("utf-8", "replace")).hexdigest()[:8]
+
+
+def temporary_prefix(name: str) -> str:
+    """The start of a temporary's name for target ``name``: hidden, and naming this process and host."""
+    return f".{name}.{_TMP_MARK}-{os.getpid()}-{_host_id()}-"
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Remove from ``folder`` what killed runs of this project left there; returns what was removed.
+
+    A temporary goes when it was made on this host by a process that no longer exists (another host's
+    temporaries on a shared disk are left alone: their owner cannot be checked from here); an output
+    lock file goes when no process holds its lock (``FileLock`` takes a removed lock file in its stride).
+    """
+    import fcntl
+
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    host = _host_id()
+    for entry in entries:
+        if not entry.name.startswith("."):
+            continue
+        match = _TMP_RE.match(entry.name)
+        path = Path(entry.path)
+        if match:
+            if match["host"] != host or int(match["pid"]) == os.getpid() or _process_alive(int(match["pid"])):
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            removed.append(path)
+        elif entry.name.endswith(_LOCK_SUFFIX) and len(entry.name) > len(_LOCK_SUFFIX) + 1 and \
+                entry.is_file(follow_symlinks=False) and entry.name != FileLock.FOLDER_LOCK:
+            try:
+                fd = os.open(path, os.O_RDWR)
+            except OSError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                if os.fstat(fd).st_size == 0 or os.pread(fd, 4, 0) == b"pid ":  # ours: "pid N on HOST ..."
+                    path.unlink(missing_ok=True)
+                    removed.append(path)
+            except OSError:  # held by a live run (BlockingIOError), or gone already
+                pass
+            finally:
+                os.close(fd)
+    for path in removed:
+        log.info("removed %s, left by a run that was killed", path)
+    return removed
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path`` to write to; on success it becomes ``path``.
 
     The temporary file keeps ``path``'s suffix (so writers that infer a format from it, such as
-    matplotlib, still work). On any exception it is removed and ``path`` is untouched.
+    matplotlib, still work). On any exception it is removed and ``path`` is untouched; one a SIGKILL left
+    is removed by the next atomic write in that folder (``remove_stale_temporaries``).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{path.suffix}")
+    remove_stale_temporaries(path.parent)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=temporary_prefix(path.name), suffix=f".tmp{path.suffix}")
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -116,7 +202,8 @@ def write_dir_atomically(out_dir: str | os.PathLike, write: Callable[[Path], Non
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
         raise InputError(f"{out_dir} already exists and is not empty; choose another path or pass --overwrite")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
+    remove_stale_temporaries(out_dir.parent)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=temporary_prefix(out_dir.name), suffix=".partial", dir=out_dir.parent))
     try:
         write(tmp_dir)
         # mkdtemp and some writers create owner-only files; a model folder is meant to be shared.
@@ -127,7 +214,7 @@ def write_dir_atomically(out_dir: str | os.PathLike, write: Callable[[Path], Non
         _fsync_path(tmp_dir, directory=True)
         if out_dir.exists():
             # Two renames, so the old folder stays whole until the new one is complete.
-            old_dir = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+            old_dir = out_dir.with_name(temporary_prefix(out_dir.name) + "old")
             out_dir.rename(old_dir)
             tmp_dir.rename(out_dir)
             shutil.rmtree(old_dir)
@@ -328,21 +415,6 @@ def check_output_file(path: str | os.PathLike, *, flag: str = "--out",
     return path
 
 
-def check_replaceable(path: Path, *, flag: str, overwrite: bool, is_ours: Callable[[Any], bool], what: str) -> None:
-    """An existing output file is replaced only when it is the command's own earlier output (a rerun rewrites
-    it) or with ``--overwrite``; any other file (data, notes, another tool's results) is refused, not lost.
-    ``is_ours`` judges the file's parsed JSON; ``what`` says in words what the command writes."""
-    if overwrite or not path.is_file():
-        return
-    try:
-        ours = is_ours(json.loads(path.read_text(encoding="utf-8")))
-    except (OSError, ValueError):  # unreadable or not JSON: certainly not ours
-        ours = False
-    if not ours:
-        raise InputError(f"{flag} {path} already exists and is not {what}; choose another file, or add "
-                         "--overwrite to replace it")
-
-
 def check_output_dir(path: str | os.PathLike, *, flag: str = "--out",
                      inputs: Iterable[tuple[str, str | os.PathLike | None]] = ()) -> Path:
     """Check, before any work, that folder ``path`` can be written and holds none of ``inputs``.
@@ -364,32 +436,49 @@ def check_output_dir(path: str | os.PathLike, *, flag: str = "--out",
     return path
 
 
-class FolderLock:
-    """One process's exclusive claim on a folder: ``flock`` on ``FOLDER/.lock``, which names the holder.
+class FileLock:
+    """One process's exclusive claim on an output: ``flock`` on a lock file, which names the holder.
+
+    ``acquire(folder)`` claims a folder a run works in (a training run's OUT: ``OUT/.lock``);
+    ``beside(path)`` claims an output that is replaced whole, a file or a folder renamed into place
+    (``.NAME.lock`` beside it, since a lock inside would be renamed away with the old folder). Two runs
+    on one output: the second is refused in one line naming the first, before it does any work.
 
     The kernel drops the lock when its process ends however it ends, so a lock file left behind by a
-    killed run never blocks the next one (that run takes the lock over). Only ``release`` removes the file.
+    killed run never blocks the next one (that run takes the lock over), and the next atomic write in
+    that folder removes it (``remove_stale_temporaries``). ``release`` removes the file.
     """
 
-    NAME = ".lock"
+    FOLDER_LOCK = ".lock"
+    NAME = FOLDER_LOCK
 
     def __init__(self, path: Path, fd: int):
         self.path = path
         self._fd = fd
 
     @classmethod
-    def acquire(cls, folder: str | os.PathLike, *, what: str = "--out") -> "FolderLock":
+    def acquire(cls, folder: str | os.PathLike, *, what: str = "--out") -> "FileLock":
         """Lock ``folder`` (created if missing), or one InputError naming the process that holds it."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        return cls._take(folder / cls.FOLDER_LOCK, f"{what} {folder}", what)
+
+    @classmethod
+    def beside(cls, target: str | os.PathLike, *, what: str = "--out") -> "FileLock":
+        """Lock the output file or folder ``target`` (its folder is created if missing), or one InputError."""
+        target = Path(target).expanduser()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        return cls._take(target.parent / f".{target.name}{_LOCK_SUFFIX}", f"{what} {target}", what)
+
+    @classmethod
+    def _take(cls, path: Path, named: str, what: str) -> "FileLock":
         import fcntl
         import socket
         import sys
         import time
 
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / cls.NAME
         while True:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, _FILE_MODE)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -398,9 +487,9 @@ class FolderLock:
                     holder = path.read_text(encoding="utf-8", errors="replace").strip() or "a process"
                 except OSError:
                     holder = "a process"
-                raise InputError(f"{what} {folder} is in use by another run ({holder}); wait for it to finish, or "
+                raise InputError(f"{named} is in use by another run ({holder}); wait for it to finish, or "
                                  f"use another {what}") from None
-            try:  # the file may have been released (removed) between our open and our lock: lock the new one
+            try:  # the file may have been removed between our open and our lock: lock the new one
                 if os.fstat(fd).st_ino == os.stat(path).st_ino:
                     break
             except FileNotFoundError:
@@ -418,3 +507,52 @@ class FolderLock:
         except FileNotFoundError:
             pass
         os.close(self._fd)
+
+    def __enter__(self) -> "FileLock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+FolderLock = FileLock  # the name training runs use for ``FileLock.acquire``
+
+
+class OutputClaim:
+    """What ``claimed_output`` yields: the output's path, and ``written()`` to call once it is written."""
+
+    def __init__(self, path: Path, stamp: Path, owner: dict | None):
+        self.path, self._stamp, self._owner = path, stamp, owner
+
+    def written(self) -> None:
+        """Record (beside the output) what it is the output of, so a rerun of the same command may replace it."""
+        if self._owner is not None:
+            write_json_atomic(self._stamp, {"key": content_key(self._owner), **self._owner})
+
+
+@contextmanager
+def claimed_output(path: str | os.PathLike, *, flag: str = "--out", owner: dict | None = None,
+                   overwrite: bool = False, what: str = "this command") -> Iterator[OutputClaim]:
+    """The one ownership rule of every command that writes an ``--out``: hold the output's lock for the
+    whole command, and replace an existing file only when it is this command's own earlier output.
+
+    ``owner`` identifies what the output is *of* (``by``: the command in words; its model, its data as
+    content keys); ``OutputClaim.written`` stores it beside the output (``.NAME.owner.json``). An existing
+    file whose stamp differs (another model's responses, the scores of other data) or that has none (a file
+    this project did not write) is refused unless ``overwrite``, naming what wrote it. Without ``owner``
+    only the lock is taken (folder outputs refuse a non-empty folder without --overwrite on their own).
+    """
+    path = Path(path).expanduser()
+    stamp = path.parent / f".{path.name}.owner.json"
+    with FileLock.beside(path, what=flag):
+        if owner is not None and not overwrite and path.is_file():
+            try:
+                found = json.loads(stamp.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                found = None
+            if not isinstance(found, dict) or found.get("key") != content_key(owner):
+                by = f"the output of `{found['by']}`" if isinstance(found, dict) and isinstance(found.get("by"), str) \
+                    else "a file this command did not write"
+                raise InputError(f"{flag} {path} already exists and holds {by}, not {what}'s output for these "
+                                 "inputs; choose another file, or add --overwrite to replace it")
+        yield OutputClaim(path, stamp, owner)

@@ -33,8 +33,7 @@ from tqdm.auto import tqdm
 
 from gpt2_scratch.core.args import arg, check_values
 from gpt2_scratch.core.errors import EXIT_INTERRUPTED, InputError
-from gpt2_scratch.core.files import (JsonlFile, check_output_file, check_replaceable, content_key,
-                                     write_json_atomic)
+from gpt2_scratch.core.files import JsonlFile, check_output_file, claimed_output, content_key, write_json_atomic
 from gpt2_scratch.core.records import load_records, record_input, select_split
 
 log = logging.getLogger(__name__)
@@ -107,8 +106,6 @@ def generate_file(model, tokenizer, records: list[dict], out: Path, *, fingerpri
 
 
 def run(args: RespondArgs) -> int:
-    from gpt2_scratch.convert.resolve import load_model, load_tokenizer
-
     check_values(args)  # the command line's one check of option values (also for callers from Python)
     # Pre-flight: the output is writable and replaces neither the data nor the model; the data parses.
     out = check_output_file(args.out, inputs=[("--data", args.data), ("--model", args.model)])
@@ -117,10 +114,22 @@ def run(args: RespondArgs) -> int:
         raise InputError(f"--response-key {args.response_key!r}: "
                          + ("an empty key" if not args.response_key.strip() else "a field of the records themselves")
                          + "; choose another key (the default is model_response)")
-    check_replaceable(out, flag="--out", overwrite=args.overwrite, what="a responses file written by respond",
-                      is_ours=lambda data: isinstance(data, list) and all(
-                          isinstance(r, dict) and args.response_key in r for r in data))
     records = select_split(load_records(args.data, required=("instruction",)), args.split)[: args.limit]
+    fingerprint = model_fingerprint(Path(args.model))
+    # What the output is of: a rerun of the same command rewrites it; another model's responses or responses
+    # to other data are never replaced without --overwrite (core.files.claimed_output).
+    owner = {"by": f"respond --model {args.model} --data {args.data}", "model": fingerprint,
+             "response_key": args.response_key,
+             "records": content_key({"records": [[r["instruction"], record_input(r), r.get("output")] for r in records]})}
+    with claimed_output(out, owner=owner, overwrite=args.overwrite, what="respond") as claim:
+        return _respond(args, claim, records, fingerprint)
+
+
+def _respond(args: RespondArgs, claim, records: list[dict], fingerprint: str) -> int:
+    """Load the model and write the responses (``run``'s work, once the output is claimed)."""
+    from gpt2_scratch.convert.resolve import load_model, load_tokenizer
+
+    out = claim.path
     model = load_model(args.model)
     tokenizer = load_tokenizer(args.model)
     style = args.prompt_style or getattr(model.config, "prompt_style", None) or "alpaca"
@@ -131,7 +140,7 @@ def run(args: RespondArgs) -> int:
     print(f"Generating {len(records)} responses ({args.split}) with {args.model}: batch {args.batch_size}, "
           f"up to {args.max_new_tokens} new tokens, greedy, {style} prompts")
     try:
-        generate_file(model, tokenizer, records, out, fingerprint=model_fingerprint(Path(args.model)),
+        generate_file(model, tokenizer, records, out, fingerprint=fingerprint,
                       response_key=args.response_key, batch_size=args.batch_size,
                       max_new_tokens=args.max_new_tokens, style=style, save_every=args.save_every,
                       progress=not args.quiet)
@@ -139,5 +148,6 @@ def run(args: RespondArgs) -> int:
         print("\ninterrupted; finished groups are saved: rerun the same command to resume", file=sys.stderr,
               flush=True)
         return EXIT_INTERRUPTED
+    claim.written()
     print(f"Wrote {out} ({len(records)} records with {args.response_key!r})")
     return 0

@@ -110,16 +110,17 @@ def preset_config(preset: str, shape: dict[str, int], *, command: str, **fields)
 def run_init(args: InitArgs) -> None:
     import torch
 
-    from gpt2_scratch.core.files import check_output_dir
+    from gpt2_scratch.core.files import check_output_dir, claimed_output
 
     from . import GPT2ScratchForCausalLM, save_model_dir
 
     check_output_dir(args.out)
     config = preset_config(args.preset, shape_options(args), command=f"init --preset {args.preset}",
                            tie_word_embeddings=not args.untied)
-    torch.manual_seed(args.seed)
-    model = GPT2ScratchForCausalLM(config)
-    save_model_dir(model, args.out, overwrite=args.overwrite)
+    with claimed_output(args.out):  # one run per output at a time (core.files.claimed_output)
+        torch.manual_seed(args.seed)
+        model = GPT2ScratchForCausalLM(config)
+        save_model_dir(model, args.out, overwrite=args.overwrite)
     print(f"wrote {args.out}: {args.preset} ({model.num_parameters():,} parameters, random init, seed {args.seed})")
 
 
