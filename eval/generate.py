@@ -50,7 +50,8 @@ class RespondArgs:
         "all", "the book's 85/10/5 split of --data (test = [935:1045] of 1100)")
     limit: int | None = arg(None, "only the first N records (after --split)", at_least=0)
     batch_size: int = arg(8, "prompts per forward pass", at_least=1)
-    max_new_tokens: int = arg(256, "tokens per response at most", at_least=1)
+    max_new_tokens: int | None = arg(None, "tokens per response at most (default 256, or half the model's context "
+                                           "when that is less)", at_least=1)
     prompt_style: Literal["alpaca", "phi3"] | None = arg(
         None, "prompt format (default: the one the model was trained with, else alpaca)", aliases=("--style",))
     response_key: str = arg("model_response", "key to add to each record")
@@ -127,22 +128,20 @@ def run(args: RespondArgs) -> int:
 
 def _respond(args: RespondArgs, claim, records: list[dict], fingerprint: str) -> int:
     """Load the model and write the responses (``run``'s work, once the output is claimed)."""
+    from gpt2_scratch.commands import new_token_budget
     from gpt2_scratch.convert.resolve import load_model, load_tokenizer
 
     out = claim.path
     model = load_model(args.model)
     tokenizer = load_tokenizer(args.model)
     style = args.prompt_style or getattr(model.config, "prompt_style", None) or "alpaca"
-    context = model.config.max_position_embeddings
-    if args.max_new_tokens >= context:
-        raise InputError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the {context}-token "
-                         f"context of {args.model}; ask for at most {context - 1}")
+    max_new_tokens = new_token_budget(args.max_new_tokens, 256, model.config.max_position_embeddings, args.model)
     print(f"Generating {len(records)} responses ({args.split}) with {args.model}: batch {args.batch_size}, "
-          f"up to {args.max_new_tokens} new tokens, greedy, {style} prompts")
+          f"up to {max_new_tokens} new tokens, greedy, {style} prompts")
     try:
         generate_file(model, tokenizer, records, out, fingerprint=fingerprint,
                       response_key=args.response_key, batch_size=args.batch_size,
-                      max_new_tokens=args.max_new_tokens, style=style, save_every=args.save_every,
+                      max_new_tokens=max_new_tokens, style=style, save_every=args.save_every,
                       progress=not args.quiet)
     except KeyboardInterrupt:
         print("\ninterrupted; finished groups are saved: rerun the same command to resume", file=sys.stderr,

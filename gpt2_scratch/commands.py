@@ -25,16 +25,45 @@ UTF8_HINT = "use a UTF-8 terminal or locale, or convert the text with iconv -t U
 
 
 def check_text(text: str, option: str) -> str:
-    """``text`` given with ``option`` (--prompt, --text ...), refused in one line when it is not UTF-8."""
+    """``text`` given with ``option`` (--prompt, --text ...), refused in one line when it is not UTF-8.
+
+    Under a locale that is not UTF-8 (LANG=C with Python's UTF-8 mode off) Python decodes argv as ASCII, so
+    UTF-8 text arrives as undecodable bytes: then the locale, not the text, is named as the cause.
+    """
     problem = unicode_problem(text, from_bytes=True)
     if problem:
-        raise InputError(f"{option} is {problem}; {UTF8_HINT}")
+        locale_problem = _locale_problem(text)
+        raise InputError(f"{option} {locale_problem}" if locale_problem else f"{option} is {problem}; {UTF8_HINT}")
     return text
+
+
+def _locale_problem(text: str) -> str | None:
+    """Why the locale, not ``text``, is at fault: its bytes are valid UTF-8 that the locale's encoding cannot read."""
+    import os
+
+    encoding = sys.getfilesystemencoding()
+    if encoding.lower().replace("-", "") == "utf8":
+        return None
+    try:
+        os.fsencode(text).decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    setting = next((f"{name}={os.environ[name]}" for name in ("LC_ALL", "LC_CTYPE", "LANG") if os.environ.get(name)),
+                   "no LANG")
+    return (f"is UTF-8 text, but this process's locale ({setting}: {encoding}) cannot read it; run with a UTF-8 "
+            "locale (LANG=C.UTF-8) or PYTHONUTF8=1")
 
 
 def stdin_line(line: str, number: int) -> str:
     """One line read from standard input, without its line ending (\\n or \\r\\n), checked like an option."""
     return check_text(line.rstrip("\r\n"), f"standard input line {number}")
+
+
+def check_stdin_open(what: str) -> None:
+    """Refuse in one line to read standard input when the process has none (started with ``<&-``, or by
+    a service manager): ``sys.stdin`` is then None. ``what`` says what to give instead."""
+    if sys.stdin is None:
+        raise InputError(f"standard input is closed, so there is nothing to read; {what}")
 
 
 def read_stdin_line(prompt: str, number: int) -> str:
@@ -133,14 +162,15 @@ def run_init(args: InitArgs) -> None:
 class SamplingArgs:
     """The book's generation settings, shared by ``generate`` and ``chat``."""
 
-    max_new_tokens: int = arg(50, "tokens to generate at most")
+    max_new_tokens: int | None = arg(None, "tokens to generate at most (default 50, or half the model's context "
+                                           "when that is less)", at_least=1)
     temperature: float = arg(0.0, "0 = greedy (the book's default); > 0 samples: top-k first, then temperature")
     top_k: int | None = arg(None, "sample only among the k most likely tokens")
     top_p: float = arg(1.0, "nucleus sampling threshold in (0, 1] (1 = off)")
     seed: int = arg(123, "seed for sampling")
 
     def check_sampling(self) -> None:
-        if self.max_new_tokens < 1:
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise InputError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
             raise InputError(f"--temperature must be a finite number >= 0 (0 = greedy), got {self.temperature}")
@@ -165,16 +195,30 @@ class GenerateArgs(SamplingArgs):
     ignore_eos: bool = arg(False, "keep going past <|endoftext|>")
 
 
-def load_for_generation(spec: str, max_new_tokens: int):
-    """(model, tokenizer, longest prompt) for ``spec``; an error when no prompt would fit the context."""
+def new_token_budget(typed: int | None, default: int, context: int, spec: str) -> int:
+    """How many tokens to generate at most: the --max-new-tokens the user typed (refused when it leaves no
+    room for a prompt in the model's ``context``), else ``default``, capped to half the context with a notice
+    (a default must fit every model: `make demo`'s has a 128-token context)."""
+    if typed is not None:
+        if typed >= context:
+            raise InputError(f"--max-new-tokens {typed} leaves no room for a prompt in the {context}-token context "
+                             f"of {spec}; ask for at most {context - 1}")
+        return typed
+    if default < context // 2 or context < 2:
+        return default
+    print(f"[at most {context // 2} new tokens: the default {default} does not fit the {context}-token context of "
+          f"{spec}; set --max-new-tokens to choose]", file=sys.stderr)
+    return context // 2
+
+
+def load_for_generation(spec: str, max_new_tokens: int | None, default: int):
+    """(model, tokenizer, longest prompt, new tokens at most) for ``spec`` (``new_token_budget``)."""
     from gpt2_scratch.convert.resolve import load_model, load_tokenizer
 
     model = load_model(spec)
     context = model.config.max_position_embeddings
-    if max_new_tokens >= context:
-        raise InputError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in the {context}-token "
-                         f"context of {spec}; ask for at most {context - 1}")
-    return model, load_tokenizer(spec), context - max_new_tokens
+    budget = new_token_budget(max_new_tokens, default, context, spec)
+    return model, load_tokenizer(spec), context - budget, budget
 
 
 def crop_prompt(ids: list[int], max_prompt: int) -> list[int]:
@@ -196,20 +240,21 @@ def run_generate(args: GenerateArgs) -> None:
     args.check_sampling()
     if args.prompt is not None:
         check_text(args.prompt, "--prompt")
-    model, tokenizer, max_prompt = load_for_generation(args.model, args.max_new_tokens)
+    model, tokenizer, max_prompt, max_new_tokens = load_for_generation(args.model, args.max_new_tokens, 50)
 
     def complete(prompt: str) -> None:
         ids = crop_prompt(tokenizer.encode(prompt, verbose=False), max_prompt)  # crop_prompt says what it cut
         torch.manual_seed(args.seed)
         with torch.inference_mode():
             model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                           max_new_tokens=args.max_new_tokens, eos_token_id=None if args.ignore_eos else ENDOFTEXT_ID,
+                           max_new_tokens=max_new_tokens, eos_token_id=None if args.ignore_eos else ENDOFTEXT_ID,
                            pad_token_id=ENDOFTEXT_ID, streamer=TextStreamer(tokenizer, skip_special_tokens=True),
                            **args.generate_kwargs())
 
     if args.prompt is not None:
         complete(args.prompt)
         return
+    check_stdin_open("give the text with --prompt, or pipe prompts in")
     print("Type a prompt and press Enter (an empty line or 'quit' ends).", file=sys.stderr)
     for number in itertools.count(1):
         try:
@@ -238,7 +283,8 @@ class ChatArgs(SamplingArgs):
     prompt_style: Literal["alpaca", "phi3"] | None = arg(
         None, "how messages are wrapped (default: the style the model was trained with, else alpaca)",
         aliases=("--style",))
-    max_new_tokens: int = arg(256, "tokens per answer at most")
+    max_new_tokens: int | None = arg(None, "tokens per answer at most (default 256, or half the model's context "
+                                           "when that is less)", at_least=1)
 
 
 def chat_prompt(message: str, style: str, input_text: str | None = None) -> str:
@@ -260,7 +306,7 @@ def run_chat(args: ChatArgs) -> None:
     for option, text in (("--prompt", args.prompt), ("--input", args.input)):
         if text is not None:
             check_text(text, option)
-    model, tokenizer, max_prompt = load_for_generation(args.model, args.max_new_tokens)
+    model, tokenizer, max_prompt, max_new_tokens = load_for_generation(args.model, args.max_new_tokens, 256)
     style = args.prompt_style or getattr(model.config, "prompt_style", None) or "alpaca"
 
     def answer(message: str, input_text: str | None = None) -> None:
@@ -270,7 +316,7 @@ def run_chat(args: ChatArgs) -> None:
         streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
         with torch.inference_mode():
             model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                           max_new_tokens=args.max_new_tokens, eos_token_id=ENDOFTEXT_ID, pad_token_id=ENDOFTEXT_ID,
+                           max_new_tokens=max_new_tokens, eos_token_id=ENDOFTEXT_ID, pad_token_id=ENDOFTEXT_ID,
                            streamer=streamer, **args.generate_kwargs())
 
     if args.prompt is not None:
@@ -278,6 +324,7 @@ def run_chat(args: ChatArgs) -> None:
         return
     if args.input is not None:
         raise InputError("--input goes with --prompt; in the chat, type the instruction and its input together")
+    check_stdin_open("give the message with --prompt, or pipe messages in")
     interactive = sys.stdin.isatty()
     if interactive:
         print(f"Chatting with {args.model} ({style} prompts; each message is answered on its own). "
@@ -349,6 +396,8 @@ def run_predict(args: PredictArgs) -> None:
 
     for number, text in enumerate(args.text, start=1):  # checked before the model loads: a bad one costs no load
         check_text(text, f"--text {number}" if len(args.text) > 1 else "--text")
+    if "-" in args.text:
+        check_stdin_open("give the texts with --text instead of '-'")
     model = load_model_dir(args.model, head="classifier")
     texts: list[str] = []
     for text in args.text:
