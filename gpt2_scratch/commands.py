@@ -235,7 +235,7 @@ def run_generate(args: GenerateArgs) -> None:
     import torch
     from transformers import TextStreamer
 
-    from .tokenizer import ENDOFTEXT_ID
+    from .tokenizer import ENDOFTEXT_ID, encode_user_text
 
     args.check_sampling()
     if args.prompt is not None:
@@ -243,7 +243,7 @@ def run_generate(args: GenerateArgs) -> None:
     model, tokenizer, max_prompt, max_new_tokens = load_for_generation(args.model, args.max_new_tokens, 50)
 
     def complete(prompt: str) -> None:
-        ids = crop_prompt(tokenizer.encode(prompt, verbose=False), max_prompt)  # crop_prompt says what it cut
+        ids = crop_prompt(encode_user_text(tokenizer, prompt), max_prompt)  # crop_prompt says what it cut
         torch.manual_seed(args.seed)
         with torch.inference_mode():
             model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
@@ -300,7 +300,7 @@ def run_chat(args: ChatArgs) -> None:
     import torch
     from transformers import TextStreamer
 
-    from .tokenizer import ENDOFTEXT_ID
+    from .tokenizer import ENDOFTEXT_ID, encode_user_text
 
     args.check_sampling()
     for option, text in (("--prompt", args.prompt), ("--input", args.input)):
@@ -310,7 +310,7 @@ def run_chat(args: ChatArgs) -> None:
     style = args.prompt_style or getattr(model.config, "prompt_style", None) or "alpaca"
 
     def answer(message: str, input_text: str | None = None) -> None:
-        ids = crop_prompt(tokenizer.encode(chat_prompt(message, style, input_text), verbose=False), max_prompt)
+        ids = crop_prompt(encode_user_text(tokenizer, chat_prompt(message, style, input_text)), max_prompt)
         torch.manual_seed(args.seed)
         # skip_prompt: only the answer streams, token by token, as it is generated.
         streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
@@ -370,13 +370,15 @@ def classify_texts(model, tokenizer, texts: list[str]) -> list[tuple[str, float]
     """
     import torch
 
+    from .tokenizer import encode_user_text  # deferred with torch: --help stays quick
+
     config = model.config
     max_length = min(getattr(config, "classification_max_length", None) or config.max_position_embeddings,
                      config.max_position_embeddings)
     results = []
     with torch.inference_mode():
         for index, text in enumerate(texts):
-            ids = tokenizer.encode(text, verbose=False)  # too long: cropped below, with a note of our own
+            ids = encode_user_text(tokenizer, text)  # too long: cropped below, with a note of our own
             if not ids:
                 raise InputError(f"--text {index + 1} is empty after tokenization; give some text")
             if len(ids) > max_length:

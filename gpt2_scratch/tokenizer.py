@@ -93,3 +93,10 @@ def get_tokenizer(padding_side: str = "right") -> GPT2TokenizerFast:
     tokenizer.padding_side = padding_side
     return tokenizer
 
+
+
+def encode_user_text(tokenizer, text: str) -> list[int]:
+    """The ids of text a user typed (``generate``, ``chat``, ``predict``): text that looks like a special token
+    (``<|endoftext|>``) stays text, as llama.cpp treats user input, so a typed marker can never end or
+    restart a prompt; the prompt's own end-of-text tokens are added by ids, never by spelling."""
+    return tokenizer.encode(text, split_special_tokens=True, verbose=False)
