@@ -26,6 +26,7 @@ from gpt2_scratch.convert.errors import ConvertError
 from gpt2_scratch.convert.mapping import HF_IGNORED, HF_RULES, HF_TIED_HEAD, Dims, convert_tensors, plan_conversion, strip_hf_prefix
 from gpt2_scratch.core.download import DownloadError
 from gpt2_scratch.core.files import path_kind, write_dir_atomically
+from gpt2_scratch.tokenizer import check_tokenizer_files
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +133,7 @@ def load_hf_checkpoint(path: str | Path):
             raise ConvertError(f"{path}: expected a folder or a .safetensors file")
         files, config_path = [path], path.parent / "config.json"
     elif path.is_dir():
+        check_tokenizer_files(path, flag="--from-dir")  # another tokenizer: refused, not ignored
         files, config_path = _weight_files(path), path / "config.json"
     elif path_kind(path) is not None:  # /dev/null, a named pipe, a link loop
         raise ConvertError(f"{path} is {path_kind(path)}; pass a model folder or a .safetensors file")
