@@ -32,21 +32,23 @@ from typing import Any, Callable, Literal
 
 
 # Field metadata that is ours, not argparse's.
-_CHECKS = ("at_least", "above", "at_most")
+_CHECKS = ("at_least", "above", "at_most", "plain_name")
 _OURS = ("help", "aliases", *_CHECKS, "resume_may_change")
 
 
 def arg(default: Any = dataclasses.MISSING, help: str = "", *, aliases: Sequence[str] = (),
         at_least: float | None = None, above: float | None = None, at_most: float | None = None,
-        resume_may_change: bool = False, **argparse_kwargs: Any) -> Any:
+        plain_name: bool = False, resume_may_change: bool = False, **argparse_kwargs: Any) -> Any:
     """A dataclass field carrying its option's help text, aliases, value bounds and extra argparse settings.
 
     Leave ``default`` out for a required option. ``at_least`` / ``above`` / ``at_most`` bound the value
-    (``check_values``; None passes, it means "not set"). ``resume_may_change``: a training run's
+    (``check_values``; None passes, it means "not set"). ``plain_name``: a string that becomes a file or folder
+    name inside the command's output (a tracker run name), so it may not be a path (``check_plain_name``).
+    ``resume_may_change``: a training run's
     ``--resume`` may change this option (how a run is watched or what happens after it), not what it computes.
     """
     metadata = {"help": help, "aliases": tuple(aliases), "at_least": at_least, "above": above, "at_most": at_most,
-                "resume_may_change": resume_may_change, **argparse_kwargs}
+                "plain_name": plain_name, "resume_may_change": resume_may_change, **argparse_kwargs}
     if isinstance(default, list):
         return dataclasses.field(default_factory=lambda: list(default), metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -63,6 +65,21 @@ def redefault(cls: type, name: str, default: Any, help: str | None = None) -> An
     return arg(default, ours.pop("help", ""), **ours, **metadata)
 
 
+def _exact(bound: float) -> str:
+    """A bound as the user would type it: an integer exactly (``%g`` shows 4294967295 as 4.29497e+09)."""
+    return str(bound) if isinstance(bound, int) else f"{bound:g}"
+
+
+def check_plain_name(value: str, flag: str) -> None:
+    """``value`` names one file or folder (no separator, not ``.`` or ``..``, no NUL): a name given to a run must
+    not lead its files out of the folder they belong in."""
+    from gpt2_scratch.core.errors import InputError
+
+    if not value.strip() or value in (".", "..") or any(c in value for c in "/\\\0"):
+        raise InputError(f"{flag} {value!r}: must be a plain name (no '/', '\\', '..' or empty), since it names "
+                         "a folder inside the run's output; choose another name")
+
+
 def check_values(args: Any) -> None:
     """Every option's value against what its field declares; raises one InputError naming the option."""
     from gpt2_scratch.core.errors import InputError
@@ -71,18 +88,21 @@ def check_values(args: Any) -> None:
         value = getattr(args, field.name)
         values = value if isinstance(value, list) else [value]
         for v in values:
+            if isinstance(v, str) and field.metadata.get("plain_name"):
+                check_plain_name(v, option_name(field.name))
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 continue
             flag = option_name(field.name)
             if isinstance(v, float) and not math.isfinite(v):
                 raise InputError(f"{flag} must be a finite number, got {v}")
             meta = field.metadata
+            shown = str(v) if isinstance(v, int) else f"{v:g}"  # an integer exactly: 4294967296, not 4.29497e+09
             if meta.get("at_least") is not None and v < meta["at_least"]:
-                raise InputError(f"{flag} must be at least {meta['at_least']:g}, got {v:g}")
+                raise InputError(f"{flag} must be at least {_exact(meta['at_least'])}, got {shown}")
             if meta.get("above") is not None and v <= meta["above"]:
-                raise InputError(f"{flag} must be greater than {meta['above']:g}, got {v:g}")
+                raise InputError(f"{flag} must be greater than {_exact(meta['above'])}, got {shown}")
             if meta.get("at_most") is not None and v > meta["at_most"]:
-                raise InputError(f"{flag} must be at most {meta['at_most']:g}, got {v:g}")
+                raise InputError(f"{flag} must be at most {_exact(meta['at_most'])}, got {shown}")
 
 
 def resume_may_change(cls: type) -> set[str]:

@@ -91,7 +91,7 @@ class InitArgs:
 
     preset: Literal["gpt2-small", "gpt2-medium", "gpt2-large", "gpt2-xl"] = arg(help="GPT-2 size to start from")
     out: str = arg(help="model folder to create")
-    seed: int = arg(123, "seed of the random init")
+    seed: int = arg(123, "seed of the random init", at_least=0, at_most=2**64 - 1)  # torch.manual_seed's range
     n_layers: int | None = arg(None, "override the preset's number of blocks", at_least=1)
     emb_dim: int | None = arg(None, "override the preset's embedding width", at_least=1)
     n_heads: int | None = arg(None, "override the preset's attention heads", at_least=1)
@@ -167,7 +167,7 @@ class SamplingArgs:
     temperature: float = arg(0.0, "0 = greedy (the book's default); > 0 samples: top-k first, then temperature")
     top_k: int | None = arg(None, "sample only among the k most likely tokens")
     top_p: float = arg(1.0, "nucleus sampling threshold in (0, 1] (1 = off)")
-    seed: int = arg(123, "seed for sampling")
+    seed: int = arg(123, "seed for sampling", at_least=0, at_most=2**64 - 1)  # torch.manual_seed's range
 
     def check_sampling(self) -> None:
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
