@@ -176,6 +176,15 @@ def check_config(path: str | os.PathLike, config: dict):
         value = config.get(field)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
             raise bad(field, "a token id (an integer >= 0) or null")
+    for target in sorted(set(GPT2ScratchConfig.attribute_map.values())):
+        # transformers lets an alias (n_embd, hidden_size) silently override the key itself (emb_dim): two values
+        # for one setting are refused by name, instead of as the weights' shapes disagreeing with one of them.
+        names = [name for name in (target, *sorted(a for a, t in GPT2ScratchConfig.attribute_map.items() if t == target))
+                 if name in config]
+        if len({json.dumps(config[name]) for name in names}) > 1:
+            said = " and ".join(f"{name} {json.dumps(config[name])}" for name in names)
+            raise ModelDirError(f"{config_file}: {said} disagree, though they name one setting ({target}); keep "
+                                f"the right one and remove the other{'s' if len(names) > 2 else ''} from config.json")
     try:
         built = GPT2ScratchConfig.from_dict(config)
     except (ValueError, TypeError, AttributeError, KeyError) as err:
