@@ -240,6 +240,8 @@ def run_generate(args: GenerateArgs) -> None:
     args.check_sampling()
     if args.prompt is not None:
         check_text(args.prompt, "--prompt")
+    else:  # before the model loads: a closed stdin costs no load
+        check_stdin_open("give the text with --prompt, or pipe prompts in")
     model, tokenizer, max_prompt, max_new_tokens = load_for_generation(args.model, args.max_new_tokens, 50)
 
     def complete(prompt: str) -> None:
@@ -254,7 +256,6 @@ def run_generate(args: GenerateArgs) -> None:
     if args.prompt is not None:
         complete(args.prompt)
         return
-    check_stdin_open("give the text with --prompt, or pipe prompts in")
     print("Type a prompt and press Enter (an empty line or 'quit' ends).", file=sys.stderr)
     for number in itertools.count(1):
         try:
@@ -306,6 +307,8 @@ def run_chat(args: ChatArgs) -> None:
     for option, text in (("--prompt", args.prompt), ("--input", args.input)):
         if text is not None:
             check_text(text, option)
+    if args.prompt is None:  # before the model loads: a closed stdin costs no load
+        check_stdin_open("give the message with --prompt, or pipe messages in")
     model, tokenizer, max_prompt, max_new_tokens = load_for_generation(args.model, args.max_new_tokens, 256)
     style = args.prompt_style or getattr(model.config, "prompt_style", None) or "alpaca"
 
@@ -324,7 +327,6 @@ def run_chat(args: ChatArgs) -> None:
         return
     if args.input is not None:
         raise InputError("--input goes with --prompt; in the chat, type the instruction and its input together")
-    check_stdin_open("give the message with --prompt, or pipe messages in")
     interactive = sys.stdin.isatty()
     if interactive:
         print(f"Chatting with {args.model} ({style} prompts; each message is answered on its own). "
