@@ -16,7 +16,8 @@ GGUF's ``tokenizer.chat_template``, the Ollama Modelfile's TEMPLATE):
   the one channel besides the user's text that OpenAI-style servers and Ollama pass on unchanged;
   ``developer`` messages (OpenAI's newer name for the system role) are system messages, and ``tool``
   messages (a tool's result) join the input too, in the order they come: context for the instruction,
-  which the model was never trained to see anywhere else;
+  which the model was never trained to see anywhere else; an assistant message with no content (one
+  that only calls a tool) is no answer, and a tool result asks for an answer again;
 - a message's content is text, or OpenAI's list of parts (``[{"type": "text", "text": ...}]``), whose
   text parts are joined (a text model cannot see the other kinds);
 - an assistant message after that last user message is the response: it follows the response header
@@ -129,10 +130,11 @@ def chat_template(style: str) -> str:
         "{%- endfor -%}{%- endif -%}"
         '{%- if message["role"] == "user" -%}'
         '{%- set ns.instruction = ns.text -%}{%- set ns.answered = false -%}'
-        '{%- elif message["role"] == "assistant" -%}'
+        '{%- elif message["role"] == "assistant" and message["content"] is not none -%}'
         '{%- set ns.response = ns.text -%}{%- set ns.answered = true -%}'
         '{%- elif message["role"] in ["system", "developer", "tool"] -%}'
         '{%- set ns.input = ns.input + ("\\n\\n" if ns.input else "") + ns.text -%}'
+        '{%- if message["role"] == "tool" -%}{%- set ns.answered = false -%}{%- endif -%}'
         "{%- endif -%}"
         "{%- endfor -%}"
         f"{{{{- {head} + ns.instruction -}}}}"
