@@ -13,7 +13,11 @@ process is cut off on the next read.
 
 ``check_output_file`` / ``check_output_dir`` are the pre-flight of every command that writes: the
 output must not be one of the command's inputs, must not lie under a file, and its folder must be
-writable, all checked before any work is done or anything is deleted.
+writable, all checked before any work is done or anything is deleted. ``claimed_output`` is the one
+ownership rule of every command that writes an ``--out``: its lock held for the whole command
+(``core.locks``), and an existing file replaced only when it is the command's own earlier output.
+Temporaries name their process (``core.locks``): the next atomic write in a folder removes those a
+killed run left there.
 """
 
 from __future__ import annotations
@@ -23,7 +27,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 import tempfile
 import threading
@@ -33,6 +36,8 @@ from pathlib import Path
 from typing import Any
 
 from gpt2_scratch.core.errors import InputError
+# FolderLock is re-exported: training runs take their folder's lock from here.
+from gpt2_scratch.core.locks import FileLock, FolderLock, remove_stale_temporaries, temporary_prefix  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -64,89 +69,6 @@ def _fsync_path(path: Path, directory: bool = False) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Temporaries that name their owner, so a later run removes the ones a killed process left
-# ---------------------------------------------------------------------------------------------------
-
-# A SIGKILL (the OOM killer, `kill -9`, a lost node) runs no cleanup: the temporary file or folder of an
-# atomic write stays beside its target, as large as the model. Every temporary is therefore named
-# ".NAME.gpt2tmp-PID-HOST-..." (HOST: a short hash of the host name); each atomic write first removes,
-# in the folder it writes to, the temporaries whose process is gone from this host, and the output
-# locks (``output_lock``) no process holds.
-_TMP_MARK = "gpt2tmp"
-_TMP_RE = re.compile(rf"^\..+\.{_TMP_MARK}-(?P<pid>\d+)-(?P<host>[0-9a-f]{{8}})-")
-_LOCK_SUFFIX = ".lock"
-
-
-def _host_id() -> str:
-    import socket
-
-    return hashlib.sha256(socket.gethostname().encode("utf-8", "replace")).hexdigest()[:8]
-
-
-def temporary_prefix(name: str) -> str:
-    """The start of a temporary's name for target ``name``: hidden, and naming this process and host."""
-    return f".{name}.{_TMP_MARK}-{os.getpid()}-{_host_id()}-"
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's live process
-        return True
-    return True
-
-
-def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
-    """Remove from ``folder`` what killed runs of this project left there; returns what was removed.
-
-    A temporary goes when it was made on this host by a process that no longer exists (another host's
-    temporaries on a shared disk are left alone: their owner cannot be checked from here); an output
-    lock file goes when no process holds its lock (``FileLock`` takes a removed lock file in its stride).
-    """
-    import fcntl
-
-    removed = []
-    try:
-        entries = list(os.scandir(folder))
-    except OSError:
-        return removed
-    host = _host_id()
-    for entry in entries:
-        if not entry.name.startswith("."):
-            continue
-        match = _TMP_RE.match(entry.name)
-        path = Path(entry.path)
-        if match:
-            if match["host"] != host or int(match["pid"]) == os.getpid() or _process_alive(int(match["pid"])):
-                continue
-            if entry.is_dir(follow_symlinks=False):
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                path.unlink(missing_ok=True)
-            removed.append(path)
-        elif entry.name.endswith(_LOCK_SUFFIX) and len(entry.name) > len(_LOCK_SUFFIX) + 1 and \
-                entry.is_file(follow_symlinks=False) and entry.name != FileLock.FOLDER_LOCK:
-            try:
-                fd = os.open(path, os.O_RDWR)
-            except OSError:
-                continue
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                if os.fstat(fd).st_size == 0 or os.pread(fd, 4, 0) == b"pid ":  # ours: "pid N on HOST ..."
-                    path.unlink(missing_ok=True)
-                    removed.append(path)
-            except OSError:  # held by a live run (BlockingIOError), or gone already
-                pass
-            finally:
-                os.close(fd)
-    for path in removed:
-        log.info("removed %s, left by a run that was killed", path)
-    return removed
 
 
 @contextmanager
@@ -242,6 +164,16 @@ def replace_files_into(staging: Path, out_dir: Path) -> None:
 # ---------------------------------------------------------------------------------------------------
 # Append-only JSON lines
 # ---------------------------------------------------------------------------------------------------
+
+
+def source_identity(spec: str | os.PathLike | None) -> str | None:
+    """What an input option names, as one string: a local file or folder by its resolved path (two spellings of
+    one file are one source), anything else (a URL, a Hub id, a preset) as given. An output's owner stamp keys
+    on it: the same command run again on the same source may replace its output, edits of the file included."""
+    if spec is None:
+        return None
+    path = Path(spec).expanduser()
+    return str(_resolved(path)) if os.path.lexists(path) else str(spec)
 
 
 def content_key(fields: dict) -> str:
@@ -436,88 +368,6 @@ def check_output_dir(path: str | os.PathLike, *, flag: str = "--out",
     return path
 
 
-class FileLock:
-    """One process's exclusive claim on an output: ``flock`` on a lock file, which names the holder.
-
-    ``acquire(folder)`` claims a folder a run works in (a training run's OUT: ``OUT/.lock``);
-    ``beside(path)`` claims an output that is replaced whole, a file or a folder renamed into place
-    (``.NAME.lock`` beside it, since a lock inside would be renamed away with the old folder). Two runs
-    on one output: the second is refused in one line naming the first, before it does any work.
-
-    The kernel drops the lock when its process ends however it ends, so a lock file left behind by a
-    killed run never blocks the next one (that run takes the lock over), and the next atomic write in
-    that folder removes it (``remove_stale_temporaries``). ``release`` removes the file.
-    """
-
-    FOLDER_LOCK = ".lock"
-    NAME = FOLDER_LOCK
-
-    def __init__(self, path: Path, fd: int):
-        self.path = path
-        self._fd = fd
-
-    @classmethod
-    def acquire(cls, folder: str | os.PathLike, *, what: str = "--out") -> "FileLock":
-        """Lock ``folder`` (created if missing), or one InputError naming the process that holds it."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        return cls._take(folder / cls.FOLDER_LOCK, f"{what} {folder}", what)
-
-    @classmethod
-    def beside(cls, target: str | os.PathLike, *, what: str = "--out") -> "FileLock":
-        """Lock the output file or folder ``target`` (its folder is created if missing), or one InputError."""
-        target = Path(target).expanduser()
-        target.parent.mkdir(parents=True, exist_ok=True)
-        return cls._take(target.parent / f".{target.name}{_LOCK_SUFFIX}", f"{what} {target}", what)
-
-    @classmethod
-    def _take(cls, path: Path, named: str, what: str) -> "FileLock":
-        import fcntl
-        import socket
-        import sys
-        import time
-
-        while True:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, _FILE_MODE)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                try:
-                    holder = path.read_text(encoding="utf-8", errors="replace").strip() or "a process"
-                except OSError:
-                    holder = "a process"
-                raise InputError(f"{named} is in use by another run ({holder}); wait for it to finish, or "
-                                 f"use another {what}") from None
-            try:  # the file may have been removed between our open and our lock: lock the new one
-                if os.fstat(fd).st_ino == os.stat(path).st_ino:
-                    break
-            except FileNotFoundError:
-                pass
-            os.close(fd)
-        started = time.strftime("%Y-%m-%d %H:%M:%S")
-        command = " ".join(sys.argv)[:300]
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, started {started}: {command}\n".encode())
-        return cls(path, fd)
-
-    def release(self) -> None:
-        try:
-            self.path.unlink()
-        except FileNotFoundError:
-            pass
-        os.close(self._fd)
-
-    def __enter__(self) -> "FileLock":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.release()
-
-
-FolderLock = FileLock  # the name training runs use for ``FileLock.acquire``
-
-
 class OutputClaim:
     """What ``claimed_output`` yields: the output's path, and ``written()`` to call once it is written."""
 
@@ -525,9 +375,19 @@ class OutputClaim:
         self.path, self._stamp, self._owner = path, stamp, owner
 
     def written(self) -> None:
-        """Record (beside the output) what it is the output of, so a rerun of the same command may replace it."""
+        """Record (beside the output) what it is the output of, and its digest, so a rerun of the same command
+        may replace it, and only as it was written (a file edited or replaced since then is the user's)."""
         if self._owner is not None:
-            write_json_atomic(self._stamp, {"key": content_key(self._owner), **self._owner})
+            write_json_atomic(self._stamp, {"key": content_key(self._owner), "sha256": _file_digest(self.path),
+                                            **self._owner})
+
+
+def _file_digest(path: Path) -> str | None:
+    try:
+        with open(path, "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+    except OSError:
+        return None
 
 
 @contextmanager
@@ -542,7 +402,7 @@ def claimed_output(path: str | os.PathLike, *, flag: str = "--out", owner: dict 
     this project did not write) is refused unless ``overwrite``, naming what wrote it. Without ``owner``
     only the lock is taken (folder outputs refuse a non-empty folder without --overwrite on their own).
     """
-    path = Path(path).expanduser()
+    path = _resolved(Path(path).expanduser())  # written through a link, the link's target is the output
     stamp = path.parent / f".{path.name}.owner.json"
     with FileLock.beside(path, what=flag):
         if owner is not None and not overwrite and path.is_file():
@@ -550,8 +410,9 @@ def claimed_output(path: str | os.PathLike, *, flag: str = "--out", owner: dict 
                 found = json.loads(stamp.read_text(encoding="utf-8"))
             except (OSError, ValueError):
                 found = None
-            if not isinstance(found, dict) or found.get("key") != content_key(owner):
-                by = f"the output of `{found['by']}`" if isinstance(found, dict) and isinstance(found.get("by"), str) \
+            stamped = isinstance(found, dict) and found.get("sha256") == _file_digest(path)
+            if not stamped or found.get("key") != content_key(owner):
+                by = f"the output of `{found['by']}`" if stamped and isinstance(found.get("by"), str) \
                     else "a file this command did not write"
                 raise InputError(f"{flag} {path} already exists and holds {by}, not {what}'s output for these "
                                  "inputs; choose another file, or add --overwrite to replace it")

@@ -33,7 +33,8 @@ from tqdm.auto import tqdm
 
 from gpt2_scratch.core.args import arg, check_values
 from gpt2_scratch.core.errors import EXIT_INTERRUPTED, InputError
-from gpt2_scratch.core.files import JsonlFile, check_output_file, claimed_output, content_key, write_json_atomic
+from gpt2_scratch.core.files import (JsonlFile, check_output_file, claimed_output, content_key, source_identity,
+                                     write_json_atomic)
 from gpt2_scratch.core.records import load_records, record_input, select_split
 
 log = logging.getLogger(__name__)
@@ -117,11 +118,10 @@ def run(args: RespondArgs) -> int:
                          + "; choose another key (the default is model_response)")
     records = select_split(load_records(args.data, required=("instruction",)), args.split)[: args.limit]
     fingerprint = model_fingerprint(Path(args.model))
-    # What the output is of: a rerun of the same command rewrites it; another model's responses or responses
-    # to other data are never replaced without --overwrite (core.files.claimed_output).
+    # What the output is of: a rerun of the same command (another --limit or --split too) rewrites it; another
+    # model's responses or responses to other data are never replaced without --overwrite (claimed_output).
     owner = {"by": f"respond --model {args.model} --data {args.data}", "model": fingerprint,
-             "response_key": args.response_key,
-             "records": content_key({"records": [[r["instruction"], record_input(r), r.get("output")] for r in records]})}
+             "data": source_identity(args.data), "response_key": args.response_key}
     with claimed_output(out, owner=owner, overwrite=args.overwrite, what="respond") as claim:
         return _respond(args, claim, records, fingerprint)
 

@@ -50,7 +50,7 @@ from tqdm.auto import tqdm
 
 from gpt2_scratch.core.args import arg, check_values
 from gpt2_scratch.core.errors import EXIT_INTERRUPTED, Failure, InputError
-from gpt2_scratch.core.files import (check_output_file, claimed_output, content_key, write_json_atomic,
+from gpt2_scratch.core.files import (check_output_file, claimed_output, source_identity, write_json_atomic,
                                      write_text_atomic)
 from gpt2_scratch.core.records import load_records, record_input
 from gpt2_scratch.eval.judge_cache import JudgeCache, cache_key
@@ -406,8 +406,7 @@ def run(args: JudgeArgs) -> int:
     # What the scores are of: a rerun of the same command rewrites them; the scores of other data (or other
     # responses) are never replaced without --overwrite (core.files.claimed_output).
     owner = {"by": f"judge --data {args.data}" + (f" --compare-file {args.compare_file}" if args.compare_file else ""),
-             "records": content_key({"a": [[record_fields(r), r[args.response_key]] for r in records],
-                                     "b": [r[other_key] for r in records_b] if pairwise else None}),
+             "data": source_identity(args.data), "compare_file": source_identity(args.compare_file),
              "response_key": args.response_key, "compare_key": other_key if pairwise else None}
     with claimed_output(out, owner=owner, overwrite=args.overwrite, what="judge") as claim:
         return _judge(args, claim, records, records_b, other_key, cache_path)

@@ -542,11 +542,11 @@ CASES = [
     Case("respond --out: an existing file that is not respond's output", lambda ws: [
         "respond", "--model", str(ws.model), "--data", str(ws.data), "--out", str(ws.file("notes.json", "[1, 2]")),
         "--limit", "2", "--max-new-tokens", "2"], 2,
-        "--out {root}/notes.json already exists and is not a responses file written by respond; choose another "
-        "file, or add --overwrite to replace it"),
+        "--out {root}/notes.json already exists and holds a file this command did not write, not respond's output "
+        "for these inputs; choose another file, or add --overwrite to replace it"),
     Case("judge --out: an existing file that is not judge's output", lambda ws: [
         "judge", "--data", str(ws.responses), "--out", str(ws.file("mine.txt", "my notes")), "--host",
-        ws.servers["ok"], *CHAT_FLAGS], 2, "--out {root}/mine.txt already exists and is not a scores file written by judge"),
+        ws.servers["ok"], *CHAT_FLAGS], 2, "--out {root}/mine.txt already exists and holds a file this command did not write"),
     Case("respond --response-key output (the reference answer)", lambda ws: [
         "respond", "--model", str(ws.model), "--data", str(ws.data), "--out", str(ws.root / "r.json"),
         "--response-key", "output"], 2, "--response-key 'output': a field of the records themselves"),
@@ -648,6 +648,9 @@ CASES = [
         *respond(ws), "--out", ws.root / "r.json", "--model", ws.output_of([*respond(ws), "--out", ws.root / "r.json"])
         or ws.weights("other", _untied_head)], 2,
         "--out {root}/r.json already exists and holds the output of `respond --model {root}/model --data"),
+    Case("respond --out: its own output, edited by hand since", lambda ws: [*respond(ws), "--out", (
+        ws.output_of([*respond(ws)]) or ws.file("r.json", json.dumps([{"instruction": "mine"}])))], 2,
+        "--out {root}/r.json already exists and holds a file this command did not write"),
     Case("judge --out holds the scores of other data", lambda ws: [
         *judge(ws, ws.output_of([*judge(ws, ws.judged("a.json", ["Blue."] * 2), "--host", ws.servers["ok"]),
                                  *CHAT_FLAGS]) or ws.judged("b.json", ["Red."] * 2), "--host", ws.servers["ok"]),
