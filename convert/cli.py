@@ -22,7 +22,7 @@ from typing import Literal
 
 from gpt2_scratch.core.args import arg
 from gpt2_scratch.core.errors import InputError
-from gpt2_scratch.core.files import check_output_dir, check_output_file
+from gpt2_scratch.core.files import check_output_dir, check_output_file, claimed_output
 
 OVERWRITE_HELP = "replace an existing --out folder"
 
@@ -68,10 +68,11 @@ def run_openai(args: OpenAIArgs) -> None:
         raise InputError("give exactly one of --size (download) and --from-dir (files you have)")
     started = time.perf_counter()
     out = _check_out(args.out, args.overwrite, inputs=[("--from-dir", args.from_dir)])
-    folder = Path(args.from_dir) if args.from_dir is not None else download_openai(
-        args.size, args.models_dir, base_url=args.base_url, mirrors=args.mirror)
-    model = load_openai_checkpoint(folder)
-    _save(model, out, openai_tokenizer(folder), args.overwrite, str(folder), started)
+    with claimed_output(args.out):  # one run per output at a time (core.files.claimed_output)
+        folder = Path(args.from_dir) if args.from_dir is not None else download_openai(
+            args.size, args.models_dir, base_url=args.base_url, mirrors=args.mirror)
+        model = load_openai_checkpoint(folder)
+        _save(model, out, openai_tokenizer(folder), args.overwrite, str(folder), started)
 
 
 @dataclass
@@ -94,9 +95,10 @@ def run_hf(args: HFArgs) -> None:
         raise InputError("give exactly one of --repo (Hub) and --from-dir (a local folder or file)")
     started = time.perf_counter()
     out = _check_out(args.out, args.overwrite, inputs=[("--from-dir", args.from_dir)])
-    source = Path(args.from_dir) if args.from_dir is not None else fetch_hf_repo(args.repo, args.revision)
-    model = load_hf_checkpoint(source)
-    _save(model, out, get_tokenizer(), args.overwrite, args.repo or str(source), started)
+    with claimed_output(args.out):  # one run per output at a time (core.files.claimed_output)
+        source = Path(args.from_dir) if args.from_dir is not None else fetch_hf_repo(args.repo, args.revision)
+        model = load_hf_checkpoint(source)
+        _save(model, out, get_tokenizer(), args.overwrite, args.repo or str(source), started)
 
 
 @dataclass
@@ -113,9 +115,10 @@ def run_export_hf(args: ExportHFArgs) -> None:
 
     started = time.perf_counter()
     _check_out(args.out, args.overwrite, inputs=[("--model", args.model)])
-    out = export_hf(args.model, args.out, overwrite=args.overwrite)
-    print(f"wrote {out}: transformers GPT2LMHeadModel folder from {args.model} "
-          f"in {time.perf_counter() - started:.1f} s")
+    with claimed_output(args.out):  # one run per output at a time (core.files.claimed_output)
+        out = export_hf(args.model, args.out, overwrite=args.overwrite)
+        print(f"wrote {out}: transformers GPT2LMHeadModel folder from {args.model} "
+              f"in {time.perf_counter() - started:.1f} s")
 
 
 @dataclass
@@ -139,18 +142,19 @@ def run_book(args: BookArgs) -> None:
 
     started = time.perf_counter()
     out = _check_out(args.out, args.overwrite, inputs=[("--pth", args.pth)])
-    labels = tuple(args.labels.split(",")) if args.labels else None
-    model = load_book_checkpoint(args.pth, n_heads=args.n_heads, labels=labels)
-    if args.prompt_style is not None and hasattr(model, "score"):
-        raise InputError(f"--pth {args.pth} holds a classifier (chapter 6), which has no prompt style; drop "
-                         "--prompt-style")
-    _save(model, out, None, args.overwrite, str(args.pth), started, args.prompt_style)
-    c = model.config
-    if hasattr(model, "score"):
-        print(f"  a sequence classifier ({', '.join(c.id2label[i] for i in range(c.num_labels))}): load it with "
-              "AutoModelForSequenceClassification")
-    elif not c.tie_word_embeddings:
-        print("  its out_head differs from tok_emb, so the LM head is kept untied (tie_word_embeddings=false)")
+    with claimed_output(args.out):  # one run per output at a time (core.files.claimed_output)
+        labels = tuple(args.labels.split(",")) if args.labels else None
+        model = load_book_checkpoint(args.pth, n_heads=args.n_heads, labels=labels)
+        if args.prompt_style is not None and hasattr(model, "score"):
+            raise InputError(f"--pth {args.pth} holds a classifier (chapter 6), which has no prompt style; drop "
+                             "--prompt-style")
+        _save(model, out, None, args.overwrite, str(args.pth), started, args.prompt_style)
+        c = model.config
+        if hasattr(model, "score"):
+            print(f"  a sequence classifier ({', '.join(c.id2label[i] for i in range(c.num_labels))}): load it with "
+                  "AutoModelForSequenceClassification")
+        elif not c.tie_word_embeddings:
+            print("  its out_head differs from tok_emb, so the LM head is kept untied (tie_word_embeddings=false)")
 
 
 @dataclass
@@ -168,14 +172,15 @@ def run_export_book(args: ExportBookArgs) -> None:
 
     started = time.perf_counter()
     check_output_file(args.out, inputs=[("--model", args.model)])
-    cfg = export_book(args.model, args.out, overwrite=args.overwrite)
-    config = read_config(args.model)
-    print(f"wrote {args.out}: the book's GPTModel state dict from {args.model} in {time.perf_counter() - started:.1f} s")
-    print(f"cfg = {cfg!r}")
-    print("model = GPTModel(cfg)")
-    if is_classifier_config(config):
-        print(f"model.out_head = torch.nn.Linear(cfg['emb_dim'], {len(config['id2label'])})  # chapter 6's classifier head")
-    print(f"model.load_state_dict(torch.load({str(args.out)!r}, weights_only=True))")
+    with claimed_output(args.out):  # one run per output at a time (core.files.claimed_output)
+        cfg = export_book(args.model, args.out, overwrite=args.overwrite)
+        config = read_config(args.model)
+        print(f"wrote {args.out}: the book's GPTModel state dict from {args.model} in {time.perf_counter() - started:.1f} s")
+        print(f"cfg = {cfg!r}")
+        print("model = GPTModel(cfg)")
+        if is_classifier_config(config):
+            print(f"model.out_head = torch.nn.Linear(cfg['emb_dim'], {len(config['id2label'])})  # chapter 6's classifier head")
+        print(f"model.load_state_dict(torch.load({str(args.out)!r}, weights_only=True))")
 
 
 @dataclass
@@ -199,9 +204,10 @@ def run_gguf(args: GGUFArgs) -> None:
     modelfile = args.modelfile or str(Path(args.out).with_suffix(".Modelfile"))
     check_output_file(args.out, inputs=[("--model", args.model)])
     check_output_file(modelfile, flag="--modelfile", inputs=[("--model", args.model)])
-    gguf_path, modelfile = export_gguf(args.model, args.out, dtype=args.dtype, prompt_style=args.prompt_style,
-                                       modelfile=args.modelfile, overwrite=args.overwrite)
-    types = ", ".join(f"{n} {t}" for t, n in stored_types(gguf_path).items())  # what the file holds, per type
-    print(f"wrote {gguf_path} (--dtype {args.dtype}: tensors {types}; {gguf_path.stat().st_size / 1e6:.1f} MB) and "
-          f"{modelfile} from {args.model} in {time.perf_counter() - started:.1f} s; for Ollama: ollama create NAME -f "
-          f"{modelfile}")
+    with claimed_output(args.out):  # one run per output at a time (core.files.claimed_output)
+        gguf_path, modelfile = export_gguf(args.model, args.out, dtype=args.dtype, prompt_style=args.prompt_style,
+                                           modelfile=args.modelfile, overwrite=args.overwrite)
+        types = ", ".join(f"{n} {t}" for t, n in stored_types(gguf_path).items())  # what the file holds, per type
+        print(f"wrote {gguf_path} (--dtype {args.dtype}: tensors {types}; {gguf_path.stat().st_size / 1e6:.1f} MB) and "
+              f"{modelfile} from {args.model} in {time.perf_counter() - started:.1f} s; for Ollama: ollama create NAME -f "
+              f"{modelfile}")

@@ -33,21 +33,25 @@ from typing import Any, Callable, Literal
 
 
 # Field metadata that is ours, not argparse's.
-_CHECKS = ("at_least", "above", "at_most", "below")
+_CHECKS = ("at_least", "above", "at_most", "below", "plain_name")
 _OURS = ("help", "aliases", *_CHECKS, "resume_may_change")
 
 
 def arg(default: Any = dataclasses.MISSING, help: str = "", *, aliases: Sequence[str] = (),
         at_least: float | None = None, above: float | None = None, at_most: float | None = None,
-        below: float | None = None, resume_may_change: bool = False, **argparse_kwargs: Any) -> Any:
+        below: float | None = None, plain_name: bool = False, resume_may_change: bool = False,
+        **argparse_kwargs: Any) -> Any:
     """A dataclass field carrying its option's help text, aliases, value bounds and extra argparse settings.
 
     Leave ``default`` out for a required option. ``at_least`` / ``above`` / ``at_most`` / ``below`` bound the
-    value (``check_values``; None passes, it means "not set"). ``resume_may_change``: a training run's
-    ``--resume`` may change this option (how a run is watched or what happens after it), not what it computes.
+    value (``check_values``; None passes, it means "not set"). ``plain_name``: a string that becomes a file or
+    folder name inside the command's output (a tracker run name), so it may not be a path (``check_plain_name``).
+    ``resume_may_change``: a training run's ``--resume`` may change this option (how a run is watched or what
+    happens after it), not what it computes.
     """
     metadata = {"help": help, "aliases": tuple(aliases), "at_least": at_least, "above": above, "at_most": at_most,
-                "below": below, "resume_may_change": resume_may_change, **argparse_kwargs}
+                "below": below, "plain_name": plain_name, "resume_may_change": resume_may_change,
+                **argparse_kwargs}
     if isinstance(default, list):
         return dataclasses.field(default_factory=lambda: list(default), metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -64,6 +68,21 @@ def redefault(cls: type, name: str, default: Any, help: str | None = None) -> An
     return arg(default, ours.pop("help", ""), **ours, **metadata)
 
 
+def _exact(bound: float) -> str:
+    """A bound as the user would type it: an integer exactly (``%g`` shows 4294967295 as 4.29497e+09)."""
+    return str(bound) if isinstance(bound, int) else f"{bound:g}"
+
+
+def check_plain_name(value: str, flag: str) -> None:
+    """``value`` names one file or folder (no separator, not ``.`` or ``..``, no NUL): a name given to a run must
+    not lead its files out of the folder they belong in."""
+    from gpt2_scratch.core.errors import InputError
+
+    if not value.strip() or value in (".", "..") or any(c in value for c in "/\\\0"):
+        raise InputError(f"{flag} {value!r}: must be a plain name (no '/', '\\', '..' or empty), since it names "
+                         "a folder inside the run's output; choose another name")
+
+
 def check_values(args: Any) -> None:
     """Every option's value against what its field declares; raises one InputError naming the option.
 
@@ -75,6 +94,8 @@ def check_values(args: Any) -> None:
     for field in dataclasses.fields(args):
         value = getattr(args, field.name)
         for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, str) and field.metadata.get("plain_name"):
+                check_plain_name(v, option_name(field.name))
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 continue
             flag = option_name(field.name)
@@ -95,10 +116,10 @@ def _out_of_bounds(v: float, meta: Any) -> str | None:
     if not (too_low or too_high):
         return None
     if low is not None and high is not None:
-        return f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        return f"in {'(' if low_open else '['}{_exact(low)}, {_exact(high)}{')' if high_open else ']'}"
     if too_low:
-        return f"greater than {low}" if low_open else f"at least {low}"
-    return f"less than {high}" if high_open else f"at most {high}"
+        return f"greater than {_exact(low)}" if low_open else f"at least {_exact(low)}"
+    return f"less than {_exact(high)}" if high_open else f"at most {_exact(high)}"
 
 
 def resume_may_change(cls: type) -> set[str]:

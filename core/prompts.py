@@ -14,6 +14,12 @@ GGUF's ``tokenizer.chat_template``, the Ollama Modelfile's TEMPLATE):
 - the last user message is the instruction;
 - the system messages (joined by a blank line) are the record's input, the book's "### Input:" part:
   the one channel besides the user's text that OpenAI-style servers and Ollama pass on unchanged;
+  ``developer`` messages (OpenAI's newer name for the system role) are system messages, and ``tool``
+  messages (a tool's result) join the input too, in the order they come: context for the instruction,
+  which the model was never trained to see anywhere else; an assistant message with no content (one
+  that only calls a tool) is no answer, and a tool result asks for an answer again;
+- a message's content is text, or OpenAI's list of parts (``[{"type": "text", "text": ...}]``), whose
+  text parts are joined (a text model cannot see the other kinds);
 - an assistant message after that last user message is the response: it follows the response header
   and ends with the end-of-text token, the exact text of a training example (transformers'
   ``continue_final_message=True`` and Ollama, whose template has no end-of-text, continue it instead:
@@ -115,14 +121,20 @@ def chat_template(style: str) -> str:
     s = prompt_pieces(style)
     head, separator, header = (json.dumps(text) for text in (s.head, s.input_separator, s.response_header))
     return (
-        '{%- set ns = namespace(instruction="", input="", response="", answered=false) -%}'
+        '{%- set ns = namespace(instruction="", input="", response="", answered=false, text="") -%}'
         "{%- for message in messages -%}"
+        '{%- if message["content"] is string -%}{%- set ns.text = message["content"] -%}'
+        '{%- else -%}{%- set ns.text = "" -%}'
+        '{%- for part in message["content"] or [] -%}'
+        '{%- if part["type"] == "text" -%}{%- set ns.text = ns.text + part["text"] -%}{%- endif -%}'
+        "{%- endfor -%}{%- endif -%}"
         '{%- if message["role"] == "user" -%}'
-        '{%- set ns.instruction = message["content"] -%}{%- set ns.answered = false -%}'
-        '{%- elif message["role"] == "assistant" -%}'
-        '{%- set ns.response = message["content"] -%}{%- set ns.answered = true -%}'
-        '{%- elif message["role"] == "system" -%}'
-        '{%- set ns.input = ns.input + ("\\n\\n" if ns.input else "") + message["content"] -%}'
+        '{%- set ns.instruction = ns.text -%}{%- set ns.answered = false -%}'
+        '{%- elif message["role"] == "assistant" and message["content"] is not none -%}'
+        '{%- set ns.response = ns.text -%}{%- set ns.answered = true -%}'
+        '{%- elif message["role"] in ["system", "developer", "tool"] -%}'
+        '{%- set ns.input = ns.input + ("\\n\\n" if ns.input else "") + ns.text -%}'
+        '{%- if message["role"] == "tool" -%}{%- set ns.answered = false -%}{%- endif -%}'
         "{%- endif -%}"
         "{%- endfor -%}"
         f"{{{{- {head} + ns.instruction -}}}}"

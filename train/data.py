@@ -54,6 +54,11 @@ def _records_from_batch(batch: dict) -> list[dict]:
     return [dict(zip(keys, values)) for values in zip(*(batch[k] for k in keys))]
 
 
+def longest_token_bytes(tokenizer) -> int:
+    """Bytes of the vocabulary's longest token (byte-level BPE: one vocabulary character per byte)."""
+    return max(len(token) for token in tokenizer.get_vocab())
+
+
 def tokenize_dataset(
     ds: datasets.Dataset,
     tokenizer,
@@ -74,10 +79,18 @@ def tokenize_dataset(
     if too_long not in ("truncate", "drop"):
         raise ValueError(f"too_long must be 'truncate' or 'drop', got {too_long!r}")
 
+    # A text longer than this has more than max_length tokens whatever it holds (no token spans more bytes than
+    # the longest in the vocabulary, and a character is at least one byte): it is cut here, before tokenizing, so
+    # a 10 MB record costs what a 100 kB one does (the tokenizer takes ~200 bytes of memory per byte of text).
+    # Its first max_length tokens are unchanged unless the cut falls inside one word that starts before them.
+    cut = None if max_length is None else (max_length + 1) * longest_token_bytes(tokenizer)
+
     def tokenize(batch: dict) -> dict:
         records = _records_from_batch(batch)
         prompts = [format_input(r, style) for r in records]
         texts = [format_example(r, style) for r in records]
+        if cut is not None:
+            texts = [text[:cut] for text in texts]
         enc = tokenizer(texts, return_offsets_mapping=True, add_special_tokens=False)
         prompt_lengths = []
         for prompt, offsets in zip(prompts, enc["offset_mapping"]):

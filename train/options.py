@@ -84,7 +84,8 @@ class RunOptions:
                                          "write locally under OUT/trackers (wandb offline)", resume_may_change=True)
     project: str | None = arg(None, "tracker project / experiment name (default: gpt2-scratch)",
                               resume_may_change=True)
-    run_name: str | None = arg(None, "tracker run name (default: OUT's folder name)", resume_may_change=True)
+    run_name: str | None = arg(None, "tracker run name (default: OUT's folder name)", resume_may_change=True,
+                               plain_name=True)
     push_to_hub: str | None = arg(None, "after training, upload the model with a model card to this Hub repo "
                                         "(USER/NAME)", resume_may_change=True)
 
