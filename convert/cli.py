@@ -131,7 +131,7 @@ class BookArgs:
     n_heads: int | None = arg(None, "the cfg's n_heads; needed only when emb_dim is not 768, 1024, 1280 or 1600 "
                                     "(GPT-2's sizes, whose head counts are known)")
     labels: str | None = arg(None, "a classifier's class names, comma-separated (default for two classes: ham,spam)")
-    prompt_style: Literal["alpaca", "phi3"] | None = arg(
+    prompt_style: Literal["alpaca", "phi3", "chat"] | None = arg(
         None, "the prompt style an instruction-finetuned model was trained with (chapter 7's: alpaca); recorded "
               "in config.json with its chat template, for `chat`, pipelines and the GGUF export")
     overwrite: bool = arg(False, OVERWRITE_HELP)
@@ -190,7 +190,7 @@ class GGUFArgs:
     model: str = arg(help="model folder written by gpt2-scratch (or an SFT run's output)")
     out: str = arg(help="GGUF file to write (FILE.gguf)")
     dtype: Literal["f32", "f16", "bf16", "q8_0"] = arg("f16", "type of the matrices; norms and biases stay f32")
-    prompt_style: Literal["alpaca", "phi3"] | None = arg(
+    prompt_style: Literal["alpaca", "phi3", "chat"] | None = arg(
         None, "prompt format the model was finetuned with (default: the one recorded in its config.json)",
         aliases=("--style",))
     modelfile: str | None = arg(None, "Ollama Modelfile to write (default: --out with the suffix .Modelfile)")

@@ -177,8 +177,9 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> argpa
         default = None if required else (field.default if field.default is not dataclasses.MISSING
                                           else field.default_factory())
         annotation = hints[field.name]
-        if annotation is bool:
-            # --flag / --no-flag, unless the field asks for one plain action (``no_cache``: --no-cache only).
+        if annotation is bool or annotation == (bool | None):
+            # --flag / --no-flag (``bool | None``: None when neither is given, the command decides), unless the
+            # field asks for one plain action (``no_cache``: --no-cache only).
             action = meta.pop("action", argparse.BooleanOptionalAction)
             target.add_argument(*names, action=action, default=default, help=help_text, dest=field.name)
             continue

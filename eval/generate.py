@@ -53,7 +53,7 @@ class RespondArgs:
     batch_size: int = arg(8, "prompts per forward pass", at_least=1)
     max_new_tokens: int | None = arg(None, "tokens per response at most (default 256, or half the model's context "
                                            "when that is less)", at_least=1)
-    prompt_style: Literal["alpaca", "phi3"] | None = arg(
+    prompt_style: Literal["alpaca", "phi3", "chat"] | None = arg(
         None, "prompt format (default: the one the model was trained with, else alpaca)", aliases=("--style",))
     response_key: str = arg("model_response", "key to add to each record")
     save_every: int = arg(64, "records per checkpoint to OUT.partial.jsonl", at_least=1)

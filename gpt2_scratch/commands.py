@@ -276,7 +276,7 @@ class ChatArgs(SamplingArgs):
     model: str = arg(help="instruction model folder (e.g. the output of `gpt2-scratch sft`), preset or Hub repo id")
     prompt: str | None = arg(None, "one message: print its answer and exit (without it, an interactive chat)")
     input: str | None = arg(None, "with --prompt: the record's input text (the book's '### Input:' part)")
-    prompt_style: Literal["alpaca", "phi3"] | None = arg(
+    prompt_style: Literal["alpaca", "phi3", "chat"] | None = arg(
         None, "how messages are wrapped (default: the style the model was trained with, else alpaca)",
         aliases=("--style",))
     max_new_tokens: int | None = arg(None, "tokens per answer at most (default 256, or half the model's context "
@@ -296,6 +296,9 @@ def run_chat(args: ChatArgs) -> None:
     import torch
     from transformers import TextStreamer
 
+    from gpt2_scratch.core.prompts import CHAT_STYLE
+
+    from .chat_history import fit_history
     from .tokenizer import ENDOFTEXT_ID, encode_user_text
 
     for option, text in (("--prompt", args.prompt), ("--input", args.input)):
@@ -305,26 +308,39 @@ def run_chat(args: ChatArgs) -> None:
         check_stdin_open("give the message with --prompt, or pipe messages in")
     model, tokenizer, max_prompt, max_new_tokens = load_for_generation(args.model, args.max_new_tokens, 256)
     style = args.prompt_style or getattr(model.config, "prompt_style", None) or "alpaca"
+    # The chat style keeps the conversation (system: --input); the book's styles answer each message on its own.
+    history: list[dict] = [{"role": "system", "content": args.input}] if style == CHAT_STYLE and args.input else []
 
-    def answer(message: str, input_text: str | None = None) -> None:
-        ids = crop_prompt(encode_user_text(tokenizer, chat_prompt(message, style, input_text)), max_prompt)
+    def answer(message: str, input_text: str | None = None) -> str:
+        nonlocal history
+        if style == CHAT_STYLE:
+            history, ids = fit_history(tokenizer, [*history, {"role": "user", "content": message}], max_prompt)
+            ids = crop_prompt(ids, max_prompt)  # the newest message alone too long: cropped as any prompt
+        else:
+            ids = crop_prompt(encode_user_text(tokenizer, chat_prompt(message, style, input_text)), max_prompt)
         torch.manual_seed(args.seed)
         # skip_prompt: only the answer streams, token by token, as it is generated.
         streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
         with torch.inference_mode():
-            model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                           max_new_tokens=max_new_tokens, eos_token_id=ENDOFTEXT_ID, pad_token_id=ENDOFTEXT_ID,
-                           streamer=streamer, **args.generate_kwargs())
+            out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                 max_new_tokens=max_new_tokens, eos_token_id=ENDOFTEXT_ID, pad_token_id=ENDOFTEXT_ID,
+                                 streamer=streamer, **args.generate_kwargs())
+        reply = tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
+        if style == CHAT_STYLE:
+            history.append({"role": "assistant", "content": reply})
+        return reply
 
     if args.prompt is not None:
         answer(args.prompt, args.input)
         return
-    if args.input is not None:
+    if args.input is not None and style != CHAT_STYLE:
         raise InputError("--input goes with --prompt; in the chat, type the instruction and its input together")
     interactive = sys.stdin.isatty()
     if interactive:
-        print(f"Chatting with {args.model} ({style} prompts; each message is answered on its own). "
-              f"Type /quit or press Ctrl-D to leave.", file=sys.stderr)
+        kept = "the conversation is kept while it fits the context" if style == CHAT_STYLE else \
+            "each message is answered on its own"
+        print(f"Chatting with {args.model} ({style} prompts; {kept}). Type /quit or press Ctrl-D to leave.",
+              file=sys.stderr)
     for number in itertools.count(1):
         try:
             message = read_stdin_line("you> " if interactive else "", number)
@@ -342,6 +358,8 @@ def run_chat(args: ChatArgs) -> None:
             answer(message)
         except KeyboardInterrupt:  # stop this answer, keep the chat
             print("\n[answer stopped]", file=sys.stderr)
+            if history and history[-1]["role"] == "user":
+                history.pop()  # the unanswered message leaves the history
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -79,7 +79,7 @@ class DPOArgs(ModelOptions, InstructionDataOptions, RunOptions, GenerationOption
     data: str = redefault(InstructionDataOptions, "data", BOOK_PREFERENCE_DATA_URL,
                           "preference data (.json/.jsonl, URL, Hub id) with instruction, input (optional), chosen, "
                           "rejected (default: the book's, = shared/data/instruction-data-with-preference.json)")
-    prompt_style: Literal["alpaca", "phi3"] | None = redefault(
+    prompt_style: Literal["alpaca", "phi3", "chat"] | None = redefault(
         InstructionDataOptions, "prompt_style", None, "prompt template (default: the one the model was trained "
                                                       "with, else alpaca)")
     max_length: int | None = redefault(InstructionDataOptions, "max_length", None,

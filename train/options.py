@@ -31,9 +31,17 @@ class ModelOptions:
 class InstructionDataOptions:
     """the instruction records and how they become examples"""
 
-    data: str = arg("", "records: .json/.jsonl file, URL or Hub data set id")
-    prompt_style: Literal["alpaca", "phi3"] | None = arg("alpaca", "prompt template (alpaca: the book's)",
-                                                         aliases=("--style",))
+    data: str = arg("", "records: .json/.jsonl/.parquet file, datasets save_to_disk folder, URL or Hub data set id")
+    data_format: Literal["auto", "book", "messages", "sharegpt", "prompt-completion"] = arg(
+        "auto", "the records' format (auto: recognised by their keys; core/conversations.py)")
+    columns: str | None = arg(None, "rename the records' fields first: SRC=DST pairs, e.g. "
+                                    "question=instruction,answer=output or dialog=messages")
+    prompt_style: Literal["alpaca", "phi3", "chat"] | None = arg(
+        "alpaca", "prompt template (alpaca: the book's; chat: multi-turn conversations)", aliases=("--style",))
+    val_data: str | None = arg(None, "validation records from this source (same forms as --data) instead of a part "
+                                     "of --data; --data is then split into train and test only")
+    test_data: str | None = arg(None, "test records from this source instead of a part of --data (with --val-data: "
+                                      "--data is all training)")
     sample: int | None = arg(None, "train on a seeded random sample of this many records (Python's "
                                    "random.seed(--seed); random.sample(records, N), as the Alpaca-1000 blog recipe)",
                              at_least=1)
