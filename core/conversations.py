@@ -33,7 +33,7 @@ from collections.abc import Sequence
 
 from gpt2_scratch.core.errors import InputError
 from gpt2_scratch.core.prompts import CHAT_STYLE, END_OF_TEXT
-from gpt2_scratch.core.records import DataError, load_raw_records, validate_records
+from gpt2_scratch.core.records import INSTRUCTION_FIELDS, DataError, load_raw_records, validate_records
 
 DATA_FORMATS = ("auto", "book", "messages", "sharegpt", "prompt-completion")
 FIELD_NAMES = ("instruction", "input", "output", "messages", "conversations", "prompt", "completion")
@@ -73,9 +73,11 @@ def record_format(record) -> str | None:
 
 
 def load_conversations(source: str, *, data_format: str = "auto", columns: str | None = None,
-                       flag: str = "--data") -> list[dict]:
+                       flag: str = "--data", required: Sequence[str] = INSTRUCTION_FIELDS,
+                       answered: bool = True) -> list[dict]:
     """The records ``source`` names (a .json/.jsonl/.parquet file, a ``datasets`` folder, a URL or a Hub id), in
-    file order: book records as core/records.py validates them, conversations normalised (module docstring)."""
+    file order: book records as core/records.py validates them (``required`` fields), conversations normalised
+    (module docstring). ``answered=False`` (``respond``): a conversation may end with the user turn to answer."""
     if data_format not in DATA_FORMATS:
         raise InputError(f"--data-format {data_format!r}: choose one of {', '.join(DATA_FORMATS)}")
     mapping = parse_columns(columns)
@@ -90,12 +92,12 @@ def load_conversations(source: str, *, data_format: str = "auto", columns: str |
         if found is None or found != fmt:
             raise DataError(_format_problem(source, index, record, found, fmt, data_format))
     if fmt == "book":
-        return validate_records(records, source)
+        return validate_records(records, source, required=required)
     read = {"messages": _from_messages, "sharegpt": _from_sharegpt, "prompt-completion": _from_prompt_completion}[fmt]
     normalised = []
     for index, record in enumerate(records):
         where = f"{source}: record {index}"
-        normalised.append(conversation_record(read(record, where), where))
+        normalised.append(conversation_record(read(record, where), where, answered=answered))
     return normalised
 
 
@@ -175,25 +177,30 @@ def _from_prompt_completion(record: dict, where: str) -> list[dict]:
     return turns
 
 
-def conversation_record(turns: list[dict], where: str) -> dict:
+def conversation_record(turns: list[dict], where: str, *, answered: bool = True) -> dict:
     """The normalised record of checked ``turns``: system turns first, then user and assistant alternating,
-    starting with a user turn and ending with an assistant turn."""
+    starting with a user turn and ending with an assistant turn (or, unless ``answered``, a user turn: the
+    record then has no ``output``)."""
     systems = 0
     while systems < len(turns) and turns[systems]["role"] == "system":
         systems += 1
     rest = turns[systems:]
-    if not any(t["role"] == "assistant" for t in rest):
+    if answered and not any(t["role"] == "assistant" for t in rest):
         raise DataError(f"{where}: has no assistant turn, so nothing to learn; every conversation needs one")
     for number, turn in enumerate(rest, start=systems):
         expected = "user" if (number - systems) % 2 == 0 else "assistant"
         if turn["role"] != expected:
             raise DataError(f"{where} message {number}: a {turn['role']} turn where a {expected} turn belongs "
                             "(system turns first, then user and assistant alternating, from a user turn)")
-    if rest[-1]["role"] != "assistant":
+    if not rest:
+        raise DataError(f"{where}: has no user turn; every conversation needs one")
+    if rest[-1]["role"] != "assistant" and answered:
         raise DataError(f"{where}: ends with a user turn that has no answer; end every conversation with the "
                         "assistant's turn (or remove the last user turn)")
-    return {"messages": turns, "instruction": rest[-2]["content"], "output": rest[-1]["content"],
-            "input": "\n\n".join(t["content"] for t in turns[:systems])}
+    last_user = rest[-2] if rest[-1]["role"] == "assistant" else rest[-1]
+    record = {"messages": turns, "instruction": last_user["content"],
+              "input": "\n\n".join(t["content"] for t in turns[:systems])}
+    return record | ({"output": rest[-1]["content"]} if rest[-1]["role"] == "assistant" else {})
 
 
 def check_style(records: Sequence[dict], style: str, source: str) -> None:
@@ -205,3 +212,34 @@ def check_style(records: Sequence[dict], style: str, source: str) -> None:
         if sum(1 for t in record.get("messages", ()) if t["role"] == "user") > 1:
             raise DataError(f"{source}: record {index} is a conversation of several exchanges, which the {style} "
                             f"style cannot hold; train it with --prompt-style {CHAT_STYLE}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Preference pairs (DPO): TRL's prompt/chosen/rejected
+# ---------------------------------------------------------------------------------------------------
+
+
+def preference_record(record, where: str) -> dict:
+    """A TRL preference record, ``{"prompt", "chosen", "rejected"}`` (the prompt a string or messages ending with
+    a user turn; each answer a string or one assistant message), as ``{"messages": the prompt's turns,
+    "instruction", "input", "chosen", "rejected"}``: DPO's record, in every prompt style."""
+    if not isinstance(record, dict) or not all(k in record for k in ("prompt", "chosen", "rejected")):
+        keys = ", ".join(map(str, record)) if isinstance(record, dict) else type(record).__name__
+        raise DataError(f"{where} has fields {keys}; a TRL preference record needs 'prompt', 'chosen' and 'rejected' "
+                        "(or give the book's 'instruction', 'chosen' and 'rejected' in every record)")
+    prompt = record["prompt"]
+    turns = ([{"role": "user", "content": _text(prompt, f"{where} 'prompt'")}] if isinstance(prompt, str)
+             else _turns(prompt, f"{where} 'prompt'", "role", "content", ROLES))
+    converted = conversation_record(turns, f"{where} 'prompt'", answered=False)
+    if "output" in converted:
+        raise DataError(f"{where} 'prompt': ends with an assistant turn; the prompt ends with the user turn that "
+                        "'chosen' and 'rejected' answer")
+    for field in ("chosen", "rejected"):
+        value = record[field]
+        if isinstance(value, list):
+            answer = _turns(value, f"{where} '{field}'", "role", "content", ROLES)
+            if len(answer) != 1 or answer[0]["role"] != "assistant":
+                raise DataError(f"{where} '{field}': expected one assistant message (or a string)")
+            value = answer[0]["content"]
+        converted[field] = _text(value, f"{where} '{field}'")
+    return converted

@@ -1,11 +1,13 @@
 """Add the model's response to every instruction record (chapter 7's test-set responses, batched).
 
     python eval/generate.py --model DIR --data FILE --out FILE [--batch-size 8] [--max-new-tokens 256]
-        [--split all|train|test|validation] [--response-key model_response] [--prompt-style alpaca|phi3]
+        [--split all|train|test|validation] [--response-key model_response] [--prompt-style alpaca|phi3|chat]
     gpt2-scratch respond ...                       (the same command)
 
 Writes the records (of ``--split``: the book's 85/10/5 cut, test = records [935:1045] of the 1100)
-with ``model_response`` added, in the book's ``instruction-data-with-response.json`` format.
+with ``model_response`` added, in the book's ``instruction-data-with-response.json`` format. The records may be
+in any format core/conversations.py reads; a conversation is answered after its last user turn (the chat style
+prompts with the whole conversation before it).
 Responses come from ``gpt2_scratch.generate_responses``: the book's prompt and response extraction,
 greedy, stopping at <|endoftext|>, but batched with left padding and the KV cache.
 
@@ -35,7 +37,8 @@ from gpt2_scratch.core.args import arg, check_values
 from gpt2_scratch.core.errors import EXIT_INTERRUPTED, InputError
 from gpt2_scratch.core.files import (JsonlFile, check_output_file, claimed_output, content_key, source_identity,
                                      write_json_atomic)
-from gpt2_scratch.core.records import load_records, record_input, select_split
+from gpt2_scratch.core.conversations import check_style, load_conversations
+from gpt2_scratch.core.records import record_input, select_split
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +88,8 @@ def generate_file(model, tokenizer, records: list[dict], out: Path, *, fingerpri
     partial = JsonlFile(out.with_name(out.name + ".partial.jsonl"))
     settings = {"model": fingerprint, "max_new_tokens": max_new_tokens, "style": style}
     keys = [content_key({**settings, "instruction": r["instruction"], "input": record_input(r),
-                       "output": r.get("output")}) for r in records]
+                       "output": r.get("output"), **({"messages": r["messages"]} if "messages" in r else {})})
+            for r in records]
     done = {e["key"]: e["response"] for e in partial.read() if isinstance(e.get("response"), str) and "key" in e}
     todo = [i for i, k in enumerate(keys) if k not in done]
     if done and len(todo) < len(records):
@@ -116,7 +120,8 @@ def run(args: RespondArgs) -> int:
         raise InputError(f"--response-key {args.response_key!r}: "
                          + ("an empty key" if not args.response_key.strip() else "a field of the records themselves")
                          + "; choose another key (the default is model_response)")
-    records = select_split(load_records(args.data, required=("instruction",)), args.split)[: args.limit]
+    records = select_split(load_conversations(args.data, required=("instruction",), answered=False),
+                           args.split)[: args.limit]
     fingerprint = model_fingerprint(Path(args.model))
     # What the output is of: a rerun of the same command (another --limit or --split too) rewrites it; another
     # model's responses or responses to other data are never replaced without --overwrite (claimed_output).
@@ -135,6 +140,7 @@ def _respond(args: RespondArgs, claim, records: list[dict], fingerprint: str) ->
     model = load_model(args.model)
     tokenizer = load_tokenizer(args.model)
     style = args.prompt_style or getattr(model.config, "prompt_style", None) or "alpaca"
+    check_style(records, style, args.data)  # a conversation of several exchanges needs the chat style
     max_new_tokens = new_token_budget(args.max_new_tokens, 256, model.config.max_position_embeddings, args.model)
     print(f"Generating {len(records)} responses ({args.split}) with {args.model}: batch {args.batch_size}, "
           f"up to {max_new_tokens} new tokens, greedy, {style} prompts")

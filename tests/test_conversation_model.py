@@ -136,6 +136,22 @@ def test_a_long_history_drops_its_oldest_exchanges_with_a_notice(trained):
     assert "[dropped the oldest" in chat.stderr and "exchange(s) of the conversation" in chat.stderr
 
 
+def test_respond_answers_conversations_and_the_judge_sees_their_history(trained, tmp_path):
+    from gpt2_scratch.eval.judge_prompts import score_prompt
+
+    out, val, _ = trained
+    data = tmp_path / "ask.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
+                                             {"role": "user", "content": "Name a fruit."}]}) + "\n")
+    result = run_cli("-m", "gpt2_scratch", "respond", "--model", out, "--data", data, "--out", tmp_path / "r.json",
+                     "--max-new-tokens", "5", env=ENV)
+    assert result.returncode == 0, result.stderr
+    [record] = json.loads((tmp_path / "r.json").read_text())
+    assert record["instruction"] == "Name a fruit." and isinstance(record["model_response"], str)
+    judged = score_prompt({**record, "output": "A pear."}, record["model_response"])
+    assert "### User:\nHi\n\n### Assistant:\nHello.<|endoftext|>\n\n### User:\nName a fruit.`" in judged
+
+
 BOOK_PHI3 = ("<|user|>\n{instruction}{input}\n<|assistant|>:\n{output}")  # the book's exercise 7.1
 
 

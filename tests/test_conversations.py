@@ -12,7 +12,7 @@ import pytest
 from conftest import TINY_ARGS, assert_refused
 from gpt2_scratch import get_tokenizer
 from gpt2_scratch.core.conversations import load_conversations
-from gpt2_scratch.core.prompts import format_example
+from gpt2_scratch.core.prompts import conversation_segments, format_example
 from gpt2_scratch.train.conversation_data import tokenize_conversations
 from gpt2_scratch.train.data import IGNORE_INDEX, InstructionCollator
 
@@ -143,3 +143,56 @@ def test_bad_columns_and_format_options_are_one_line(tmp_path, capsys):
                    needle="record 0 has no 'question' field to map with --columns")
     assert_refused([*base, "--data-format", "sharegpt"], tmp_path, capsys, code=2,
                    needle="is a messages record (fields messages), but --data-format sharegpt was given")
+
+
+def test_the_gguf_and_ollama_templates_render_the_chat_text():
+    """The GGUF's Jinja template (the saved one) and the Modelfile's Go TEMPLATE, executed as Ollama does, give
+    chat's prompt for a history ending with a user turn, and a prefill Ollama continues for one ending with an
+    answer."""
+    from go_template import ollama_execute
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    from gpt2_scratch.convert.gguf import chat_template, ollama_template
+    from gpt2_scratch.core.prompts import conversation_prompt
+
+    messages = as_messages(TURNS)
+    for history in (messages[:2], messages[:4], messages[1:4]):
+        expected = "".join(conversation_prompt(history))
+        assert ollama_execute(ollama_template("chat"), history) == expected
+        rendered, _ = render_jinja_template(conversations=[history], chat_template=chat_template("chat"),
+                                            add_generation_prompt=True, eos_token="<|endoftext|>")
+        assert rendered[0] == expected
+    training_text = "".join(piece for piece, _ in conversation_segments(messages))
+    assert ollama_execute(ollama_template("chat"), messages) == training_text.removesuffix("<|endoftext|>")
+
+
+def test_dpo_reads_trl_preference_records_as_the_book_records(tmp_path):
+    """TRL's prompt/chosen/rejected, strings or messages, give the book record's pair; a conversation prompt in the
+    chat style is the conversation and the assistant header."""
+    from gpt2_scratch.core.prompts import conversation_prompt
+    from gpt2_scratch.train.preference_data import load_preference_records, tokenize_pairs
+
+    tokenizer = get_tokenizer()
+    book = write(tmp_path / "book.json", [{"instruction": "Name a planet.", "input": "Be brief.", "chosen": "Mars.",
+                                           "rejected": "No."}])
+    strings = write(tmp_path / "trl.jsonl", [{"prompt": [{"role": "system", "content": "Be brief."},
+                                                         {"role": "user", "content": "Name a planet."}],
+                                              "chosen": [{"role": "assistant", "content": "Mars."}],
+                                              "rejected": "No."}])
+    for style in ("alpaca", "chat"):
+        expected = tokenize_pairs(load_preference_records(str(book)), tokenizer, style=style)
+        assert tokenize_pairs(load_preference_records(str(strings)), tokenizer, style=style)[:] == expected[:]
+    history = as_messages(TURNS[:4])
+    multi = write(tmp_path / "multi.parquet", [{"prompt": history, "chosen": "Jupiter.", "rejected": "Pluto."}])
+    [pair] = tokenize_pairs(load_preference_records(str(multi)), tokenizer, style="chat")
+    assert tokenizer.decode(pair["chosen_ids"]) == "".join(conversation_prompt(history)) + "Jupiter."
+    assert tokenizer.decode(pair["chosen_ids"][pair["chosen_prompt_length"]:]) == "Jupiter."
+
+
+def test_dpo_refuses_bad_preference_records_in_one_line(tmp_path, capsys):
+    data = write(tmp_path / "trl.jsonl", [{"prompt": as_messages(TURNS[:3]), "chosen": "a", "rejected": "b"}])
+    base = ["dpo", "--model", "gpt2-small", "--random-init", "--data", str(data), "--out", str(tmp_path / "run")]
+    assert_refused(base, tmp_path, capsys, code=2, needle="record 0 'prompt': ends with an assistant turn")
+    data = write(tmp_path / "trl.jsonl", [{"prompt": as_messages(TURNS[1:2]), "chosen": "a", "rejected": "b"},
+                                          {"instruction": "x", "chosen": "a", "rejected": "b"}])
+    assert_refused(base, tmp_path, capsys, code=2, needle="record 1 has fields instruction, chosen, rejected")

@@ -65,7 +65,8 @@ from gpt2_scratch.train.lm_outputs import check_generation_limits, epoch_sample,
 from gpt2_scratch.train.lora import LoRAOptions
 from gpt2_scratch.train.loop import sums_over
 from gpt2_scratch.train.metrics import plot_curves
-from gpt2_scratch.train.options import GenerationOptions, InstructionDataOptions, ModelOptions, RunOptions
+from gpt2_scratch.train.options import (ConversationDataOptions, GenerationOptions, InstructionDataOptions,
+                                        ModelOptions, RunOptions)
 from gpt2_scratch.train.run import launch, launch_own_loop, run_training, start
 from gpt2_scratch.train.state import fingerprint
 from gpt2_scratch.train.synthetic import exact_match_report, synthetic_records
@@ -75,7 +76,8 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class SFTArgs(ShapeOptions, ModelOptions, InstructionDataOptions, RunOptions, GenerationOptions, LoRAOptions):
+class SFTArgs(ShapeOptions, ModelOptions, InstructionDataOptions, ConversationDataOptions, RunOptions, GenerationOptions,
+              LoRAOptions):
     """Instruction-finetune a GPT-2 (the book's chapter 7) with Accelerate."""
 
     data: str = redefault(InstructionDataOptions, "data", BOOK_DATA_URL,
