@@ -32,11 +32,18 @@ def trained(tmp_path_factory, tiny_model_dir):
     val = root / "val.jsonl"
     val.write_text("".join(json.dumps({"conversations": [{"from": f, "value": v} for f, v in conv]}) + "\n"
                            for conv in VALIDATION))
+    test = root / "test.json"  # prompt/completion, a third format
+    test.write_text(json.dumps([{"prompt": "Name a color.", "completion": "Green."},
+                                {"prompt": [{"role": "user", "content": "Hi"}], "completion": "Hello!"}]))
     out = root / "run"
     result = run_cli("train/sft.py", "--model", tiny_model_dir, "--data", FIXTURE, "--val-data", val,
-                     "--prompt-style", "chat", "--out", out, "--max-steps", "1", "--batch-size", "4", "--eval-iter",
+                     "--test-data", test, "--prompt-style", "chat", "--out", out, "--max-steps", "1", "--batch-size", "4", "--eval-iter",
                      "1", "--mixed-precision", "no", "--max-new-tokens", "8", "--sample-tokens", "8", env=ENV)
     assert result.returncode == 0, result.stderr[-3000:]
+    # The whole fixture trains (its validation and test shares too): the held-out records are the files'.
+    assert "20 train / 3 validation / 2 test" in result.stdout, result.stdout
+    responses = json.loads((out / "instruction-data-with-response.json").read_text())
+    assert [r["instruction"] for r in responses] == ["Name a color.", "Hi"]
     return out, val, tiny_model_dir
 
 

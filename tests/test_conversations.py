@@ -196,3 +196,13 @@ def test_dpo_refuses_bad_preference_records_in_one_line(tmp_path, capsys):
     data = write(tmp_path / "trl.jsonl", [{"prompt": as_messages(TURNS[1:2]), "chosen": "a", "rejected": "b"},
                                           {"instruction": "x", "chosen": "a", "rejected": "b"}])
     assert_refused(base, tmp_path, capsys, code=2, needle="record 1 has fields instruction, chosen, rejected")
+
+
+def test_a_bad_validation_file_is_named_and_nothing_written(tmp_path, capsys):
+    data = write(tmp_path / "data.jsonl", [{"messages": as_messages(TURNS)}] * 4)
+    val = write(tmp_path / "val.jsonl", [{"messages": as_messages(TURNS[1:2])}])
+    base = ["sft", *TINY_ARGS, "--data", str(data), "--prompt-style", "chat", "--out", str(tmp_path / "run")]
+    assert_refused([*base, "--val-data", str(val)], tmp_path, capsys, code=2,
+                   needle=f"{val}: record 0: has no assistant turn")
+    assert_refused([*base, "--test-data", str(tmp_path / "gone.jsonl")], tmp_path, capsys, code=2,
+                   needle="--test-data " + str(tmp_path / "gone.jsonl") + ": no such file")
