@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO_ROOT, SHARED_DIR, kill_at_checkpoint
+from conftest import ENV, REPO_ROOT, SHARED_DIR, TINY_ARGS, kill_at_checkpoint, run_cli, start_cli
 from safetensors.torch import load_file
 
 from gpt2_scratch.core.cli import main
@@ -26,10 +26,8 @@ from gpt2_scratch.core.cli import main
 BOOK_DATA = SHARED_DIR / "data" / "instruction-data.json"
 PREFERENCE_DATA = SHARED_DIR / "data" / "instruction-data-with-preference.json"
 SMS = SHARED_DIR / "data" / "SMSSpamCollection.tsv"
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
-SFT = ["sft", "--model", "gpt2-small", "--random-init", "--n-layers", "2", "--emb-dim", "64", "--n-heads", "4",
-       "--context-length", "128", "--data", str(BOOK_DATA), "--lr", "1e-3", "--batch-size", "4", "--grad-accum", "2",
+SFT = ["sft", *TINY_ARGS, "--data", str(BOOK_DATA), "--lr", "1e-3", "--batch-size", "4", "--grad-accum", "2",
        "--max-steps", "12", "--eval-freq", "4", "--eval-iter", "1", "--max-new-tokens", "2",
        "--response-batch-size", "55", "--sample-tokens", "2", "--keep-checkpoints", "0"]
 
@@ -98,6 +96,40 @@ def test_ctrl_c_checkpoint_resume_equals_an_uninterrupted_run(name, tiny_model_d
     for key in whole:
         assert torch.equal(whole[key], resumed[key]), key
     assert not (out / ".lock").exists()  # released at the end
+
+
+def test_sigterm_checkpoints_says_how_to_continue_and_resume_ends_with_the_uninterrupted_weights(tmp_path):
+    """What `timeout`, `kill`, `docker stop` and a cluster's preemption send: a real `train/sft.py` gets SIGTERM
+    mid-training, finishes the step, saves a checkpoint, prints one line saying how to continue and exits 143;
+    `--resume` then ends with the weights of a run never interrupted (the schedule is constant, so the stopped
+    run's --max-steps may be longer than the resumed one's)."""
+    run = [*SFT[1:], "--eval-freq", "50", "--keep-checkpoints", "0"]
+    out = tmp_path / "stopped"
+    proc = start_cli("train/sft.py", *run, "--max-steps", "400", "--out", out, env=ENV)
+    metrics, deadline = out / "metrics.jsonl", time.monotonic() + 300
+    while not (metrics.exists() and b'"step": 1,' in metrics.read_bytes()) and proc.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 143, stderr
+    assert "SIGTERM: stopping after this step" in stderr and "Traceback" not in stderr
+    (line,) = [ln for ln in stdout.splitlines() if ln.startswith("stopped at step")]
+    step = int(line.split()[3].rstrip(":"))
+    checkpoint = out / "checkpoints" / f"step-{step:08d}"
+    assert f"SIGTERM; checkpoint saved in {out / 'checkpoints'}" in line and "--resume" in line
+    assert (checkpoint / "train_state.json").is_file() and not (out / "model.safetensors").exists()
+    assert not (out / ".lock").exists()  # released on the way out
+
+    resumed = run_cli("train/sft.py", *run, "--max-steps", step + 2, "--out", out, "--resume", env=ENV)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed from {checkpoint}" in resumed.stdout
+    whole = run_cli("train/sft.py", *run, "--max-steps", step + 2, "--out", tmp_path / "whole", env=ENV)
+    assert whole.returncode == 0, whole.stderr
+    expected, got = load_file(tmp_path / "whole" / "model.safetensors"), load_file(out / "model.safetensors")
+    assert expected.keys() == got.keys()
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key
 
 
 @pytest.mark.slow  # two fresh interpreters (~10 s each here)
