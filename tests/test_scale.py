@@ -6,23 +6,20 @@ group). The reference for every metric is the one-process run of the same comman
 """
 
 import json
-import os
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import ENV, REPO_ROOT, SHARED_DIR, TINY_ARGS
 from safetensors.torch import load_file
 
-REPO = Path(__file__).resolve().parents[1]
-BOOK_DATA = REPO.parent / "shared" / "data" / "instruction-data.json"
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-       "OMP_NUM_THREADS": "1"}
+REPO = REPO_ROOT
+BOOK_DATA = SHARED_DIR / "data" / "instruction-data.json"
 # --sample 40 with the book's 85/10/5 split: 34 training, 4 test and 2 validation records, so with 2 processes
 # the one validation batch (2 examples; the global batch is 4) leaves the second process nothing to evaluate.
-TINY = ["--model", "gpt2-small", "--random-init", "--n-layers", "2", "--emb-dim", "64", "--n-heads", "4",
-        "--context-length", "128", "--data", str(BOOK_DATA), "--sample", "40", "--lr", "1e-3", "--batch-size", "4",
+TINY = [*TINY_ARGS, "--data", str(BOOK_DATA), "--sample", "40", "--lr", "1e-3", "--batch-size", "4",
         "--epochs", "1", "--max-steps", "6", "--eval-freq", "3", "--eval-iter", "2", "--save-every", "3",
         "--max-new-tokens", "2", "--response-batch-size", "55", "--sample-tokens", "4"]
 LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--mixed_precision", "no", "--dynamo_backend", "no"]

@@ -124,6 +124,7 @@ class _Fitting:
     def checkpoint(self) -> None:
         run, state = self.run, self.state
         state.metrics_rows = run.metrics.count  # a resume drops the rows logged after this point
+        run.check_out()
         with timed(state, "checkpoints"):
             save_checkpoint(run.accelerator, run.model, run.checkpoint_root, state,
                             keep=run.args.keep_checkpoints or None)

@@ -429,6 +429,7 @@ def finish(run: Run, task: Task) -> None:
         run.log({"step": state.step, **final})
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        run.check_out()
         task.finish(run)
         seconds = {phase: state.phase_seconds.get(phase, 0.0) for phase in PHASES}
         run.log({"step": state.step, "timing": True, **{f"seconds_{k}": round(v, 3) for k, v in seconds.items()}})
