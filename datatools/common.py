@@ -28,16 +28,18 @@ def interrupted(cache) -> int:
     return EXIT_INTERRUPTED
 
 
-def report_failures(failures: list[tuple[int, str]], total: int, what: str, *, shown: int = 5) -> None:
-    """Print how many of ``total`` failed and why (the first ``shown``); raise Failure if all of them did."""
+def report_failures(failures: list[tuple[int, str]], total: int, what: str, *, label: str = "record",
+                    shown: int = 5) -> None:
+    """Print how many of ``total`` ``what`` failed and why (the first ``shown``, each named ``label`` N); raise
+    Failure if all of them did."""
     if not failures:
         return
     print(f"{len(failures)} of {total} {what} failed (each costs its record; rerun to ask again):")
     for index, reason in failures[:shown]:
-        print(f"  record {index}: {reason}")
+        print(f"  {label} {index}: {reason}")
     if len(failures) > shown:
         print(f"  ... and {len(failures) - shown} more")
     if len(failures) == total:
         index, reason = failures[0]
-        raise Failure(f"every {what[:-1] if what.endswith('s') else what} failed (record {index}: {reason}); "
+        raise Failure(f"every {what[:-1] if what.endswith('s') else what} failed ({label} {index}: {reason}); "
                       "nothing was written")

@@ -224,7 +224,7 @@ class OllamaStandin:
         seed = (payload.get("options") or payload).get("seed") or 0
         if seed in self.garbage_seeds:
             return None
-        if not re.search(r"user\W*$", str(payload.get("prompt", "")).rstrip()):
+        if "user" not in str(payload.get("prompt", ""))[-40:]:
             return "a continuation of some text"
         return MAGPIE_INSTRUCTIONS[seed % len(MAGPIE_INSTRUCTIONS)] + "\nA second line, which is not the instruction."
 
@@ -390,6 +390,9 @@ def _make_handler(srv: OllamaStandin):
                 choice = {"index": 0, "text": text, "finish_reason": "stop"} if text is not None else {"index": 0}
                 return self._send_json(200, {"id": "cmpl-%d" % len(srv.raw_requests), "object": "text_completion",
                                              "created": int(time.time()), "model": model, "choices": [choice]})
+            if p.get("stream", True) is False:
+                body = {"model": model, "created_at": _now(), "done": True, "done_reason": "stop", "eval_count": 9}
+                return self._send_json(200, body if text is None else {**body, "response": text})
             self._start_chunked("application/x-ndjson")
             if text is None:
                 self._chunk(json.dumps({"model": model, "created_at": _now(), "done": False}).encode() + b"\n")
