@@ -58,6 +58,8 @@ class ServerOptions:
                                                   "0 = no cap")
     retries: int = arg(4, "retries on connection errors, timeouts and 5xx", at_least=0)
     retry_backoff: float = arg(1.0, "seconds before the first retry; doubles each retry", at_least=0)
+    parse_retries: int = arg(2, "times to ask again after a reply that cannot be used (unparsable, empty) before its "
+                                "record fails", at_least=0)
     limit: int | None = arg(None, "only the first N records", at_least=0)
     out: str | None = arg(None, "output file")
     cache: str | None = arg(None, "JSONL answer cache that makes a rerun resume (default: OUT with .cache.jsonl)")

@@ -67,7 +67,6 @@ class GenerateArgs(ServerOptions):
                                                             "current folder)")
     max_reply_tokens: int = redefault(ServerOptions, "max_reply_tokens", 1024, "cap on each reply (Ollama "
                                       "num_predict, OpenAI max_tokens); 0 = no cap")
-    parse_retries: int = arg(2, "times to ask again after a reply without an instruction or answer", at_least=0)
 
 
 @dataclass

@@ -75,7 +75,6 @@ class PrefsArgs(ServerOptions):
     max_reply_tokens: int = redefault(ServerOptions, "max_reply_tokens", 1024, "cap on each rewrite (Ollama "
                                       "num_predict, OpenAI max_tokens); a rewrite is about as long as the output; "
                                       "0 = no cap")
-    parse_retries: int = arg(2, "times to ask again after an empty reply before the record fails", at_least=0)
 
 
 def run(args: PrefsArgs) -> int:

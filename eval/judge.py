@@ -215,7 +215,6 @@ class JudgeArgs(ServerOptions):
     max_reply_tokens: int = redefault(ServerOptions, "max_reply_tokens", MAX_REPLY_TOKENS,
                                       "cap on the judge's reply (Ollama num_predict, OpenAI max_tokens); a score "
                                       "needs a few tokens; 0 = no cap")
-    parse_retries: int = arg(2, "times to ask again after an unparsable reply before recording a failure", at_least=0)
     no_structured: bool = arg(False, "don't request structured output (by default a JSON schema, then plain "
                                      "JSON, then text if the server refuses them)", action="store_true")
     lowest: int = arg(5, "lowest-scoring records to list")
