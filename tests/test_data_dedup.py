@@ -6,7 +6,7 @@ import re
 from collections import Counter
 
 import pytest
-from conftest import SHARED_DIR, run_cli
+from conftest import REPO_ROOT, SHARED_DIR, run_cli
 
 from gpt2_scratch.datatools.dedup import near_duplicates
 
@@ -80,3 +80,22 @@ def test_cli_writes_pairs_and_deduplicated_records(tmp_path):
     assert again.returncode == 2 and again.stderr.startswith("error: --out") and "--overwrite" in again.stderr
     bad = run_cli("-m", "gpt2_scratch", "data", "dedup", "--data", str(EXAMPLES), "--key", "nope")
     assert bad.returncode == 2 and "--key 'nope' is in no record" in bad.stderr
+
+
+def test_the_readmes_data_commands_parse():
+    """Every `gpt2-scratch data ...` line of the README's data section is a command line the parser accepts."""
+    import importlib
+    import shlex
+
+    from gpt2_scratch.core.args import parse_dataclass_args
+    from gpt2_scratch.core.cli import COMMANDS
+
+    lines = [line.split("#")[0] for line in (REPO_ROOT / "README.md").read_text().splitlines()
+             if line.startswith("gpt2-scratch data ")]
+    assert len(lines) >= 6
+    for line in lines:
+        words = [w.split("|")[0] for w in shlex.split(line.replace("[", " ").replace("]", " "))]
+        command = COMMANDS["data"][words[2]]
+        args_class = getattr(importlib.import_module(command.module), command.args_class)
+        args, _ = parse_dataclass_args(args_class, words[3:])
+        assert args is not None, line
