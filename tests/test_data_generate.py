@@ -8,7 +8,7 @@ import sys
 import time
 
 import pytest
-from conftest import run_cli
+from conftest import run_cli, wait_for_lines
 from ollama_standin import MAGPIE_INSTRUCTIONS, OllamaStandin
 
 GENERATE = ["-m", "gpt2_scratch", "data", "generate"]
@@ -81,10 +81,7 @@ def test_resumes_after_sigkill_without_asking_twice(tmp_path):
     with OllamaStandin(delay=0.3) as server:
         cmd = [sys.executable, *GENERATE, "--quiet", "--host", server.url, "--n", 5, "--workers", 1, "--out", out]
         proc = subprocess.Popen(list(map(str, cmd)), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 120
-        while (not cache.exists() or cache.read_bytes().count(b"\n") < 6) and proc.poll() is None:
-            assert time.monotonic() < deadline, "generate wrote nothing to its cache"
-            time.sleep(0.02)
+        wait_for_lines(cache, 6, proc)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         assert proc.returncode == -signal.SIGKILL and not out.exists()
@@ -108,10 +105,7 @@ def test_ctrl_c_and_sigterm_stop_resumably(sig, tmp_path):
         cmd = [sys.executable, *GENERATE, "--quiet", "--host", server.url, "--n", 5, "--workers", 1, "--out", out]
         proc = subprocess.Popen(list(map(str, cmd)), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True)
-        deadline = time.monotonic() + 120
-        while (not cache.exists() or cache.read_bytes().count(b"\n") < 2) and proc.poll() is None:
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
+        wait_for_lines(cache, 2, proc)
         proc.send_signal(sig)
         _, err = proc.communicate(timeout=30)
         assert proc.returncode == 130 and "interrupted; answers so far are in" in err and not out.exists()

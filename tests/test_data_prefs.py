@@ -11,7 +11,7 @@ import sys
 import time
 
 import pytest
-from conftest import REPO_ROOT, SHARED_DIR, run_cli
+from conftest import REPO_ROOT, SHARED_DIR, run_cli, wait_for_lines
 from ollama_standin import OllamaStandin
 
 from gpt2_scratch.core.prompts import format_input
@@ -85,10 +85,7 @@ def test_resumes_after_sigkill_without_asking_a_record_twice(tmp_path, book_reco
         proc = subprocess.Popen([sys.executable, *PREFS, "--quiet", "--data", str(data), "--host", server.url,
                                  "--workers", "2", "--out", str(out)], cwd=tmp_path,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 120
-        while (not cache.exists() or cache.read_bytes().count(b"\n") < 10) and proc.poll() is None:
-            assert time.monotonic() < deadline, "prefs wrote nothing to its cache"
-            time.sleep(0.02)
+        wait_for_lines(cache, 10, proc)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         assert proc.returncode == -signal.SIGKILL and not out.exists()
@@ -150,10 +147,7 @@ def test_ctrl_c_and_sigterm_stop_resumably(sig, tmp_path, book_records):
         proc = subprocess.Popen([sys.executable, *PREFS, "--quiet", "--data", str(data), "--host", server.url,
                                  "--workers", "2", "--out", str(out)], cwd=tmp_path, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 120
-        while (not cache.exists() or cache.read_bytes().count(b"\n") < 4) and proc.poll() is None:
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
+        wait_for_lines(cache, 4, proc)
         started = time.monotonic()
         proc.send_signal(sig)
         _, err = proc.communicate(timeout=30)
