@@ -7,7 +7,9 @@ stripped of punctuation (every character that is neither a word character nor wh
 into a TF-IDF vector over its character 1- to 3-grams (scikit-learn's ``TfidfVectorizer``, fitted on the
 non-empty texts of the key), and two records are near-duplicates when the cosine similarity of their
 vectors is strictly greater than ``--threshold`` (0.9, the script's default). Texts of one character
-or none never pair, as in the book. By default each key of the first record is searched in turn.
+or none never pair, as in the book. By default each key of the first record is searched in turn, and,
+as the book's ``--remove_duplicates``, the later record of a pair is removed for every key but
+``instruction`` (one task often comes with many inputs); keys named with ``--key`` all remove.
 
 One difference, on purpose: the book's script drops the records whose key is empty before vectorising
 and then reads the similarity matrix with indices into the unfiltered list, so on a key that is empty in
@@ -90,7 +92,9 @@ class DedupArgs:
                                 "default)", at_least=0, at_most=1)
     pairs: str | None = arg(None, "write the pairs here, one JSON line each: {\"key\", \"a\", \"b\", \"similarity\"} "
                                   "with a < b record indices into --data")
-    out: str | None = arg(None, "write the records here with the later member of every pair removed")
+    out: str | None = arg(None, "write the records here with the later member of every pair removed (without --key, "
+                                "as the book: pairs by instruction are listed but remove nothing, since one task "
+                                "often comes with many inputs)")
     overwrite: bool = arg(False, "replace existing --pairs/--out files")
     quiet: bool = arg(False, "print only the summary, not each pair", aliases=("-q",))
 
@@ -119,13 +123,14 @@ def run(args: DedupArgs) -> int:
             found.append({"key": key, "a": i, "b": j, "similarity": similarity})
             if not args.quiet:
                 print(f"  {key} {i}~{j} {similarity:.3f}  {_short(texts[i])!r}  ~  {_short(texts[j])!r}")
-    removed = sorted({p["b"] for p in found})
+    removing = set(args.key) if args.key else set(keys) - {"instruction"}
+    removed = sorted({p["b"] for p in found if p["key"] in removing})
     if args.pairs:
         write_text_atomic(args.pairs, jsonl_text(found))
     if args.out:
         write_json_atomic(args.out, [r for i, r in enumerate(records) if i not in set(removed)])
     print(f"{len(found)} pairs in {len(keys)} key{'s' * (len(keys) != 1)}; {len(removed)} records are the later "
-          f"member of a pair" + (f"; wrote {len(records) - len(removed)} records to {args.out}" if args.out else "")
+          f"member of a pair by {', '.join(k for k in keys if k in removing) or 'no key that removes'}" + (f"; wrote {len(records) - len(removed)} records to {args.out}" if args.out else "")
           + (f"; pairs in {args.pairs}" if args.pairs else ""))
     return 0
 

@@ -72,9 +72,17 @@ def test_cli_writes_pairs_and_deduplicated_records(tmp_path):
     expected = [{"key": key, "a": i, "b": j, "similarity": pytest.approx(s, abs=1e-9)}
                 for key in records[0] for i, j, s in reference_pairs([r.get(key) or "" for r in records], 0.9)]
     assert pairs == expected and pairs
-    removed = {p["b"] for p in pairs}
+    removed = {p["b"] for p in pairs if p["key"] != "instruction"}  # as the book, by default
+    assert {p["key"] for p in pairs} == {"instruction", "output"} and removed
     assert json.loads(out.read_text()) == [r for i, r in enumerate(records) if i not in removed]
     assert f"wrote {len(records) - len(removed)} records to {out}" in r.stdout
+    # a key named with --key removes by it
+    by_instruction = tmp_path / "by-instruction.json"
+    r = run_cli("-m", "gpt2_scratch", "data", "dedup", "--data", str(EXAMPLES), "--key", "instruction", "--out",
+                str(by_instruction), "--quiet")
+    dropped = {p["b"] for p in pairs if p["key"] == "instruction"}
+    assert r.returncode == 0 and json.loads(by_instruction.read_text()) == [
+        rec for i, rec in enumerate(records) if i not in dropped]
     # an existing output is kept unless --overwrite
     again = run_cli("-m", "gpt2_scratch", "data", "dedup", "--data", str(EXAMPLES), "--out", str(out))
     assert again.returncode == 2 and again.stderr.startswith("error: --out") and "--overwrite" in again.stderr
