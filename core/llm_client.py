@@ -26,7 +26,8 @@ from gpt2_scratch.core.llm_http import (
 
 
 class OllamaClient(BaseClient):
-    """Ollama's native ``/api/chat``, streamed (NDJSON) like the book's ``query_model``."""
+    """Ollama's native ``/api/chat`` (and ``/api/generate`` for raw prompts), streamed (NDJSON) like the book's
+    ``query_model``."""
 
     api = "ollama"
     formats = ("schema", "json", "text")
@@ -125,7 +126,8 @@ def _same_ollama_model(wanted: str, have: str) -> bool:
 
 
 class OpenAIClient(BaseClient):
-    """``/v1/chat/completions`` of an OpenAI-compatible server (llama.cpp, vLLM, LM Studio, Ollama)."""
+    """``/v1/chat/completions`` (and ``/v1/completions`` for raw prompts) of an OpenAI-compatible server
+    (llama.cpp, vLLM, LM Studio, Ollama)."""
 
     api = "openai"
     formats = ("json_schema", "json_object", "text")
