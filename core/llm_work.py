@@ -51,11 +51,11 @@ class ServerOptions:
     api: Literal["ollama", "openai"] = arg("ollama", "ollama: Ollama's native API; openai: an OpenAI-compatible "
                                                      "server (llama.cpp, vLLM, LM Studio)")
     workers: int = arg(4, "concurrent requests", at_least=1)
-    timeout: float = arg(120.0, "seconds to wait for a reply to start, and between two pieces of it")
+    timeout: float = arg(120.0, "seconds to wait for a reply to start, and between two pieces of it", above=0)
     request_timeout: float = arg(REQUEST_TIMEOUT, "seconds one request may take in all; a reply still unfinished "
-                                                  "then fails")
+                                                  "then fails", above=0)
     max_reply_tokens: int = arg(MAX_REPLY_TOKENS, "cap on each reply (Ollama num_predict, OpenAI max_tokens); "
-                                                  "0 = no cap")
+                                                  "0 = no cap", at_least=0)
     retries: int = arg(4, "retries on connection errors, timeouts and 5xx", at_least=0)
     retry_backoff: float = arg(1.0, "seconds before the first retry; doubles each retry", at_least=0)
     parse_retries: int = arg(2, "times to ask again after a reply that cannot be used (unparsable, empty) before its "
@@ -75,11 +75,6 @@ def connect(opts: ServerOptions, model: str, *, structured: bool = True, **kw) -
     A bad host is an InputError naming where it came from (exit 2); a server that is down or lacks the
     model is a ServerError with the fix (exit 1). Either happens before any output is written.
     """
-    for flag, value in (("--timeout", opts.timeout), ("--request-timeout", opts.request_timeout)):
-        if not value > 0:
-            raise InputError(f"{flag} must be a positive number of seconds, got {value:g}")
-    if opts.max_reply_tokens < 0:
-        raise InputError(f"--max-reply-tokens must be 0 (no cap) or more, got {opts.max_reply_tokens}")
     host = opts.host or os.environ.get("OLLAMA_HOST") or "http://localhost:11434"
     try:
         client = make_client(opts.api, host, model, timeout=opts.timeout, request_timeout=opts.request_timeout,
@@ -213,9 +208,20 @@ def ask_all(questions: list[Question], client, *, cache: AnswerCache | None = No
                     f"if replies need more")
         return {"value": None, "reply": reply, "cached": False, "reason": why}
 
+    answers.update(_in_parallel(list(todo.values()), work, stop, workers=workers, progress=progress, desc=desc))
+    return answers
+
+
+def _in_parallel(questions: list[Question], work: Callable[[Question], dict], stop: threading.Event, *,
+                 workers: int, progress: bool, desc: str) -> dict[str, dict]:
+    """``work(q)`` for every question on up to ``workers`` daemon threads, with a progress bar; {key: answer}.
+
+    Sets ``stop`` when it returns or raises (Ctrl-C), which stops the workers (see ``ask_all``).
+    """
+    answers: dict[str, dict] = {}
     jobs: queue.SimpleQueue = queue.SimpleQueue()
     results: queue.SimpleQueue = queue.SimpleQueue()
-    for q in todo.values():
+    for q in questions:
         jobs.put(q)
 
     def worker() -> None:
@@ -232,11 +238,11 @@ def ask_all(questions: list[Question], client, *, cache: AnswerCache | None = No
                 results.put((q, e))
                 return
 
-    for n in range(min(max(1, workers), len(todo))):
+    for n in range(min(max(1, workers), len(questions))):
         threading.Thread(target=worker, name=f"llm-worker-{n}", daemon=True).start()
     try:
-        with tqdm(total=len(todo), desc=desc, disable=not progress) as bar:
-            for _ in range(len(todo)):
+        with tqdm(total=len(questions), desc=desc, disable=not progress) as bar:
+            for _ in range(len(questions)):
                 while True:
                     try:
                         q, result = results.get(timeout=0.5)  # a timeout keeps Ctrl-C responsive
