@@ -156,3 +156,22 @@ def test_ctrl_c_and_sigterm_stop_resumably(sig, tmp_path, book_records):
         kept = len(cache.read_bytes().splitlines())
         r = prefs("--data", data, "--host", server.url, "--out", out, cwd=tmp_path)
     assert r.returncode == 0 and f"{kept} from the cache" in r.stdout
+
+
+def test_bad_input_is_one_line_before_any_request(tmp_path, book_records):
+    data = write(tmp_path / "data.json", book_records[:3])
+    no_output = write(tmp_path / "no-output.json", [{"instruction": "Say hi."}])
+    with OllamaStandin() as server:
+        cases = [
+            (["--data", no_output], "no-output.json: record 0 has no 'output' field"),
+            (["--data", data, "--out", data], "is also --data: writing it would replace the input"),
+            (["--data", data, "--timeout", "0"], "--timeout must be"),
+            (["--data", data, "--host", "htp:/x"], "--host: invalid host URL 'htp:/x'"),
+            (["--data", data, "--limit", "0"], "--limit 0 leaves no records"),
+        ]
+        for args, needle in cases:
+            r = prefs(*args, *([] if "--host" in args else ["--host", server.url]), cwd=tmp_path)
+            assert r.returncode == 2 and r.stderr.startswith("error: ") and needle in r.stderr, (args, r.stderr)
+            assert r.stderr.count("\n") == 1
+        assert server.chat_requests == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.json", "no-output.json"]
