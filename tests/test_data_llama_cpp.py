@@ -8,6 +8,7 @@ Skipped, with the install hint, where llama-cpp-python[server] or the model pack
 """
 
 import json
+import random
 
 import pytest
 from conftest import run_cli
@@ -22,10 +23,14 @@ def test_prefs_against_llama_cpp(tmp_path, llama_server, shared_dir):  # noqa: F
     records = json.loads((shared_dir / "data" / "instruction-data.json").read_text())[:3]
     data, out = tmp_path / "data.json", tmp_path / "prefs.json"
     data.write_text(json.dumps(records))
+    # Gemma 3 270M is a base model: asked for a polite rewrite it answers a blank line (the record fails, as an
+    # empty reply must), asked for an impolite one of the first record it writes text. A seed that picks
+    # "impolite" for the first record makes the run write at least that one.
+    seed = next(s for s in range(100) if random.Random(s).choice(["polite", "impolite"]) == "impolite")
     proxy = RecordingProxy(llama_server)
     try:
         args = ("prefs", "--data", str(data), "--api", "openai", "--host", proxy.url, "--model", ALIAS,
-                "--max-reply-tokens", "48", "--workers", "2", "--out", str(out), "--quiet")
+                "--max-reply-tokens", "48", "--workers", "2", "--seed", str(seed), "--out", str(out), "--quiet")
         r = run_cli(*DATA, *args, cwd=tmp_path, timeout=900)
         assert r.returncode == 0, r.stderr
         chats = proxy.chats()
@@ -33,7 +38,8 @@ def test_prefs_against_llama_cpp(tmp_path, llama_server, shared_dir):  # noqa: F
         assert all(c["payload"]["max_tokens"] == 48 and c["payload"]["seed"] == 123 for c in chats)
         written = json.loads(out.read_text())
         failed = 3 - len(written)  # a record whose rewrite stays empty is reported and left out
-        assert written and f"{failed} failed" in r.stdout
+        assert written and written[0]["instruction"] == records[0]["instruction"] and f"{failed} failed" in r.stdout
+        assert written[0]["chosen"] == records[0]["output"] and written[0]["rejected"].strip()
         for pref in written:
             assert isinstance(pref["chosen"], str) and isinstance(pref["rejected"], str)
             assert pref["output"] in (pref["chosen"], pref["rejected"])
