@@ -11,7 +11,7 @@ questions, each answered once by a server through ``core.llm_client``. What they
   ``cache_key`` over everything that decides the answer, so a killed run, rerun with the same
   command, asks only what is still missing.
 - ``ask_all``: the worker threads, the progress bar, retries of unparsable replies, and the first
-  Ctrl-C (or SIGTERM, with ``interrupt_on_sigterm``) stopping everything at once.
+  Ctrl-C (or SIGTERM, with ``core.process.terminate_as_interrupt``) stopping everything at once.
 """
 
 from __future__ import annotations
@@ -20,9 +20,7 @@ import datetime as _dt
 import logging
 import os
 import queue
-import signal
 import threading
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal
@@ -37,7 +35,7 @@ from gpt2_scratch.core.llm_client import make_client
 from gpt2_scratch.core.llm_http import MAX_REPLY_TOKENS, REQUEST_TIMEOUT, BaseClient, Cancelled, RequestFailed, ServerInputError
 from gpt2_scratch.core.retry import RetryPolicy
 
-__all__ = ["AnswerCache", "Question", "ServerOptions", "ask_all", "cache_key", "connect", "interrupt_on_sigterm"]
+__all__ = ["AnswerCache", "Question", "ServerOptions", "ask_all", "cache_key", "connect"]
 
 log = logging.getLogger(__name__)
 
@@ -84,21 +82,6 @@ def connect(opts: ServerOptions, model: str, *, structured: bool = True, **kw) -
         source = "--host" if opts.host else "$OLLAMA_HOST" if os.environ.get("OLLAMA_HOST") else "host"
         raise InputError(f"{source}: {e}") from None
     return client, client.preflight()
-
-
-@contextmanager
-def interrupt_on_sigterm():
-    """Inside, SIGTERM (``kill``, a scheduler's stop) is a Ctrl-C: the run stops the same way, resumable."""
-    def handler(signum, frame):
-        raise KeyboardInterrupt
-    if threading.current_thread() is not threading.main_thread():  # signals reach only the main thread
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 class AnswerCache:

@@ -7,7 +7,7 @@ import sys
 from collections.abc import Iterable
 from pathlib import Path
 
-from gpt2_scratch.core.errors import EXIT_INTERRUPTED, Failure, InputError
+from gpt2_scratch.core.errors import EXIT_INTERRUPTED, Failure, InputError, Terminated
 
 
 def check_new_output(path: Path, *, flag: str, overwrite: bool) -> None:
@@ -20,12 +20,12 @@ def jsonl_text(entries: Iterable[dict]) -> str:
     return "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in entries)
 
 
-def interrupted(cache) -> int:
-    """The one line a stopped run prints (Ctrl-C, SIGTERM); the exit code 130."""
+def interrupted(cache, stopped: KeyboardInterrupt) -> int:
+    """The one line a stopped run prints; the exit code: 130 after Ctrl-C, 143 after SIGTERM (``Terminated``)."""
     where = f"answers so far are in {cache.path}: rerun the same command to resume" if cache else \
         "nothing was written (--no-cache: a rerun starts over)"
     print(f"\ninterrupted; {where}", file=sys.stderr, flush=True)
-    return EXIT_INTERRUPTED
+    return stopped.exit_code if isinstance(stopped, Terminated) else EXIT_INTERRUPTED
 
 
 def report_failures(failures: list[tuple[int, str]], total: int, what: str, *, label: str = "record",

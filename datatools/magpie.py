@@ -28,7 +28,8 @@ from typing import Literal
 from gpt2_scratch.core.args import arg, redefault
 from gpt2_scratch.core.errors import Failure, InputError
 from gpt2_scratch.core.files import check_output_file, write_json_atomic
-from gpt2_scratch.core.llm_work import AnswerCache, Question, ServerOptions, ask_all, cache_key, connect, interrupt_on_sigterm
+from gpt2_scratch.core.llm_work import AnswerCache, Question, ServerOptions, ask_all, cache_key, connect
+from gpt2_scratch.core.process import terminate_as_interrupt
 from gpt2_scratch.datatools.common import check_new_output, interrupted, report_failures
 from gpt2_scratch.datatools.dedup import near_duplicates, normalize
 
@@ -104,14 +105,14 @@ def run(args: GenerateArgs) -> int:
     ident = {"api": client.api, "model": client.model}
     state = _Run([], [], [])
     try:
-        with interrupt_on_sigterm():
+        with terminate_as_interrupt():
             slot = 0
             while len(state.records) < target and slot < tries:
                 batch = range(slot, min(tries, slot + target - len(state.records)))
                 slot = batch.stop
                 _round(args, client, cache, ident, start, end, batch, state)
-    except KeyboardInterrupt:
-        return interrupted(cache)
+    except KeyboardInterrupt as stopped:
+        return interrupted(cache, stopped)
     report_failures(state.failures, slot, "slots", label="slot")
     if not state.records:
         raise Failure(f"no record after {slot} tries ({state.duplicates} near-duplicates); is {start!r} the start "

@@ -26,7 +26,8 @@ from pathlib import Path
 from gpt2_scratch.core.args import arg, redefault
 from gpt2_scratch.core.errors import InputError
 from gpt2_scratch.core.files import check_output_file, write_json_atomic
-from gpt2_scratch.core.llm_work import AnswerCache, Question, ServerOptions, ask_all, cache_key, connect, interrupt_on_sigterm
+from gpt2_scratch.core.llm_work import AnswerCache, Question, ServerOptions, ask_all, cache_key, connect
+from gpt2_scratch.core.process import terminate_as_interrupt
 from gpt2_scratch.core.prompts import format_input
 from gpt2_scratch.core.records import load_records
 from gpt2_scratch.datatools.common import check_new_output, interrupted, report_failures
@@ -99,11 +100,11 @@ def run(args: PrefsArgs) -> int:
                           rewrite_prompt(r, style), None, parse_rewrite, i)
                  for i, (r, style) in enumerate(zip(records, styles))]
     try:
-        with interrupt_on_sigterm():
+        with terminate_as_interrupt():
             answers = ask_all(questions, client, cache=cache, workers=args.workers, parse_retries=args.parse_retries,
                               progress=not args.quiet, desc="Writing entries", identity=identity)
-    except KeyboardInterrupt:
-        return interrupted(cache)
+    except KeyboardInterrupt as stopped:
+        return interrupted(cache, stopped)
     written, failures = [], []
     for q, record, style in zip(questions, records, styles):
         answer = answers[q.key]

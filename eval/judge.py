@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Literal
 
 from gpt2_scratch.core.args import arg, check_values, redefault
-from gpt2_scratch.core.errors import EXIT_INTERRUPTED, Failure, InputError
+from gpt2_scratch.core.errors import EXIT_INTERRUPTED, Failure, InputError, Terminated
 from gpt2_scratch.core.files import check_output_file, check_replaceable, write_json_atomic, write_text_atomic
 from gpt2_scratch.core.llm_http import MAX_REPLY_TOKENS
 from gpt2_scratch.core.llm_work import (
@@ -53,8 +53,8 @@ from gpt2_scratch.core.llm_work import (
     ask_all,
     cache_key,
     connect,
-    interrupt_on_sigterm,
 )
+from gpt2_scratch.core.process import terminate_as_interrupt
 from gpt2_scratch.core.records import load_records, record_input
 from gpt2_scratch.eval.judge_prompts import (
     PROMPT_VERSION,
@@ -277,12 +277,12 @@ def run(args: JudgeArgs) -> int:
             "max_reply_tokens": judge.max_reply_tokens}
     kw = dict(cache=cache, workers=args.workers, parse_retries=args.parse_retries, progress=not args.quiet)
     try:
-        with interrupt_on_sigterm():
+        with terminate_as_interrupt():
             outcomes, summary, text = _ask(args, judge, records, records_b, other_key, out, meta, kw)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stopped:  # Ctrl-C (130), or SIGTERM (Terminated, 143)
         print("\ninterrupted; answers so far are in the cache: rerun the same command to resume", file=sys.stderr,
               flush=True)
-        return EXIT_INTERRUPTED
+        return stopped.exit_code if isinstance(stopped, Terminated) else EXIT_INTERRUPTED
     print(text)
     write_json_atomic(out, _json_safe({**meta, "summary": summary, "records": outcomes}), indent=2)
     write_text_atomic(out.with_suffix(".summary.txt"), text + "\n")

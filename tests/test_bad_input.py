@@ -13,7 +13,6 @@ the table as subprocess tests.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -25,17 +24,13 @@ from typing import Callable
 
 import pytest
 import torch
-from conftest import REPO_ROOT, assert_refused, copy_with_weights, isolate_user_settings
+from conftest import ENV, REPO_ROOT, TINY_ARGS, assert_refused, copy_with_weights, isolate_user_settings, start_cli
 from safetensors.torch import load_file
 
 from gpt2_scratch.core.cli import main
 
 SHARED = REPO_ROOT.parent / "shared"
 BOOK_DATA = SHARED / "data" / "instruction-data.json"
-TINY_ARGS = ["--model", "gpt2-small", "--random-init", "--n-layers", "2", "--emb-dim", "64", "--n-heads", "4",
-             "--context-length", "128"]
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-       "OMP_NUM_THREADS": "1"}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -308,9 +303,8 @@ def test_bad_input(case: Case, ws: Workspace, capsys, monkeypatch):
 # ---------------------------------------------------------------------------------------------------
 
 
-def sft_process(*args, env=None, **kw) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "train/sft.py", *map(str, args)], cwd=REPO_ROOT, env=env or ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+def sft_process(*args, env=None) -> subprocess.Popen:
+    return start_cli("train/sft.py", *args, env=env)
 
 
 RUN = [*TINY_ARGS, "--data", str(BOOK_DATA), "--batch-size", "4", "--eval-iter", "1", "--max-new-tokens", "2",
