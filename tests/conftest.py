@@ -92,6 +92,19 @@ def kill_at_checkpoint(cmd: list, marker: Path, *, cwd: Path, env: dict, timeout
     assert marker.exists(), f"killed before {marker} was written"
 
 
+def signal_after_first_evaluation(proc: subprocess.Popen, out: Path, signum: int, timeout: float = 300):
+    """Send ``signum`` to a training process once OUT/metrics.jsonl has its evaluation after step 1 (mid-run, at a
+    known point), then wait for it: (stdout, stderr)."""
+    import time
+
+    metrics, deadline = out / "metrics.jsonl", time.monotonic() + timeout
+    while not (metrics.exists() and b'"step": 1,' in metrics.read_bytes()) and proc.poll() is None:
+        assert time.monotonic() < deadline, "no evaluation after step 1"
+        time.sleep(0.02)
+    proc.send_signal(signum)
+    return proc.communicate(timeout=timeout)
+
+
 def transformers_twin(model):
     """transformers' own GPT2LMHeadModel holding the same weights as our ``model`` (the reference)."""
     from transformers import GPT2Config, GPT2LMHeadModel

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ENV, REPO_ROOT, SHARED_DIR, TINY_ARGS, kill_at_checkpoint, run_cli, start_cli
+from conftest import (ENV, REPO_ROOT, SHARED_DIR, TINY_ARGS, kill_at_checkpoint, run_cli,
+                      signal_after_first_evaluation, start_cli)
 from safetensors.torch import load_file
 
 from gpt2_scratch.core.cli import main
@@ -106,12 +107,7 @@ def test_sigterm_checkpoints_says_how_to_continue_and_resume_ends_with_the_unint
     run = [*SFT[1:], "--eval-freq", "50", "--keep-checkpoints", "0"]
     out = tmp_path / "stopped"
     proc = start_cli("train/sft.py", *run, "--max-steps", "400", "--out", out, env=ENV)
-    metrics, deadline = out / "metrics.jsonl", time.monotonic() + 300
-    while not (metrics.exists() and b'"step": 1,' in metrics.read_bytes()) and proc.poll() is None:
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGTERM)
-    stdout, stderr = proc.communicate(timeout=300)
+    stdout, stderr = signal_after_first_evaluation(proc, out, signal.SIGTERM)
     assert proc.returncode == 143, stderr
     assert "SIGTERM: stopping after this step" in stderr and "Traceback" not in stderr
     (line,) = [ln for ln in stdout.splitlines() if ln.startswith("stopped at step")]

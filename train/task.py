@@ -19,7 +19,9 @@ defines three things, as train/sft.py, train/dpo.py and train/classify.py do:
         def loss(self, model, batch): ...
         def evaluate(self, run, running): ...
 
-and ``run = lambda args: run_training(args, set_up)`` for core/cli.py's command table. The loop
+and ``run = lambda args: run_training(args, set_up)`` for core/cli.py's command table (a whole one, next-token
+training on raw token sequences in 40 lines: tests/test_loop.py, ``test_a_new_kind_of_training_is_one_task_with_
+three_hooks``). The loop
 (train/loop.py) owns everything else: epochs, accumulation, clipping, the optimizer and scheduler,
 evaluation cadence, metrics and trackers, checkpoints and ``--resume``, Ctrl-C/SIGTERM, the NaN guard.
 
