@@ -6,15 +6,21 @@
     fast_bf16()               whether bf16 matrix products are fast on this machine
     relaunch_multi_cpu()      make ``accelerate launch --num_processes N --cpu`` really run N processes
     fsdp_without_accelerator() ``accelerate launch --use_fsdp`` on a machine with no GPU: say so, run DDP instead
+    terminate_as_interrupt()  inside, SIGTERM interrupts as Ctrl-C does (``Terminated``, exit 143)
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
 import subprocess
 import sys
+import threading
+from contextlib import contextmanager
 from pathlib import Path
+
+from gpt2_scratch.core.errors import Terminated
 
 
 class _StdoutHandler(logging.StreamHandler):
@@ -152,3 +158,22 @@ def fsdp_without_accelerator() -> bool:
         return False
     os.environ.pop("ACCELERATE_USE_FSDP")
     return True
+
+
+@contextmanager
+def terminate_as_interrupt():
+    """Inside, SIGTERM (``kill``, ``timeout``, a scheduler's stop) interrupts as Ctrl-C does: ``Terminated``, a
+    KeyboardInterrupt, so whatever cleans up after Ctrl-C does so here too and the command exits 143 with one
+    line. Used by the judge and the data tools around their requests (what has arrived is in their cache).
+    Off the main thread it does nothing: only the main thread receives signals."""
+    def interrupt(signum, frame) -> None:
+        raise Terminated
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

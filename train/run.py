@@ -43,14 +43,13 @@ from gpt2_scratch.core.compile import compile_model
 from gpt2_scratch.core.errors import InputError, one_line
 from gpt2_scratch.core.files import FolderLock, check_output_dir, write_json_atomic
 from gpt2_scratch.core.process import (configure_logging, fast_bf16, fsdp_without_accelerator, quiet_libraries,
-                                       relaunch_multi_cpu)
+                                       relaunch_multi_cpu, terminate_as_interrupt)
 from gpt2_scratch.hub import check_repo_id, hub_token
 from gpt2_scratch.train import loop
 from gpt2_scratch.train.checkpoints import find_checkpoint, load_checkpoint
 from gpt2_scratch.train.metrics import MetricsLog
 from gpt2_scratch.train.publish import push_run
 from gpt2_scratch.train.state import TRAIN_STATE_FILE, Run, TrainState, timed
-from gpt2_scratch.train.stopping import terminate_as_interrupt
 from gpt2_scratch.train.task import Task
 from gpt2_scratch.train.trackers import Trackers, check_installed
 
