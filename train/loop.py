@@ -19,7 +19,7 @@ its log lines. The training step is ``train_step``; each task's loss is its ``Ta
 from __future__ import annotations
 
 import time
-from contextlib import closing, nullcontext
+from contextlib import nullcontext
 from itertools import islice
 from typing import Any, Callable
 
