@@ -1,9 +1,11 @@
 """Shared test helpers: where the data lives, tiny models, the transformers reference, isolated processes."""
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -88,6 +90,19 @@ def kill_at_checkpoint(cmd: list, marker: Path, *, cwd: Path, env: dict, timeout
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
     assert marker.exists(), f"killed before {marker} was written"
+
+
+def signal_after_first_evaluation(proc: subprocess.Popen, out: Path, signum: int, timeout: float = 300):
+    """Send ``signum`` to a training process once OUT/metrics.jsonl has its evaluation after step 1 (mid-run, at a
+    known point), then wait for it: (stdout, stderr)."""
+    import time
+
+    metrics, deadline = out / "metrics.jsonl", time.monotonic() + timeout
+    while not (metrics.exists() and b'"step": 1,' in metrics.read_bytes()) and proc.poll() is None:
+        assert time.monotonic() < deadline, "no evaluation after step 1"
+        time.sleep(0.02)
+    proc.send_signal(signum)
+    return proc.communicate(timeout=timeout)
 
 
 def transformers_twin(model):
@@ -207,3 +222,17 @@ def assert_refused(argv: list[str], root: Path, capsys, *, code: int, needle: st
     assert set(before) <= set(after), "a file that existed was deleted"
     if not new_files:
         assert set(after) == set(before), f"new files: {sorted(set(after) - set(before))}"
+
+
+def wait_for_lines(path: Path, count: int, proc: subprocess.Popen, *, timeout: float = 120) -> None:
+    """Wait until ``proc`` has written ``count`` lines to ``path`` (a resumable run's cache), to stop it there."""
+    deadline = time.monotonic() + timeout
+    while (not path.exists() or path.read_bytes().count(b"\n") < count) and proc.poll() is None:
+        assert time.monotonic() < deadline, f"{path} did not reach {count} lines in {timeout:g} s"
+        time.sleep(0.02)
+
+
+def default_sigint() -> None:
+    """``preexec_fn`` of a child that a test stops with Ctrl-C: SIGINT back to its default (a shell that starts CI
+    in the background hands it down ignored, and Python then never raises KeyboardInterrupt)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -17,14 +17,14 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import pytest
 import torch
-from conftest import ENV, REPO_ROOT, TINY_ARGS, assert_refused, copy_with_weights, isolate_user_settings, start_cli
+from conftest import (ENV, REPO_ROOT, TINY_ARGS, assert_refused, copy_with_weights, isolate_user_settings,
+                      signal_after_first_evaluation, start_cli)
 from safetensors.torch import load_file
 
 from gpt2_scratch.core.cli import main
@@ -335,13 +335,7 @@ def test_a_diverging_run_stops_with_one_line_and_saves_no_model(tmp_path):
 def test_ctrl_c_stops_with_a_checkpoint_and_resume_finishes_the_run(tmp_path):
     out = tmp_path / "interrupted"
     proc = sft_process(*RUN, "--max-steps", "400", "--eval-freq", "50", "--out", out)
-    marker = out / "metrics.jsonl"
-    deadline = time.monotonic() + 300
-    while not (marker.exists() and b'"step": 1,' in marker.read_bytes()) and proc.poll() is None:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=300)
+    stdout, stderr = signal_after_first_evaluation(proc, out, signal.SIGINT)
     assert proc.returncode == 130, stderr
     assert "stopping after this step" in stderr
     (stopped,) = [line for line in stdout.splitlines() if line.startswith("stopped at step")]

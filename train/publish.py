@@ -364,7 +364,7 @@ def check_tokenizer_for_hub(model_dir: Path) -> None:
     """Refuse a folder every user of the Hub repo would fail on: no tokenizer files (``AutoTokenizer`` fails),
     tokenizer files transformers cannot load, or a chat template that does not parse or render
     (``apply_chat_template`` fails). Checked the way those users load it: with transformers itself."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # deferred: heavy, and only a push checks its tokenizer
 
     fix = "save the model folder again (gpt2-scratch writes the tokenizer and its template with every model)"
     missing = [name for name in ("tokenizer.json", "tokenizer_config.json") if not (model_dir / name).is_file()]
