@@ -171,11 +171,16 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "gpt2-scratch", group
     With ``argv=None`` this is a process's entry point (see ``execute``).
     """
     entry_point = argv is None
+    if entry_point:  # the overview and --help are printed results too (`gpt2-scratch --help | head -1`)
+        install_streams(prints_result=True)
     argv = sys.argv[1:] if argv is None else list(argv)
-    command, name, rest, code = resolve(argv, prog, COMMANDS[group] if group else COMMANDS)
-    if command is None:
-        return code
-    return execute(command, rest, prog=f"{prog} {name}", entry_point=entry_point)
+    try:
+        command, name, rest, code = resolve(argv, prog, COMMANDS[group] if group else COMMANDS)
+        if command is None:
+            return code
+        return execute(command, rest, prog=f"{prog} {name}", entry_point=entry_point)
+    except ResultPipeClosed:  # while printing the overview or a command's --help
+        return EXIT_PIPE_CLOSED
 
 
 def run_script(name: str) -> None:
@@ -189,4 +194,7 @@ def run_script(name: str) -> None:
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(script)]
     command = COMMANDS[name]
     assert isinstance(command, Command)
-    sys.exit(execute(command, sys.argv[1:], prog=f"python {os.path.relpath(script)}", entry_point=True))
+    try:
+        sys.exit(execute(command, sys.argv[1:], prog=f"python {os.path.relpath(script)}", entry_point=True))
+    except ResultPipeClosed:  # while printing --help
+        sys.exit(EXIT_PIPE_CLOSED)

@@ -162,7 +162,8 @@ class FileLock:
         started = time.strftime("%Y-%m-%d %H:%M:%S")
         command = " ".join(sys.argv)[:300]
         os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, started {started}: {command}\n".encode())
+        holder = f"pid {os.getpid()} on {socket.gethostname()}, started {started}: {command}\n"
+        os.write(fd, holder.encode("utf-8", "backslashreplace"))  # argv may hold bytes that are not UTF-8
         return cls(path, fd)
 
     def release(self) -> None:

@@ -22,6 +22,7 @@ from gpt2_scratch.core.errors import InputError, unicode_problem
 
 MODEL_HELP = "model folder, preset (gpt2-small|gpt2-medium|gpt2-large|gpt2-xl: OpenAI's weights) or Hub repo id"
 UTF8_HINT = "use a UTF-8 terminal or locale, or convert the text with iconv -t UTF-8"
+MIN_TEMPERATURE = 1e-4  # below it sampling is greedy decoding in all but its overflows
 
 
 def check_text(text: str, option: str) -> str:
@@ -174,6 +175,9 @@ class SamplingArgs:
             raise InputError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
             raise InputError(f"--temperature must be a finite number >= 0 (0 = greedy), got {self.temperature}")
+        if 0 < self.temperature < MIN_TEMPERATURE:  # logits / T overflow to inf, and sampling fails on NaN
+            raise InputError(f"--temperature {self.temperature:g} is too close to 0 to sample with; use 0 (greedy) or "
+                             f"at least {MIN_TEMPERATURE:g}")
         if self.top_k is not None and self.top_k < 1:
             raise InputError(f"--top-k must be at least 1, got {self.top_k}")
         if not 0 < self.top_p <= 1:
