@@ -17,7 +17,8 @@ Options shared by several commands are declared once, in a dataclass the command
 (train/options.py: every training run's options; train/lora.py: LoRA's); ``--help`` shows them in a
 group titled by that class. A command that needs another default says so with ``redefault``. The
 values are checked in one place, ``check_values``, from what each field declares: ``at_least`` /
-``above`` / ``at_most`` bounds, and every float finite (``--lr nan`` is not a learning rate).
+``above`` / ``at_most`` / ``below`` bounds, and every float finite (``--lr nan`` is not a learning rate).
+A flag's name comes from its field's name in one place, ``option_name``.
 """
 
 from __future__ import annotations
@@ -32,23 +33,24 @@ from typing import Any, Callable, Literal
 
 
 # Field metadata that is ours, not argparse's.
-_CHECKS = ("at_least", "above", "at_most", "plain_name")
+_CHECKS = ("at_least", "above", "at_most", "below", "plain_name")
 _OURS = ("help", "aliases", *_CHECKS, "resume_may_change")
 
 
 def arg(default: Any = dataclasses.MISSING, help: str = "", *, aliases: Sequence[str] = (),
         at_least: float | None = None, above: float | None = None, at_most: float | None = None,
-        plain_name: bool = False, resume_may_change: bool = False, **argparse_kwargs: Any) -> Any:
+        below: float | None = None, plain_name: bool = False, resume_may_change: bool = False,
+        **argparse_kwargs: Any) -> Any:
     """A dataclass field carrying its option's help text, aliases, value bounds and extra argparse settings.
 
-    Leave ``default`` out for a required option. ``at_least`` / ``above`` / ``at_most`` bound the value
-    (``check_values``; None passes, it means "not set"). ``plain_name``: a string that becomes a file or folder
-    name inside the command's output (a tracker run name), so it may not be a path (``check_plain_name``).
-    ``resume_may_change``: a training run's
+    Leave ``default`` out for a required option. ``at_least`` / ``above`` / ``at_most`` / ``below`` bound the
+    value (``check_values``; None passes, it means "not set"). ``plain_name``: a string that becomes a file or
+    folder name inside the command's output (a tracker run name), so it may not be a path
+    (``check_plain_name``). ``resume_may_change``: a training run's
     ``--resume`` may change this option (how a run is watched or what happens after it), not what it computes.
     """
     metadata = {"help": help, "aliases": tuple(aliases), "at_least": at_least, "above": above, "at_most": at_most,
-                "plain_name": plain_name, "resume_may_change": resume_may_change, **argparse_kwargs}
+                "below": below, "plain_name": plain_name, "resume_may_change": resume_may_change, **argparse_kwargs}
     if isinstance(default, list):
         return dataclasses.field(default_factory=lambda: list(default), metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -65,11 +67,6 @@ def redefault(cls: type, name: str, default: Any, help: str | None = None) -> An
     return arg(default, ours.pop("help", ""), **ours, **metadata)
 
 
-def _exact(bound: float) -> str:
-    """A bound as the user would type it: an integer exactly (``%g`` shows 4294967295 as 4.29497e+09)."""
-    return str(bound) if isinstance(bound, int) else f"{bound:g}"
-
-
 def check_plain_name(value: str, flag: str) -> None:
     """``value`` names one file or folder (no separator, not ``.`` or ``..``, no NUL): a name given to a run must
     not lead its files out of the folder they belong in."""
@@ -81,13 +78,16 @@ def check_plain_name(value: str, flag: str) -> None:
 
 
 def check_values(args: Any) -> None:
-    """Every option's value against what its field declares; raises one InputError naming the option."""
+    """Every option's value against what its field declares; raises one InputError naming the option.
+
+    Called once for every command, when its command line has been parsed (core/cli.py); a command run
+    from Python calls it itself. Values are shown as typed (``4294967296``, ``2.0``), never rounded.
+    """
     from gpt2_scratch.core.errors import InputError
 
     for field in dataclasses.fields(args):
         value = getattr(args, field.name)
-        values = value if isinstance(value, list) else [value]
-        for v in values:
+        for v in value if isinstance(value, list) else [value]:
             if isinstance(v, str) and field.metadata.get("plain_name"):
                 check_plain_name(v, option_name(field.name))
             if isinstance(v, bool) or not isinstance(v, (int, float)):
@@ -95,14 +95,25 @@ def check_values(args: Any) -> None:
             flag = option_name(field.name)
             if isinstance(v, float) and not math.isfinite(v):
                 raise InputError(f"{flag} must be a finite number, got {v}")
-            meta = field.metadata
-            shown = str(v) if isinstance(v, int) else f"{v:g}"  # an integer exactly: 4294967296, not 4.29497e+09
-            if meta.get("at_least") is not None and v < meta["at_least"]:
-                raise InputError(f"{flag} must be at least {_exact(meta['at_least'])}, got {shown}")
-            if meta.get("above") is not None and v <= meta["above"]:
-                raise InputError(f"{flag} must be greater than {_exact(meta['above'])}, got {shown}")
-            if meta.get("at_most") is not None and v > meta["at_most"]:
-                raise InputError(f"{flag} must be at most {_exact(meta['at_most'])}, got {shown}")
+            problem = _out_of_bounds(v, field.metadata)
+            if problem:
+                raise InputError(f"{flag} must be {problem}, got {v}")
+
+
+def _out_of_bounds(v: float, meta: Any) -> str | None:
+    """What ``v`` must be by the bounds in ``meta`` when it is not (None: within them). Two bounds are said
+    as one interval: "in (0, 1]"."""
+    low, low_open = (meta["above"], True) if meta.get("above") is not None else (meta.get("at_least"), False)
+    high, high_open = (meta["below"], True) if meta.get("below") is not None else (meta.get("at_most"), False)
+    too_low = low is not None and (v <= low if low_open else v < low)
+    too_high = high is not None and (v >= high if high_open else v > high)
+    if not (too_low or too_high):
+        return None
+    if low is not None and high is not None:
+        return f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+    if too_low:
+        return f"greater than {low}" if low_open else f"at least {low}"
+    return f"less than {high}" if high_open else f"at most {high}"
 
 
 def resume_may_change(cls: type) -> set[str]:
@@ -111,6 +122,7 @@ def resume_may_change(cls: type) -> set[str]:
 
 
 def option_name(field_name: str) -> str:
+    """The flag of a field: ``max_new_tokens`` → ``--max-new-tokens`` (the only place a flag name is built)."""
     return "--" + field_name.replace("_", "-")
 
 

@@ -4,6 +4,7 @@
     gpt2-scratch convert openai | hf | book | export-hf | export-book | gguf    weights in and out (convert/)
     gpt2-scratch sft | classify | dpo | push                      training and publishing (train/)
     gpt2-scratch respond | judge                                  evaluation (eval/)
+    gpt2-scratch data dedup | prefs | generate                    the book's data tools (datatools/)
 
 Every command declares its options as a typed dataclass (``core.args``), lives in the module of its
 stage, and is imported only when it runs, so ``gpt2-scratch --help`` and the judge start at once.
@@ -12,11 +13,11 @@ convert`` (the ``convert`` group), and the scripts ``train/sft.py``, ``train/cla
 ``train/dpo.py``, ``eval/generate.py`` (``respond``) and ``eval/judge.py`` (see ``run_script``).
 
 One exit-code rule (``run_command``): 0 done; 2 bad input (``InputError`` and argparse's own errors);
-1 the work failed (``Failure``, an OS error such as a full disk); 130 interrupted; 141 the reader of a
-command's printed result closed the pipe (quietly, as tools ended by SIGPIPE). Errors are one line on
-stderr starting with ``error:``; a traceback means a bug. What a process prints goes through
-``core.streams`` (characters the terminal cannot show are replaced; a closed pipe never stops work
-whose output goes to files).
+1 the work failed (``Failure``, an OS error such as a full disk); 130 interrupted (Ctrl-C); 143 a training run
+stopped by SIGTERM (train/stopping.py: after a checkpoint); 141 the reader of a command's printed result
+closed the pipe (quietly, as tools ended by SIGPIPE). Errors are one line on stderr starting with
+``error:``; a traceback means a bug. What a process prints goes through ``core.streams`` (characters the
+terminal cannot show are replaced; a closed pipe never stops work whose output goes to files).
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from gpt2_scratch.core.errors import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_INTERRUPTED, Failure, InputError, describe_os_error, one_line
+from gpt2_scratch.core.errors import (EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_INTERRUPTED, Failure, InputError, Terminated,
+                                      describe_os_error, one_line)
 from gpt2_scratch.core.streams import EXIT_PIPE_CLOSED, ResultPipeClosed, install_streams
 
 
@@ -80,7 +82,18 @@ COMMANDS: dict[str, Command | dict[str, Command]] = {
                        caching_allocator=True),
     "judge": Command("gpt2_scratch.eval.judge", "JudgeArgs", "run", "score responses 0-100 with an LLM judge (Ollama or "
                      "an OpenAI-compatible server)"),
+    "data": {
+        "dedup": Command("gpt2_scratch.datatools.dedup", "DedupArgs", "run",
+                         "near-duplicate records (TF-IDF of character 1-3-grams, cosine; the book's method)"),
+        "prefs": Command("gpt2_scratch.datatools.prefs", "PrefsArgs", "run",
+                         "polite/impolite preference pairs for dpo, rewritten by a local LLM (the book's notebook)"),
+        "generate": Command("gpt2_scratch.datatools.magpie", "GenerateArgs", "run",
+                            "new instruction records from an instruct model given only the start of a user turn "
+                            "(Magpie)"),
+    },
 }
+# What a group of commands is for, in the overview.
+GROUP_HELP = {"convert": "weights in and out", "data": "the book's data tools"}
 # `python -m gpt2_scratch classify --model DIR --text ...` predicted labels before `predict` existed.
 _PREDICT_FLAGS = ("--text",)
 
@@ -90,7 +103,7 @@ def _overview(prog: str, commands: dict, group: str | None = None) -> str:
     lines = [title, "", "commands:"]
     width = max(len(name) for name in commands)
     for name, entry in commands.items():
-        text = entry.help if isinstance(entry, Command) else "weights in and out: " + ", ".join(entry)
+        text = entry.help if isinstance(entry, Command) else f"{GROUP_HELP[name]}: " + ", ".join(entry)
         lines.append(f"  {name:<{width}}  {text}")
     return "\n".join(lines)
 
@@ -126,9 +139,9 @@ def run_command(work: Callable[[], int | None]) -> int:
     except OSError as err:
         print(f"error: {describe_os_error(err)}", file=sys.stderr, flush=True)
         return EXIT_FAILURE
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
         print("\ninterrupted", file=sys.stderr, flush=True)
-        return EXIT_INTERRUPTED
+        return err.exit_code if isinstance(err, Terminated) else EXIT_INTERRUPTED
     except ResultPipeClosed:  # `generate ... | head`: the reader has what it wanted
         return EXIT_PIPE_CLOSED
 

@@ -681,7 +681,7 @@ CASES = [
                                                                  "--report-to", "tensorboard"], 2,
          "--run-name '../../../../x': must be a plain name"),
     Case("sft --seed 2**32: the bound shown exactly", lambda ws: [*tiny_sft(ws), "--seed", "4294967296"], 2,
-         "--seed must be at most 4294967295, got 4294967296"),
+         "--seed must be in [0, 4294967295], got 4294967296"),
     Case("generate: config.json's n_embd disagrees with its emb_dim", lambda ws: generate(ws.config(
         "alias", n_embd=128)), 2, "{root}/alias/config.json: emb_dim 64 and n_embd 128 disagree"),
     Case("chat --max-new-tokens typed beyond the context", lambda ws: [

@@ -3,7 +3,6 @@
 
 import copy
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import TINY, kill_at_checkpoint, run_python
+from conftest import ENV, TINY, TINY_ARGS, kill_at_checkpoint, run_cli, run_python
 from safetensors.torch import load_file
 
 from gpt2_scratch.core.errors import InputError
@@ -19,8 +18,6 @@ from gpt2_scratch.train import lora
 
 REPO = Path(__file__).resolve().parents[1]
 BOOK_DATA = REPO.parent / "shared" / "data" / "instruction-data.json"
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-       "OMP_NUM_THREADS": "1"}
 E, V = TINY["emb_dim"], 50257
 
 
@@ -91,11 +88,28 @@ def test_the_book_preset_is_the_books_exercise():
     assert torch.count_nonzero(b) == 0
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--lora-r", "0"], "--lora-r must be at least 1, got 0"),
+    (["--lora-alpha", "0"], "--lora-alpha must be greater than 0, got 0.0"),
+    (["--lora-alpha", "inf"], "--lora-alpha must be a finite number, got inf"),
+    (["--lora-dropout", "1"], "--lora-dropout must be in [0, 1), got 1.0"),
+    (["--lora-dropout", "-0.1"], "--lora-dropout must be in [0, 1), got -0.1"),
+])
+def test_lora_bounds_are_checked_with_every_option_when_parsed(flags, message):
+    """Each LoRA value's bounds are declared on its field (LoRAOptions) and checked by core.args.check_values,
+    as every other option's, once the command line is parsed."""
+    from gpt2_scratch.core.args import check_values, parse_dataclass_args
+    from gpt2_scratch.train.sft import SFTArgs
+
+    args, _ = parse_dataclass_args(SFTArgs, flags)
+    with pytest.raises(InputError) as err:
+        check_values(args)
+    assert str(err.value) == message
+
+
 @pytest.mark.parametrize("given, message", [
-    (dict(lora_r=0), "--lora-r must be a positive integer"),
     (dict(lora_targets=["wte"]), "--lora-targets wte: unknown layer"),
     (dict(lora_targets=["all-linear", "c_fc"]), "pass it alone"),
-    (dict(lora_dropout=1.0), "--lora-dropout must be in [0, 1)"),
     (dict(base_dtype="bf16"), "--base-dtype bf16 stores frozen weights in bf16: it needs --lora"),
     (dict(lora="book", base_dtype="bf16"), "needs --mixed-precision bf16"),
     (dict(merge=False), "--no-merge keeps only a LoRA adapter: it needs --lora"),
@@ -188,16 +202,14 @@ def test_bf16_base_halves_the_frozen_weights_and_merges_into_the_fp32_base():
 # Through the CLI: what a run leaves, and resume after SIGKILL
 # ---------------------------------------------------------------------------------------------------
 
-RUN = ["--model", "gpt2-small", "--random-init", "--n-layers", "2", "--emb-dim", "64", "--n-heads", "4",
-       "--context-length", "128", "--data", str(BOOK_DATA), "--lr", "1e-3", "--batch-size", "4", "--grad-accum", "2",
+RUN = [*TINY_ARGS, "--data", str(BOOK_DATA), "--lr", "1e-3", "--batch-size", "4", "--grad-accum", "2",
        "--epochs", "1", "--max-steps", "20", "--eval-freq", "5", "--eval-iter", "2", "--save-every", "10",
        "--keep-checkpoints", "0", "--max-new-tokens", "2", "--response-batch-size", "55", "--sample-tokens", "4",
        "--mask-prompt", "--lora", "book"]
 
 
 def sft(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "train/sft.py", *map(str, args)], cwd=REPO, env=ENV, capture_output=True,
-                          text=True, timeout=600)
+    return run_cli("train/sft.py", *args, env=ENV)
 
 
 def adapter_weights(out: Path) -> dict:
