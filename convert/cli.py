@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Literal
 
 from gpt2_scratch.core.args import arg
-from gpt2_scratch.core.errors import InputError
+from gpt2_scratch.core.errors import InputError, unicode_problem
 from gpt2_scratch.core.files import check_output_dir, check_output_file, claimed_output
 
 OVERWRITE_HELP = "replace an existing --out folder"
@@ -202,6 +202,13 @@ def run_gguf(args: GGUFArgs) -> None:
 
     started = time.perf_counter()
     modelfile = args.modelfile or str(Path(args.out).with_suffix(".Modelfile"))
+    for flag, path in (("--out", args.out), ("--modelfile", modelfile)):
+        # The Modelfile names the GGUF in one line of UTF-8: a newline or a byte that is not UTF-8 breaks it.
+        problem = unicode_problem(path, from_bytes=True) or (
+            "a name with a control character (a newline?)" if any(ord(c) < 32 for c in path) else None)
+        if problem:
+            raise InputError(f"{flag} {path!r} is {problem}, which the Modelfile's FROM line cannot hold; choose "
+                             "another name")
     check_output_file(args.out, inputs=[("--model", args.model)])
     check_output_file(modelfile, flag="--modelfile", inputs=[("--model", args.model)])
     with claimed_output(args.out):  # one run per output at a time (core.files.claimed_output)

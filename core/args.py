@@ -45,13 +45,12 @@ def arg(default: Any = dataclasses.MISSING, help: str = "", *, aliases: Sequence
 
     Leave ``default`` out for a required option. ``at_least`` / ``above`` / ``at_most`` / ``below`` bound the
     value (``check_values``; None passes, it means "not set"). ``plain_name``: a string that becomes a file or
-    folder name inside the command's output (a tracker run name), so it may not be a path (``check_plain_name``).
-    ``resume_may_change``: a training run's ``--resume`` may change this option (how a run is watched or what
-    happens after it), not what it computes.
+    folder name inside the command's output (a tracker run name), so it may not be a path
+    (``check_plain_name``). ``resume_may_change``: a training run's
+    ``--resume`` may change this option (how a run is watched or what happens after it), not what it computes.
     """
     metadata = {"help": help, "aliases": tuple(aliases), "at_least": at_least, "above": above, "at_most": at_most,
-                "below": below, "plain_name": plain_name, "resume_may_change": resume_may_change,
-                **argparse_kwargs}
+                "below": below, "plain_name": plain_name, "resume_may_change": resume_may_change, **argparse_kwargs}
     if isinstance(default, list):
         return dataclasses.field(default_factory=lambda: list(default), metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -66,11 +65,6 @@ def redefault(cls: type, name: str, default: Any, help: str | None = None) -> An
         metadata["help"] = help
     ours = {k: metadata.pop(k) for k in _OURS if k in metadata}
     return arg(default, ours.pop("help", ""), **ours, **metadata)
-
-
-def _exact(bound: float) -> str:
-    """A bound as the user would type it: an integer exactly (``%g`` shows 4294967295 as 4.29497e+09)."""
-    return str(bound) if isinstance(bound, int) else f"{bound:g}"
 
 
 def check_plain_name(value: str, flag: str) -> None:
@@ -116,10 +110,10 @@ def _out_of_bounds(v: float, meta: Any) -> str | None:
     if not (too_low or too_high):
         return None
     if low is not None and high is not None:
-        return f"in {'(' if low_open else '['}{_exact(low)}, {_exact(high)}{')' if high_open else ']'}"
+        return f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
     if too_low:
-        return f"greater than {_exact(low)}" if low_open else f"at least {_exact(low)}"
-    return f"less than {_exact(high)}" if high_open else f"at most {_exact(high)}"
+        return f"greater than {low}" if low_open else f"at least {low}"
+    return f"less than {high}" if high_open else f"at most {high}"
 
 
 def resume_may_change(cls: type) -> set[str]:

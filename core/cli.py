@@ -13,11 +13,11 @@ convert`` (the ``convert`` group), and the scripts ``train/sft.py``, ``train/cla
 ``train/dpo.py``, ``eval/generate.py`` (``respond``) and ``eval/judge.py`` (see ``run_script``).
 
 One exit-code rule (``run_command``): 0 done; 2 bad input (``InputError`` and argparse's own errors);
-1 the work failed (``Failure``, an OS error such as a full disk); 130 interrupted (Ctrl-C); 141 the reader of a
-command's printed result closed the pipe (quietly, as tools ended by SIGPIPE); 143 a training run stopped by
-SIGTERM (train/stopping.py: after a checkpoint). Errors are one line on stderr starting with ``error:``; a
-traceback means a bug. What a process prints goes through ``core.streams`` (characters the terminal cannot show
-are replaced; a closed pipe never stops work whose output goes to files).
+1 the work failed (``Failure``, an OS error such as a full disk); 130 interrupted (Ctrl-C); 143 a training run
+stopped by SIGTERM (train/stopping.py: after a checkpoint); 141 the reader of a command's printed result
+closed the pipe (quietly, as tools ended by SIGPIPE). Errors are one line on stderr starting with
+``error:``; a traceback means a bug. What a process prints goes through ``core.streams`` (characters the
+terminal cannot show are replaced; a closed pipe never stops work whose output goes to files).
 """
 
 from __future__ import annotations
@@ -184,11 +184,16 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "gpt2-scratch", group
     With ``argv=None`` this is a process's entry point (see ``execute``).
     """
     entry_point = argv is None
+    if entry_point:  # the overview and --help are printed results too (`gpt2-scratch --help | head -1`)
+        install_streams(prints_result=True)
     argv = sys.argv[1:] if argv is None else list(argv)
-    command, name, rest, code = resolve(argv, prog, COMMANDS[group] if group else COMMANDS)
-    if command is None:
-        return code
-    return execute(command, rest, prog=f"{prog} {name}", entry_point=entry_point)
+    try:
+        command, name, rest, code = resolve(argv, prog, COMMANDS[group] if group else COMMANDS)
+        if command is None:
+            return code
+        return execute(command, rest, prog=f"{prog} {name}", entry_point=entry_point)
+    except ResultPipeClosed:  # while printing the overview or a command's --help
+        return EXIT_PIPE_CLOSED
 
 
 def run_script(name: str) -> None:
@@ -202,4 +207,7 @@ def run_script(name: str) -> None:
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(script)]
     command = COMMANDS[name]
     assert isinstance(command, Command)
-    sys.exit(execute(command, sys.argv[1:], prog=f"python {os.path.relpath(script)}", entry_point=True))
+    try:
+        sys.exit(execute(command, sys.argv[1:], prog=f"python {os.path.relpath(script)}", entry_point=True))
+    except ResultPipeClosed:  # while printing --help
+        sys.exit(EXIT_PIPE_CLOSED)

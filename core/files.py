@@ -35,7 +35,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from gpt2_scratch.core.errors import InputError
+from gpt2_scratch.core.errors import InputError, unicode_problem
 # FolderLock is re-exported: training runs take their folder's lock from here.
 from gpt2_scratch.core.locks import FileLock, FolderLock, remove_stale_temporaries, temporary_prefix  # noqa: F401
 
@@ -49,7 +49,12 @@ def cache_root() -> Path:
 
     Downloads live in subfolders: ``openai/`` (OpenAI's checkpoints), ``data/`` (data sets).
     """
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "gpt2-scratch").expanduser()
+    root = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "gpt2-scratch").expanduser()
+    if os.path.lexists(root) and not root.is_dir():
+        where = f"${CACHE_ENV}={os.environ[CACHE_ENV]}" if os.environ.get(CACHE_ENV) else str(root)
+        raise InputError(f"the cache folder {where} is {path_kind(root) or 'a file'}, not a folder; set "
+                         f"{CACHE_ENV} to a folder (or remove the file)")
+    return root
 
 
 def _umask() -> int:
@@ -180,7 +185,8 @@ def content_key(fields: dict) -> str:
     """A stable hex digest of ``fields`` (JSON-serialisable; key order does not matter): the key of a cached
     result, so a changed record, model or setting is computed again and an unchanged one never is."""
     canonical = json.dumps(fields, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+    # surrogatepass: a path with bytes that are not UTF-8 (a lone surrogate in Python) still has its own key
+    return hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 class JsonlFile:
@@ -330,6 +336,8 @@ def check_output_file(path: str | os.PathLike, *, flag: str = "--out",
     input folder (a model) may receive new files, but not in place of the files it is loaded from.
     """
     path = Path(path).expanduser()
+    if str(path) == "-":  # many tools read "-" as standard output; here it would silently be a file named "-"
+        raise InputError(f"{flag} -: writing to standard output is not supported; give the path of a file")
     if path.is_dir():
         raise InputError(f"{flag} {path} is a folder; give the path of a file to write")
     for input_flag, input_path in inputs:
@@ -357,6 +365,9 @@ def check_output_dir(path: str | os.PathLike, *, flag: str = "--out",
     path = Path(path).expanduser()
     if path.exists() and not path.is_dir():
         raise InputError(f"{flag} {path} is a file, not a folder; choose another output folder")
+    problem = unicode_problem(str(path), from_bytes=True)
+    if problem:  # a model folder's weights are written by safetensors, which takes UTF-8 paths only
+        raise InputError(f"{flag} {path}: the path is {problem}, which safetensors cannot write to; choose a UTF-8 name")
     for input_flag, input_path in inputs:
         if input_path is None:
             continue
@@ -378,8 +389,9 @@ class OutputClaim:
         """Record (beside the output) what it is the output of, and its digest, so a rerun of the same command
         may replace it, and only as it was written (a file edited or replaced since then is the user's)."""
         if self._owner is not None:
-            write_json_atomic(self._stamp, {"key": content_key(self._owner), "sha256": _file_digest(self.path),
-                                            **self._owner})
+            # ensure_ascii: a path with bytes that are not UTF-8 is stored escaped, not refused by the encoder
+            write_text_atomic(self._stamp, json.dumps({"key": content_key(self._owner), "sha256": _file_digest(
+                self.path), **self._owner}, indent=4) + "\n")
 
 
 def _file_digest(path: Path) -> str | None:
@@ -404,6 +416,9 @@ def claimed_output(path: str | os.PathLike, *, flag: str = "--out", owner: dict 
     """
     path = _resolved(Path(path).expanduser())  # written through a link, the link's target is the output
     stamp = path.parent / f".{path.name}.owner.json"
+    if os.path.lexists(stamp) and not stamp.is_file():
+        kind = path_kind(stamp) or "a folder"
+        raise InputError(f"{flag} {path}: {stamp}, where the output's owner is recorded, is {kind}; remove it")
     with FileLock.beside(path, what=flag):
         if owner is not None and not overwrite and path.is_file():
             try:

@@ -162,7 +162,8 @@ class FileLock:
         started = time.strftime("%Y-%m-%d %H:%M:%S")
         command = " ".join(sys.argv)[:300]
         os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, started {started}: {command}\n".encode())
+        holder = f"pid {os.getpid()} on {socket.gethostname()}, started {started}: {command}\n"
+        os.write(fd, holder.encode("utf-8", "backslashreplace"))  # argv may hold bytes that are not UTF-8
         return cls(path, fd)
 
     def check_held(self, what: str = "--out") -> None:
@@ -176,8 +177,8 @@ class FileLock:
             same = False
         if not same:
             raise Failure(f"{what} {self.path.parent} was deleted or replaced while this run was using it (its lock "
-                          f"file {self.path.name} is gone); the run stops without writing there again: start it "
-                          "again (with --overwrite if the folder exists)")
+                          f"file {self.path.name} is gone); the run stops without writing there again: start it again "
+                          "(with --overwrite if the folder exists)")
 
     def release(self) -> None:
         try:

@@ -69,7 +69,7 @@ class QuietStream:
             return self._stream.write(text)
         except OSError as err:
             if not _is_closed_pipe(err):
-                raise
+                raise self._named(err) from None
             self._reader_gone()
             return len(text)
 
@@ -80,8 +80,13 @@ class QuietStream:
             self._stream.flush()
         except OSError as err:
             if not _is_closed_pipe(err):
-                raise
+                raise self._named(err) from None
             self._reader_gone()
+
+    def _named(self, err: OSError) -> OSError:
+        """The error with the stream's name for its file (a full /dev/full is "standard output", not "a file")."""
+        name = "standard output" if self is sys.stdout else "standard error"
+        return OSError(err.errno, err.strerror, name) if err.filename is None else err
 
     def __getattr__(self, name: str):
         return getattr(self._stream, name)
@@ -90,7 +95,9 @@ class QuietStream:
 def install_streams(*, prints_result: bool) -> None:
     """Wrap this process's standard output and error (once); ``prints_result``: the command's result is its
     standard output, so a closed one ends the command."""
-    if sys.stdout is not None and not isinstance(sys.stdout, QuietStream):
+    if isinstance(sys.stdout, QuietStream):  # installed before the command was known (its --help, the overview)
+        sys.stdout._result = prints_result
+    elif sys.stdout is not None:
         sys.stdout = QuietStream(sys.stdout, result=prints_result)
     if sys.stderr is not None and not isinstance(sys.stderr, QuietStream):
         sys.stderr = QuietStream(sys.stderr, result=False)

@@ -21,6 +21,7 @@ from gpt2_scratch.core.errors import InputError, unicode_problem
 
 MODEL_HELP = "model folder, preset (gpt2-small|gpt2-medium|gpt2-large|gpt2-xl: OpenAI's weights) or Hub repo id"
 UTF8_HINT = "use a UTF-8 terminal or locale, or convert the text with iconv -t UTF-8"
+MIN_TEMPERATURE = 1e-4  # below it sampling is greedy decoding in all but its overflows
 
 
 def check_text(text: str, option: str) -> str:
@@ -175,6 +176,12 @@ class SamplingArgs:
     top_p: float = arg(1.0, "nucleus sampling threshold in (0, 1] (1 = off)", above=0, at_most=1)
     seed: int = arg(123, "seed for sampling", at_least=0, at_most=2**64 - 1)  # torch.manual_seed's range
 
+    def check_temperature(self) -> None:
+        """A temperature so close to 0 that logits / T overflow to inf, and sampling fails on NaN: refused."""
+        if 0 < self.temperature < MIN_TEMPERATURE:
+            raise InputError(f"--temperature {self.temperature:g} is too close to 0 to sample with; use 0 (greedy) or "
+                             f"at least {MIN_TEMPERATURE:g}")
+
     def generate_kwargs(self) -> dict:
         """Keyword arguments for ``model.generate``: greedy at temperature 0, else the book's sampling."""
         if self.temperature == 0:
@@ -233,6 +240,7 @@ def run_generate(args: GenerateArgs) -> None:
 
     from .tokenizer import ENDOFTEXT_ID, encode_user_text
 
+    args.check_temperature()
     if args.prompt is not None:
         check_text(args.prompt, "--prompt")
     else:  # before the model loads: a closed stdin costs no load
@@ -301,6 +309,7 @@ def run_chat(args: ChatArgs) -> None:
     from .chat_history import fit_history
     from .tokenizer import ENDOFTEXT_ID, encode_user_text
 
+    args.check_temperature()
     for option, text in (("--prompt", args.prompt), ("--input", args.input)):
         if text is not None:
             check_text(text, option)

@@ -20,7 +20,7 @@ import logging
 import os
 from pathlib import Path
 
-from gpt2_scratch.core.errors import InputError
+from gpt2_scratch.core.errors import InputError, unicode_problem
 from gpt2_scratch.core.files import path_kind, write_dir_atomically
 
 from .tokenizer import ENDOFTEXT_ID, check_tokenizer_files, get_tokenizer
@@ -179,8 +179,8 @@ def check_config(path: str | os.PathLike, config: dict):
     for target in sorted(set(GPT2ScratchConfig.attribute_map.values())):
         # transformers lets an alias (n_embd, hidden_size) silently override the key itself (emb_dim): two values
         # for one setting are refused by name, instead of as the weights' shapes disagreeing with one of them.
-        names = [name for name in (target, *sorted(a for a, t in GPT2ScratchConfig.attribute_map.items() if t == target))
-                 if name in config]
+        aliases = sorted(alias for alias, aimed in GPT2ScratchConfig.attribute_map.items() if aimed == target)
+        names = [name for name in (target, *aliases) if name in config]
         if len({json.dumps(config[name]) for name in names}) > 1:
             said = " and ".join(f"{name} {json.dumps(config[name])}" for name in names)
             raise ModelDirError(f"{config_file}: {said} disagree, though they name one setting ({target}); keep "
@@ -328,6 +328,10 @@ def load_model_dir(path: str | os.PathLike, *, head: str = "auto", flag: str = "
     register()
     path = Path(path).expanduser()
     config = read_config(path, flag=flag)
+    problem = unicode_problem(str(path), from_bytes=True)
+    if problem:  # safetensors takes UTF-8 paths only: its message would call the weights damaged
+        raise ModelDirError(f"{flag} {path}: the path is {problem}, which safetensors cannot open; rename the "
+                            "folder (or a folder above it)")
     if config.get("model_type") != "gpt2-scratch":
         raise ModelDirError(f"{flag} {path} holds a {config.get('model_type')!r} model, not a gpt2-scratch one; "
                             "convert it first (`gpt2-scratch convert hf --from-dir DIR --out OUT`)")

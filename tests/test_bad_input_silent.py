@@ -681,7 +681,7 @@ CASES = [
                                                                  "--report-to", "tensorboard"], 2,
          "--run-name '../../../../x': must be a plain name"),
     Case("sft --seed 2**32: the bound shown exactly", lambda ws: [*tiny_sft(ws), "--seed", "4294967296"], 2,
-         "--seed must be at most 4294967295, got 4294967296"),
+         "--seed must be in [0, 4294967295], got 4294967296"),
     Case("generate: config.json's n_embd disagrees with its emb_dim", lambda ws: generate(ws.config(
         "alias", n_embd=128)), 2, "{root}/alias/config.json: emb_dim 64 and n_embd 128 disagree"),
     Case("chat --max-new-tokens typed beyond the context", lambda ws: [
@@ -691,6 +691,30 @@ CASES = [
          "standard input is closed, so there is nothing to read; give the message with --prompt", closed_stdin=True),
     Case("generate with standard input closed", lambda ws: ["generate", "--model", ws.model], 2,
          "standard input is closed, so there is nothing to read; give the text with --prompt", closed_stdin=True),
+    # --- the fourth pass: odd names, the environment, the new mechanisms themselves, sampling at its limit ---
+    Case("init --out whose name is not UTF-8", lambda ws: ["init", "--preset", "gpt2-small", *TINY_INIT, "--out",
+                                                            str(ws.root / "m\udcff")], 2,
+         "the path is not valid UTF-8 (byte 0xff), which safetensors cannot write to"),
+    Case("generate --model whose name is not UTF-8", lambda ws: generate(shutil.copytree(ws.model, ws.root / "m\udcff")),
+         2, "the path is not valid UTF-8 (byte 0xff), which safetensors cannot open; rename the folder"),
+    Case("convert gguf --out with a newline in its name", lambda ws: [
+        "convert", "gguf", "--model", ws.model, "--out", str(ws.root / "x\ny.gguf")], 2,
+        "is a name with a control character (a newline?), which the Modelfile's FROM line cannot hold"),
+    Case("respond --out - (standard output)", lambda ws: [*respond(ws), "--out", "-"], 2,
+         "--out -: writing to standard output is not supported; give the path of a file"),
+    Case("GPT2_SCRATCH_CACHE is a file", lambda ws: [*generate(ws.model), "--model", "gpt2-small"], 2,
+         "the cache folder $GPT2_SCRATCH_CACHE=", env={"GPT2_SCRATCH_CACHE": "/etc/hostname"}),
+    Case("an output's lock file is a symbolic link to another file", lambda ws: [*respond(ws), "--out", str(
+        ws.root / "r.json")] if os.symlink(ws.file("precious.txt", "keep me"), ws.root / ".r.json.lock") is None
+         else [], 2, "its lock file {root}/.r.json.lock is a symbolic link, which a lock never is"),
+    Case("two spellings of one --out (a link) share its lock", lambda ws: [*respond(ws), "--out", str(
+        ws.root / "link.json")] if ws.held(ws.file("r.json", "[]")) and os.symlink(ws.root / "r.json",
+                                                                                    ws.root / "link.json") is None
+         else [], 2, "--out {root}/r.json is in use by another run (pid "),
+    Case("the owner stamp's path is a folder", lambda ws: [*respond(ws)] if (ws.root / ".r.json.owner.json").mkdir()
+         is None else [], 2, "{root}/.r.json.owner.json, where the output's owner is recorded, is a folder"),
+    Case("generate --temperature 1e-320", lambda ws: [*generate(ws.model), "--temperature", "1e-320"], 2,
+         "is too close to 0 to sample with; use 0 (greedy) or at least 0.0001"),
 ]
 
 

@@ -117,3 +117,21 @@ def test_typed_special_token_text_stays_text(command, tiny_model_dir, monkeypatc
     ids = _prompt_ids(monkeypatch, [command, "--model", tiny_model_dir, "--prompt", typed, "--max-new-tokens", "2"])
     assert 50256 not in ids
     assert typed in get_tokenizer().decode(ids)
+
+
+def test_the_overview_and_help_into_a_closed_pipe_end_quietly():
+    """`gpt2-scratch --help | true` used to end in a BrokenPipeError traceback (printed before any command ran)."""
+    for argv in (["--help"], ["generate", "--help"]):
+        code, err = _with_reader_gone(*argv)
+        assert code == 141 and err == b"", err
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_a_full_standard_output_is_named_as_such(tiny_model_dir):
+    with open("/dev/full", "w") as full:
+        done = subprocess.run([*CLI, "generate", "--model", str(tiny_model_dir), "--prompt", "hi", "--max-new-tokens",
+                               "3", "--ignore-eos"], cwd=REPO_ROOT, stdout=full, stderr=subprocess.PIPE, text=True,
+                              timeout=300)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1] == ("error: no space left on device while writing standard output; "
+                                                    "free some space and run the command again")
