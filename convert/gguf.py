@@ -20,7 +20,8 @@ transformers' GGUF reader run it with no code of ours:
   defaults GPT-2 style vocabularies to token 11, and it must not prepend a BOS our prompts never had.
 - The prompt style the model was trained with goes in as `gpt2_scratch.prompt_style` and as a Jinja
   `tokenizer.chat_template` (llama.cpp servers, llama-cpp-python and transformers use it for chat): the
-  very template `save_model_dir` puts in the model folder's tokenizer (`core.prompts.chat_template`).
+  very template `save_model_dir` puts in the model folder's tokenizer (`core.prompts.chat_template`), less the
+  chat style's `{% generation %}` marks (transformers' own tag: the text is the same).
 
 The Modelfile (`FILE.Modelfile`) makes `ollama create NAME -f FILE.Modelfile` a model that answers in
 the trained prompt format. Its TEMPLATE is the same chat convention (`core.prompts`), written in Go's
@@ -347,7 +348,8 @@ def _write_gguf(path: Path, model, tensors: dict[str, np.ndarray], *, dtype: str
     writer.add_add_eos_token(False)
     if style is not None:
         writer.add_string(PROMPT_STYLE_KEY, style)
-        writer.add_chat_template(chat_template(style))
+        # Without transformers' {% generation %} tag, which plain Jinja2 (llama-cpp-python) cannot parse.
+        writer.add_chat_template(chat_template(style, generation_marks=False))
 
     for tensor_name, array in tensors.items():
         data, raw_dtype = _storage(tensor_name, array, dtype)

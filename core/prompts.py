@@ -187,10 +187,13 @@ def _message_text_jinja() -> str:
             "{%- endfor -%}{%- endif -%}")
 
 
-def conversation_chat_template() -> str:
+def conversation_chat_template(generation_marks: bool = True) -> str:
     """The chat style's Jinja template: every turn, as ``conversation_segments`` writes it, each assistant turn's
-    supervised text inside ``{% generation %}``. ``developer`` messages are system turns and a ``tool`` result a
-    turn of its own (``### Tool:``); an assistant message with no content (a tool call) is left out."""
+    supervised text inside ``{% generation %}`` (transformers' tag; ``generation_marks=False`` leaves it out for
+    renderers without it, such as plain Jinja2 in llama-cpp-python: the text is the same). ``developer``
+    messages are system turns and a ``tool`` result a turn of its own (``### Tool:``); an assistant message
+    with no content (a tool call) is left out."""
+    start, end = ("{%- generation -%}", "{%- endgeneration -%}") if generation_marks else ("", "")
     sep, system, user, assistant = (json.dumps(t) for t in (TURN_SEPARATOR, CHAT_HEADERS["system"],
                                                             CHAT_HEADERS["user"], CHAT_HEADERS["assistant"]))
     return (
@@ -200,7 +203,7 @@ def conversation_chat_template() -> str:
         + _message_text_jinja() +
         f"{{%- if ns.started -%}}{{{{- {sep} -}}}}{{%- endif -%}}{{%- set ns.started = true -%}}"
         '{%- if message["role"] == "assistant" -%}'
-        f"{{{{- {assistant} -}}}}{{%- generation -%}}{{{{- ns.text + eos_token -}}}}{{%- endgeneration -%}}"
+        f"{{{{- {assistant} -}}}}{start}{{{{- ns.text + eos_token -}}}}{end}"
         '{%- elif message["role"] == "user" -%}'
         f"{{{{- {user} + ns.text -}}}}"
         '{%- elif message["role"] == "tool" -%}'
@@ -214,15 +217,16 @@ def conversation_chat_template() -> str:
     )
 
 
-def chat_template(style: str) -> str:
-    """The Jinja chat template of ``style`` (saved with the tokenizer, and the GGUF's), for the convention above.
+def chat_template(style: str, *, generation_marks: bool = True) -> str:
+    """The Jinja chat template of ``style`` (saved with the tokenizer, and the GGUF's, there without
+    ``generation_marks``), for the convention above.
 
     Text is emitted only through string literals, so the result does not depend on the renderer's
     trim_blocks/lstrip_blocks settings (transformers and llama-cpp-python turn both on).
     """
     s = prompt_pieces(style)
     if style == CHAT_STYLE:
-        return conversation_chat_template()
+        return conversation_chat_template(generation_marks)
     head, separator, header = (json.dumps(text) for text in (s.head, s.input_separator, s.response_header))
     return (
         '{%- set ns = namespace(instruction="", input="", response="", answered=false, text="") -%}'

@@ -149,12 +149,16 @@ def test_the_gguf_and_ollama_templates_render_the_chat_text():
     """The GGUF's Jinja template (the saved one) and the Modelfile's Go TEMPLATE, executed as Ollama does, give
     chat's prompt for a history ending with a user turn, and a prefill Ollama continues for one ending with an
     answer."""
+    import jinja2
     from go_template import ollama_execute
     from transformers.utils.chat_template_utils import render_jinja_template
 
     from gpt2_scratch.convert.gguf import chat_template, ollama_template
     from gpt2_scratch.core.prompts import conversation_prompt
 
+    # The GGUF's template (no {% generation %}), as plain Jinja2 renders it (llama-cpp-python's formatter).
+    gguf = jinja2.Environment(trim_blocks=True, lstrip_blocks=True).from_string(chat_template("chat",
+                                                                                              generation_marks=False))
     messages = as_messages(TURNS)
     for history in (messages[:2], messages[:4], messages[1:4]):
         expected = "".join(conversation_prompt(history))
@@ -162,6 +166,7 @@ def test_the_gguf_and_ollama_templates_render_the_chat_text():
         rendered, _ = render_jinja_template(conversations=[history], chat_template=chat_template("chat"),
                                             add_generation_prompt=True, eos_token="<|endoftext|>")
         assert rendered[0] == expected
+        assert gguf.render(messages=history, add_generation_prompt=True, eos_token="<|endoftext|>") == expected
     training_text = "".join(piece for piece, _ in conversation_segments(messages))
     assert ollama_execute(ollama_template("chat"), messages) == training_text.removesuffix("<|endoftext|>")
 

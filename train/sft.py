@@ -85,7 +85,9 @@ class SFTArgs(ShapeOptions, ModelOptions, InstructionDataOptions, ConversationDa
     data: str = redefault(InstructionDataOptions, "data", BOOK_DATA_URL,
                           "instruction data: .json/.jsonl file, URL, Hub data set id (tatsu-lab/alpaca), or "
                           "'synthetic[:N]' (generated offline tasks)")
-    too_long: Literal["truncate", "drop"] = arg("truncate", "what to do with examples longer than --max-length")
+    too_long: Literal["truncate", "drop"] = arg("truncate", "what to do with examples longer than --max-length (a "
+                                                            "conversation is cut after its last whole answer, or "
+                                                            "dropped)")
     mask_prompt: bool | None = arg(None, "compute the loss on the response only (the book's exercise 7.2); for "
                                          "conversations on every assistant turn only (default: on with --prompt-style "
                                          "chat, off with the book's styles)")
