@@ -320,7 +320,7 @@ def run_chat(args: ChatArgs) -> None:
     # The chat style keeps the conversation (system: --input); the book's styles answer each message on its own.
     history: list[dict] = [{"role": "system", "content": args.input}] if style == CHAT_STYLE and args.input else []
 
-    def answer(message: str, input_text: str | None = None) -> str:
+    def answer(message: str, input_text: str | None = None) -> None:
         nonlocal history
         if style == CHAT_STYLE:
             history, ids = fit_history(tokenizer, [*history, {"role": "user", "content": message}], max_prompt)
@@ -334,10 +334,9 @@ def run_chat(args: ChatArgs) -> None:
             out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                                  max_new_tokens=max_new_tokens, eos_token_id=ENDOFTEXT_ID, pad_token_id=ENDOFTEXT_ID,
                                  streamer=streamer, **args.generate_kwargs())
-        reply = tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
-        if style == CHAT_STYLE:
-            history.append({"role": "assistant", "content": reply})
-        return reply
+        if style == CHAT_STYLE:  # the answer joins the history as text, as a client sends it back
+            history.append({"role": "assistant", "content": tokenizer.decode(out[0, len(ids):],
+                                                                             skip_special_tokens=True)})
 
     if args.prompt is not None:
         answer(args.prompt, args.input)
