@@ -23,7 +23,7 @@ corpus (its own cache entry) validates.
 **The pass.** Pieces of about 1 MB (cut where the tokens cannot change: train/text_data.py) are
 encoded by tiktoken on a pool of threads (tiktoken releases the GIL), a bounded number in flight, and
 appended in order: memory stays at a few pieces whatever the corpus's size, with a tqdm bar over its
-characters. This is the "parallel map" ``datasets.map(num_proc=...)`` would do, without a copy of the
+characters (shown once it takes more than a second). This is the "parallel map" ``datasets.map(num_proc=...)`` would do, without a copy of the
 corpus in Arrow files and without forking processes that each hold the tokenizer.
 """
 
@@ -163,7 +163,8 @@ def _tokenize_into(folder: Path, sources, text_column: str, split_at: int | None
     try:
         stream = _parted(pieces(sources, text_column, piece_chars, flag), split_at)
         with ThreadPoolExecutor(threads) as pool, tqdm(total=chars, unit="char", unit_scale=True, desc="tokenizing",
-                                                       disable=not progress, dynamic_ncols=True) as bar:
+                                                       disable=not progress, dynamic_ncols=True,
+                                                       delay=1.0) as bar:  # shown only when it takes a while
             while batch := list(islice(stream, 2 * threads)):  # a bounded number of pieces in memory at once
                 for part, new_document, ids, n in pool.map(encode, batch):
                     writers[part].write(new_document, ids)
