@@ -159,6 +159,7 @@ def fit_book_pretrain(run, task) -> tuple[TrainState, bool]:
                 global_step += 1
                 state.step, state.tokens_seen = global_step + 1, tokens_seen
                 state.train_seconds += time.perf_counter() - tick
+                state.phase_seconds["train_steps"] = state.train_seconds
                 bar.update(1)
                 check_loss(loss.item(), state.step, run.checkpoint_root)
                 if global_step % args.eval_freq == 0:

@@ -40,7 +40,6 @@ from gpt2_scratch.core.args import arg, redefault
 from gpt2_scratch.core.errors import InputError
 from gpt2_scratch.train.options import ModelOptions, RunOptions
 
-PRETRAINING_FILE = "pretraining.json"
 
 
 @dataclass
@@ -306,6 +305,7 @@ class PretrainTask:
         """The model at the top of OUT (no chat template: raw text teaches none), pretraining.json, the loss plot."""
         from gpt2_scratch.core.files import write_json_atomic
         from gpt2_scratch.train.metrics import plot_curves
+        from gpt2_scratch.train.publish import PRETRAINING_FILE
         from gpt2_scratch.train.run import save_language_model
 
         out, state = run.out, run.state

@@ -38,7 +38,9 @@ PLOT_FILES = ("loss.png", "accuracy.png")
 # eval/judge.py writes `<responses stem>-scores.json` ({"model": judge, "summary": {"average": ...}, ...}).
 SCORE_GLOB = "*scores.json"
 # Run-mechanics arguments that say nothing about the training (and would leak local paths).
-CARD_SKIPPED_ARGS = ("out", "output_dir", "overwrite", "resume", "data_cache", "models_dir", "push_to_hub")
+PRETRAINING_FILE = "pretraining.json"  # what train/pretrain.py trained on: the card's data line
+CARD_SKIPPED_ARGS = ("out", "output_dir", "overwrite", "resume", "data_cache", "models_dir", "push_to_hub",
+                     "token_cache", "tokenize_threads")
 
 
 @dataclass
@@ -266,6 +268,7 @@ def build_model_card(
         lines += ["", "Data: " + ", ".join(f"[{d}](https://huggingface.co/datasets/{d})" for d in datasets) + "."]
     elif run.args.get("data"):
         lines += ["", f"Data: `{_md_cell(run.args['data'])}`."]
+    lines += _pretraining_lines(model_dir)
 
     results = _results_rows(run)
     if results:
@@ -292,6 +295,25 @@ def build_model_card(
         lines += _usage_lm(repo_id, remote=True)
     content = f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n"
     return ModelCard(content)
+
+
+def _pretraining_lines(model_dir: Path) -> list[str]:
+    """A pretrained model's card says what it read (train/pretrain.py's pretraining.json): tokens, the corpus's
+    fingerprint, and that it continues text rather than following instructions."""
+    path = model_dir / PRETRAINING_FILE
+    if not path.is_file():
+        return []
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+        train, val = info["train"], info["validation"]
+        return ["", f"Pretrained on raw text: {train['tokens']:,} training tokens of `{_md_cell(info['data'])}` "
+                f"(corpus fingerprint `{train['fingerprint'][:16]}`, {info['tokenizer']}), in windows of "
+                f"{info['context_length']} tokens every {info['stride']}; {info['tokens_seen']:,} tokens seen in "
+                f"{info['steps']:,} steps; validated on {val['tokens']:,} held-out tokens (fingerprint "
+                f"`{val['fingerprint'][:16]}`). It continues text: it has no instruction template."]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        logger.warning("ignoring unreadable %s: %s", path, err)
+        return []
 
 
 def _md_cell(value) -> str:

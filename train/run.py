@@ -350,7 +350,10 @@ def launch(start: Start, *, model, train_dataset, train_sampler, collate, eval_l
     try:
         clear_output(out, overwrite=args.overwrite and not resuming, is_main_process=main, keep={lock.path.name} if lock else set())
         accelerator.wait_for_everyone()
-        train_loader = DataLoader(train_dataset, batch_sampler=train_sampler, collate_fn=collate)
+        # A generator of its own: each new iterator draws its base seed from it, not from the global RNG that
+        # dropout draws from, so a resumed run (whose first iterator starts mid-epoch) sees the same masks.
+        train_loader = DataLoader(train_dataset, batch_sampler=train_sampler, collate_fn=collate,
+                                  generator=torch.Generator().manual_seed(args.seed))
         steps_per_epoch = math.ceil(len(train_sampler) / args.grad_accum)
         total_steps = steps_per_epoch * args.epochs
         if args.max_steps is not None:
