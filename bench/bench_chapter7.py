@@ -196,7 +196,7 @@ def measure_generation(data, tokenizer) -> dict:
 
     from gpt2_scratch import GPT2ScratchConfig, GPT2ScratchForCausalLM, generate_responses
     from gpt2_scratch.core.prompts import format_input
-    from gpt2_scratch.train.run import greedy_sample
+    from gpt2_scratch.train.lm_outputs import greedy_sample
 
     torch.manual_seed(123)
     model = GPT2ScratchForCausalLM(GPT2ScratchConfig.from_preset("gpt2-medium")).eval()
@@ -319,7 +319,7 @@ def main() -> None:
     use_caching_allocator()  # as train/sft.py does, for the in-process generation: re-exec with a caching malloc
 
     from bench_lora import cpu_header  # a sibling script: bench/ is sys.path[0]
-    from gpt2_scratch.train.run import fast_bf16, quiet_libraries
+    from gpt2_scratch.core.process import fast_bf16, quiet_libraries
 
     quiet_libraries()
 

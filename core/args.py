@@ -17,7 +17,8 @@ Options shared by several commands are declared once, in a dataclass the command
 (train/options.py: every training run's options; train/lora.py: LoRA's); ``--help`` shows them in a
 group titled by that class. A command that needs another default says so with ``redefault``. The
 values are checked in one place, ``check_values``, from what each field declares: ``at_least`` /
-``above`` / ``at_most`` bounds, and every float finite (``--lr nan`` is not a learning rate).
+``above`` / ``at_most`` / ``below`` bounds, and every float finite (``--lr nan`` is not a learning rate).
+A flag's name comes from its field's name in one place, ``option_name``.
 """
 
 from __future__ import annotations
@@ -32,21 +33,21 @@ from typing import Any, Callable, Literal
 
 
 # Field metadata that is ours, not argparse's.
-_CHECKS = ("at_least", "above", "at_most")
+_CHECKS = ("at_least", "above", "at_most", "below")
 _OURS = ("help", "aliases", *_CHECKS, "resume_may_change")
 
 
 def arg(default: Any = dataclasses.MISSING, help: str = "", *, aliases: Sequence[str] = (),
         at_least: float | None = None, above: float | None = None, at_most: float | None = None,
-        resume_may_change: bool = False, **argparse_kwargs: Any) -> Any:
+        below: float | None = None, resume_may_change: bool = False, **argparse_kwargs: Any) -> Any:
     """A dataclass field carrying its option's help text, aliases, value bounds and extra argparse settings.
 
-    Leave ``default`` out for a required option. ``at_least`` / ``above`` / ``at_most`` bound the value
-    (``check_values``; None passes, it means "not set"). ``resume_may_change``: a training run's
+    Leave ``default`` out for a required option. ``at_least`` / ``above`` / ``at_most`` / ``below`` bound the
+    value (``check_values``; None passes, it means "not set"). ``resume_may_change``: a training run's
     ``--resume`` may change this option (how a run is watched or what happens after it), not what it computes.
     """
     metadata = {"help": help, "aliases": tuple(aliases), "at_least": at_least, "above": above, "at_most": at_most,
-                "resume_may_change": resume_may_change, **argparse_kwargs}
+                "below": below, "resume_may_change": resume_may_change, **argparse_kwargs}
     if isinstance(default, list):
         return dataclasses.field(default_factory=lambda: list(default), metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -64,25 +65,40 @@ def redefault(cls: type, name: str, default: Any, help: str | None = None) -> An
 
 
 def check_values(args: Any) -> None:
-    """Every option's value against what its field declares; raises one InputError naming the option."""
+    """Every option's value against what its field declares; raises one InputError naming the option.
+
+    Called once for every command, when its command line has been parsed (core/cli.py); a command run
+    from Python calls it itself. Values are shown as typed (``4294967296``, ``2.0``), never rounded.
+    """
     from gpt2_scratch.core.errors import InputError
 
     for field in dataclasses.fields(args):
         value = getattr(args, field.name)
-        values = value if isinstance(value, list) else [value]
-        for v in values:
+        for v in value if isinstance(value, list) else [value]:
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 continue
             flag = option_name(field.name)
             if isinstance(v, float) and not math.isfinite(v):
                 raise InputError(f"{flag} must be a finite number, got {v}")
-            meta = field.metadata
-            if meta.get("at_least") is not None and v < meta["at_least"]:
-                raise InputError(f"{flag} must be at least {meta['at_least']:g}, got {v:g}")
-            if meta.get("above") is not None and v <= meta["above"]:
-                raise InputError(f"{flag} must be greater than {meta['above']:g}, got {v:g}")
-            if meta.get("at_most") is not None and v > meta["at_most"]:
-                raise InputError(f"{flag} must be at most {meta['at_most']:g}, got {v:g}")
+            problem = _out_of_bounds(v, field.metadata)
+            if problem:
+                raise InputError(f"{flag} must be {problem}, got {v}")
+
+
+def _out_of_bounds(v: float, meta: Any) -> str | None:
+    """What ``v`` must be by the bounds in ``meta`` when it is not (None: within them). Two bounds are said
+    as one interval: "in (0, 1]"."""
+    low, low_open = (meta["above"], True) if meta.get("above") is not None else (meta.get("at_least"), False)
+    high, high_open = (meta["below"], True) if meta.get("below") is not None else (meta.get("at_most"), False)
+    too_low = low is not None and (v <= low if low_open else v < low)
+    too_high = high is not None and (v >= high if high_open else v > high)
+    if not (too_low or too_high):
+        return None
+    if low is not None and high is not None:
+        return f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+    if too_low:
+        return f"greater than {low}" if low_open else f"at least {low}"
+    return f"less than {high}" if high_open else f"at most {high}"
 
 
 def resume_may_change(cls: type) -> set[str]:
@@ -91,6 +107,7 @@ def resume_may_change(cls: type) -> set[str]:
 
 
 def option_name(field_name: str) -> str:
+    """The flag of a field: ``max_new_tokens`` → ``--max-new-tokens`` (the only place a flag name is built)."""
     return "--" + field_name.replace("_", "-")
 
 

@@ -12,7 +12,8 @@ convert`` (the ``convert`` group), and the scripts ``train/pretrain.py``, ``trai
 ``train/dpo.py``, ``eval/generate.py`` (``respond``) and ``eval/judge.py`` (see ``run_script``).
 
 One exit-code rule (``run_command``): 0 done; 2 bad input (``InputError`` and argparse's own errors);
-1 the work failed (``Failure``, an OS error such as a full disk); 130 interrupted. Errors are one
+1 the work failed (``Failure``, an OS error such as a full disk); 130 interrupted (Ctrl-C); 143 a training run
+stopped by SIGTERM (train/stopping.py: after a checkpoint). Errors are one
 line on stderr starting with ``error:``; a traceback means a bug.
 """
 
@@ -24,7 +25,8 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from gpt2_scratch.core.errors import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_INTERRUPTED, Failure, InputError, describe_os_error, one_line
+from gpt2_scratch.core.errors import (EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_INTERRUPTED, Failure, InputError, Terminated,
+                                      describe_os_error, one_line)
 
 
 @dataclass(frozen=True)
@@ -119,9 +121,9 @@ def run_command(work: Callable[[], int | None]) -> int:
     except OSError as err:
         print(f"error: {describe_os_error(err)}", file=sys.stderr, flush=True)
         return EXIT_FAILURE
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
         print("\ninterrupted", file=sys.stderr, flush=True)
-        return EXIT_INTERRUPTED
+        return err.exit_code if isinstance(err, Terminated) else EXIT_INTERRUPTED
 
 
 def execute(command: Command, argv: Sequence[str], *, prog: str, entry_point: bool) -> int:

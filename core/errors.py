@@ -16,6 +16,16 @@ from __future__ import annotations
 import errno
 
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+# SIGTERM (`timeout`, `kill`, `docker stop`, a cluster's preemption): 128 + 15, the shell's convention, as 130 is
+# 128 + SIGINT. A training run stopped by it has saved a checkpoint first (train/stopping.py).
+EXIT_TERMINATED = 143
+
+
+class Terminated(KeyboardInterrupt):
+    """A second SIGTERM during training: stop at once (exit 143, as the first one would after its checkpoint).
+    A KeyboardInterrupt, so everything that cleans up after Ctrl-C (locks, partial files) does so here too."""
+
+    exit_code = EXIT_TERMINATED
 
 
 class InputError(Exception):

@@ -343,13 +343,13 @@ class JudgeArgs:
     no_cache: bool = arg(False, "neither read nor write the cache", action="store_true")
     overwrite: bool = arg(False, "replace an existing --out file that is not an earlier output of judge")
     limit: int | None = arg(None, "only the first N records", at_least=0)
-    timeout: float = arg(120.0, "seconds to wait for a reply to start, and between two pieces of it")
+    timeout: float = arg(120.0, "seconds to wait for a reply to start, and between two pieces of it", above=0)
     request_timeout: float = arg(REQUEST_TIMEOUT, "seconds one request may take in all; a reply still unfinished "
-                                                  "then fails")
+                                                  "then fails", above=0)
     max_reply_tokens: int = arg(MAX_REPLY_TOKENS, "cap on the judge's reply (Ollama num_predict, OpenAI max_tokens); "
-                                                  "a score needs a few tokens; 0 = no cap")
+                                                  "a score needs a few tokens; 0 = no cap", at_least=0)
     retries: int = arg(4, "retries on connection errors, timeouts and 5xx", at_least=0)
-    retry_backoff: float = arg(1.0, "seconds before the first retry; doubles each retry")
+    retry_backoff: float = arg(1.0, "seconds before the first retry; doubles each retry", at_least=0)
     parse_retries: int = arg(2, "times to ask again after an unparsable reply before recording a failure", at_least=0)
     no_structured: bool = arg(False, "don't request structured output (by default a JSON schema, then plain "
                                      "JSON, then text if the server refuses them)", action="store_true")
@@ -405,11 +405,6 @@ def run(args: JudgeArgs) -> int:
                               + (f" (--limit {args.limit})" if args.limit is not None else ""))
 
     host = args.host or os.environ.get("OLLAMA_HOST") or "http://localhost:11434"
-    for flag, value in (("--timeout", args.timeout), ("--request-timeout", args.request_timeout)):
-        if not value > 0:
-            raise InputError(f"{flag} must be a positive number of seconds, got {value:g}")
-    if args.max_reply_tokens < 0:
-        raise InputError(f"--max-reply-tokens must be 0 (no cap) or more, got {args.max_reply_tokens}")
     try:
         judge = make_judge(args.api, host, args.judge_model, timeout=args.timeout,
                            request_timeout=args.request_timeout, max_reply_tokens=args.max_reply_tokens,

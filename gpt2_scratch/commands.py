@@ -12,7 +12,6 @@ gpt2-xl: OpenAI's weights, converted and cached on first use) or a Hub repo id (
 from __future__ import annotations
 
 import itertools
-import math
 import sys
 from dataclasses import dataclass
 from typing import Literal
@@ -56,26 +55,32 @@ def undecodable_stdin(err: UnicodeDecodeError) -> InputError:
 # ---------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class InitArgs:
+@dataclass(kw_only=True)
+class ShapeOptions:
+    """the model's shape: a preset's, with these overrides (init; sft with --random-init)"""
+
+    n_layers: int | None = arg(None, "override the preset's number of blocks", at_least=1)
+    emb_dim: int | None = arg(None, "override the preset's embedding width", at_least=1)
+    n_heads: int | None = arg(None, "override the preset's attention heads", at_least=1)
+    context_length: int | None = arg(None, "override the preset's context length (1024)", at_least=1)
+
+
+SHAPE_OPTIONS = tuple(ShapeOptions.__dataclass_fields__)
+
+
+@dataclass(kw_only=True)
+class InitArgs(ShapeOptions):
     """Write a randomly initialised model folder (shape overrides make tiny models for tests and demos)."""
 
     preset: Literal["gpt2-small", "gpt2-medium", "gpt2-large", "gpt2-xl"] = arg(help="GPT-2 size to start from")
     out: str = arg(help="model folder to create")
     seed: int = arg(123, "seed of the random init")
-    n_layers: int | None = arg(None, "override the preset's number of blocks", at_least=1)
-    emb_dim: int | None = arg(None, "override the preset's embedding width", at_least=1)
-    n_heads: int | None = arg(None, "override the preset's attention heads", at_least=1)
-    context_length: int | None = arg(None, "override the context length (1024)", at_least=1)
     untied: bool = arg(False, "give the LM head its own weights instead of sharing the token embedding's")
     overwrite: bool = arg(False, "replace an existing folder")
 
 
-SHAPE_OPTIONS = ("n_layers", "emb_dim", "n_heads", "context_length")
-
-
-def shape_options(args) -> dict[str, int]:
-    """The shape options (``SHAPE_OPTIONS``) given in ``args``, by field name."""
+def shape_options(args: ShapeOptions) -> dict[str, int]:
+    """The shape options given in ``args``, by field name."""
     return {name: getattr(args, name) for name in SHAPE_OPTIONS if getattr(args, name) is not None}
 
 
@@ -132,21 +137,12 @@ def run_init(args: InitArgs) -> None:
 class SamplingArgs:
     """The book's generation settings, shared by ``generate`` and ``chat``."""
 
-    max_new_tokens: int = arg(50, "tokens to generate at most")
-    temperature: float = arg(0.0, "0 = greedy (the book's default); > 0 samples: top-k first, then temperature")
-    top_k: int | None = arg(None, "sample only among the k most likely tokens")
-    top_p: float = arg(1.0, "nucleus sampling threshold in (0, 1] (1 = off)")
+    max_new_tokens: int = arg(50, "tokens to generate at most", at_least=1)
+    temperature: float = arg(0.0, "0 = greedy (the book's default); > 0 samples: top-k first, then temperature",
+                             at_least=0)
+    top_k: int | None = arg(None, "sample only among the k most likely tokens", at_least=1)
+    top_p: float = arg(1.0, "nucleus sampling threshold in (0, 1] (1 = off)", above=0, at_most=1)
     seed: int = arg(123, "seed for sampling")
-
-    def check_sampling(self) -> None:
-        if self.max_new_tokens < 1:
-            raise InputError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
-        if not (math.isfinite(self.temperature) and self.temperature >= 0):
-            raise InputError(f"--temperature must be a finite number >= 0 (0 = greedy), got {self.temperature}")
-        if self.top_k is not None and self.top_k < 1:
-            raise InputError(f"--top-k must be at least 1, got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise InputError(f"--top-p must be in (0, 1], got {self.top_p}")
 
     def generate_kwargs(self) -> dict:
         """Keyword arguments for ``model.generate``: greedy at temperature 0, else the book's sampling."""
@@ -192,7 +188,6 @@ def run_generate(args: GenerateArgs) -> None:
 
     from .tokenizer import ENDOFTEXT_ID
 
-    args.check_sampling()
     if args.prompt is not None:
         check_text(args.prompt, "--prompt")
     model, tokenizer, max_prompt = load_for_generation(args.model, args.max_new_tokens)
@@ -255,7 +250,6 @@ def run_chat(args: ChatArgs) -> None:
 
     from .tokenizer import ENDOFTEXT_ID
 
-    args.check_sampling()
     for option, text in (("--prompt", args.prompt), ("--input", args.input)):
         if text is not None:
             check_text(text, option)

@@ -380,9 +380,12 @@ class GPT2ScratchForSequenceClassification(GPT2ScratchPreTrainedModel):
         input_ids: torch.LongTensor,
         attention_mask: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
+        num_items_in_batch: int | None = None,
         **kwargs,
     ) -> SequenceClassifierOutputWithPast:
-        """Logits (B, num_labels); with labels, their cross-entropy."""
+        """Logits (B, num_labels); with labels, their cross-entropy: the mean over the batch, or (as the causal
+        LM's, transformers' convention) the sum divided by ``num_items_in_batch`` (1 keeps the sum: training's
+        ``ClassifyTask.loss``, which normalises over a whole accumulation window)."""
         B, T = input_ids.shape
         if attention_mask is not None and not bool(attention_mask.all()):
             if bool(attention_mask[:, 0].eq(0).any()):
@@ -395,5 +398,10 @@ class GPT2ScratchForSequenceClassification(GPT2ScratchPreTrainedModel):
             last = torch.full((B,), T - 1, device=input_ids.device)
         hidden, _ = self.transformer(input_ids, attention_mask, use_cache=False)  # (B, T, E)
         logits = self.score(hidden[torch.arange(B, device=hidden.device), last])  # (B, num_labels)
-        loss = F.cross_entropy(logits.float(), labels) if labels is not None else None
+        loss = None
+        if labels is not None:
+            if num_items_in_batch is None:
+                loss = F.cross_entropy(logits.float(), labels)
+            else:
+                loss = F.cross_entropy(logits.float(), labels, reduction="sum") / num_items_in_batch
         return SequenceClassifierOutputWithPast(loss=loss, logits=logits)

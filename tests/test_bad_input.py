@@ -198,7 +198,7 @@ CASES = [
     Case("classify --lr nan", lambda ws: ["classify", "--model", "gpt2-small", "--random-init", "--lr", "nan",
          "--out", str(ws.root / "c")], 2, "--lr must be a finite number"),
     Case("generate --temperature -1", lambda ws: ["generate", "--model", str(ws.model), "--temperature", "-1",
-         "--prompt", "x"], 2, "--temperature must be a finite number >= 0"),
+         "--prompt", "x"], 2, "--temperature must be at least 0, got -1.0"),
     Case("generate --top-p 2", lambda ws: ["generate", "--model", str(ws.model), "--top-p", "2", "--prompt", "x"], 2,
          "--top-p must be in (0, 1], got 2.0"),
     Case("chat --top-p 0", lambda ws: ["chat", "--model", str(ws.model), "--top-p", "0", "--prompt", "x"], 2,

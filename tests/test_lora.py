@@ -91,11 +91,28 @@ def test_the_book_preset_is_the_books_exercise():
     assert torch.count_nonzero(b) == 0
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--lora-r", "0"], "--lora-r must be at least 1, got 0"),
+    (["--lora-alpha", "0"], "--lora-alpha must be greater than 0, got 0.0"),
+    (["--lora-alpha", "inf"], "--lora-alpha must be a finite number, got inf"),
+    (["--lora-dropout", "1"], "--lora-dropout must be in [0, 1), got 1.0"),
+    (["--lora-dropout", "-0.1"], "--lora-dropout must be in [0, 1), got -0.1"),
+])
+def test_lora_bounds_are_checked_with_every_option_when_parsed(flags, message):
+    """Each LoRA value's bounds are declared on its field (LoRAOptions) and checked by core.args.check_values,
+    as every other option's, once the command line is parsed."""
+    from gpt2_scratch.core.args import check_values, parse_dataclass_args
+    from gpt2_scratch.train.sft import SFTArgs
+
+    args, _ = parse_dataclass_args(SFTArgs, flags)
+    with pytest.raises(InputError) as err:
+        check_values(args)
+    assert str(err.value) == message
+
+
 @pytest.mark.parametrize("given, message", [
-    (dict(lora_r=0), "--lora-r must be a positive integer"),
     (dict(lora_targets=["wte"]), "--lora-targets wte: unknown layer"),
     (dict(lora_targets=["all-linear", "c_fc"]), "pass it alone"),
-    (dict(lora_dropout=1.0), "--lora-dropout must be in [0, 1)"),
     (dict(base_dtype="bf16"), "--base-dtype bf16 stores frozen weights in bf16: it needs --lora"),
     (dict(lora="book", base_dtype="bf16"), "needs --mixed-precision bf16"),
     (dict(merge=False), "--no-merge keeps only a LoRA adapter: it needs --lora"),

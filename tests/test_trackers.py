@@ -314,7 +314,7 @@ def resumed_real_run(real_run, tiny_model_dir, shared_dir):
     """The same run as if it had died after step 6, resumed from step 4: the rows of steps 5 and 6 and the final
     evaluation come again (train/run.py passes how many as skip_rows)."""
     from gpt2_scratch.core.cli import main
-    from gpt2_scratch.train.run import checkpoint_name
+    from gpt2_scratch.train.checkpoints import checkpoint_name
 
     out = real_run["out"]
     checkpoint = out / "checkpoints" / checkpoint_name(4)

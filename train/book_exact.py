@@ -32,9 +32,13 @@ with a target), and the sample recomputes the whole sequence for each new token.
 The numbers the book's script fixes are train/sft.py's defaults (2 epochs, batch 8, lr 5e-5, weight
 decay 0.1, evaluation every 5 steps over 5 batches, seed 123, a 50-token sample) and may be changed:
 the loop stays the book's. ``--max-steps`` stops it early (the log is then the first lines of the
-book's). Options that would change what the loop computes are refused (``check_book_exact_args``), as
-are examples that had to be cut to fit the model's context and models with dropout
-(``set_up_book_exact``). There are no checkpoints, so no ``--resume``: a run restarts from its first step.
+book's). Options that would change what the loop computes are refused (``check_args``), as are examples
+that had to be cut to fit the model's context and models with dropout (``set_up``). There are no
+checkpoints, so no ``--resume``: a run restarts from its first step.
+
+How it plugs in: train/sft.py's set-up calls ``check_args`` and ``set_up``, then chooses ``fit_book_exact``
+as the run's loop (train/run.py's ``launch_own_loop``, which builds none of what this loop does not use:
+no fused AdamW, scheduler or prepared training loader). The chapter 5 loop would plug in the same way.
 """
 
 from __future__ import annotations
@@ -46,10 +50,16 @@ from functools import partial
 from itertools import islice
 
 import torch
+from torch.utils.data import DataLoader
 
+from gpt2_scratch import ENDOFTEXT, ENDOFTEXT_ID, get_encoding
+from gpt2_scratch.convert.book import book_cfg
+from gpt2_scratch.core.args import option_name
 from gpt2_scratch.core.errors import InputError
 from gpt2_scratch.train.data import collate_instruction_batch
-from gpt2_scratch.train.run import TrainState
+from gpt2_scratch.train.metrics import plot_curves
+from gpt2_scratch.train.state import Run
+from gpt2_scratch.train.stopping import StopRequest, check_loss
 
 BOOK_ALLOWED_MAX_LENGTH = 1024  # the book's collate cuts every batch to this many positions
 BOOK_SAMPLE_TOKENS = 50  # new tokens of the book's epoch-end sample
@@ -74,16 +84,19 @@ BOOK_SETTINGS = (
 
 
 # ---------------------------------------------------------------------------------------------------
-# Checks and set-up (called from train/sft.py's check_args and set_up, before anything is written)
+# Checks and set-up (called from train/sft.py's set_up, before anything is written)
 # ---------------------------------------------------------------------------------------------------
 
 
-def check_book_exact_args(args) -> None:
-    """One InputError naming the first option --book-exact cannot honour."""
+def check_args(args) -> None:
+    """``--mixed-precision auto`` made fp32 (the book's, whatever the machine could do); one InputError naming
+    the first option --book-exact cannot honour."""
+    if args.mixed_precision == "auto":
+        args.mixed_precision = "no"
     for name, book_value, why in BOOK_SETTINGS:
         value = getattr(args, name)
         if value != book_value:
-            flag = "--" + name.replace("_", "-")
+            flag = option_name(name)
             shown = flag if isinstance(value, bool) else f"{flag} {value}"
             raise InputError(f"--book-exact cannot run with {shown}: {why}; leave it out, or drop --book-exact")
     if getattr(args, "lora", None) is not None or getattr(args, "lora_r", None) is not None:
@@ -95,7 +108,7 @@ def check_book_exact_args(args) -> None:
                          "launched; run it with `python train/sft.py` (or accelerate launch --num_processes 1)")
 
 
-def set_up_book_exact(model, data, context: int) -> None:
+def set_up(model, data, context: int) -> None:
     """Make the loaded model the book's (its own LM head, no dropout) and check the data fits the loop.
 
     Examples as long as the context were cut by ``prepare_instruction_data``, and the book cuts
@@ -106,8 +119,6 @@ def set_up_book_exact(model, data, context: int) -> None:
         raise InputError(f"--book-exact: the model has drop_rate {drop_rate}, but the book finetunes without "
                          "dropout (and dropout draws from the RNG that orders its batches); set drop_rate to 0.0 "
                          "in the model's config.json")
-    from gpt2_scratch import ENDOFTEXT_ID
-
     for split in ("train", "validation"):
         for index, ids in enumerate(getattr(data, split)["input_ids"]):
             if len(ids) >= context:
@@ -166,8 +177,6 @@ def replay_book_init(cfg: dict) -> None:
 
 def book_loaders(data, batch_size: int):
     """(train, validation) loaders as the book makes them; the caller seeds the global RNG first."""
-    from torch.utils.data import DataLoader
-
     collate = partial(collate_instruction_batch, allowed_max_length=BOOK_ALLOWED_MAX_LENGTH)
     # No generator: the loaders draw from the global RNG, as the book's do (what orders its batches).
     train = DataLoader(list(data.train["input_ids"]), batch_size=batch_size, collate_fn=collate, shuffle=True,
@@ -199,8 +208,6 @@ def book_loader_loss(model, loader, num_batches: int, device) -> float:
 def book_sample(model, prompt: str, max_new_tokens: int, device) -> str:
     """The book's epoch-end sample: greedy, the whole (cropped) sequence through the model for every new
     token, softmax then argmax, decoded by tiktoken; newlines shown as spaces."""
-    from gpt2_scratch import ENDOFTEXT, get_encoding
-
     encoding = get_encoding()
     context = model.config.max_position_embeddings
     ids = torch.tensor([encoding.encode(prompt, allowed_special={ENDOFTEXT})], device=device)  # (1, T)
@@ -217,18 +224,58 @@ def book_sample(model, prompt: str, max_new_tokens: int, device) -> str:
 # ---------------------------------------------------------------------------------------------------
 
 
-def fit_book_exact(run, task) -> tuple[TrainState, bool]:
-    """The book's steps 2-5 (FACTS.md) on the run's model and the task's data; returns (state, whether Ctrl-C
-    stopped it). It uses the shared pieces that change no number: the run's state, metrics (and trackers),
-    Ctrl-C and the NaN guard.
+def book_initial_losses(run: Run, model, train_loader, val_loader) -> None:
+    """The book's step 4: the losses before training, logged, and printed as ours and as the book's lines."""
+    args, device = run.args, run.accelerator.device
+    model.eval()
+    initial = {"epoch": 0, "step": -1, "initial": True,
+               "train_loss": book_loader_loss(model, train_loader, args.eval_iter, device),
+               "val_loss": book_loader_loss(model, val_loader, args.eval_iter, device), "tokens_seen": 0}
+    run.log(initial)
+    print(f"initial losses | train {initial['train_loss']:.3f} | val {initial['val_loss']:.3f}", flush=True)
+    print(f"Initial losses\n   Training loss: {initial['train_loss']}\n   Validation loss: {initial['val_loss']}",
+          flush=True)
+
+
+def book_step(model, optimizer, inputs: torch.Tensor, targets: torch.Tensor) -> float:
+    """One step of the book's ``train_model_simple``; returns the batch's loss (a host sync, as the book's)."""
+    optimizer.zero_grad()
+    loss = book_batch_loss(model, inputs, targets)
+    loss.backward()
+    optimizer.step()
+    return loss.item()
+
+
+def book_evaluate(run: Run, model, loaders, epoch: int, global_step: int, bar, rate: float) -> None:
+    """An evaluation of the book's loop (``evaluate_model``: the first eval_iter batches of the shuffled
+    training loader and of the validation loader), logged, and printed as our line and the book's."""
+    args, state, device = run.args, run.state, run.accelerator.device
+    train_loader, val_loader = loaders
+    model.eval()
+    row = {"epoch": epoch + 1, "step": global_step,
+           "train_loss": book_loader_loss(model, train_loader, args.eval_iter, device),
+           "val_loss": book_loader_loss(model, val_loader, args.eval_iter, device),
+           "tokens_seen": state.tokens_seen}
+    model.train()
+    run.log(row)
+    bar.write(f"epoch {epoch + 1}/{args.epochs} | step {state.step:>5}/{run.total_steps} | train "
+              f"{row['train_loss']:.3f} | val {row['val_loss']:.3f} | tokens {state.tokens_seen:,} | "
+              f"{rate:,.0f} tok/s")
+    bar.write(f"Ep {epoch + 1} (Step {global_step:06d}): Train loss {row['train_loss']:.3f}, "
+              f"Val loss {row['val_loss']:.3f}")
+    state.last_eval_step = state.step
+
+
+def fit_book_exact(run: Run, task) -> int | None:
+    """The book's steps 2-5 (FACTS.md) on the run's model and the task's data (``task.data``,
+    ``task.sample_prompt``: an SFTTask); returns None, or the exit code when Ctrl-C or SIGTERM stopped it. It
+    uses the shared pieces that change no number: the run's state, metrics (and trackers), the stop request
+    and the NaN guard.
 
     The run's optimizer, scheduler and loaders are not used: the book's AdamW and DataLoaders are
     made here, in the book's order relative to its seeds.
     """
-    from tqdm.auto import tqdm
-
-    from gpt2_scratch.convert.book import book_cfg
-    from gpt2_scratch.train.run import StopRequest, check_loss
+    from tqdm.auto import tqdm  # deferred: tqdm.auto probes for notebooks at import
 
     args, accelerator, state = run.args, run.accelerator, run.state
     model = accelerator.unwrap_model(run.model)
@@ -240,39 +287,13 @@ def fit_book_exact(run, task) -> tuple[TrainState, bool]:
     train_loader, val_loader = book_loaders(task.data, args.batch_size)
     replay_book_init(book_cfg(model.config))
 
-    # 4. Initial losses.
-    model.eval()
-    initial = {"epoch": 0, "step": -1, "initial": True,
-               "train_loss": book_loader_loss(model, train_loader, args.eval_iter, device),
-               "val_loss": book_loader_loss(model, val_loader, args.eval_iter, device), "tokens_seen": 0}
-    run.log(initial)
-    print(f"initial losses | train {initial['train_loss']:.3f} | val {initial['val_loss']:.3f}", flush=True)
-    print(f"Initial losses\n   Training loss: {initial['train_loss']}\n   Validation loss: {initial['val_loss']}",
-          flush=True)
+    book_initial_losses(run, model, train_loader, val_loader)  # 4.
 
     # 5. The optimizer (torch's default AdamW, as the book's), the second seed, the loop.
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     torch.manual_seed(args.seed)
     bar = tqdm(total=run.total_steps, desc="sft --book-exact", unit="step", dynamic_ncols=True)
     window_tokens, window_seconds = 0, 0.0  # throughput since the last evaluation line
-
-    def evaluate_and_log(epoch: int, global_step: int) -> None:
-        nonlocal window_tokens, window_seconds
-        model.eval()
-        row = {"epoch": epoch + 1, "step": global_step,
-               "train_loss": book_loader_loss(model, train_loader, args.eval_iter, device),
-               "val_loss": book_loader_loss(model, val_loader, args.eval_iter, device),
-               "tokens_seen": state.tokens_seen}
-        model.train()
-        run.log(row)
-        rate = window_tokens / window_seconds if window_seconds else 0.0
-        bar.write(f"epoch {epoch + 1}/{args.epochs} | step {state.step:>5}/{run.total_steps} | train "
-                  f"{row['train_loss']:.3f} | val {row['val_loss']:.3f} | tokens {state.tokens_seen:,} | "
-                  f"{rate:,.0f} tok/s")
-        bar.write(f"Ep {epoch + 1} (Step {global_step:06d}): Train loss {row['train_loss']:.3f}, "
-                  f"Val loss {row['val_loss']:.3f}")
-        state.last_eval_step = state.step
-        window_tokens, window_seconds = 0, 0.0
 
     with StopRequest() as stop:
         for epoch in range(args.epochs):
@@ -281,12 +302,7 @@ def fit_book_exact(run, task) -> tuple[TrainState, bool]:
             model.train()
             for inputs, targets in train_loader:
                 tick = time.perf_counter()
-                inputs, targets = inputs.to(device), targets.to(device)
-                optimizer.zero_grad()
-                loss = book_batch_loss(model, inputs, targets)
-                loss.backward()
-                optimizer.step()
-                step_loss = loss.item()  # host sync
+                step_loss = book_step(model, optimizer, inputs.to(device), targets.to(device))
                 state.step += 1
                 state.batches_done += 1
                 state.tokens_seen += inputs.numel()  # padding included, as the book counts
@@ -300,12 +316,14 @@ def fit_book_exact(run, task) -> tuple[TrainState, bool]:
 
                 global_step = state.step - 1  # the book's counter: 0 after the first step
                 if global_step % args.eval_freq == 0:
-                    evaluate_and_log(epoch, global_step)
+                    book_evaluate(run, model, (train_loader, val_loader), epoch, global_step, bar,
+                                  window_tokens / window_seconds if window_seconds else 0.0)
+                    window_tokens, window_seconds = 0, 0.0
                 if stop.requested:
                     bar.close()
-                    print(f"stopped at step {state.step}; a --book-exact run cannot be resumed: start it again "
-                          "(--overwrite) to get the book's log", flush=True)
-                    return state, True
+                    print(f"stopped at step {state.step}: {stop.cause}; a --book-exact run cannot be resumed: start "
+                          "it again (--overwrite) to get the book's log", flush=True)
+                    return stop.exit_code
                 if state.step >= run.total_steps:
                     break
             if state.batches_done < len(train_loader):  # --max-steps stopped it inside the epoch
@@ -318,12 +336,11 @@ def fit_book_exact(run, task) -> tuple[TrainState, bool]:
             state.epoch += 1
             state.batches_done = 0
     bar.close()
-    return state, False
+    return None
 
 
 def plot_book_curves(rows: list[dict], out) -> None:
     """loss.png/pdf as the book draws them: the evaluated train and validation losses over its steps."""
-    from gpt2_scratch.train.metrics import plot_curves
 
     plot_curves([r for r in rows if not r.get("initial")], out,
                 series={"train_loss": "training loss", "val_loss": "validation loss"})

@@ -31,9 +31,17 @@ import os
 import time
 
 import torch
+from torch.utils.data import DataLoader
 
+from gpt2_scratch.convert.book import BODY_RULES, LM_HEAD_RULES, QKV_BIAS_RULES, book_cfg, fuse_qkv
+from gpt2_scratch.convert.mapping import Dims, convert_tensors, plan_conversion
 from gpt2_scratch.core.errors import InputError
-from gpt2_scratch.train.run import TrainState
+from gpt2_scratch.train.book_exact import book_batch_loss, book_loader_loss, book_sample, plot_book_curves
+from gpt2_scratch.train.state import Run
+from gpt2_scratch.train.stopping import StopRequest, check_loss
+
+__all__ = ["BOOK_DEFAULTS", "check_args", "book_init_state", "load_book_init", "fit_book_pretrain",
+           "plot_book_curves"]
 
 # gpt_train.py's GPT_CONFIG_124M and OTHER_SETTINGS, in our options' names.
 BOOK_DEFAULTS = dict(
@@ -58,7 +66,7 @@ BOOK_SETTINGS = (
 )
 
 
-def check_book_exact_args(args) -> None:
+def check_args(args) -> None:
     """One InputError naming the first option --book-exact cannot honour."""
     for name, book_value, why in BOOK_SETTINGS:
         value = getattr(args, name)
@@ -105,9 +113,6 @@ def book_init_state(cfg: dict) -> dict[str, torch.Tensor]:
 
 def load_book_init(model) -> None:
     """Draw the book's initial weights (global RNG, book order) and put them into ``model`` (our names)."""
-    from gpt2_scratch.convert.book import BODY_RULES, LM_HEAD_RULES, QKV_BIAS_RULES, book_cfg, fuse_qkv
-    from gpt2_scratch.convert.mapping import Dims, convert_tensors, plan_conversion
-
     config = model.config
     cfg = book_cfg(config)
     state = book_init_state(cfg)
@@ -122,14 +127,11 @@ def load_book_init(model) -> None:
             param.copy_(ours[name])
 
 
-def fit_book_pretrain(run, task) -> tuple[TrainState, bool]:
-    """gpt_train.py's ``main`` from the seed on, then ``train_model_simple``; returns (state, whether Ctrl-C
-    stopped it). The run's optimizer and loaders are not used: the book's are made here, in its order."""
-    from torch.utils.data import DataLoader
-    from tqdm.auto import tqdm
-
-    from gpt2_scratch.train.book_exact import book_batch_loss, book_loader_loss, book_sample
-    from gpt2_scratch.train.run import StopRequest, check_loss
+def fit_book_pretrain(run: Run, task) -> int | None:
+    """gpt_train.py's ``main`` from the seed on, then ``train_model_simple``, on the task's windows; returns
+    None, or the exit code when Ctrl-C or SIGTERM stopped it. The book's AdamW and loaders are made here, in
+    its order; the run gives only what changes no number (its state, metrics, the stop request, the NaN guard)."""
+    from tqdm.auto import tqdm  # deferred: tqdm.auto probes for notebooks at import
 
     args, state = run.args, run.state
     model = run.unwrapped()
@@ -142,10 +144,7 @@ def fit_book_pretrain(run, task) -> tuple[TrainState, bool]:
                               num_workers=0)
     val_loader = DataLoader(task.val_windows, batch_size=args.batch_size, shuffle=False, drop_last=False,
                             num_workers=0)
-    total = len(train_loader) * args.epochs if args.max_steps is None else min(len(train_loader) * args.epochs,
-                                                                               args.max_steps)
-    bar = tqdm(total=total, desc="pretrain --book-exact", unit="step", dynamic_ncols=True)
-    global_step, tokens_seen = -1, 0
+    bar = tqdm(total=run.total_steps, desc="pretrain --book-exact", unit="step", dynamic_ncols=True)
     with StopRequest() as stop:
         for epoch in range(args.epochs):
             model.train()
@@ -155,37 +154,45 @@ def fit_book_pretrain(run, task) -> tuple[TrainState, bool]:
                 loss = book_batch_loss(model, inputs.to(device), targets.to(device))
                 loss.backward()
                 optimizer.step()
-                tokens_seen += inputs.numel()
-                global_step += 1
-                state.step, state.tokens_seen = global_step + 1, tokens_seen
+                state.step += 1
+                state.tokens_seen += inputs.numel()
                 state.train_seconds += time.perf_counter() - tick
                 state.phase_seconds["train_steps"] = state.train_seconds
                 bar.update(1)
                 check_loss(loss.item(), state.step, run.checkpoint_root)
+                global_step = state.step - 1  # the book's counter: 0 after the first step
                 if global_step % args.eval_freq == 0:
-                    model.eval()
-                    row = {"epoch": epoch + 1, "step": global_step,
-                           "train_loss": book_loader_loss(model, train_loader, args.eval_iter, device),
-                           "val_loss": book_loader_loss(model, val_loader, args.eval_iter, device),
-                           "tokens_seen": tokens_seen}
-                    model.train()
-                    for key in ("train_loss", "val_loss"):
-                        check_loss(row[key], state.step, run.checkpoint_root, key.replace("_", " "))
-                    run.log(row)
-                    bar.write(f"Ep {epoch + 1} (Step {global_step:06d}): Train loss {row['train_loss']:.3f}, "
-                              f"Val loss {row['val_loss']:.3f}")
-                if stop.agreed(run.accelerator) or (args.max_steps is not None and state.step >= args.max_steps):
+                    evaluate(run, model, train_loader, val_loader, epoch, global_step, bar)
+                if stop.requested:
                     bar.close()
-                    if stop.requested:
-                        print(f"stopped at step {state.step}; a --book-exact run has no checkpoint: run it again",
-                              flush=True)
-                        return state, True
-                    return state, False
+                    print(f"stopped at step {state.step}: {stop.cause}; a --book-exact run cannot be resumed: start "
+                          "it again (--overwrite) to get the book's log", flush=True)
+                    return stop.exit_code
+                if state.step >= run.total_steps:  # --max-steps
+                    bar.close()
+                    return None
             model.eval()
             sample = book_sample(model, args.sample_prompt, args.sample_tokens, device)
             model.train()
-            run.log({"epoch": epoch + 1, "step": global_step, "sample": sample})
-            bar.write(sample)
+            run.log({"epoch": epoch + 1, "step": state.step - 1, "sample": sample})
+            bar.write(sample)  # the book prints the sample alone on its line
             state.epoch = epoch + 1
     bar.close()
-    return state, False
+    return None
+
+
+def evaluate(run: Run, model, train_loader, val_loader, epoch: int, global_step: int, bar) -> None:
+    """The book's ``evaluate_model`` (eval mode, the first ``eval_iter`` batches of each loader: new iterators,
+    the RNG draws the book makes) and its line."""
+    args, state = run.args, run.state
+    device = next(model.parameters()).device
+    model.eval()
+    row = {"epoch": epoch + 1, "step": global_step,
+           "train_loss": book_loader_loss(model, train_loader, args.eval_iter, device),
+           "val_loss": book_loader_loss(model, val_loader, args.eval_iter, device), "tokens_seen": state.tokens_seen}
+    model.train()
+    for key in ("train_loss", "val_loss"):
+        check_loss(row[key], state.step, run.checkpoint_root, key.replace("_", " "))
+    run.log(row)
+    bar.write(f"Ep {epoch + 1} (Step {global_step:06d}): Train loss {row['train_loss']:.3f}, "
+              f"Val loss {row['val_loss']:.3f}")

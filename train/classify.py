@@ -40,6 +40,7 @@ if __name__ == "__main__":  # `python train/classify.py ARGS` and `accelerate la
 
     run_script("classify")
 
+import copy
 import logging
 import re
 from dataclasses import dataclass
@@ -47,13 +48,24 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
+from torch.utils.data import DataLoader
 
+from gpt2_scratch import GPT2ScratchForSequenceClassification, get_encoding
+from gpt2_scratch.convert.resolve import load_model
+from gpt2_scratch.core.allocator import loaded_allocator
 from gpt2_scratch.core.args import arg, redefault
 from gpt2_scratch.core.download import is_url
 from gpt2_scratch.core.errors import InputError
+from gpt2_scratch.model_dir import is_classifier_config, is_our_model_dir, load_model_dir, read_config
+from gpt2_scratch.train.data import EpochBatchSampler
+from gpt2_scratch.train.loop import sums_over
+from gpt2_scratch.train.metrics import plot_curves
 from gpt2_scratch.train.options import ModelOptions, RunOptions
-from gpt2_scratch.train.spam_data import DEFAULT_LABELS, SPAM_BACKUP_URL, SPAM_URL
+from gpt2_scratch.train.run import launch, run_training, start
+from gpt2_scratch.train.spam_data import (DEFAULT_LABELS, SPAM_BACKUP_URL, SPAM_URL, SpamDataset, fetch_spam_data,
+                                          prepare_splits)
+from gpt2_scratch.train.state import fingerprint
+from gpt2_scratch.train.task import Task
 
 logger = logging.getLogger(__name__)
 
@@ -93,11 +105,6 @@ def build_classifier(spec: str, *, labels: tuple[str, ...], random_init: bool = 
     a preset, a Hub id). A folder that already holds a classifier with the same labels is loaded as is
     (to continue training it). The head is initialised after ``torch.manual_seed(seed)``, as in the book.
     """
-    import copy
-
-    from gpt2_scratch import GPT2ScratchForSequenceClassification
-    from gpt2_scratch.model_dir import is_classifier_config, is_our_model_dir, load_model_dir, read_config
-
     id2label = dict(enumerate(labels))
     label2id = {label: i for i, label in id2label.items()}
     path = Path(spec).expanduser()
@@ -108,8 +115,6 @@ def build_classifier(spec: str, *, labels: tuple[str, ...], random_init: bool = 
                 raise InputError(f"{path} classifies into {list(model.config.id2label.values())}, not {list(labels)}; "
                                 "pass matching --labels or start from a language model")
             return model
-
-    from gpt2_scratch.convert.resolve import load_model
 
     body = load_model(spec, random_init=random_init, models_dir=models_dir)  # GPT2ScratchForCausalLM
     config = copy.deepcopy(body.config)
@@ -122,22 +127,27 @@ def build_classifier(spec: str, *, labels: tuple[str, ...], random_init: bool = 
     return model
 
 
-def set_trainable(model, spec: str) -> int:
-    """Freeze the model except what ``spec`` names; return the number of trainable parameters.
-
-    ``last-block`` = ``last-1``: the last transformer block, the final LayerNorm and the ``score`` head
-    (the book's choice). ``last-N``: the last N blocks, ln_f and the head. ``all``: everything.
-    """
+def parse_trainable(spec: str) -> int | None:
+    """--trainable as the number of last blocks to train (None: all); one InputError when it is none of the
+    forms. ``last-block`` = ``last-1``: the last transformer block (the book's choice)."""
     match = _TRAINABLE.match(spec)
     if match is None:
         raise InputError(f"--trainable {spec!r}: expected last-block, last-N (e.g. last-2) or all")
+    return None if spec == "all" else 1 if spec == "last-block" else int(match.group(2))
+
+
+def set_trainable(model, spec: str) -> int:
+    """Freeze the model except what ``spec`` (--trainable) names; return the number of trainable parameters."""
+    return freeze_except(model, parse_trainable(spec), spec)
+
+
+def freeze_except(model, n_last: int | None, spec: str) -> int:
+    """Freeze the model except its last ``n_last`` blocks (None: nothing frozen), the final LayerNorm and the
+    ``score`` head; return the number of trainable parameters. ``spec`` is how --trainable said it."""
     blocks = model.transformer.h
-    if spec == "all":
-        n_last = len(blocks)
-    else:
-        n_last = 1 if spec == "last-block" else int(match.group(2))
-        if not 1 <= n_last <= len(blocks):
-            raise InputError(f"--trainable {spec}: the model has {len(blocks)} blocks; choose N in 1..{len(blocks)}")
+    if n_last is not None and not 1 <= n_last <= len(blocks):
+        raise InputError(f"--trainable {spec}: the model has {len(blocks)} blocks; choose N in 1..{len(blocks)}")
+    n_last = len(blocks) if n_last is None else n_last
     for p in model.parameters():
         p.requires_grad = spec == "all"
     for module in [*blocks[len(blocks) - n_last:], model.transformer.ln_f, model.score]:
@@ -152,9 +162,8 @@ def set_trainable(model, spec: str) -> int:
 
 
 def run(args: ClassifyArgs) -> int:
-    """set-up → the loop → finish; returns the exit code (130 when stopped by Ctrl-C with a checkpoint saved)."""
-    from gpt2_scratch.train.run import run_training
-
+    """set-up → the loop → finish; returns the exit code (130 / 143 when Ctrl-C / SIGTERM stopped it with a
+    checkpoint saved)."""
     return run_training(args, set_up)
 
 
@@ -167,8 +176,6 @@ def parse_labels(args: ClassifyArgs) -> tuple[str, ...]:
     if repeated:  # two outputs of one name: the head would learn to split a class against itself
         raise InputError(f"--labels {args.labels!r}: {', '.join(map(repr, repeated))} is named twice; give each "
                          "class once")
-    if _TRAINABLE.match(args.trainable) is None:
-        raise InputError(f"--trainable {args.trainable!r}: expected last-block, last-N (e.g. last-2) or all")
     return labels
 
 
@@ -189,17 +196,11 @@ def check_learnable(splits, labels: tuple[str, ...], source) -> None:
 
 
 def set_up(args: ClassifyArgs):
-    from accelerate.utils import set_seed
-    from torch.utils.data import DataLoader
-
-    from gpt2_scratch import get_encoding
-    from gpt2_scratch.core.allocator import loaded_allocator
-    from gpt2_scratch.train.data import EpochBatchSampler
-    from gpt2_scratch.train.run import fingerprint, launch, start
-    from gpt2_scratch.train.spam_data import SpamDataset, fetch_spam_data, prepare_splits
+    from accelerate.utils import set_seed  # deferred: accelerate is heavy and only training needs it
 
     # 1. Arguments, the output folder, the data, the model: checked before anything is written.
     labels = parse_labels(args)
+    n_last = parse_trainable(args.trainable)
     started = start(args, inputs=[("--model", args.model), ("--data", args.data)])
     if is_url(args.data):
         # The book's backup copy of the UCI zip is the mirror of the default URL.
@@ -213,7 +214,7 @@ def set_up(args: ClassifyArgs):
     set_seed(args.seed)
     model = build_classifier(args.model, labels=labels, random_init=args.random_init, models_dir=args.models_dir,
                              seed=args.seed)
-    n_trainable = set_trainable(model, args.trainable)
+    n_trainable = freeze_except(model, n_last, args.trainable)
     context = model.config.max_position_embeddings
 
     encode = get_encoding().encode_ordinary  # the book's tokenizer.encode(text) on texts without special tokens
@@ -267,7 +268,7 @@ def set_up(args: ClassifyArgs):
 
 
 @dataclass
-class ClassifyTask:
+class ClassifyTask(Task):
     """Cross-entropy of the class logits (read at each message's last real token); train/loop.py runs it."""
 
     args: ClassifyArgs
@@ -280,33 +281,24 @@ class ClassifyTask:
     def units(self, batch: dict) -> int:
         return batch["labels"].numel()
 
-    def tokens(self, batch: dict) -> int:
-        return batch["input_ids"].numel()  # every message is padded to the same length: what compute scales with
-
     def loss(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Cross-entropy summed over the batch's examples, and [that sum, examples, correct predictions]."""
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-        loss_sum = F.cross_entropy(logits, batch["labels"], reduction="sum")
+        """Cross-entropy summed over the batch's examples (the model's classification head computes it), and
+        [that sum, examples, correct predictions]."""
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
+                    num_items_in_batch=1)
+        logits, loss_sum = out.logits.float(), out.loss
         correct = (logits.argmax(-1) == batch["labels"]).sum()
         return loss_sum, torch.stack([loss_sum.detach(), logits.new_tensor(len(logits)), correct.float()]).double()
-
-    def batch_sums(self, model, batch: dict) -> torch.Tensor:
-        return self.loss(model, batch)[1]
 
     def estimate(self, run, split: str, draw: int | None = None, num_batches: int | None = -1) -> tuple[float, float]:
         """(mean loss per example, accuracy) over the first ``eval_iter`` batches of ``split`` (``num_batches``
         None: all of them); the training split's batches are those of estimate number ``draw``."""
-        from gpt2_scratch.train.loop import sums_over
-
         if split == "train" and draw is not None:
             self.train_estimate_sampler.set_epoch(draw)
         sums = sums_over(run, self.loaders[split], self.args.eval_iter if num_batches == -1 else num_batches,
                          self.batch_sums)
         loss, examples, correct = sums.tolist()
         return loss / max(examples, 1), correct / max(examples, 1)
-
-    def initial(self, run) -> None:
-        return None
 
     def evaluate(self, run, running: torch.Tensor) -> dict:
         return {"train_loss": self.estimate(run, "train", draw=run.state.evaluations)[0],
@@ -335,16 +327,9 @@ class ClassifyTask:
         return {"split": "full", **final}
 
     def finish(self, run) -> None:
-        """The classifier at the top of OUT, the loss and accuracy plots, the summary line."""
-        from gpt2_scratch.train.loop import timed
-        from gpt2_scratch.train.metrics import plot_curves
-        from gpt2_scratch.train.run import save_model_into
-
+        """The classifier at the top of OUT (``Task.finish``), the loss and accuracy plots, the summary line."""
+        super().finish(run)
         out, state, final = run.out, run.state, self.final
-        model = run.unwrapped()
-        model.eval()
-        with timed(state, "save_model"):
-            save_model_into(out, model, None)
         rows = [r for r in run.metrics.read() if r.get("split") != "full"]
         plot_curves(rows, out)
         plot_curves(rows, out, stem="accuracy", series={"train_accuracy": "training accuracy",

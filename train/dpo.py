@@ -43,12 +43,25 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader
 
+from gpt2_scratch import get_tokenizer
+from gpt2_scratch.convert.resolve import load_model as resolve_model
 from gpt2_scratch.core.args import arg, redefault
 from gpt2_scratch.core.errors import InputError
-from gpt2_scratch.core.records import BOOK_PREFERENCE_DATA_URL
+from gpt2_scratch.core.prompts import format_input
+from gpt2_scratch.core.records import BOOK_PREFERENCE_DATA_URL, parse_split
+from gpt2_scratch.train import lora
+from gpt2_scratch.train.data import IGNORE_INDEX, EpochBatchSampler, evaluation_sampler
+from gpt2_scratch.train.lm_outputs import check_generation_limits, epoch_sample, save_language_model, write_test_responses
 from gpt2_scratch.train.lora import LoRAOptions
+from gpt2_scratch.train.loop import sums_over
+from gpt2_scratch.train.metrics import plot_curves
 from gpt2_scratch.train.options import GenerationOptions, InstructionDataOptions, ModelOptions, RunOptions
+from gpt2_scratch.train.preference_data import PreferenceCollator, load_preference_records, prepare_preference_data
+from gpt2_scratch.train.run import launch, run_training, start
+from gpt2_scratch.train.state import fingerprint
+from gpt2_scratch.train.task import Task
 
 logger = logging.getLogger(__name__)
 
@@ -84,9 +97,8 @@ class DPOArgs(ModelOptions, InstructionDataOptions, RunOptions, GenerationOption
 
 
 def run(args: DPOArgs) -> int:
-    """set-up → the loop → finish; returns the exit code (130 when stopped by Ctrl-C with a checkpoint saved)."""
-    from gpt2_scratch.train.run import run_training
-
+    """set-up → the loop → finish; returns the exit code (130 / 143 when Ctrl-C / SIGTERM stopped it with a
+    checkpoint saved)."""
     return run_training(args, set_up)
 
 
@@ -109,8 +121,6 @@ def sequence_logprobs(model: nn.Module, input_ids: torch.Tensor, labels: torch.T
     """Per sequence: the summed log-probability of its targets and their count, from the model's one loss
     path (``label_logprobs``: only positions with a target are projected onto the vocabulary). ``model`` is
     ours, a peft model of it, or either wrapped by DDP: the call goes through its forward."""
-    from gpt2_scratch.train.data import IGNORE_INDEX
-
     token_logps = model(input_ids, shift_labels=labels, use_cache=False, return_logits=False).label_logprobs  # (S,)
     supervised = labels != IGNORE_INDEX  # (N, T)
     rows = supervised.nonzero()[:, 0]  # the sequence of each supervised position
@@ -153,7 +163,7 @@ class Reference:
 
     def precompute(self, split: str, loader, accelerator, num_pairs: int, desc: str) -> None:
         """Fill the table of ``split`` from every batch of ``loader`` (in this process, before training)."""
-        from tqdm.auto import tqdm
+        from tqdm.auto import tqdm  # deferred: tqdm.auto probes for notebooks at import
 
         table = torch.full((num_pairs, 2), float("nan"), dtype=torch.float64)
         with accelerator.autocast():
@@ -180,8 +190,6 @@ def means(sums: torch.Tensor, prefix: str) -> dict:
 
 def load_model(args: DPOArgs):
     """The starting model (``convert.resolve.load_model``: folder, preset, Hub id), in train mode."""
-    from gpt2_scratch.convert.resolve import load_model as resolve_model
-
     return resolve_model(args.model, random_init=args.random_init, models_dir=args.models_dir).train()
 
 
@@ -198,16 +206,8 @@ def check_learnable(data, args: DPOArgs) -> None:
 
 
 def set_up(args: DPOArgs):
-    from accelerate.utils import set_seed
-    from torch.utils.data import DataLoader
-
-    from gpt2_scratch import get_tokenizer
-    from gpt2_scratch.core.prompts import format_input
-    from gpt2_scratch.core.records import parse_split
-    from gpt2_scratch.train import lora
-    from gpt2_scratch.train.data import EpochBatchSampler, evaluation_sampler
-    from gpt2_scratch.train.preference_data import PreferenceCollator, load_preference_records, prepare_preference_data
-    from gpt2_scratch.train.run import check_generation_limits, fingerprint, launch, start
+    """Every check, the data, the policy and its reference, then ``launch``: (Run, DPOTask)."""
+    from accelerate.utils import set_seed  # deferred: accelerate is heavy and only training needs it
 
     # 1. Arguments and the output folder: nothing is written or deleted until every check has passed.
     started = start(args, inputs=[("--model", args.model), ("--data", args.data)])
@@ -267,17 +267,7 @@ def set_up(args: DPOArgs):
     elif frozen_copy is not None:
         reference.model = frozen_copy.to(run.accelerator.device)
     if run.accelerator.is_main_process:
-        trainable_n, total_n = lora.parameter_counts(policy)
-        ref = ("precomputed" if args.precompute_ref else "the base with adapters disabled" if lora_settings
-               else "a frozen copy")
-        print(f"model {args.model}: {total_n:,} parameters ({trainable_n:,} trainable), context {context}; data "
-              f"{args.data}: {len(data.train)} train / {len(data.validation)} validation / {len(data.test)} test "
-              f"pairs; {run.total_steps} steps of {args.batch_size}x{args.grad_accum} pairs on "
-              f"{run.accelerator.num_processes} process(es), "
-              f"{'fp32' if run.accelerator.mixed_precision == 'no' else 'bf16'}; β {args.beta}, {args.logprob} "
-              f"log-probs, reference {ref}", flush=True)
-        if lora_settings is not None:
-            print(lora.describe(policy, lora_settings), flush=True)
+        print_header(run, args, policy, context, data, lora_settings)
     first_val = data.validation_records[0]  # never empty: parse_split and check_validation_left saw to it
     task = DPOTask(args, tokenizer, data, reference, evaluation["validation"], evaluation["train"],
                    format_input(first_val, style), style, lora_settings)
@@ -289,8 +279,23 @@ def set_up(args: DPOArgs):
 # ---------------------------------------------------------------------------------------------------
 
 
+def print_header(run, args: DPOArgs, policy, context: int, data, lora_settings) -> None:
+    """The run's first line: the model, the pairs, the steps, the precision, the reference."""
+    trainable_n, total_n = lora.parameter_counts(policy)
+    ref = ("precomputed" if args.precompute_ref else "the base with adapters disabled" if lora_settings
+           else "a frozen copy")
+    print(f"model {args.model}: {total_n:,} parameters ({trainable_n:,} trainable), context {context}; data "
+          f"{args.data}: {len(data.train)} train / "
+          f"{len(data.validation)} validation / {len(data.test)} test pairs; {run.total_steps} steps of "
+          f"{args.batch_size}x{args.grad_accum} pairs on {run.accelerator.num_processes} process(es), "
+          f"{'fp32' if run.accelerator.mixed_precision == 'no' else 'bf16'}; β {args.beta}, {args.logprob} "
+          f"log-probs, reference {ref}", flush=True)
+    if lora_settings is not None:
+        print(lora.describe(policy, lora_settings), flush=True)
+
+
 @dataclass
-class DPOTask:
+class DPOTask(Task):
     """The DPO loss of preference pairs against a reference (train/loop.py runs it)."""
 
     args: DPOArgs
@@ -326,8 +331,6 @@ class DPOTask:
         return self.pair_sums(model, batch, "train")
 
     def measure(self, run, loader, split: str, prefix: str) -> dict:
-        from gpt2_scratch.train.loop import sums_over
-
         return means(sums_over(run, loader, self.args.eval_iter, lambda m, b: self.pair_sums(m, b, split)[1]), prefix)
 
     def initial(self, run) -> dict:
@@ -348,16 +351,10 @@ class DPOTask:
                 f"{row['tokens_seen']:,} | {row['tokens_per_sec']:,.0f} tok/s")
 
     def end_of_epoch(self, run, epoch: int):
-        from gpt2_scratch.train.run import epoch_sample
-
         return epoch_sample(run, epoch, self.tokenizer, self.sample_prompt, self.args.sample_tokens)
 
     def finish(self, run) -> None:
         """The model at the top of OUT (and OUT/adapter with LoRA), the plots, the test responses."""
-        from gpt2_scratch.train import lora
-        from gpt2_scratch.train.metrics import plot_curves
-        from gpt2_scratch.train.run import save_language_model, write_test_responses
-
         model = save_language_model(run, run.unwrapped(), self.tokenizer, prompt_style=self.style,
                                     lora_settings=self.lora_settings,
                                     load_base=lora.base_reloader(load_model, self.args))

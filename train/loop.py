@@ -1,63 +1,34 @@
 """The one training loop. Instruction finetuning, DPO and the classifier are tasks it runs.
 
-    run = launch(...)                    # train/run.py: accelerator, prepared model, optimizer, loaders, state
-    state, interrupted = fit(run, task)  # this module
-    finish(run, task)                    # train/run.py
+    run, loaders = launch(...)   # train/run.py: accelerator, prepared model, optimizer, loaders, state
+    stopped = fit(run, task)     # this module: None when the run ended, else the exit code of a stop
+    finish(run, task)            # train/run.py
 
 The loop owns everything that makes a run: epochs over a batch order fixed by (seed, epoch), gradient
 accumulation with ``no_sync``, the loss normalised over the whole accumulation window on all processes,
 clipping, the optimizer and scheduler steps, the evaluation cadence (after steps 1, 1 + eval_freq, ...,
 as the book's 0-based 0, 5, 10, ...; and after the last step), throughput, the progress bar, metrics
 (``metrics.jsonl`` and any experiment tracker), checkpoints (every ``--save-every`` steps, each epoch,
-and on Ctrl-C), and the NaN guard on every loss it reports.
+and on Ctrl-C or SIGTERM: train/stopping.py), and the NaN guard on every loss it reports.
 
-A task supplies only what is its own (the ``Task`` protocol below): how a batch becomes a loss and the
-sums it reports, what an evaluation measures, what happens at the end of an epoch, and its log lines.
-The sums a step reports are a vector: element 0 is the loss summed over the step's units, element 1
-the number of units (target tokens for SFT, pairs for DPO, examples for the classifier), so the loop
-can compute every loss it reports the same way; a task may add more (DPO's rewards).
+A task supplies only what is its own (the ``Task`` base class, train/task.py): how a batch becomes a
+loss and the sums it reports, what an evaluation measures, what happens at the end of an epoch, and
+its log lines. The training step is ``train_step``; each task's loss is its ``Task.loss``.
 """
 
 from __future__ import annotations
 
 import time
-from contextlib import closing, contextmanager, nullcontext
+from contextlib import closing, nullcontext
 from itertools import islice
-from typing import TYPE_CHECKING, Any, Callable, Protocol
+from typing import Any, Callable
 
 import torch
 
-from gpt2_scratch.train.run import StopRequest, TrainState, check_loss, save_checkpoint
-
-if TYPE_CHECKING:
-    from gpt2_scratch.train.run import Run
-
-
-class Task(Protocol):
-    """What a training command supplies to the loop."""
-
-    name: str  # the progress bar's label
-    units_seen_key: str  # the metrics key of the loop's count of units ("target_tokens_seen", "pairs_seen", ...)
-
-    def units(self, batch: dict) -> int:
-        """What the loss of ``batch`` averages over (this process's part)."""
-
-    def tokens(self, batch: dict) -> int:
-        """Input positions of ``batch`` (padding included: what the compute scales with)."""
-
-    def loss(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """(loss summed over the batch's units, differentiable; the step's sums, detached, float64)."""
-
-    def initial(self, run: Run) -> dict | None:
-        """Metrics before the first step (every process calls it), or None."""
-
-    def evaluate(self, run: Run, running: torch.Tensor) -> dict:
-        """One evaluation's metrics (every process calls it): the training sums since the last one are ``running``."""
-
-    def eval_line(self, run: Run, row: dict) -> str: ...
-
-    def end_of_epoch(self, run: Run, epoch: int) -> tuple[dict, str | None] | None:
-        """Called by every process after epoch ``epoch`` (1-based) ran to its end: (a row to log, its line), or None."""
+from gpt2_scratch.train.checkpoints import save_checkpoint
+from gpt2_scratch.train.state import Run, timed
+from gpt2_scratch.train.stopping import StopRequest, check_loss
+from gpt2_scratch.train.task import Task, mean_loss
 
 
 def sums_over(run: Run, loader, num_batches: int | None, batch_sums: Callable[[Any, dict], torch.Tensor]) -> torch.Tensor:
@@ -101,125 +72,130 @@ def train_step(run: Run, task: Task, window: list[dict]) -> tuple[torch.Tensor, 
     return accelerator.reduce(totals.to(accelerator.device), reduction="sum").cpu(), int(n_tokens)  # host sync
 
 
-@contextmanager
-def timed(state: TrainState, phase: str):
-    """Add the wall time of the block to ``state.phase_seconds[phase]`` (where a run's time goes, checkpointed)."""
-    tick = time.perf_counter()
-    try:
-        yield
-    finally:
-        state.phase_seconds[phase] = state.phase_seconds.get(phase, 0.0) + time.perf_counter() - tick
+def fit(run: Run, task: Task) -> int | None:
+    """Train until the epochs (or --max-steps) are done: None; or the exit code when a signal stopped the run
+    at a step boundary (train/stopping.py) after saving a checkpoint."""
+    state, args = run.state, run.args
+    with _Fitting(run, task) as fitting, StopRequest() as stop:
+        if state.step == 0 and state.batches_done == 0:
+            fitting.initial()
+        while state.epoch < args.epochs and state.step < run.total_steps:
+            if fitting.epoch(stop):
+                return stop.exit_code
+        if state.last_eval_step != state.step:
+            fitting.evaluate()
+    return None
 
 
-def mean_loss(sums: torch.Tensor) -> float:
-    """Element 0 (a summed loss) over element 1 (its units)."""
-    return sums[0].item() / max(sums[1].item(), 1)
+class _Fitting:
+    """What one ``fit`` keeps between its steps: the progress bar, the throughput since the last evaluation
+    (timing only, not checkpointed), and the logging, evaluation and checkpoint of the run."""
 
+    def __init__(self, run: Run, task: Task) -> None:
+        from tqdm.auto import tqdm  # deferred: tqdm.auto probes for notebooks at import
 
-def fit(run: Run, task: Task) -> tuple[TrainState, bool]:
-    """Train until the epochs (or --max-steps) are done; returns (state, whether Ctrl-C stopped it)."""
-    from tqdm.auto import tqdm
+        self.run, self.task, self.state = run, task, run.state
+        self.main = run.accelerator.is_main_process
+        self.bar = tqdm(total=run.total_steps, initial=run.state.step, desc=task.name, unit="step",
+                        disable=not self.main, dynamic_ncols=True)
+        self.window_tokens, self.window_seconds = 0, 0.0
 
-    args, accelerator, state = run.args, run.accelerator, run.state
-    main = accelerator.is_main_process
-    root = run.checkpoint_root
+    def __enter__(self) -> "_Fitting":
+        return self
 
-    def checkpoint() -> None:
-        state.metrics_rows = run.metrics.count  # a resume drops the rows logged after this point
-        with timed(state, "checkpoints"):
-            save_checkpoint(accelerator, run.model, root, state, keep=args.keep_checkpoints or None)
+    def __exit__(self, *exc) -> None:
+        self.bar.close()  # the bar ends its line before any error or final line
 
-    def log(row: dict, line: str | None) -> None:
+    def log(self, row: dict, line: str | None) -> None:
         for key, value in row.items():  # the NaN guard, on every loss the run reports
             if key.endswith("loss") and isinstance(value, float):
-                check_loss(value, state.step, root, key.replace("_", " "))
-        run.log(row)
-        if main and line:
-            bar.write(line)
+                check_loss(value, self.state.step, self.run.checkpoint_root, key.replace("_", " "))
+        self.run.log(row)
+        if self.main and line:
+            self.bar.write(line)
 
-    bar = tqdm(total=run.total_steps, initial=state.step, desc=task.name, unit="step", disable=not main,
-               dynamic_ncols=True)
-    if state.step == 0 and state.batches_done == 0:
-        with timed(state, "evaluation"):
-            row = task.initial(run)
+    def checkpoint(self) -> None:
+        run, state = self.run, self.state
+        state.metrics_rows = run.metrics.count  # a resume drops the rows logged after this point
+        with timed(state, "checkpoints"):
+            save_checkpoint(run.accelerator, run.model, run.checkpoint_root, state,
+                            keep=run.args.keep_checkpoints or None)
+
+    def initial(self) -> None:
+        with timed(self.state, "evaluation"):
+            row = self.task.initial(self.run)
         if row is not None:
             row = {"epoch": 0, "step": 0, **row, "tokens_seen": 0, "initial": True}
-            log(row, task.eval_line(run, row))
+            self.log(row, self.task.eval_line(self.run, row))
 
-    window_tokens, window_seconds = 0, 0.0  # throughput since the last evaluation (timing only, not checkpointed)
-
-    def eval_and_log() -> None:
-        nonlocal window_tokens, window_seconds
+    def evaluate(self) -> None:
+        run, state, task = self.run, self.state, self.task
         running = torch.tensor(state.running, dtype=torch.float64)
         with timed(state, "evaluation"):
             measured = task.evaluate(run, running)
-        row = {"epoch": min(state.epoch + 1, args.epochs), "step": state.step, **measured,
+        row = {"epoch": min(state.epoch + 1, run.args.epochs), "step": state.step, **measured,
                "lr": run.scheduler.get_last_lr()[0], "tokens_seen": state.tokens_seen,
                task.units_seen_key: state.units_seen,
-               "tokens_per_sec": window_tokens / window_seconds if window_seconds else 0.0}
-        log(row, task.eval_line(run, row))
+               "tokens_per_sec": self.window_tokens / self.window_seconds if self.window_seconds else 0.0}
+        self.log(row, task.eval_line(run, row))
         state.running, state.last_eval_step, state.evaluations = [], state.step, state.evaluations + 1
-        window_tokens, window_seconds = 0, 0.0
+        self.window_tokens, self.window_seconds = 0, 0.0
 
-    done = state.step >= run.total_steps
-    with StopRequest() as stop, closing(bar):  # the bar ends its line before any error or final line
-        while state.epoch < args.epochs and not done:
-            epoch = state.epoch
-            run.train_sampler.set_epoch(epoch)
-            run.train_loader.set_epoch(epoch)
-            loader = (accelerator.skip_first_batches(run.train_loader, state.batches_done) if state.batches_done
-                      else run.train_loader)
-            batches = iter(loader)
-            while True:
-                tick = time.perf_counter()
-                window = list(islice(batches, args.grad_accum))  # this optimizer step's micro-batches
-                if not window:
-                    break
-                sums, n_tokens = train_step(run, task, window)
-                running = sums if not state.running else torch.tensor(state.running, dtype=torch.float64) + sums
-                state.running = running.tolist()
-                state.step += 1
-                state.batches_done += len(window)
-                state.tokens_seen += n_tokens
-                state.units_seen += int(sums[1].item())
-                elapsed = time.perf_counter() - tick
-                state.train_seconds += elapsed
-                state.phase_seconds["train_steps"] = state.train_seconds
-                window_tokens += n_tokens
-                window_seconds += elapsed
-                step_loss = mean_loss(sums)
-                bar.update(1)
-                bar.set_postfix(loss=f"{step_loss:.3f}")
-                check_loss(step_loss, state.step, root)
+    def step(self, window: list[dict]) -> None:
+        """One optimizer step and its counters."""
+        state, tick = self.state, time.perf_counter()
+        sums, n_tokens = train_step(self.run, self.task, window)
+        running = sums if not state.running else torch.tensor(state.running, dtype=torch.float64) + sums
+        state.running = running.tolist()
+        state.step += 1
+        state.batches_done += len(window)
+        state.tokens_seen += n_tokens
+        state.units_seen += int(sums[1].item())
+        elapsed = time.perf_counter() - tick
+        state.train_seconds += elapsed
+        state.phase_seconds["train_steps"] = state.train_seconds
+        self.window_tokens += n_tokens
+        self.window_seconds += elapsed
+        step_loss = mean_loss(sums)
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{step_loss:.3f}")
+        check_loss(step_loss, state.step, self.run.checkpoint_root)
 
-                last = state.step >= run.total_steps
-                # The last step's evaluation comes before its checkpoint, so a resume from that checkpoint
-                # does not evaluate (and log) it again.
-                if (state.step - 1) % args.eval_freq == 0 or last:
-                    eval_and_log()
-                if args.save_every and state.step % args.save_every == 0:
-                    checkpoint()
-                if stop.agreed(accelerator):
-                    checkpoint()
-                    bar.close()
-                    if main:
-                        print(f"stopped at step {state.step}: checkpoint saved in {root}; continue with the same "
-                              "command and --resume", flush=True)
-                    return state, True
-                if last:
-                    done = True
-                    break
-
-            if state.batches_done >= len(run.train_sampler):  # the epoch ran to its end
-                with timed(state, "epoch_end"):
-                    ended = task.end_of_epoch(run, epoch + 1)
-                if ended is not None:
-                    row, line = ended
-                    log({"epoch": epoch + 1, "step": state.step, **row}, line)
-                accelerator.wait_for_everyone()
-                state.epoch += 1
-                state.batches_done = 0
-                checkpoint()
-        if state.last_eval_step != state.step:
-            eval_and_log()
-    return state, False
+    def epoch(self, stop: StopRequest) -> bool:
+        """The rest of the current epoch (or the run's last steps); True when ``stop`` ended it."""
+        run, state, args, accelerator = self.run, self.state, self.run.args, self.run.accelerator
+        epoch = state.epoch
+        run.train_sampler.set_epoch(epoch)
+        run.train_loader.set_epoch(epoch)
+        loader = (accelerator.skip_first_batches(run.train_loader, state.batches_done) if state.batches_done
+                  else run.train_loader)
+        batches = iter(loader)
+        while window := list(islice(batches, args.grad_accum)):  # this optimizer step's micro-batches
+            self.step(window)
+            last = state.step >= run.total_steps
+            # The last step's evaluation comes before its checkpoint, so a resume from that checkpoint
+            # does not evaluate (and log) it again.
+            if (state.step - 1) % args.eval_freq == 0 or last:
+                self.evaluate()
+            if args.save_every and state.step % args.save_every == 0:
+                self.checkpoint()
+            if stop.agreed(accelerator):
+                self.checkpoint()
+                self.bar.close()
+                if self.main:
+                    print(f"stopped at step {state.step}: {stop.cause}; checkpoint saved in {run.checkpoint_root}; "
+                          "continue with the same command and --resume", flush=True)
+                return True
+            if last:
+                break
+        if state.batches_done >= len(run.train_sampler):  # the epoch ran to its end
+            with timed(state, "epoch_end"):
+                ended = self.task.end_of_epoch(run, epoch + 1)
+            if ended is not None:
+                row, line = ended
+                self.log({"epoch": epoch + 1, "step": state.step, **row}, line)
+            accelerator.wait_for_everyone()
+            state.epoch += 1
+            state.batches_done = 0
+            self.checkpoint()
+        return False

@@ -35,14 +35,18 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable, Literal
 
 from gpt2_scratch.core.args import arg
 from gpt2_scratch.core.errors import InputError
+from gpt2_scratch.core.files import write_dir_atomically
+from gpt2_scratch.train.checkpoints import save_model_into
 
 logger = logging.getLogger(__name__)
 
@@ -66,10 +70,10 @@ class LoRAOptions:
         None, "finetune LoRA adapters (peft) instead of every weight: --lora alone = rank 8, alpha 16 on c_attn, "
               "c_proj, c_fc; --lora book = the book's exercise 7.4 (rank 16, x@A@B times 16, every linear layer incl. "
               "the head); any --lora-* option also turns LoRA on", nargs="?", const="default")
-    lora_r: int | None = arg(None, "LoRA rank (default 8; book 16)")
+    lora_r: int | None = arg(None, "LoRA rank (default 8; book 16)", at_least=1)
     lora_alpha: float | None = arg(None, "LoRA alpha; the update is scaled by alpha / rank as in peft (default 16; "
-                                         "book 256, i.e. the book's 16 without division by the rank)")
-    lora_dropout: float | None = arg(None, "dropout on the LoRA input (default 0, as the book)")
+                                         "book 256, i.e. the book's 16 without division by the rank)", above=0)
+    lora_dropout: float | None = arg(None, "dropout on the LoRA input (default 0, as the book)", at_least=0, below=1)
     lora_targets: list[str] | None = arg(None, "layers that get adapters: c_attn c_proj c_fc (default: every "
                                                "projection in the blocks), attn.c_proj, mlp.c_proj, lm_head, or "
                                                "all-linear (the blocks and the head)")
@@ -108,7 +112,8 @@ class LoRASettings:
 
 
 def settings(args: Any) -> LoRASettings | None:
-    """The LoRA settings ``args`` asks for (None: full finetuning), checked; one InputError per mistake."""
+    """The LoRA settings ``args`` asks for (None: full finetuning); one InputError for options that do not go
+    together (each option's own bounds are checked with the others', ``core.args.check_values``)."""
     given = {k: getattr(args, k) for k in PRESETS["default"] if getattr(args, k, None) is not None}
     preset = getattr(args, "lora", None)
     if preset is None and not given:
@@ -121,13 +126,8 @@ def settings(args: Any) -> LoRASettings | None:
     if preset not in (None, *PRESETS):
         raise InputError(f"--lora {preset}: unknown preset; choose one of {', '.join(PRESETS)}")
     values = {**PRESETS[preset or "default"], **given}
+    # Each value's bounds are its field's (LoRAOptions), checked when the command line is parsed.
     r, alpha, dropout = values["lora_r"], float(values["lora_alpha"]), float(values["lora_dropout"])
-    if not isinstance(r, int) or r < 1:
-        raise InputError(f"--lora-r must be a positive integer, got {r}")
-    if not alpha > 0 or alpha == float("inf"):
-        raise InputError(f"--lora-alpha must be a positive number, got {alpha:g}")
-    if not 0.0 <= dropout < 1.0:
-        raise InputError(f"--lora-dropout must be in [0, 1), got {dropout:g}")
     targets = list(values["lora_targets"])
     unknown = [t for t in targets if t not in KNOWN_TARGETS]
     if unknown:
@@ -155,7 +155,7 @@ def settings(args: Any) -> LoRASettings | None:
 
 def peft_config(s: LoRASettings):
     """The peft ``LoraConfig`` of settings ``s`` (peft matches each target as a suffix of a module name)."""
-    from peft import LoraConfig
+    from peft import LoraConfig  # deferred: peft is heavy and only a run with --lora needs it
 
     return LoraConfig(r=s.r, lora_alpha=s.alpha, lora_dropout=s.dropout, target_modules=list(s.targets),
                       bias="none", task_type="CAUSAL_LM")
@@ -175,7 +175,7 @@ def cast_base_to_bf16(model) -> None:
     """Store the frozen weight matrices in bf16: every Linear/Conv1D weight and the token embedding
     (tied to the head). LayerNorms, biases and the position embedding stay fp32, so the residual stream
     starts and stays fp32 under autocast."""
-    import torch
+    import torch  # deferred: this module's options and model-card line are read without torch (publish)
     from torch import nn
     from transformers.pytorch_utils import Conv1D
 
@@ -191,9 +191,7 @@ def wrap(model, s: LoRASettings | None, *, base_model: str | None = None):
     every process."""
     if s is None:
         return model
-    import math
-
-    import torch
+    import torch  # deferred: see cast_base_to_bf16
     from peft import get_peft_model
 
     if s.base_dtype == "bf16":
@@ -235,7 +233,7 @@ def merged_model(peft_model, s: LoRASettings, load_base: Callable[[], Any] | Non
     A targeted head tied to the embedding first gets its own copy of the weight, so the embedding keeps
     its value and the merged model is saved untied.
     """
-    import torch
+    import torch  # deferred: see cast_base_to_bf16
     from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
     if s.base_dtype == "bf16":
@@ -259,8 +257,6 @@ def merged_model(peft_model, s: LoRASettings, load_base: Callable[[], Any] | Non
 
 def save_adapter(peft_model, out: Path) -> Path:
     """``OUT/adapter``: adapter_config.json + adapter_model.safetensors, written whole or not at all."""
-    from gpt2_scratch.core.files import write_dir_atomically
-
     # The head's weight is the (frozen, unchanged) embedding: peft would save it along when the head has an
     # adapter; the base model has it already.
     return write_dir_atomically(out / ADAPTER_DIR, lambda tmp: peft_model.save_pretrained(tmp, save_embedding_layers=False),
@@ -271,8 +267,6 @@ def save_outputs(out: Path, model, tokenizer, s: LoRASettings, *, prompt_style: 
                  load_base: Callable[[], Any] | None = None):
     """Write what a LoRA run leaves: ``OUT/adapter`` and (unless ``--no-merge``) the merged model at the top
     of OUT. Returns the model to generate the test responses with (merged, or the adapter model)."""
-    from gpt2_scratch.train.run import save_model_into
-
     save_adapter(model, out)
     if not s.merge:
         logger.info("saved the adapter to %s (no merged model: --no-merge)", out / ADAPTER_DIR)
@@ -290,8 +284,6 @@ def base_model_name(model_arg: str) -> str:
 
 def card_line(args: dict, base: str | None) -> str | None:
     """The model card's sentence about LoRA for a run's args.json (None for full finetuning)."""
-    from types import SimpleNamespace
-
     try:
         s = settings(SimpleNamespace(**args))
     except InputError:
@@ -309,7 +301,7 @@ def base_reloader(load: Callable[[Any], Any], args: Any) -> Callable[[], Any]:
     """A function loading the run's base model again as set-up did (same seed: the same random init)."""
 
     def reload():
-        from accelerate.utils import set_seed
+        from accelerate.utils import set_seed  # deferred: heavy
 
         set_seed(args.seed)
         return load(args)

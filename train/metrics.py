@@ -55,10 +55,10 @@ def plot_curves(rows: list[dict], out_dir: str | os.PathLike, *, stem: str = "lo
                 series: dict[str, str] | None = None, ylabel: str = "Loss") -> list[Path]:
     """The book's plot: each ``series`` (metrics key → legend label) over ``step``, with ``tokens_seen`` on a
     second x-axis; written as PNG and PDF. Rows lacking a key are skipped for that series."""
-    import matplotlib
+    import matplotlib  # deferred: heavy, and only the plots need it
 
     matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred: after the backend is chosen
 
     series = series or {"train_loss": "training loss", "val_loss": "validation loss"}
     fig, ax = plt.subplots(figsize=(5, 3))

@@ -35,10 +35,26 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.utils.data import DataLoader
 
+from gpt2_scratch import PRESETS, GPT2ScratchForCausalLM, get_tokenizer
+from gpt2_scratch.commands import preset_config, shape_options
+from gpt2_scratch.convert.resolve import load_model
+from gpt2_scratch.core.allocator import loaded_allocator
 from gpt2_scratch.core.args import arg, redefault
 from gpt2_scratch.core.errors import InputError
+from gpt2_scratch.core.files import write_json_atomic
+from gpt2_scratch.train import book_pretrain
+from gpt2_scratch.train.data import EpochBatchSampler, evaluation_sampler
+from gpt2_scratch.train.lm_outputs import epoch_sample, save_language_model
+from gpt2_scratch.train.loop import sums_over
+from gpt2_scratch.train.metrics import plot_curves
 from gpt2_scratch.train.options import ModelOptions, RunOptions
+from gpt2_scratch.train.publish import PRETRAINING_FILE
+from gpt2_scratch.train.run import launch, launch_own_loop, run_training, start
+from gpt2_scratch.train.state import fingerprint
+from gpt2_scratch.train.task import Task, mean_loss
+from gpt2_scratch.train.token_cache import TokenWindows, check_windows, collate_windows, tokenized_corpus
 
 
 
@@ -87,15 +103,11 @@ class PretrainArgs(ModelOptions, RunOptions):
         """--book-exact fills in the book's settings for every option not given on the command line."""
         if not self.book_exact:
             return self
-        from gpt2_scratch.train.book_pretrain import BOOK_DEFAULTS
-
-        return dataclasses.replace(self, **{k: v for k, v in BOOK_DEFAULTS.items() if k not in explicit})
+        return dataclasses.replace(self, **{k: v for k, v in book_pretrain.BOOK_DEFAULTS.items() if k not in explicit})
 
 
 def run(args: PretrainArgs) -> int:
     """set-up → the loop (or the book's) → finish; returns the exit code."""
-    from gpt2_scratch.train.run import run_training
-
     return run_training(args, set_up)
 
 
@@ -107,9 +119,6 @@ def run(args: PretrainArgs) -> int:
 def build_model(args: PretrainArgs):
     """The model to pretrain: ``--model`` loaded (continued pretraining), or a preset's shape with the shape
     options and ``--random-init``."""
-    from gpt2_scratch import PRESETS, GPT2ScratchForCausalLM
-    from gpt2_scratch.commands import preset_config, shape_options
-
     shape = shape_options(args)
     fields = {k: v for k, v in (("drop_rate", args.drop_rate), ("qkv_bias", False if args.no_qkv_bias else None),
                                 ("tie_word_embeddings", False if args.untie_head else None)) if v is not None}
@@ -122,15 +131,11 @@ def build_model(args: PretrainArgs):
     if given:
         raise InputError(f"{given[0]} shapes a new model: it needs --random-init and a preset --model "
                          f"({', '.join(PRESETS)})")
-    from gpt2_scratch.convert.resolve import load_model
-
     return load_model(args.model, random_init=args.random_init, models_dir=args.models_dir)
 
 
 def load_corpora(args: PretrainArgs):
     """(training corpus, validation corpus or None): tokenized now, or found in the token cache."""
-    from gpt2_scratch.train.token_cache import tokenized_corpus
-
     options = dict(text_column=args.text_column, cache_dir=args.token_cache, threads=args.tokenize_threads)
     if args.val_data is None:
         return tokenized_corpus(args.data, val_fraction=args.val_fraction, **options), None
@@ -140,8 +145,6 @@ def load_corpora(args: PretrainArgs):
 
 def corpus_windows(args: PretrainArgs, train, validation, context: int):
     """(training windows, validation windows), each checked to make at least one window."""
-    from gpt2_scratch.train.token_cache import TokenWindows, check_windows
-
     length = args.context_length or context
     if length > context:
         raise InputError(f"--context-length {length} is longer than the {context}-token context of --model "
@@ -160,20 +163,13 @@ def corpus_windows(args: PretrainArgs, train, validation, context: int):
 
 
 def set_up(args: PretrainArgs):
-    from accelerate.utils import set_seed
-    from torch.utils.data import DataLoader
-
-    from gpt2_scratch import get_tokenizer
-    from gpt2_scratch.core.allocator import loaded_allocator
-    from gpt2_scratch.train.data import EpochBatchSampler, evaluation_sampler
-    from gpt2_scratch.train.run import fingerprint, launch, start
-    from gpt2_scratch.train.token_cache import collate_windows
+    """Every check, the corpus (tokenized once) and the model, then ``launch``: (Run, PretrainTask).
+    ``--book-exact`` chooses chapter 5's loop (train/book_pretrain.py) as the run's ``fit``."""
+    from accelerate.utils import set_seed  # deferred: accelerate is heavy and only training needs it
 
     # 1. Arguments and the output folder: nothing is written or deleted until every check has passed.
     if args.book_exact:
-        from gpt2_scratch.train.book_pretrain import check_book_exact_args
-
-        check_book_exact_args(args)
+        book_pretrain.check_args(args)
     started = start(args, inputs=[("--model", args.model), ("--data", args.data), ("--val-data", args.val_data)])
 
     # 2. The corpus (tokenized once, then cached), then the model.
@@ -195,24 +191,36 @@ def set_up(args: PretrainArgs):
     if len(train_sampler) == 0:
         raise InputError(f"--data {args.data}: {len(train_windows)} training windows make no full batch of "
                          f"{args.batch_size}; lower --batch-size or --stride")
-    evaluation = {name: DataLoader(windows, collate_fn=collate_windows, batch_sampler=evaluation_sampler(
-        [windows.context] * len(windows), args.batch_size, eval_iter=args.eval_iter))
-        for name, windows in (("validation", val_windows), ("train", train_windows))}
-    run, evaluation = launch(started, model=model, train_dataset=train_windows, train_sampler=train_sampler,
-                             collate=collate_windows, eval_loaders=evaluation, data_sha256=data_sha256)
+
+    # 4. Only now: the processes, the output folder, the loop's objects.
+    evaluation = {}
+    if args.book_exact:
+        run = launch_own_loop(started, model=model, batches_per_epoch=len(train_sampler), data_sha256=data_sha256,
+                              fit=book_pretrain.fit_book_pretrain)
+    else:
+        loaders = {name: DataLoader(windows, collate_fn=collate_windows, batch_sampler=evaluation_sampler(
+            [windows.context] * len(windows), args.batch_size, eval_iter=args.eval_iter))
+            for name, windows in (("validation", val_windows), ("train", train_windows))}
+        run, evaluation = launch(started, model=model, train_dataset=train_windows, train_sampler=train_sampler,
+                                 collate=collate_windows, eval_loaders=loaders, data_sha256=data_sha256)
     if run.accelerator.is_main_process:
-        cached = "cached" if train.reused else "tokenized now"
-        print(f"model {args.model}{' (random init)' if args.random_init else ''}: "
-              f"{sum(p.numel() for p in model.parameters()):,} parameters, context {context}; data {args.data}: "
-              f"{train.train.tokens:,} training / {val_windows.n_tokens:,} validation tokens ({cached}, corpus "
-              f"{train.fingerprint[:12]}), {len(train_windows):,} / {len(val_windows):,} windows of "
-              f"{train_windows.context} (stride {train_windows.stride}); {run.total_steps} steps of "
-              f"{args.batch_size}x{args.grad_accum} windows on {run.accelerator.num_processes} process(es), "
-              f"{'fp32' if run.accelerator.mixed_precision == 'no' else run.accelerator.mixed_precision} precision, "
-              f"{loaded_allocator()} malloc{', compiled' if args.compile else ''}", flush=True)
-    task = PretrainTask(args, get_tokenizer(), train, validation, train_windows, val_windows, evaluation["validation"],
-                        evaluation["train"])
-    return run, task
+        print_header(run, args, model, train, train_windows, val_windows)
+    return run, PretrainTask(args, get_tokenizer(), train, validation, train_windows, val_windows,
+                             evaluation.get("validation"), evaluation.get("train"))
+
+
+def print_header(run, args: PretrainArgs, model, train, train_windows, val_windows) -> None:
+    """The run's first line: the model, the corpus, the windows, the steps, the precision."""
+    accelerator = run.accelerator
+    precision = "fp32" if accelerator.mixed_precision == "no" else accelerator.mixed_precision
+    print(f"model {args.model}{' (random init)' if args.random_init else ''}: "
+          f"{sum(p.numel() for p in model.parameters()):,} parameters, context {model.config.max_position_embeddings}; "
+          f"data {args.data}: {train.train.tokens:,} training / {val_windows.n_tokens:,} validation tokens "
+          f"({'cached' if train.reused else 'tokenized now'}, corpus {train.fingerprint[:12]}), "
+          f"{len(train_windows):,} / {len(val_windows):,} windows of {train_windows.context} (stride "
+          f"{train_windows.stride}); {run.total_steps} steps of {args.batch_size}x{args.grad_accum} windows on "
+          f"{accelerator.num_processes} process(es), {precision} precision, {loaded_allocator()} malloc"
+          f"{', compiled' if args.compile else ''}", flush=True)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -221,7 +229,7 @@ def set_up(args: PretrainArgs):
 
 
 @dataclass
-class PretrainTask:
+class PretrainTask(Task):
     """Next-token cross-entropy over every position of each window (train/loop.py runs it)."""
 
     args: PretrainArgs
@@ -249,12 +257,7 @@ class PretrainTask:
         count = torch.tensor(float(batch["labels"].numel()), dtype=torch.float64, device=out.loss.device)
         return out.loss, torch.stack([out.loss.detach().double(), count])
 
-    def batch_sums(self, model, batch: dict) -> torch.Tensor:
-        return self.loss(model, batch)[1]
-
     def loss_over(self, run, loader) -> float:
-        from gpt2_scratch.train.loop import mean_loss, sums_over
-
         return mean_loss(sums_over(run, loader, self.args.eval_iter, self.batch_sums))
 
     def initial(self, run) -> dict:
@@ -264,8 +267,6 @@ class PretrainTask:
                 "val_perplexity": perplexity(val)}
 
     def evaluate(self, run, running: torch.Tensor) -> dict:
-        from gpt2_scratch.train.loop import mean_loss
-
         val = self.loss_over(run, self.val_loader)
         return {"train_loss_running": mean_loss(running), "val_loss": val, "val_perplexity": perplexity(val)}
 
@@ -278,18 +279,7 @@ class PretrainTask:
                 f"lr {row['lr']:.2e} | tokens {row['tokens_seen']:,} | {row['tokens_per_sec']:,.0f} tok/s")
 
     def end_of_epoch(self, run, epoch: int):
-        from gpt2_scratch.train.run import epoch_sample
-
         return epoch_sample(run, epoch, self.tokenizer, self.args.sample_prompt, self.args.sample_tokens)
-
-    @property
-    def own_loop(self):
-        """--book-exact: chapter 5's own loop (train/book_pretrain.py) instead of the shared one."""
-        if not self.args.book_exact:
-            return None
-        from gpt2_scratch.train.book_pretrain import fit_book_pretrain
-
-        return lambda run: fit_book_pretrain(run, self)
 
     def record(self) -> dict:
         """What the model was trained on: pretraining.json, and the model card's data line."""
@@ -303,11 +293,6 @@ class PretrainTask:
 
     def finish(self, run) -> None:
         """The model at the top of OUT (no chat template: raw text teaches none), pretraining.json, the loss plot."""
-        from gpt2_scratch.core.files import write_json_atomic
-        from gpt2_scratch.train.metrics import plot_curves
-        from gpt2_scratch.train.publish import PRETRAINING_FILE
-        from gpt2_scratch.train.run import save_language_model
-
         out, state = run.out, run.state
         model = run.unwrapped()
         if getattr(model.config, "prompt_style", None) is not None:  # continued from an instruction model
@@ -315,11 +300,13 @@ class PretrainTask:
         save_language_model(run, model, self.tokenizer, prompt_style=None, lora_settings=None, load_base=None)
         write_json_atomic(out / PRETRAINING_FILE, {**self.record(), "tokens_seen": state.tokens_seen,
                                                    "steps": state.step, "epochs": state.epoch})
-        rows = [{**r, "train_loss_running": r.get("train_loss_running", r.get("train_loss"))}
-                for r in run.metrics.read()]
-        series = ({"train_loss": "training loss", "val_loss": "validation loss"} if self.args.book_exact else
-                  {"train_loss_running": "training loss (running mean of steps)", "val_loss": "validation loss"})
-        plot_curves(rows, out, series=series)
+        if self.args.book_exact:
+            book_pretrain.plot_book_curves(run.metrics.read(), out)
+        else:
+            rows = [{**r, "train_loss_running": r.get("train_loss_running", r.get("train_loss"))}
+                    for r in run.metrics.read()]
+            plot_curves(rows, out, series={"train_loss_running": "training loss (running mean of steps)",
+                                           "val_loss": "validation loss"})
         print(f"done: {state.step} steps, {state.tokens_seen:,} tokens in {state.train_seconds / 60:.1f} min of "
               f"training; model, pretraining.json, metrics and loss.png/pdf in {out}", flush=True)
 

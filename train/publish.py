@@ -21,9 +21,12 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gpt2_scratch.convert.resolve import preset_name
 from gpt2_scratch.core.args import arg
 from gpt2_scratch.core.download import is_hub_id
 from gpt2_scratch.core.errors import InputError
+from gpt2_scratch.hub import check_repo_id, hub_token, push_folder
+from gpt2_scratch.train.lora import card_line
 
 logger = logging.getLogger(__name__)
 
@@ -168,8 +171,7 @@ def _judge_score(path: Path, flag: str | None = None) -> tuple[float | None, str
 
 def resolve_base_model(args: dict, explicit: str | None = None) -> str | None:
     """The Hub id the model derives from: --base-model, else the run's --model when it names one."""
-    from gpt2_scratch.convert.resolve import preset_name
-    from gpt2_scratch import HUB_ID_OF_PRESET
+    from gpt2_scratch import HUB_ID_OF_PRESET  # deferred: the configuration module loads transformers
 
     def hub_id(value: str) -> str | None:
         preset = preset_name(value) or ("gpt2-small" if value == "gpt2" else None)
@@ -221,7 +223,7 @@ def build_model_card(
     license: str | None = None,
 ):
     """Return a ``huggingface_hub.ModelCard`` describing the model directory and its run."""
-    from huggingface_hub import ModelCard, ModelCardData
+    from huggingface_hub import ModelCard, ModelCardData  # deferred: heavy
 
     config = json.loads((model_dir / "config.json").read_text())
     arch = (config.get("architectures") or ["GPT2ScratchForCausalLM"])[0]
@@ -231,9 +233,6 @@ def build_model_card(
     datasets = resolve_datasets(run.args, dataset)
     # OpenAI's GPT-2 weights are MIT-licensed; a model trained from them inherits that by default.
     license = license or ("mit" if base and base.startswith("openai-community/") else "apache-2.0")
-
-    from gpt2_scratch.train.lora import card_line
-
     lora_line = card_line(run.args, base)  # a LoRA finetune says so, and of what
     data = ModelCardData(
         base_model=base,
@@ -392,8 +391,7 @@ def push_run(model_dir: str | os.PathLike, repo_id: str, *, run_dir: str | os.Pa
     A folder that does not load strictly (a missing tensor, a truncated file) or holds NaN weights (a
     diverged run) is refused before anything is sent.
     """
-    from gpt2_scratch.hub import check_repo_id, hub_token, push_folder
-    from gpt2_scratch.model_dir import check_finite, load_model_dir
+    from gpt2_scratch.model_dir import check_finite, load_model_dir  # deferred: loads torch and transformers
 
     model_dir = Path(model_dir)
     check_repo_id(repo_id)  # the cheap checks first: a bad id or no token, no point in the rest

@@ -45,26 +45,38 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
+from torch.utils.data import DataLoader
 
+from gpt2_scratch import PRESETS, GPT2ScratchForCausalLM, get_tokenizer
+from gpt2_scratch.commands import ShapeOptions, preset_config, shape_options
+from gpt2_scratch.convert.resolve import load_model as resolve_model
+from gpt2_scratch.core.allocator import loaded_allocator
 from gpt2_scratch.core.args import arg, redefault
 from gpt2_scratch.core.errors import InputError
-from gpt2_scratch.core.records import BOOK_DATA_URL
-from gpt2_scratch.train.book_exact import BOOK_SAMPLE_TOKENS
+from gpt2_scratch.core.files import write_json_atomic
+from gpt2_scratch.core.prompts import format_input
+from gpt2_scratch.core.records import BOOK_DATA_URL, load_records, parse_split
+from gpt2_scratch.train import book_exact as book_loop
+from gpt2_scratch.train import lora
+from gpt2_scratch.train.data import (IGNORE_INDEX, EpochBatchSampler, InstructionCollator, evaluation_sampler,
+                                     prepare_instruction_data)
+from gpt2_scratch.train.lm_outputs import check_generation_limits, epoch_sample, save_language_model, write_test_responses
 from gpt2_scratch.train.lora import LoRAOptions
+from gpt2_scratch.train.loop import sums_over
+from gpt2_scratch.train.metrics import plot_curves
 from gpt2_scratch.train.options import GenerationOptions, InstructionDataOptions, ModelOptions, RunOptions
+from gpt2_scratch.train.run import launch, launch_own_loop, run_training, start
+from gpt2_scratch.train.state import fingerprint
+from gpt2_scratch.train.synthetic import exact_match_report, synthetic_records
+from gpt2_scratch.train.task import Task, mean_loss
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class SFTArgs(ModelOptions, InstructionDataOptions, RunOptions, GenerationOptions, LoRAOptions):
+class SFTArgs(ShapeOptions, ModelOptions, InstructionDataOptions, RunOptions, GenerationOptions, LoRAOptions):
     """Instruction-finetune a GPT-2 (the book's chapter 7) with Accelerate."""
 
-    n_layers: int | None = arg(None, "with --random-init and a preset: override the number of layers", at_least=1)
-    emb_dim: int | None = arg(None, "with --random-init and a preset: override the embedding width", at_least=1)
-    n_heads: int | None = arg(None, "with --random-init and a preset: override the number of attention heads",
-                              at_least=1)
-    context_length: int | None = arg(None, "with --random-init and a preset: override the context length", at_least=1)
     data: str = redefault(InstructionDataOptions, "data", BOOK_DATA_URL,
                           "instruction data: .json/.jsonl file, URL, Hub data set id (tatsu-lab/alpaca), or "
                           "'synthetic[:N]' (generated offline tasks)")
@@ -82,7 +94,7 @@ class SFTArgs(ModelOptions, InstructionDataOptions, RunOptions, GenerationOption
     def with_explicit(self, explicit: set[str]) -> "SFTArgs":
         """Apply the --offline-demo profile to every option not given on the command line."""
         if self.book_exact and "sample_tokens" not in explicit:  # the book's sample length
-            self = dataclasses.replace(self, sample_tokens=BOOK_SAMPLE_TOKENS)
+            self = dataclasses.replace(self, sample_tokens=book_loop.BOOK_SAMPLE_TOKENS)
         if not self.offline_demo:
             return self
         return dataclasses.replace(self, **{k: v for k, v in OFFLINE_DEMO.items() if k not in explicit})
@@ -99,9 +111,8 @@ OFFLINE_DEMO = dict(
 
 
 def run(args: SFTArgs) -> int:
-    """set-up → the loop → finish; returns the exit code (130 when stopped by Ctrl-C with a checkpoint saved)."""
-    from gpt2_scratch.train.run import run_training
-
+    """set-up → the loop → finish; returns the exit code (130 / 143 when Ctrl-C / SIGTERM stopped it with a
+    checkpoint saved)."""
     return run_training(args, set_up)
 
 
@@ -113,9 +124,6 @@ def run(args: SFTArgs) -> int:
 def load_model(args: SFTArgs):
     """The model ``--model`` names (``convert.resolve.load_model``: folder, preset, Hub id); a preset with
     ``--random-init`` and shape overrides is built here."""
-    from gpt2_scratch import PRESETS, GPT2ScratchForCausalLM
-    from gpt2_scratch.commands import preset_config, shape_options
-
     overrides = shape_options(args)
     if overrides:
         if not (args.random_init and args.model in PRESETS):
@@ -123,15 +131,10 @@ def load_model(args: SFTArgs):
                              f"--model ({', '.join(PRESETS)})")
         return GPT2ScratchForCausalLM(preset_config(args.model, overrides, command=f"--model {args.model} "
                                                     "--random-init"))
-    from gpt2_scratch.convert.resolve import load_model as resolve_model
-
     return resolve_model(args.model, random_init=args.random_init, models_dir=args.models_dir)
 
 
 def load_instruction_records(spec: str, seed: int) -> list[dict]:
-    from gpt2_scratch.core.records import load_records
-    from gpt2_scratch.train.synthetic import synthetic_records
-
     records = synthetic_records(spec, seed)
     return records if records is not None else load_records(spec)
 
@@ -166,23 +169,13 @@ def check_answers(train_records: list[dict], source: str) -> None:
 
 
 def set_up(args: SFTArgs):
-    from accelerate.utils import set_seed
-    from torch.utils.data import DataLoader
-
-    from gpt2_scratch import get_tokenizer
-    from gpt2_scratch.core.allocator import loaded_allocator
-    from gpt2_scratch.core.prompts import format_input
-    from gpt2_scratch.core.records import parse_split
-    from gpt2_scratch.train import lora
-    from gpt2_scratch.train.book_exact import check_book_exact_args, set_up_book_exact
-    from gpt2_scratch.train.data import EpochBatchSampler, InstructionCollator, evaluation_sampler, prepare_instruction_data
-    from gpt2_scratch.train.run import check_generation_limits, fingerprint, launch, start
+    """Every check, the data and the model, then ``launch``: (Run, SFTTask). ``--book-exact`` chooses the
+    book's loop (train/book_exact.py) as the run's ``fit`` and launches only what it uses."""
+    from accelerate.utils import set_seed  # deferred: accelerate is heavy and only training needs it
 
     # 1. Arguments and the output folder: nothing is written or deleted until every check has passed.
-    if args.book_exact and args.mixed_precision == "auto":
-        args.mixed_precision = "no"  # the book trains in fp32, whatever the machine could do
     if args.book_exact:
-        check_book_exact_args(args)
+        book_loop.check_args(args)
     started = start(args, inputs=[("--model", args.model), ("--data", args.data)])
     lora_settings = lora.settings(args)  # None: full finetuning
     fractions = parse_split(args.split)
@@ -211,33 +204,48 @@ def set_up(args: SFTArgs):
     if len(train_sampler) == 0:
         raise InputError(f"{args.data}: {len(data.train)} training examples make no full batch of "
                          f"{args.batch_size}; lower --batch-size")
-    if args.book_exact:  # the book's model (its own LM head, no dropout), on examples it would not cut
-        set_up_book_exact(model, data, context)
 
     # 4. Only now: the processes, the output folder, the loop's objects.
-    columns = ["input_ids", "prompt_length"]
-    train_ds, val_ds = data.train.select_columns(columns), data.validation.select_columns(columns)
-    collate = InstructionCollator(allowed_max_length=max_length, mask_prompt=args.mask_prompt)
-    # Evaluation reads the first eval_iter batches: of the validation split, and (for the initial losses)
-    # of the training split, both in file order.
-    evaluation = {name: DataLoader(ds, collate_fn=collate, batch_sampler=evaluation_sampler(
-        list(split["length"]), args.batch_size, eval_iter=args.eval_iter, group_by_length=args.group_by_length))
-        for name, ds, split in (("validation", val_ds, data.validation), ("train", train_ds, data.train))}
-    run, evaluation = launch(started, model=model, train_dataset=train_ds, train_sampler=train_sampler, collate=collate,
-                             eval_loaders=evaluation, data_sha256=data_sha256)
+    evaluation = {}
+    if args.book_exact:  # the book's model (its own LM head, no dropout) and loop, on examples it would not cut
+        book_loop.set_up(model, data, context)
+        run = launch_own_loop(started, model=model, batches_per_epoch=len(train_sampler), data_sha256=data_sha256,
+                              fit=book_loop.fit_book_exact)
+    else:
+        collate = InstructionCollator(allowed_max_length=max_length, mask_prompt=args.mask_prompt)
+        train_ds = data.train.select_columns(EXAMPLE_COLUMNS)
+        run, evaluation = launch(started, model=model, train_dataset=train_ds, train_sampler=train_sampler,
+                                 collate=collate, eval_loaders=evaluation_loaders(args, data, collate),
+                                 data_sha256=data_sha256)
     if run.accelerator.is_main_process:
-        print(f"model {args.model}{' (random init)' if args.random_init else ''}: {model_parameters(model):,} "
-              f"parameters, context {context}; data {args.data}: {len(data.train)} train / {len(data.validation)} "
-              f"validation / {len(data.test)} test; {run.total_steps} steps of {args.batch_size}x{args.grad_accum} "
-              f"examples on {run.accelerator.num_processes} process(es), "
-              f"{'fp32' if run.accelerator.mixed_precision == 'no' else run.accelerator.mixed_precision} precision, "
-              f"{loaded_allocator()} malloc{', compiled' if args.compile else ''}", flush=True)
-        if lora_settings is not None:
-            print(lora.describe(model, lora_settings), flush=True)
+        print_header(run, args, model, data, lora_settings)
     first_val = data.validation_records[0]  # never empty: parse_split and check_validation_left saw to it
-    task = SFTTask(args, tokenizer, data, evaluation["validation"], evaluation["train"],
-                   format_input(first_val, args.prompt_style), lora_settings)
-    return run, task
+    return run, SFTTask(args, tokenizer, data, evaluation.get("validation"), evaluation.get("train"),
+                        format_input(first_val, args.prompt_style), lora_settings)
+
+
+EXAMPLE_COLUMNS = ["input_ids", "prompt_length"]  # what the collate reads of an example
+
+
+def evaluation_loaders(args: SFTArgs, data, collate) -> dict:
+    """Evaluation reads the first eval_iter batches: of the validation split, and (for the initial losses) of
+    the training split, both in file order."""
+    return {name: DataLoader(split.select_columns(EXAMPLE_COLUMNS), collate_fn=collate, batch_sampler=evaluation_sampler(
+        list(split["length"]), args.batch_size, eval_iter=args.eval_iter, group_by_length=args.group_by_length))
+        for name, split in (("validation", data.validation), ("train", data.train))}
+
+
+def print_header(run, args: SFTArgs, model, data, lora_settings) -> None:
+    """The run's first line: the model, the data, the steps, the precision."""
+    accelerator = run.accelerator
+    precision = "fp32" if accelerator.mixed_precision == "no" else accelerator.mixed_precision
+    print(f"model {args.model}{' (random init)' if args.random_init else ''}: {model_parameters(model):,} "
+          f"parameters, context {model.config.max_position_embeddings}; data {args.data}: {len(data.train)} train / "
+          f"{len(data.validation)} validation / {len(data.test)} test; {run.total_steps} steps of "
+          f"{args.batch_size}x{args.grad_accum} examples on {accelerator.num_processes} process(es), {precision} "
+          f"precision, {loaded_allocator()} malloc{', compiled' if args.compile else ''}", flush=True)
+    if lora_settings is not None:
+        print(lora.describe(model, lora_settings), flush=True)
 
 
 def model_parameters(model) -> int:
@@ -250,13 +258,13 @@ def model_parameters(model) -> int:
 
 
 @dataclass
-class SFTTask:
+class SFTTask(Task):
     """Next-token cross-entropy on the targets the book's collate makes (train/loop.py runs it)."""
 
     args: SFTArgs
     tokenizer: Any
     data: Any  # train.data.InstructionData
-    val_loader: Any
+    val_loader: Any  # None with --book-exact (its loop makes the book's loaders)
     train_eval_loader: Any  # the first eval_iter training batches in file order: the initial train loss
     sample_prompt: str
     lora_settings: Any
@@ -264,12 +272,7 @@ class SFTTask:
     units_seen_key: str = "target_tokens_seen"
 
     def units(self, batch: dict) -> int:
-        from gpt2_scratch.train.data import IGNORE_INDEX
-
         return int((batch["labels"] != IGNORE_INDEX).sum())
-
-    def tokens(self, batch: dict) -> int:
-        return batch["input_ids"].numel()
 
     def loss(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Cross-entropy summed over the batch's targets, and [that sum, the target count].
@@ -283,12 +286,7 @@ class SFTTask:
         count = torch.tensor(float(out.label_logprobs.numel()), dtype=torch.float64, device=out.loss.device)
         return out.loss, torch.stack([out.loss.detach().double(), count])
 
-    def batch_sums(self, model, batch: dict) -> torch.Tensor:
-        return self.loss(model, batch)[1]
-
     def loss_over(self, run, loader) -> float:
-        from gpt2_scratch.train.loop import mean_loss, sums_over
-
         return mean_loss(sums_over(run, loader, self.args.eval_iter, self.batch_sums))
 
     def initial(self, run) -> dict:
@@ -296,8 +294,6 @@ class SFTTask:
         return {"train_loss": self.loss_over(run, self.train_eval_loader), "val_loss": self.loss_over(run, self.val_loader)}
 
     def evaluate(self, run, running: torch.Tensor) -> dict:
-        from gpt2_scratch.train.loop import mean_loss
-
         return {"train_loss_running": mean_loss(running), "val_loss": self.loss_over(run, self.val_loader)}
 
     def eval_line(self, run, row: dict) -> str:
@@ -308,32 +304,15 @@ class SFTTask:
                 f"{row['tokens_seen']:,} | {row['tokens_per_sec']:,.0f} tok/s")
 
     def end_of_epoch(self, run, epoch: int):
-        from gpt2_scratch.train.run import epoch_sample
-
         return epoch_sample(run, epoch, self.tokenizer, self.sample_prompt, self.args.sample_tokens)
-
-    @property
-    def own_loop(self):
-        """--book-exact: the book's own loop (train/book_exact.py) instead of the shared one."""
-        if not self.args.book_exact:
-            return None
-        from gpt2_scratch.train.book_exact import fit_book_exact
-
-        return lambda run: fit_book_exact(run, self)
 
     def finish(self, run) -> None:
         """The model at the top of OUT, the loss plot, the test responses (and the demo's exact match)."""
-        from gpt2_scratch.core.files import write_json_atomic
-        from gpt2_scratch.train import lora
-        from gpt2_scratch.train.book_exact import plot_book_curves
-        from gpt2_scratch.train.metrics import plot_curves
-        from gpt2_scratch.train.run import save_language_model, write_test_responses
-
         args, out, state = self.args, run.out, run.state
         model = save_language_model(run, run.unwrapped(), self.tokenizer, prompt_style=args.prompt_style,
                                     lora_settings=self.lora_settings, load_base=lora.base_reloader(load_model, args))
         if args.book_exact:
-            plot_book_curves(run.metrics.read(), out)
+            book_loop.plot_book_curves(run.metrics.read(), out)
         else:
             rows = [{**r, "train_loss_running": r.get("train_loss_running", r.get("train_loss"))}
                     for r in run.metrics.read()]
@@ -342,8 +321,6 @@ class SFTTask:
         records = self.data.test_records
         responses = write_test_responses(run, model, self.tokenizer, records, args.prompt_style)
         if records and all("task" in r for r in records):
-            from gpt2_scratch.train.synthetic import exact_match_report
-
             report = exact_match_report(records, responses)
             write_json_atomic(out / "exact_match.json", {k: {"correct": c, "total": n, "accuracy": c / n}
                                                          for k, (c, n) in report.items()})

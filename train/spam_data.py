@@ -35,7 +35,7 @@ import torch
 from torch.utils.data import Dataset
 
 from gpt2_scratch.core.download import fetch_to_cache
-from gpt2_scratch.core.files import write_bytes_atomic
+from gpt2_scratch.core.files import path_kind, write_bytes_atomic
 from gpt2_scratch.core.records import DataError
 from gpt2_scratch.tokenizer import ENDOFTEXT_ID
 
@@ -66,8 +66,6 @@ def read_labeled_tsv(path: str | os.PathLike, labels: Sequence[str] = DEFAULT_LA
     Raises SpamDataError (one line, with the 1-based line number) for a line without a tab,
     a label not in ``labels``, an empty text, undecodable bytes, or a file without records.
     """
-    from gpt2_scratch.core.files import path_kind
-
     path = Path(path)
     kind = path_kind(path)
     if kind is not None:  # a named pipe would be read for ever, /dev/null as an empty file

@@ -22,6 +22,8 @@ from __future__ import annotations
 import random
 from collections import defaultdict
 
+from gpt2_scratch.core.errors import InputError
+
 DEFAULT_SIZE = 3000
 
 # Short, common words: most are a single GPT-2 token with a leading space.
@@ -101,8 +103,6 @@ def synthetic_records(spec: str, seed: int = 123) -> list[dict] | None:
         return None
     size = spec.split(":", 1)[1] if ":" in spec else str(DEFAULT_SIZE)
     if not size.isdigit() or int(size) < 1:
-        from gpt2_scratch.core.errors import InputError
-
         raise InputError(f"--data {spec}: expected synthetic or synthetic:N with N a positive number of records")
     return make_synthetic_records(int(size), seed)
 

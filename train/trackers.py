@@ -45,6 +45,7 @@ from typing import Any
 
 from gpt2_scratch.core.errors import Failure, InputError, one_line
 from gpt2_scratch.core.files import write_json_atomic
+from gpt2_scratch.train.metrics import MetricsLog
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +120,7 @@ class _Tracker:
     def finish(self) -> None:
         with _quiet(self.name):
             if self.name == "trackio":
-                import trackio
+                import trackio  # deferred: an optional dependency
 
                 # Accelerate's finish would leave the run current, and trackio's exit hook would finish it again.
                 trackio.finish()
@@ -144,7 +145,7 @@ class Trackers:
         """Start every tracker of ``args.report_to`` (the tracker runs of OUT/trackers/run.json when
         ``resuming``), store the run's arguments as their config, and record the runs in run.json."""
         names = check_installed(list(args.report_to))
-        from accelerate import PartialState
+        from accelerate import PartialState  # deferred: accelerate is heavy, and --report-to none needs none of it
 
         PartialState()  # Accelerate's trackers log through its process-aware logger
         out = Path(out)
@@ -229,8 +230,6 @@ def _read_run_file(path: Path) -> dict:
 
 def _read_history(out: Path) -> list[dict]:
     """metrics.jsonl as it stands when a resumed run starts (the rows after the checkpoint already dropped)."""
-    from gpt2_scratch.train.metrics import MetricsLog
-
     return MetricsLog(out / "metrics.jsonl").read()
 
 
@@ -241,7 +240,7 @@ def _read_history(out: Path) -> list[dict]:
 
 
 def _start_tensorboard(root: Path, project: str, run_name: str, prior: dict | None, *, config, history):
-    from accelerate.tracking import TensorBoardTracker
+    from accelerate.tracking import TensorBoardTracker  # deferred: heavy, and only the trackers asked for load
 
     kwargs = {}
     if prior is not None:
@@ -255,8 +254,8 @@ def _start_tensorboard(root: Path, project: str, run_name: str, prior: dict | No
 
 
 def _start_mlflow(root: Path, project: str, run_name: str, prior: dict | None, *, config, history):
-    import mlflow
-    from accelerate.tracking import MLflowTracker
+    import mlflow  # deferred: an optional dependency, loaded only when asked for
+    from accelerate.tracking import MLflowTracker  # deferred: heavy, and only the trackers asked for load
 
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # its INFO lines on creating the database
     if prior is not None:
@@ -275,7 +274,7 @@ def _start_mlflow(root: Path, project: str, run_name: str, prior: dict | None, *
 
 
 def _start_wandb(root: Path, project: str, run_name: str, prior: dict | None, *, config, history):
-    from accelerate.tracking import WandBTracker
+    from accelerate.tracking import WandBTracker  # deferred: heavy, and only the trackers asked for load
 
     run_id = prior["id"] if prior else uuid.uuid4().hex[:16]
     mode = os.environ.get("WANDB_MODE") or "offline"
@@ -286,7 +285,7 @@ def _start_wandb(root: Path, project: str, run_name: str, prior: dict | None, *,
 
 
 def _start_trackio(root: Path, project: str, run_name: str, prior: dict | None, *, config, history):
-    from accelerate.tracking import TrackioTracker
+    from accelerate.tracking import TrackioTracker  # deferred: heavy, and only the trackers asked for load
 
     wanted = Path(prior["dir"] if prior else os.environ.get("TRACKIO_DIR") or root / "trackio").resolve()
     if "trackio" not in sys.modules:
@@ -294,13 +293,13 @@ def _start_trackio(root: Path, project: str, run_name: str, prior: dict | None, 
         before = os.environ.get("TRACKIO_DIR")
         os.environ["TRACKIO_DIR"] = str(wanted)
         try:
-            import trackio  # noqa: F401
+            import trackio  # noqa: F401  # deferred: an optional dependency, and it reads TRACKIO_DIR at import
         finally:
             if before is None:
                 del os.environ["TRACKIO_DIR"]
             else:
                 os.environ["TRACKIO_DIR"] = before
-    from trackio import utils as trackio_utils
+    from trackio import utils as trackio_utils  # deferred: an optional dependency
 
     where = Path(trackio_utils.TRACKIO_DIR).resolve()
     if where != wanted:
