@@ -263,11 +263,7 @@ def build_model_card(
         by_id = sorted(config["id2label"].items(), key=lambda kv: int(kv[0]))
         labels = ", ".join(f"`{i}` = {lab}" for i, lab in by_id)
         lines += ["", f"Labels: {labels}."]
-    if datasets:
-        lines += ["", "Data: " + ", ".join(f"[{d}](https://huggingface.co/datasets/{d})" for d in datasets) + "."]
-    elif run.args.get("data"):
-        lines += ["", f"Data: `{_md_cell(run.args['data'])}`."]
-    lines += _pretraining_lines(model_dir)
+    lines += _data_lines(model_dir, run, datasets)
 
     results = _results_rows(run)
     if results:
@@ -294,6 +290,17 @@ def build_model_card(
         lines += _usage_lm(repo_id, remote=True)
     content = f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n"
     return ModelCard(content)
+
+
+def _data_lines(model_dir: Path, run: RunInfo, datasets: list[str]) -> list[str]:
+    """What the model was trained on: the Hub data sets, or the --data given, and what a pretraining run read."""
+    if datasets:
+        lines = ["", "Data: " + ", ".join(f"[{d}](https://huggingface.co/datasets/{d})" for d in datasets) + "."]
+    elif run.args.get("data"):
+        lines = ["", f"Data: `{_md_cell(run.args['data'])}`."]
+    else:
+        lines = []
+    return lines + _pretraining_lines(model_dir)
 
 
 def _pretraining_lines(model_dir: Path) -> list[str]:

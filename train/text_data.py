@@ -29,7 +29,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from gpt2_scratch.core.download import is_hub_id
 from gpt2_scratch.core.errors import InputError, one_line
+from gpt2_scratch.core.files import path_kind
 
 TEXT_SUFFIXES = (".txt", ".text", ".md")  # what counts as a text file inside a folder
 RECORD_SUFFIXES = (".jsonl", ".json", ".parquet")  # files of records with a text column
@@ -65,9 +67,6 @@ class Scanned:
 
 def resolve_sources(spec: str, *, flag: str = "--data") -> list[Source]:
     """The sources ``spec`` names, in a fixed order (sorted paths), or one ``InputError`` saying what is wrong."""
-    from gpt2_scratch.core.download import is_hub_id
-    from gpt2_scratch.core.files import path_kind
-
     if not spec:
         raise InputError(f"{flag} is required: a text file, a folder or glob of text files, a JSONL/Parquet file "
                          "with a text column, or a datasets folder / Hub id")
@@ -217,7 +216,7 @@ def _record_texts(source: Source, text_column: str, flag: str) -> Iterator[str]:
         for index, record in enumerate(records):
             yield _record_text(record, where, index, text_column, flag)
     elif source.kind == "parquet":
-        import pyarrow.parquet as pq
+        import pyarrow.parquet as pq  # deferred: only Parquet corpora need pyarrow
 
         try:
             table = pq.ParquetFile(where)
@@ -235,7 +234,7 @@ def _record_texts(source: Source, text_column: str, flag: str) -> Iterator[str]:
 
 def _load_dataset(source: Source, text_column: str, flag: str):
     """The ``train`` split of a ``datasets`` folder or Hub id, with ``text_column`` checked."""
-    import datasets
+    import datasets  # deferred: heavy, and only data sets need it
 
     try:
         if Path(source.where).is_dir():

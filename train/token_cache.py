@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -39,7 +40,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from gpt2_scratch import ENDOFTEXT, ENDOFTEXT_ID, get_encoding
 from gpt2_scratch.core.errors import InputError
+from gpt2_scratch.core.files import cache_root, content_key
 from gpt2_scratch.train.text_data import PIECE_CHARS, Source, pieces, resolve_sources, scan
 
 CACHE_FORMAT = 1  # bump when the files' layout or the tokenization changes
@@ -67,14 +70,10 @@ class TokenizedCorpus:
 
 
 def token_cache_root(cache_dir: str | None) -> Path:
-    from gpt2_scratch.core.files import cache_root
-
     return Path(cache_dir).expanduser() if cache_dir else cache_root() / "tokens"
 
 
 def corpus_key(sources: list[Source], fingerprints: list[str], text_column: str, val_fraction: float) -> str:
-    from gpt2_scratch.core.files import content_key
-
     kinds = [s.kind for s in sources]
     return content_key({"format": CACHE_FORMAT, "tokenizer": TOKENIZER_ID, "sources": fingerprints, "kinds": kinds,
                         "text_column": text_column if any(k != "text" for k in kinds) else None,
@@ -113,8 +112,6 @@ class _PartWriter:
         self.documents = 0
 
     def write(self, new_document: bool, ids: list[int]) -> None:
-        from gpt2_scratch import ENDOFTEXT_ID
-
         if new_document:
             if self.tokens:
                 ids = [ENDOFTEXT_ID, *ids]
@@ -142,11 +139,7 @@ def _parted(stream, split_at: int | None):
 def _tokenize_into(folder: Path, sources, text_column: str, split_at: int | None, chars: int, *, threads, flag: str,
                    piece_chars: int, progress: bool, meta: dict) -> None:
     """Tokenize the corpus into ``folder`` (written as ``.NAME.partial-PID``, renamed when complete)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from tqdm.auto import tqdm
-
-    from gpt2_scratch import ENDOFTEXT, get_encoding
+    from tqdm.auto import tqdm  # deferred: tqdm.auto probes for notebooks at import
 
     encoding = get_encoding()
     threads = threads or max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
