@@ -168,9 +168,10 @@ def fit_book_pretrain(run: Run, task) -> int | None:
                     print(f"stopped at step {state.step}: {stop.cause}; a --book-exact run cannot be resumed: start "
                           "it again (--overwrite) to get the book's log", flush=True)
                     return stop.exit_code
-                if state.step >= run.total_steps:  # --max-steps
-                    bar.close()
-                    return None
+                if state.step >= run.total_steps:
+                    break
+            if state.step < (epoch + 1) * len(train_loader):  # --max-steps stopped it inside the epoch
+                break
             model.eval()
             sample = book_sample(model, args.sample_prompt, args.sample_tokens, device)
             model.train()
