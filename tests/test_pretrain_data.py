@@ -151,6 +151,9 @@ def test_crlf_text_is_read_and_counted_as_the_book_reads_it(cache, enc, tmp_path
     (lambda d: None, ["--data", "{d}/none-*.txt"], "matches no file"),
     (lambda d: (d / "r.jsonl").write_text('{"body": "some text"}\n'), ["--data", "{d}/r.jsonl"],
      "no 'text' column"),
+    (lambda d: None, ["--data", "nobody/no-such-corpus"], "cannot load the data set"),
+    (lambda d: (d / "ok.txt").write_text(VERDICT.read_text()) and (d / "v.txt").write_text("Too short."),
+     ["--data", "{d}/ok.txt", "--val-data", "{d}/v.txt"], "--val-data"),
 ])
 def test_bad_corpora_are_one_error_line_and_nothing_written(make, argv, needle, tmp_path, monkeypatch, capsys):
     isolate_user_settings(monkeypatch, tmp_path)
@@ -160,3 +163,29 @@ def test_bad_corpora_are_one_error_line_and_nothing_written(make, argv, needle, 
     argv = [a.format(d=work) for a in argv]
     assert_refused(["pretrain", *argv, "--random-init", "--n-layers", "1", "--emb-dim", "32", "--n-heads", "2",
                     "--context-length", "64", "--out", str(work / "out")], work, capsys, code=2, needle=needle)
+
+
+def test_val_data_is_a_corpus_of_its_own(tmp_path, monkeypatch, capsys):
+    """--val-data: all of --data trains, the other corpus validates (each its own cache entry)."""
+    from gpt2_scratch.core.cli import main
+
+    isolate_user_settings(monkeypatch, tmp_path)
+    text = VERDICT.read_text(encoding="utf-8")
+    train, held_out = tmp_path / "train.txt", tmp_path / "held-out.txt"
+    train.write_text(text[:15000], encoding="utf-8")
+    held_out.write_text(text[15000:], encoding="utf-8")
+    out = tmp_path / "run"
+    code = main(["pretrain", "--data", str(train), "--val-data", str(held_out), "--random-init", "--n-layers", "1",
+                 "--emb-dim", "32", "--n-heads", "2", "--context-length", "64", "--batch-size", "4", "--max-steps",
+                 "2", "--sample-tokens", "2", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    info = json.loads((out / "pretraining.json").read_text())
+    assert info["train"]["fingerprint"] != info["validation"]["fingerprint"]
+    assert info["validation"]["tokens"] == len(enc_of(text[15000:]))
+    assert info["train"]["tokens"] == len(enc_of(text[:15000]))
+
+
+def enc_of(text: str) -> list[int]:
+    from gpt2_scratch import get_encoding
+
+    return get_encoding().encode(text, allowed_special={"<|endoftext|>"})
