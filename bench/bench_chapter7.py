@@ -11,7 +11,7 @@ after each epoch, the final model, and greedy responses (up to 256 tokens) to th
 configuration runs the real ``train/sft.py`` (random weights at gpt2-medium's shape: OpenAI's are not needed
 for speed) for ``--steps`` steps in its own process, with ``--save-every STEPS`` (one checkpoint) and
 ``--max-new-tokens`` ``--response-tokens`` (every test response, since random weights never emit
-<|endoftext|>), and reads the ``timing`` row the loop writes at the end of metrics.jsonl (train/loop.py,
+<|endoftext|>), and reads the ``timing`` row a run writes at the end of metrics.jsonl (``finish`` in
 train/run.py). The whole run, phase by phase:
 
     start-up            measured once: process start to the end of set-up (imports, data, model, accelerator)
@@ -254,6 +254,27 @@ def useful_flops(tokens: int, targets: int, *, lora: bool, layers: int = 24, wid
     block = layers * 12 * width * width  # c_attn 3d², attn c_proj d², c_fc 4d², mlp c_proj 4d²
     weight_grads = 0 if lora else 2
     return (4 + weight_grads) * (block * tokens + vocab * width * targets)
+
+
+def step_run(model, args, *, mixed_precision: str = "no"):
+    """A ``train.state.Run`` holding what the project's own training step (``train.loop.train_step``) uses: an
+    Accelerator, the prepared model, fused AdamW over the trained parameters and the schedule, made as
+    train/run.py's ``launch`` makes them; no output folder. bench_step.py, bench_train.py and bench_lora.py
+    time ``train_step(run, task, [batch])`` with it, and the tasks' own losses."""
+    import torch
+    from accelerate import Accelerator
+
+    from gpt2_scratch.train.loop import fit
+    from gpt2_scratch.train.run import make_scheduler
+    from gpt2_scratch.train.state import Run, TrainState
+
+    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, fused=True)
+    scheduler = make_scheduler(optimizer, args, total_steps=1_000_000)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    return Run(args, accelerator, model, Path("."), None, 1_000_000, TrainState(), fit=fit, optimizer=optimizer,
+               scheduler=scheduler)
 
 
 def phase_table(r: dict, shape: dict, gen: dict, rate: float, response_tokens: int) -> dict:

@@ -109,37 +109,26 @@ class Trainer:
 
     def __init__(self, impl: str, shape: str, precision: str, steps: int):
         import torch
-        from accelerate import Accelerator
+        from bench_chapter7 import step_run  # this script runs from bench/, first on sys.path
 
         from gpt2_scratch import GPT2ScratchConfig, GPT2ScratchForCausalLM
         from gpt2_scratch.train import lora
+        from gpt2_scratch.train.loop import train_step
 
         self.impl, self.steps_done, self.tokens, self.seconds = impl, 0, 0, 0.0
         torch.manual_seed(123)
         model = GPT2ScratchForCausalLM(GPT2ScratchConfig.from_preset(shape))
         settings = lora_settings(impl, precision)
-        accelerator = Accelerator(mixed_precision=precision, cpu=True)
         is_dpo = impl.startswith("dpo")
         self.batches = dpo_batches(steps + 1) if is_dpo else sft_batches(steps + 1)
 
         if not is_dpo:
             from gpt2_scratch.train.sft import SFTArgs, SFTTask
 
-            sft_task = SFTTask(SFTArgs(), None, None, None, None, "", settings)
             model = lora.wrap(model, settings).train()
             self.trainable, self.total = lora.parameter_counts(model)
-            params = [p for p in model.parameters() if p.requires_grad]
-            optimizer = torch.optim.AdamW(params, lr=5e-5, weight_decay=0.1, fused=True)
-            model, optimizer = accelerator.prepare(model, optimizer)
-
-            def step(batch):  # train/sft.py's train_step for one micro-batch
-                n_targets = int((batch["labels"] != -100).sum())
-                with accelerator.autocast():
-                    loss = sft_task.loss(model, batch)[0]  # train/sft.py's loss
-                accelerator.backward(loss / n_targets)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                return batch["input_ids"].numel()
+            run = step_run(model, SFTArgs(), mixed_precision=precision)  # fused AdamW over the trained parameters
+            task = SFTTask(run.args, None, None, None, None, "", settings)  # train/sft.py's loss
         else:
             import copy
 
@@ -156,20 +145,13 @@ class Trainer:
                 reference.tables = {"train": table}
             else:
                 reference = Reference(model=frozen)
-            dpo_task = DPOTask(DPOArgs(logprob="mean", beta=0.1), None, None, reference, None, None, "", "alpaca",
-                               settings)
             self.trainable, self.total = lora.parameter_counts(policy)
-            params = [p for p in policy.parameters() if p.requires_grad]
-            optimizer = torch.optim.AdamW(params, lr=5e-6, weight_decay=0.01, fused=True)
-            policy, optimizer = accelerator.prepare(policy, optimizer)
+            run = step_run(policy, DPOArgs(logprob="mean", beta=0.1), mixed_precision=precision)  # lr 5e-6, wd 0.01
+            task = DPOTask(run.args, None, None, reference, None, None, "", "alpaca", settings)  # train/dpo.py's loss
 
-            def step(batch):  # train/dpo.py's train_step for one micro-batch
-                with accelerator.autocast():
-                    loss, _ = dpo_task.loss(policy, batch)  # train/dpo.py's loss
-                accelerator.backward(loss / len(batch["index"]))
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                return batch["chosen_ids"].numel() + batch["rejected_ids"].numel()
+        def step(batch):  # train/loop.py's train_step, one micro-batch per step
+            train_step(run, task, [batch])
+            return task.tokens(batch)
 
         self.step = step
         step(self.batches[0])  # warm-up: allocator, optimizer state; not timed

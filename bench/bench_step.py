@@ -4,9 +4,10 @@
     python bench/bench_step.py --compile             # and eager vs compiled, alternated batch by batch
     python bench/bench_step.py --preset gpt2-small --n-layers 2 --lengths 16 24 --rounds 1   # a smoke run
 
-The step is the training loop's (train/loop.py ``train_step`` with the SFT task's loss): the model's
-``return_logits=False`` loss (only positions with a target reach the vocabulary projection), backward, gradient
-clipping at 1.0 and fused AdamW, on the caching allocator the training scripts use. The batches are the
+The step is the training loop's own (train/loop.py ``train_step`` with ``SFTTask.loss``, on a run made by
+``bench_chapter7.step_run`` as train/run.py's ``launch`` makes it): the model's ``return_logits=False`` loss
+(only positions with a target reach the vocabulary projection), backward, gradient clipping at 1.0, fused
+AdamW and the schedule, on the caching allocator the training scripts use. The batches are the
 book's: its 1100 records, tokenized and split as ``train/sft.py`` does, batch 8 in the order of the run's
 first epoch (seed 123), each padded to its longest record; ``--lengths`` replaces them with random tokens at
 the given padded lengths.
@@ -34,7 +35,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench_chapter7 import matmul_rate, useful_flops  # this script runs from bench/, first on sys.path
+from bench_chapter7 import matmul_rate, step_run, useful_flops  # this script runs from bench/, first on sys.path
 
 REPO = Path(__file__).resolve().parents[1]
 BOOK_DATA = REPO.parent / "shared" / "data" / "instruction-data.json"
@@ -109,26 +110,25 @@ def main() -> None:
     from torch.profiler import ProfilerActivity, profile
 
     from gpt2_scratch import GPT2ScratchConfig, GPT2ScratchForCausalLM
+    from gpt2_scratch.train.loop import train_step
+    from gpt2_scratch.train.sft import SFTArgs, SFTTask
 
     overrides = {"n_layers": args.n_layers} if args.n_layers else {}
     config = GPT2ScratchConfig.from_preset(args.preset, **overrides)
     torch.manual_seed(0)
     model = GPT2ScratchForCausalLM(config).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.1, fused=True)
+    run = step_run(model, SFTArgs(max_grad_norm=1.0))
+    task = SFTTask(run.args, None, None, None, None, "", None)
     batches = (random_batches(args.lengths, args.batch_size, config.vocab_size) if args.lengths
                else book_batches(args.batches, args.batch_size))
 
-    def forward_backward(module, batch) -> None:
-        out = module(batch["input_ids"], shift_labels=batch["labels"], use_cache=False, return_logits=False,
-                     num_items_in_batch=1)
-        (out.loss / max(out.label_logprobs.numel(), 1)).backward()
+    def forward_backward(module, batch) -> None:  # the step without its optimizer: eager vs compiled below
+        loss_sum, sums = task.loss(module, batch)
+        (loss_sum / max(sums[1].item(), 1)).backward()
 
     def step(batch) -> float:
         tick = time.perf_counter()
-        forward_backward(model, batch)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        train_step(run, task, [batch])
         return time.perf_counter() - tick
 
     step(batches[0])  # warm-up: the allocator's pools, oneDNN's kernels, AdamW's state

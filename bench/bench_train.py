@@ -143,6 +143,31 @@ def load_batches(steps: int, group: bool) -> tuple[list[dict], list[dict]]:
     return train, val
 
 
+def transformers_task(impl: str, args):
+    """train/sft.py's task with the loss taken on transformers' GPT2LMHeadModel, which has no way to skip
+    positions without a target: its logits cover every position and the same summed cross-entropy is taken
+    over the targets (``transformers+slice``: the target-only projection done outside it)."""
+    import torch
+    import torch.nn.functional as F
+
+    from gpt2_scratch.train.sft import SFTTask
+
+    class TransformersSFT(SFTTask):
+        def loss(self, model, batch):
+            labels = batch["labels"]
+            if impl == "transformers":
+                logits = model(batch["input_ids"], use_cache=False).logits
+                total = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum")
+            else:
+                hidden = model.transformer(batch["input_ids"], use_cache=False)[0]
+                keep = labels != -100
+                total = F.cross_entropy(model.lm_head(hidden[keep]).float(), labels[keep], reduction="sum")
+            count = torch.tensor(float((labels != -100).sum()), dtype=torch.float64, device=total.device)
+            return total, torch.stack([total.detach().double(), count])
+
+    return TransformersSFT(args, None, None, None, None, "", None)
+
+
 class Trainer:
     """One implementation's training step and evaluation on its batches, timed separately."""
 
@@ -184,11 +209,10 @@ class Trainer:
                         batch_loss(batch).item()
                 model.train()
         else:
-            from accelerate import Accelerator
+            from bench_chapter7 import step_run  # this script runs from bench/, first on sys.path
 
+            from gpt2_scratch.train.loop import sums_over, train_step
             from gpt2_scratch.train.sft import SFTArgs, SFTTask
-
-            sft_task = SFTTask(SFTArgs(), None, None, None, None, "", None)
 
             if shared_lm is not None:  # ours and ours+group differ only in their batches
                 lm = shared_lm
@@ -204,36 +228,17 @@ class Trainer:
                 lm = GPT2ScratchForCausalLM(GPT2ScratchConfig.from_preset(shape))
             self.lm = lm
             lm.train()
-            accelerator = Accelerator(mixed_precision=precision, cpu=True)
-            optimizer = torch.optim.AdamW(lm.parameters(), lr=5e-5, weight_decay=0.1, fused=True)  # as train/sft.py
-            model, optimizer = accelerator.prepare(lm, optimizer)
+            run = step_run(lm, SFTArgs(), mixed_precision=precision)  # fused AdamW and the schedule, as train/sft.py
+            model = run.model
+            task = (transformers_task(impl, run.args) if impl.startswith("transformers")
+                    else SFTTask(run.args, None, None, None, None, "", None))  # ours: train/sft.py's loss
 
-            def loss_sum(batch):
-                labels = batch["labels"]
-                if impl == "transformers":  # logits at every position, summed cross-entropy over the targets
-                    logits = model(batch["input_ids"], use_cache=False).logits
-                    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum")
-                if impl == "transformers+slice":  # the target-only projection, done outside the model
-                    hidden = model.transformer(batch["input_ids"], use_cache=False)[0]
-                    keep = labels != -100
-                    return F.cross_entropy(model.lm_head(hidden[keep]).float(), labels[keep], reduction="sum")
-                return sft_task.loss(model, batch)[0]  # ours: train/sft.py's loss
+            def step(batch):  # train/loop.py's train_step, one micro-batch per step
+                sums, _ = train_step(run, task, [batch])
+                return sums[0].item() / max(sums[1].item(), 1)
 
-            def step(batch):  # train/sft.py's step, without accumulation (one micro-batch per step)
-                n_targets = int((batch["labels"] != -100).sum())
-                with accelerator.autocast():
-                    total = loss_sum(batch)
-                accelerator.backward(total / n_targets)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                return total.item() / n_targets
-
-            def evaluate():  # train/sft.py's evaluate: eval_iter validation batches
-                model.eval()
-                with torch.no_grad(), accelerator.autocast():
-                    for batch in val_batches:
-                        loss_sum(batch).item()
-                model.train()
+            def evaluate():  # train/sft.py's evaluate: eval_iter validation batches, through loop.sums_over
+                sums_over(run, val_batches, None, task.batch_sums)
 
         self.step, self.evaluate = step, evaluate
         self.params = sum(p.numel() for p in model.parameters())

@@ -9,10 +9,20 @@ from pathlib import Path
 import pytest
 import torch
 
+from gpt2_scratch.core.args import option_name
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # CI clones the repository beside shared/ (read-only data and fixtures).
 SHARED_DIR = REPO_ROOT.parent / "shared"
 TINY = dict(n_layers=2, emb_dim=64, n_heads=4, context_length=128)
+# The tiny model on a training command line: a preset, randomly initialised at TINY's shape.
+TINY_ARGS = ["--model", "gpt2-small", "--random-init",
+             *(item for name, value in TINY.items() for item in (option_name(name), str(value)))]
+# The environment of every training subprocess: offline, and one CPU thread (CPU sums split by thread, so a
+# resumed run equals an uninterrupted one bit for bit only with the same count; one also keeps 4 engineers'
+# tests off each other's cores).
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+       "OMP_NUM_THREADS": "1"}
 
 # Prepended to code run in a subprocess that must not see this project: the saved model directory
 # alone has to be enough (trust_remote_code), exactly as for a user who never installed us.
@@ -49,11 +59,19 @@ def run_python(code: str, *, cwd: Path, block_project: bool = False, env: dict |
     return result
 
 
-def run_cli(*args: str, cwd: Path = REPO_ROOT, timeout: int = 600, input: str | None = None):
-    """Run a command of ours (``python -m …`` or a script path) the way a user types it."""
+def run_cli(*args, cwd: Path = REPO_ROOT, timeout: int = 600, input: str | None = None, env: dict | None = None):
+    """Run a command of ours (``python -m …`` or a script path such as ``train/sft.py``) the way a user types it;
+    ``env`` (default: this process's environment), e.g. ``ENV`` for a training run."""
     return subprocess.run(
-        [sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, input=input
+        [sys.executable, *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=timeout, input=input,
+        env=env
     )
+
+
+def start_cli(*args, cwd: Path = REPO_ROOT, env: dict | None = None) -> subprocess.Popen:
+    """``run_cli`` without waiting: the process, its stdout and stderr piped (to signal or kill it meanwhile)."""
+    return subprocess.Popen([sys.executable, *map(str, args)], cwd=cwd, env=env or ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
 
 
 def kill_at_checkpoint(cmd: list, marker: Path, *, cwd: Path, env: dict, timeout: float = 600) -> None:
@@ -70,6 +88,19 @@ def kill_at_checkpoint(cmd: list, marker: Path, *, cwd: Path, env: dict, timeout
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
     assert marker.exists(), f"killed before {marker} was written"
+
+
+def signal_after_first_evaluation(proc: subprocess.Popen, out: Path, signum: int, timeout: float = 300):
+    """Send ``signum`` to a training process once OUT/metrics.jsonl has its evaluation after step 1 (mid-run, at a
+    known point), then wait for it: (stdout, stderr)."""
+    import time
+
+    metrics, deadline = out / "metrics.jsonl", time.monotonic() + timeout
+    while not (metrics.exists() and b'"step": 1,' in metrics.read_bytes()) and proc.poll() is None:
+        assert time.monotonic() < deadline, "no evaluation after step 1"
+        time.sleep(0.02)
+    proc.send_signal(signum)
+    return proc.communicate(timeout=timeout)
 
 
 def transformers_twin(model):

@@ -13,29 +13,24 @@ the table as subprocess tests.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import pytest
 import torch
-from conftest import REPO_ROOT, assert_refused, copy_with_weights, isolate_user_settings
+from conftest import (ENV, REPO_ROOT, TINY_ARGS, assert_refused, copy_with_weights, isolate_user_settings,
+                      signal_after_first_evaluation, start_cli)
 from safetensors.torch import load_file
 
 from gpt2_scratch.core.cli import main
 
 SHARED = REPO_ROOT.parent / "shared"
 BOOK_DATA = SHARED / "data" / "instruction-data.json"
-TINY_ARGS = ["--model", "gpt2-small", "--random-init", "--n-layers", "2", "--emb-dim", "64", "--n-heads", "4",
-             "--context-length", "128"]
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-       "OMP_NUM_THREADS": "1"}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -308,9 +303,8 @@ def test_bad_input(case: Case, ws: Workspace, capsys, monkeypatch):
 # ---------------------------------------------------------------------------------------------------
 
 
-def sft_process(*args, env=None, **kw) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "train/sft.py", *map(str, args)], cwd=REPO_ROOT, env=env or ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+def sft_process(*args, env=None) -> subprocess.Popen:
+    return start_cli("train/sft.py", *args, env=env)
 
 
 RUN = [*TINY_ARGS, "--data", str(BOOK_DATA), "--batch-size", "4", "--eval-iter", "1", "--max-new-tokens", "2",
@@ -341,13 +335,7 @@ def test_a_diverging_run_stops_with_one_line_and_saves_no_model(tmp_path):
 def test_ctrl_c_stops_with_a_checkpoint_and_resume_finishes_the_run(tmp_path):
     out = tmp_path / "interrupted"
     proc = sft_process(*RUN, "--max-steps", "400", "--eval-freq", "50", "--out", out)
-    marker = out / "metrics.jsonl"
-    deadline = time.monotonic() + 300
-    while not (marker.exists() and b'"step": 1,' in marker.read_bytes()) and proc.poll() is None:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=300)
+    stdout, stderr = signal_after_first_evaluation(proc, out, signal.SIGINT)
     assert proc.returncode == 130, stderr
     assert "stopping after this step" in stderr
     (stopped,) = [line for line in stdout.splitlines() if line.startswith("stopped at step")]

@@ -2,7 +2,6 @@
 short run on a tiny SFT model through the real CLI, and bad preference records."""
 
 import json
-import os
 import subprocess
 import sys
 from collections import defaultdict
@@ -12,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY, kill_at_checkpoint
+from conftest import ENV, TINY, kill_at_checkpoint
 
 from gpt2_scratch.core.cli import main as cli_main
 from gpt2_scratch.train.dpo import dpo_loss, pair_logprobs
@@ -20,8 +19,6 @@ from gpt2_scratch.train.dpo import dpo_loss, pair_logprobs
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 PREFERENCE_DATA = SHARED / "data" / "instruction-data-with-preference.json"
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-       "OMP_NUM_THREADS": "1"}
 
 
 def test_loss_matches_hand_computed_values():

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO_ROOT, SHARED_DIR, kill_at_checkpoint
+from conftest import (ENV, REPO_ROOT, SHARED_DIR, TINY_ARGS, kill_at_checkpoint, run_cli,
+                      signal_after_first_evaluation, start_cli)
 from safetensors.torch import load_file
 
 from gpt2_scratch.core.cli import main
@@ -26,10 +27,8 @@ from gpt2_scratch.core.cli import main
 BOOK_DATA = SHARED_DIR / "data" / "instruction-data.json"
 PREFERENCE_DATA = SHARED_DIR / "data" / "instruction-data-with-preference.json"
 SMS = SHARED_DIR / "data" / "SMSSpamCollection.tsv"
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
-SFT = ["sft", "--model", "gpt2-small", "--random-init", "--n-layers", "2", "--emb-dim", "64", "--n-heads", "4",
-       "--context-length", "128", "--data", str(BOOK_DATA), "--lr", "1e-3", "--batch-size", "4", "--grad-accum", "2",
+SFT = ["sft", *TINY_ARGS, "--data", str(BOOK_DATA), "--lr", "1e-3", "--batch-size", "4", "--grad-accum", "2",
        "--max-steps", "12", "--eval-freq", "4", "--eval-iter", "1", "--max-new-tokens", "2",
        "--response-batch-size", "55", "--sample-tokens", "2", "--keep-checkpoints", "0"]
 
@@ -98,6 +97,35 @@ def test_ctrl_c_checkpoint_resume_equals_an_uninterrupted_run(name, tiny_model_d
     for key in whole:
         assert torch.equal(whole[key], resumed[key]), key
     assert not (out / ".lock").exists()  # released at the end
+
+
+def test_sigterm_checkpoints_says_how_to_continue_and_resume_ends_with_the_uninterrupted_weights(tmp_path):
+    """What `timeout`, `kill`, `docker stop` and a cluster's preemption send: a real `train/sft.py` gets SIGTERM
+    mid-training, finishes the step, saves a checkpoint, prints one line saying how to continue and exits 143;
+    `--resume` then ends with the weights of a run never interrupted (the schedule is constant, so the stopped
+    run's --max-steps may be longer than the resumed one's)."""
+    run = [*SFT[1:], "--eval-freq", "50", "--keep-checkpoints", "0"]
+    out = tmp_path / "stopped"
+    proc = start_cli("train/sft.py", *run, "--max-steps", "400", "--out", out, env=ENV)
+    stdout, stderr = signal_after_first_evaluation(proc, out, signal.SIGTERM)
+    assert proc.returncode == 143, stderr
+    assert "SIGTERM: stopping after this step" in stderr and "Traceback" not in stderr
+    (line,) = [ln for ln in stdout.splitlines() if ln.startswith("stopped at step")]
+    step = int(line.split()[3].rstrip(":"))
+    checkpoint = out / "checkpoints" / f"step-{step:08d}"
+    assert f"SIGTERM; checkpoint saved in {out / 'checkpoints'}" in line and "--resume" in line
+    assert (checkpoint / "train_state.json").is_file() and not (out / "model.safetensors").exists()
+    assert not (out / ".lock").exists()  # released on the way out
+
+    resumed = run_cli("train/sft.py", *run, "--max-steps", step + 2, "--out", out, "--resume", env=ENV)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed from {checkpoint}" in resumed.stdout
+    whole = run_cli("train/sft.py", *run, "--max-steps", step + 2, "--out", tmp_path / "whole", env=ENV)
+    assert whole.returncode == 0, whole.stderr
+    expected, got = load_file(tmp_path / "whole" / "model.safetensors"), load_file(out / "model.safetensors")
+    assert expected.keys() == got.keys()
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key
 
 
 @pytest.mark.slow  # two fresh interpreters (~10 s each here)
@@ -237,3 +265,56 @@ class _Rows(dict):
 
     def __len__(self) -> int:
         return len(next(iter(self.values())))
+
+
+def test_a_new_kind_of_training_is_one_task_with_three_hooks(tiny_model_dir, tmp_path):
+    """The contract the next kinds of training build on (train/task.py): options, a set_up and a Task that
+    writes only ``units``, ``loss`` and ``evaluate`` (here: next-token loss on raw token sequences, pretraining
+    in miniature) run through ``run_training`` with every other hook at its default: the loop logs, checkpoints
+    and evaluates, and ``Task.finish`` leaves the model at the top of OUT."""
+    from dataclasses import dataclass
+
+    from gpt2_scratch.convert.resolve import load_model
+    from gpt2_scratch.train.data import EpochBatchSampler
+    from gpt2_scratch.train.options import ModelOptions, RunOptions
+    from gpt2_scratch.train.run import launch, run_training, start
+    from gpt2_scratch.train.state import fingerprint
+    from gpt2_scratch.train.task import Task, mean_loss
+
+    @dataclass
+    class RawTextArgs(ModelOptions, RunOptions):
+        pass
+
+    class NextToken(Task):
+        name, units_seen_key = "raw-text", "targets_seen"
+
+        def units(self, batch):
+            return batch["input_ids"].shape[0] * (batch["input_ids"].shape[1] - 1)
+
+        def loss(self, model, batch):
+            out = model(batch["input_ids"], labels=batch["input_ids"], use_cache=False, return_logits=False,
+                        num_items_in_batch=1)
+            count = torch.tensor(float(out.label_logprobs.numel()), dtype=torch.float64)
+            return out.loss, torch.stack([out.loss.detach().double(), count])
+
+        def evaluate(self, run, running):
+            return {"train_loss": mean_loss(running)}
+
+    generator = torch.Generator().manual_seed(0)
+    sequences = torch.randint(0, 50257, (12, 16), generator=generator)
+
+    def set_up(args):
+        started = start(args, inputs=[("--model", args.model)])
+        sampler = EpochBatchSampler([16] * len(sequences), args.batch_size, shuffle=True, drop_last=True, seed=args.seed)
+        run, _ = launch(started, model=load_model(args.model).train(), train_dataset=sequences, train_sampler=sampler,
+                        collate=lambda rows: {"input_ids": torch.stack(rows)}, eval_loaders={},
+                        data_sha256=fingerprint(sequences.tolist()))
+        return run, NextToken()
+
+    out = tmp_path / "out"
+    args = RawTextArgs(model=str(tiny_model_dir), out=str(out), epochs=2, batch_size=4, eval_freq=2, lr=1e-3)
+    assert run_training(args, set_up) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "train_loss" in r] == [1, 3, 5, 6]
+    assert rows[-2]["targets_seen"] == 6 * 4 * 15 and rows[-1].get("timing")
+    assert (out / "model.safetensors").is_file() and len(list((out / "checkpoints").iterdir())) == 2

@@ -3,7 +3,6 @@
 
 import copy
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import TINY, kill_at_checkpoint, run_python
+from conftest import ENV, TINY, TINY_ARGS, kill_at_checkpoint, run_cli, run_python
 from safetensors.torch import load_file
 
 from gpt2_scratch.core.errors import InputError
@@ -19,8 +18,6 @@ from gpt2_scratch.train import lora
 
 REPO = Path(__file__).resolve().parents[1]
 BOOK_DATA = REPO.parent / "shared" / "data" / "instruction-data.json"
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-       "OMP_NUM_THREADS": "1"}
 E, V = TINY["emb_dim"], 50257
 
 
@@ -205,16 +202,14 @@ def test_bf16_base_halves_the_frozen_weights_and_merges_into_the_fp32_base():
 # Through the CLI: what a run leaves, and resume after SIGKILL
 # ---------------------------------------------------------------------------------------------------
 
-RUN = ["--model", "gpt2-small", "--random-init", "--n-layers", "2", "--emb-dim", "64", "--n-heads", "4",
-       "--context-length", "128", "--data", str(BOOK_DATA), "--lr", "1e-3", "--batch-size", "4", "--grad-accum", "2",
+RUN = [*TINY_ARGS, "--data", str(BOOK_DATA), "--lr", "1e-3", "--batch-size", "4", "--grad-accum", "2",
        "--epochs", "1", "--max-steps", "20", "--eval-freq", "5", "--eval-iter", "2", "--save-every", "10",
        "--keep-checkpoints", "0", "--max-new-tokens", "2", "--response-batch-size", "55", "--sample-tokens", "4",
        "--mask-prompt", "--lora", "book"]
 
 
 def sft(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "train/sft.py", *map(str, args)], cwd=REPO, env=ENV, capture_output=True,
-                          text=True, timeout=600)
+    return run_cli("train/sft.py", *args, env=ENV)
 
 
 def adapter_weights(out: Path) -> dict:

@@ -16,27 +16,23 @@ from types import SimpleNamespace
 import pytest
 import torch
 from safetensors.torch import load_file
-from conftest import kill_at_checkpoint
+from conftest import ENV, TINY_ARGS, kill_at_checkpoint, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 BOOK_DATA = SHARED / "data" / "instruction-data.json"
 
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-       "OMP_NUM_THREADS": "1"}
 
 # A tiny GPT-2 (2 layers, width 64, context 128) on the book's data: 4 examples per micro-batch, 2
 # micro-batches per step (global batch 8, as the book), a high learning rate so 30 steps show learning.
-TINY = ["--model", "gpt2-small", "--random-init", "--n-layers", "2", "--emb-dim", "64", "--n-heads", "4",
-        "--context-length", "128", "--data", str(BOOK_DATA), "--lr", "1e-3", "--batch-size", "4",
+TINY = [*TINY_ARGS, "--data", str(BOOK_DATA), "--lr", "1e-3", "--batch-size", "4",
         "--grad-accum", "2", "--epochs", "1", "--max-steps", "30", "--eval-freq", "5", "--eval-iter", "2",
         "--save-every", "10", "--keep-checkpoints", "0", "--max-new-tokens", "2", "--response-batch-size", "55",
         "--sample-tokens", "4"]
 
 
-def sft(*args, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "train/sft.py", *map(str, args)], cwd=REPO, env=ENV, capture_output=True,
-                          text=True, timeout=600, **kw)
+def sft(*args) -> subprocess.CompletedProcess:
+    return run_cli("train/sft.py", *args, env=ENV)
 
 
 def losses(out: Path) -> list[tuple[int, float, float]]:

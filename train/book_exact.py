@@ -52,7 +52,7 @@ from itertools import islice
 import torch
 from torch.utils.data import DataLoader
 
-from gpt2_scratch import ENDOFTEXT, ENDOFTEXT_ID, get_encoding
+from gpt2_scratch.tokenizer import ENDOFTEXT, ENDOFTEXT_ID, get_encoding
 from gpt2_scratch.convert.book import book_cfg
 from gpt2_scratch.core.args import option_name
 from gpt2_scratch.core.errors import InputError

@@ -50,13 +50,14 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from gpt2_scratch import GPT2ScratchForSequenceClassification, get_encoding
 from gpt2_scratch.convert.resolve import load_model
 from gpt2_scratch.core.allocator import loaded_allocator
 from gpt2_scratch.core.args import arg, redefault
 from gpt2_scratch.core.download import is_url
 from gpt2_scratch.core.errors import InputError
 from gpt2_scratch.model_dir import is_classifier_config, is_our_model_dir, load_model_dir, read_config
+from gpt2_scratch.modeling_gpt2_scratch import GPT2ScratchForSequenceClassification
+from gpt2_scratch.tokenizer import get_encoding
 from gpt2_scratch.train.data import EpochBatchSampler
 from gpt2_scratch.train.loop import sums_over
 from gpt2_scratch.train.metrics import plot_curves

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from gpt2_scratch import get_tokenizer
+from gpt2_scratch.tokenizer import get_tokenizer
 from gpt2_scratch.convert.resolve import load_model as resolve_model
 from gpt2_scratch.core.args import arg, redefault
 from gpt2_scratch.core.errors import InputError

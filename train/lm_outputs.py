@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 
-from gpt2_scratch import ENDOFTEXT_ID, generate_responses
+from gpt2_scratch.responses import generate_responses
+from gpt2_scratch.tokenizer import ENDOFTEXT_ID
 from gpt2_scratch.core.args import option_name
 from gpt2_scratch.core.compile import eager
 from gpt2_scratch.core.errors import InputError

@@ -203,7 +203,7 @@ def start(args: Any, *, inputs: list[tuple[str, Any]]) -> Start:
     """Every check that needs neither data nor model: option values, precision, the output folder, the
     checkpoint to resume and whether the resumed run is the same run (``check_resume_args``)."""
     quiet_libraries()
-    check_values(args)
+    check_values(args)  # core/cli.py checked them when parsing; a run started from Python is checked here
     resolve_precision(args)
     if args.report_to:
         check_installed(args.report_to)  # a tracker that is not installed: one line before anything is written

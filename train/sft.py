@@ -47,8 +47,8 @@ from typing import Any, Literal
 import torch
 from torch.utils.data import DataLoader
 
-from gpt2_scratch import PRESETS, GPT2ScratchForCausalLM, get_tokenizer
 from gpt2_scratch.commands import ShapeOptions, preset_config, shape_options
+from gpt2_scratch.configuration_gpt2_scratch import PRESETS
 from gpt2_scratch.convert.resolve import load_model as resolve_model
 from gpt2_scratch.core.allocator import loaded_allocator
 from gpt2_scratch.core.args import arg, redefault
@@ -56,6 +56,8 @@ from gpt2_scratch.core.errors import InputError
 from gpt2_scratch.core.files import write_json_atomic
 from gpt2_scratch.core.prompts import format_input
 from gpt2_scratch.core.records import BOOK_DATA_URL, load_records, parse_split
+from gpt2_scratch.modeling_gpt2_scratch import GPT2ScratchForCausalLM
+from gpt2_scratch.tokenizer import get_tokenizer
 from gpt2_scratch.train import book_exact as book_loop
 from gpt2_scratch.train import lora
 from gpt2_scratch.train.data import (IGNORE_INDEX, EpochBatchSampler, InstructionCollator, evaluation_sampler,

@@ -7,9 +7,10 @@ defines three things, as train/sft.py, train/dpo.py and train/classify.py do:
     class XArgs(ModelOptions, RunOptions, ...):     # its options (train/options.py has the shared ones)
         ...
     def set_up(args) -> (Run, Task):                 # every check, the data, the model, then train/run.py's
-        started = start(args, inputs=...)            #   start / launch (launch(..., fit=...) picks the loop)
-        ...
-        run, loaders = launch(started, model=..., train_dataset=..., train_sampler=..., ...)
+        started = start(args, inputs=...)            #   start and launch (the shared loop; a loop of its own:
+        ...                                          #   launch_own_loop(..., fit=that_loop))
+        run, loaders = launch(started, model=..., train_dataset=..., train_sampler=..., collate=...,
+                              eval_loaders={...}, data_sha256=fingerprint(records))
         return run, XTask(...)
     @dataclass
     class XTask(Task):                               # what is its own in the loop: the hooks below
@@ -18,7 +19,9 @@ defines three things, as train/sft.py, train/dpo.py and train/classify.py do:
         def loss(self, model, batch): ...
         def evaluate(self, run, running): ...
 
-and ``run = lambda args: run_training(args, set_up)`` for core/cli.py's command table. The loop
+and ``run = lambda args: run_training(args, set_up)`` for core/cli.py's command table (a whole one, next-token
+training on raw token sequences in 40 lines: tests/test_loop.py, ``test_a_new_kind_of_training_is_one_task_with_
+three_hooks``). The loop
 (train/loop.py) owns everything else: epochs, accumulation, clipping, the optimizer and scheduler,
 evaluation cadence, metrics and trackers, checkpoints and ``--resume``, Ctrl-C/SIGTERM, the NaN guard.
 
