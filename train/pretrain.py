@@ -37,13 +37,15 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from gpt2_scratch import PRESETS, GPT2ScratchForCausalLM, get_tokenizer
 from gpt2_scratch.commands import preset_config, shape_options
+from gpt2_scratch.configuration_gpt2_scratch import PRESETS
 from gpt2_scratch.convert.resolve import load_model
 from gpt2_scratch.core.allocator import loaded_allocator
 from gpt2_scratch.core.args import arg, redefault
 from gpt2_scratch.core.errors import InputError
 from gpt2_scratch.core.files import write_json_atomic
+from gpt2_scratch.modeling_gpt2_scratch import GPT2ScratchForCausalLM
+from gpt2_scratch.tokenizer import get_tokenizer
 from gpt2_scratch.train import book_pretrain
 from gpt2_scratch.train.data import EpochBatchSampler, evaluation_sampler
 from gpt2_scratch.train.lm_outputs import epoch_sample, save_language_model

@@ -40,9 +40,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gpt2_scratch import ENDOFTEXT, ENDOFTEXT_ID, get_encoding
 from gpt2_scratch.core.errors import InputError
 from gpt2_scratch.core.files import cache_root, content_key
+from gpt2_scratch.tokenizer import ENDOFTEXT, ENDOFTEXT_ID, get_encoding
 from gpt2_scratch.train.text_data import PIECE_CHARS, Source, pieces, resolve_sources, scan
 
 CACHE_FORMAT = 1  # bump when the files' layout or the tokenization changes
