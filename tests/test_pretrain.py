@@ -134,3 +134,24 @@ def test_the_model_card_says_what_it_was_trained_on(reference_run):
     fingerprint = json.loads((out / "pretraining.json").read_text())["train"]["fingerprint"]
     assert "Pretrained on raw text: 4,612 training tokens" in card and fingerprint[:16] in card
     assert "no instruction template" in card and "### Instruction" not in card
+
+
+@pytest.mark.slow  # two processes started by accelerate's launcher: the slow suite
+def test_accelerate_launch_two_processes_trains_the_same_losses(tmp_path):
+    """Without dropout the losses of a 2-process run equal a 1-process run's (the batch is global, each
+    process takes its half): the windows are split, not duplicated."""
+    args = [a if a != "0.1" else "0.0" for a in TINY] + ["--max-steps", "6", "--epochs", "1"]
+    one = tmp_path / "one"
+    run(tmp_path, "train/pretrain.py", *args, "--out", one)
+    two = tmp_path / "two"
+    result = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
+                             "train/pretrain.py", *args, "--out", str(two)], cwd=REPO, env=env_for(tmp_path),
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "on 2 process(es)" in result.stdout
+
+    def losses(out):
+        return [(r["step"], r["val_loss"]) for r in metrics(out) if "val_loss" in r]
+
+    assert [s for s, _ in losses(two)] == [s for s, _ in losses(one)]
+    assert [v for _, v in losses(two)] == pytest.approx([v for _, v in losses(one)], rel=1e-4)
