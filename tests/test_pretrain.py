@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import SHARED_DIR, kill_at_checkpoint, run_python
+from conftest import SHARED_DIR, kill_at_checkpoint, run_python, signal_after_first_evaluation, start_cli
 
 REPO = Path(__file__).resolve().parents[1]
 VERDICT = SHARED_DIR / "data" / "the-verdict.txt"
@@ -86,6 +86,20 @@ def test_resume_after_sigkill_is_bit_identical(reference_run):
     assert comparable(metrics(out)) == comparable(metrics(ref))
     got, want = load_file(out / "model.safetensors"), load_file(ref / "model.safetensors")
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_finishes_the_run(reference_run, tmp_path):
+    import signal
+
+    tmp, ref, _ = reference_run
+    out = tmp_path / "stopped"
+    proc = start_cli("train/pretrain.py", *TINY, "--out", out, env=env_for(tmp))
+    stdout, stderr = signal_after_first_evaluation(proc, out, signal.SIGINT)
+    assert proc.returncode == 130, stderr[-2000:]
+    assert "continue with the same command and --resume" in stdout and not (out / "model.safetensors").exists()
+    run(tmp, "train/pretrain.py", *TINY, "--out", out, "--resume")
+    got, want = load_file(out / "model.safetensors"), load_file(ref / "model.safetensors")
+    assert all(torch.equal(got[k], want[k]) for k in want)
 
 
 def test_a_changed_corpus_is_refused_on_resume(tmp_path):
