@@ -45,7 +45,7 @@ __all__ = ["BOOK_DEFAULTS", "check_args", "book_init_state", "load_book_init", "
 
 # gpt_train.py's GPT_CONFIG_124M and OTHER_SETTINGS, in our options' names.
 BOOK_DEFAULTS = dict(
-    model="gpt2-small", random_init=True, context_length=256, drop_rate=0.1, no_qkv_bias=True, untie_head=True,
+    model="gpt2-small", random_init=True, context_length=256, drop_rate=0.1, qkv_bias=False, tie_head=False,
     batch_size=2, lr=5e-4, weight_decay=0.1, epochs=10, eval_freq=5, eval_iter=1, seed=123, val_fraction=0.1,
     sample_tokens=50, sample_prompt="Every effort moves you", mixed_precision="no",
 )
@@ -53,7 +53,7 @@ BOOK_DEFAULTS = dict(
 # (field, the book's value, what the book does instead): any other value changes what the loop computes.
 BOOK_SETTINGS = (
     ("random_init", True, "the book's chapter 5 trains a new model from its own initialisation"),
-    ("untie_head", True, "the book's GPTModel has an out_head of its own"),
+    ("tie_head", False, "the book's GPTModel has an out_head of its own"),
     ("mixed_precision", "no", "the book trains in fp32"),
     ("grad_accum", 1, "the book steps after every batch"),
     ("max_grad_norm", 0.0, "the book does not clip gradients"),

@@ -81,10 +81,10 @@ class PretrainArgs(ModelOptions, RunOptions):
                               at_least=1)
     drop_rate: float | None = arg(None, "with --random-init: dropout rate (the book's chapter 5: 0.1)", at_least=0,
                                   at_most=0.9)
-    no_qkv_bias: bool = arg(False, "with --random-init: no bias on the query/key/value projection (the book's "
-                                   "chapter 5 model)")
-    untie_head: bool = arg(False, "with --random-init: an output head of its own instead of the token embedding "
-                                  "(the book's out_head)")
+    qkv_bias: bool = arg(True, "with --random-init: a bias on the query/key/value projection (GPT-2's; "
+                               "--no-qkv-bias: the book's chapter 5 model)")
+    tie_head: bool = arg(True, "with --random-init: the output head is the token embedding (GPT-2's; "
+                               "--no-tie-head: a head of its own, the book's out_head)")
     sample_prompt: str = arg("Every effort moves you", "the prompt greedily continued after each epoch",
                              resume_may_change=True)
     sample_tokens: int = arg(50, "new tokens of that sample", at_least=1, resume_may_change=True)
@@ -122,13 +122,13 @@ def build_model(args: PretrainArgs):
     """The model to pretrain: ``--model`` loaded (continued pretraining), or a preset's shape with the shape
     options and ``--random-init``."""
     shape = shape_options(args)
-    fields = {k: v for k, v in (("drop_rate", args.drop_rate), ("qkv_bias", False if args.no_qkv_bias else None),
-                                ("tie_word_embeddings", False if args.untie_head else None)) if v is not None}
+    fields = {k: v for k, v in (("drop_rate", args.drop_rate), ("qkv_bias", False if not args.qkv_bias else None),
+                                ("tie_word_embeddings", False if not args.tie_head else None)) if v is not None}
     if args.random_init and args.model in PRESETS:
         return GPT2ScratchForCausalLM(preset_config(args.model, shape, command=f"--model {args.model} --random-init",
                                                     **fields))
     given = [f"--{k.replace('_', '-')}" for k in shape if k != "context_length"] + [
-        {"drop_rate": "--drop-rate", "qkv_bias": "--no-qkv-bias", "tie_word_embeddings": "--untie-head"}[k]
+        {"drop_rate": "--drop-rate", "qkv_bias": "--no-qkv-bias", "tie_word_embeddings": "--no-tie-head"}[k]
         for k in fields]
     if given:
         raise InputError(f"{given[0]} shapes a new model: it needs --random-init and a preset --model "
