@@ -4,6 +4,7 @@
     gpt2-scratch convert openai | hf | book | export-hf | export-book | gguf    weights in and out (convert/)
     gpt2-scratch pretrain | sft | classify | dpo | push                     training and publishing (train/)
     gpt2-scratch respond | judge                                  evaluation (eval/)
+    gpt2-scratch data dedup | prefs | generate                    the book's data tools (datatools/)
 
 Every command declares its options as a typed dataclass (``core.args``), lives in the module of its
 stage, and is imported only when it runs, so ``gpt2-scratch --help`` and the judge start at once.
@@ -75,7 +76,18 @@ COMMANDS: dict[str, Command | dict[str, Command]] = {
                        caching_allocator=True),
     "judge": Command("gpt2_scratch.eval.judge", "JudgeArgs", "run", "score responses 0-100 with an LLM judge (Ollama or "
                      "an OpenAI-compatible server)"),
+    "data": {
+        "dedup": Command("gpt2_scratch.datatools.dedup", "DedupArgs", "run",
+                         "near-duplicate records (TF-IDF of character 1-3-grams, cosine; the book's method)"),
+        "prefs": Command("gpt2_scratch.datatools.prefs", "PrefsArgs", "run",
+                         "polite/impolite preference pairs for dpo, rewritten by a local LLM (the book's notebook)"),
+        "generate": Command("gpt2_scratch.datatools.magpie", "GenerateArgs", "run",
+                            "new instruction records from an instruct model given only the start of a user turn "
+                            "(Magpie)"),
+    },
 }
+# What a group of commands is for, in the overview.
+GROUP_HELP = {"convert": "weights in and out", "data": "the book's data tools"}
 # `python -m gpt2_scratch classify --model DIR --text ...` predicted labels before `predict` existed.
 _PREDICT_FLAGS = ("--text",)
 
@@ -85,7 +97,7 @@ def _overview(prog: str, commands: dict, group: str | None = None) -> str:
     lines = [title, "", "commands:"]
     width = max(len(name) for name in commands)
     for name, entry in commands.items():
-        text = entry.help if isinstance(entry, Command) else "weights in and out: " + ", ".join(entry)
+        text = entry.help if isinstance(entry, Command) else f"{GROUP_HELP[name]}: " + ", ".join(entry)
         lines.append(f"  {name:<{width}}  {text}")
     return "\n".join(lines)
 

@@ -31,7 +31,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from gpt2_scratch.core.errors import InputError
+from gpt2_scratch.core.errors import Failure, InputError
 
 log = logging.getLogger(__name__)
 
@@ -411,6 +411,20 @@ class FolderLock:
         os.ftruncate(fd, 0)
         os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, started {started}: {command}\n".encode())
         return cls(path, fd)
+
+    def check_held(self, what: str = "--out") -> None:
+        """Raise a one-line ``Failure`` when the locked folder was deleted, moved or replaced since ``acquire``
+        (its lock file is gone or is another file): writing on would quietly re-create it, holding only the
+        files written from now on, while the run's earlier files (its arguments, first metrics rows,
+        checkpoints) are lost."""
+        try:
+            same = os.fstat(self._fd).st_ino == os.stat(self.path).st_ino
+        except OSError:
+            same = False
+        if not same:
+            raise Failure(f"{what} {self.path.parent} was deleted or replaced while this run was using it (its lock "
+                          f"file {self.NAME} is gone); the run stops without writing there again: start it again "
+                          "(with --overwrite if the folder exists)")
 
     def release(self) -> None:
         try:

@@ -5,15 +5,22 @@
     quiet_libraries()         datasets' / transformers' progress bars and INFO lines off
     fast_bf16()               whether bf16 matrix products are fast on this machine
     relaunch_multi_cpu()      make ``accelerate launch --num_processes N --cpu`` really run N processes
+    fsdp_without_accelerator() ``accelerate launch --use_fsdp`` on a machine with no GPU: say so, run DDP instead
+    terminate_as_interrupt()  inside, SIGTERM interrupts as Ctrl-C does (``Terminated``, exit 143)
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
 import subprocess
 import sys
+import threading
+from contextlib import contextmanager
 from pathlib import Path
+
+from gpt2_scratch.core.errors import Terminated
 
 
 class _StdoutHandler(logging.StreamHandler):
@@ -71,38 +78,102 @@ def fast_bf16() -> bool:
 
 
 def relaunch_multi_cpu() -> None:
-    """Make ``accelerate launch --num_processes N --cpu ...`` really run N processes (call first).
+    """Make ``accelerate launch --cpu --num_processes N [--num_machines M --machine_rank R ...]`` really run
+    N processes over M machines (call first).
 
-    For CPUs without an MPI host file, accelerate's launcher starts ONE process however many were
-    asked for (huggingface/accelerate#2741); it only exports MASTER_PORT. Detect that case and start
-    the N processes with torch's elastic launcher (``--standalone``: a free rendezvous port), which
-    sets RANK/WORLD_SIZE so Accelerate sets up DDP over gloo. Exits with the workers' status.
+    On CPUs without an MPI host file, accelerate's launcher starts ONE process per machine however many were
+    asked for (huggingface/accelerate#2741): it exports only MASTER_ADDR/MASTER_PORT, no rank or world size.
+    Each such process would train alone, and with several machines every machine would run a whole separate
+    run. Detect that case and start this machine's N/M processes with torch's elastic launcher, which sets
+    RANK/WORLD_SIZE so Accelerate sets up DDP over gloo: on one machine with a free local rendezvous port
+    (``--standalone``), on several with the launcher's main process address, port and this machine's rank
+    (every machine's launcher is given the same values). Exits with the workers' status.
     """
     env = os.environ
     launched_on_cpu = env.get("ACCELERATE_USE_CPU", "").lower() in ("true", "1") and "MASTER_PORT" in env
     if not launched_on_cpu or any(k in env for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "PMI_SIZE",
                                                      "OMPI_COMM_WORLD_SIZE")):
         return
-    n = _launcher_num_processes()
-    if not n or n < 2:
+    launcher = _launcher_settings()
+    if launcher is None:
         return
-    child_env = {k: v for k, v in env.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
+    processes, machines, machine_rank = launcher.num_processes or 1, launcher.num_machines or 1, launcher.machine_rank
+    if processes < 2 and machines < 2:
+        return
+    per_machine = max(processes // machines, 1)
+    if machines == 1:
+        where = ["--standalone"]
+        child_env = {k: v for k, v in env.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
+    else:
+        where = [f"--nnodes={machines}", f"--node_rank={machine_rank}", f"--master_addr={env['MASTER_ADDR']}",
+                 f"--master_port={env['MASTER_PORT']}"]
+        child_env = dict(env)
     # sys.orig_argv[1:] is how this process was started: a script path, or -m and a module.
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+    cmd = [sys.executable, "-m", "torch.distributed.run", *where, f"--nproc_per_node={per_machine}",
            *sys.orig_argv[1:]]
     sys.exit(subprocess.run(cmd, env=child_env).returncode)
 
 
-def _launcher_num_processes() -> int | None:
-    """``--num_processes N`` from the command line of the ``accelerate launch`` that started us."""
+def _launcher_settings():
+    """The settings of the ``accelerate launch`` that started this process (its command line completed from its
+    config file, as accelerate itself does), or None when the parent is not accelerate's launcher."""
     try:
-        argv = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode().split("\0")
+        argv = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode().split("\0")[:-1]
     except OSError:
         return None
-    for i, token in enumerate(argv):
-        for flag in ("--num_processes", "--num-processes"):
-            if token == flag and i + 1 < len(argv):
-                return int(argv[i + 1])
-            if token.startswith(flag + "="):
-                return int(token.split("=", 1)[1])
-    return None
+    # `python -m accelerate.commands.launch ARGS`, or the `accelerate` script: `.../accelerate launch ARGS`.
+    starts = [i + 1 for i, token in enumerate(argv) if token == "accelerate.commands.launch"
+              or (token == "launch" and i > 0 and Path(argv[i - 1]).name == "accelerate")]
+    if not starts:
+        return None
+    import contextlib
+    import io
+
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser  # deferred: heavy
+
+    with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            args = launch_command_parser().parse_args(argv[starts[0]:])
+            args, _, _ = _validate_launch_command(args)  # fills what the command line left out from the config
+        except (SystemExit, ValueError, OSError):
+            return None
+    return args
+
+
+def fsdp_without_accelerator() -> bool:
+    """Whether this process was launched for FSDP (``accelerate launch --use_fsdp``, or a config file with
+    ``distributed_type: FSDP``, both of which set ``ACCELERATE_USE_FSDP``) on a machine without an accelerator.
+
+    FSDP shards parameters across devices; through Accelerate it needs GPUs (on a CPU every process dies in
+    accelerate's FSDP set-up with a traceback, and ``--use_fsdp --cpu`` is refused by the launcher). In that
+    case the FSDP request is withdrawn from the environment, so the caller can build a CPU Accelerator: the
+    same processes then train with DDP (every process holds the whole model), which the caller says in one line.
+    """
+    import torch  # deferred: heavy
+
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() not in ("true", "1"):
+        return False
+    available = getattr(torch, "accelerator", None)
+    if available is not None and available.is_available() or torch.cuda.is_available():
+        return False
+    os.environ.pop("ACCELERATE_USE_FSDP")
+    return True
+
+
+@contextmanager
+def terminate_as_interrupt():
+    """Inside, SIGTERM (``kill``, ``timeout``, a scheduler's stop) interrupts as Ctrl-C does: ``Terminated``, a
+    KeyboardInterrupt, so whatever cleans up after Ctrl-C does so here too and the command exits 143 with one
+    line. Used by the judge and the data tools around their requests (what has arrived is in their cache).
+    Off the main thread it does nothing: only the main thread receives signals."""
+    def interrupt(signum, frame) -> None:
+        raise Terminated
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -35,33 +35,27 @@ if __name__ == "__main__":  # `python eval/judge.py ARGS` is `gpt2-scratch judge
 
     run_script("judge")
 
-import datetime as _dt
 import logging
 import math
-import os
-import queue
 import sys
-import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Literal
 
-from tqdm.auto import tqdm
-
-from gpt2_scratch.core.args import arg, check_values
-from gpt2_scratch.core.errors import EXIT_INTERRUPTED, Failure, InputError
+from gpt2_scratch.core.args import arg, check_values, redefault
+from gpt2_scratch.core.errors import EXIT_INTERRUPTED, Failure, InputError, Terminated
 from gpt2_scratch.core.files import check_output_file, check_replaceable, write_json_atomic, write_text_atomic
-from gpt2_scratch.core.records import load_records, record_input
-from gpt2_scratch.eval.judge_cache import JudgeCache, cache_key
-from gpt2_scratch.eval.judge_client import (
-    MAX_REPLY_TOKENS,
-    REQUEST_TIMEOUT,
-    Cancelled,
-    JudgeInputError,
-    RequestFailed,
-    RetryPolicy,
-    make_judge,
+from gpt2_scratch.core.llm_http import MAX_REPLY_TOKENS
+from gpt2_scratch.core.llm_work import (
+    AnswerCache,
+    Question,
+    ServerOptions,
+    ask_all,
+    cache_key,
+    connect,
 )
+from gpt2_scratch.core.process import terminate_as_interrupt
+from gpt2_scratch.core.records import load_records, record_input
 from gpt2_scratch.eval.judge_prompts import (
     PROMPT_VERSION,
     SCORE_SCHEMA,
@@ -106,16 +100,6 @@ def load_judged_records(path: str, response_keys: tuple[str, ...]) -> list[dict]
 # --------------------------------------------------------------------------- asking
 
 
-@dataclass
-class Question:
-    key: str  # cache key: everything that determines the answer
-    prompt: str
-    schema: dict
-    parse: Callable[[str], object]  # reply text -> value, or None if unparsable
-    index: int  # first record asking it (for the cache's readability only)
-    valid: Callable[[object], bool] = lambda value: value is not None  # can a cached value be used?
-
-
 def _judge_identity(judge) -> dict:
     """What, besides the prompt, decides the judge's answer (part of every cache key).
 
@@ -128,114 +112,8 @@ def _judge_identity(judge) -> dict:
             "structured": bool(judge.structured), "prompt_version": PROMPT_VERSION}
 
 
-def _cached_answers(questions: list[Question], cache: JudgeCache | None) -> dict[str, dict]:
-    """Answers the cache holds for ``questions``; entries with an impossible value are skipped."""
-    known = cache.load() if cache is not None else {}
-    answers, bad, seen = {}, [], set()
-    for q in questions:
-        hit = known.get(q.key)
-        if hit is None or q.key in seen or hit.get("value") is None:
-            continue
-        seen.add(q.key)
-        if q.valid(hit["value"]):
-            answers[q.key] = {"value": hit["value"], "reply": hit.get("reply"), "reason": None, "cached": True}
-        else:
-            bad.append(f"record {q.index}: {hit['value']!r}")
-    if bad:
-        log.warning("%s: ignoring %d cache entr%s with an impossible value (%s); asking again",
-                    cache.path, len(bad), "y" if len(bad) == 1 else "ies",
-                    ", ".join(bad[:3]) + (", ..." if len(bad) > 3 else ""))
-    return answers
-
-
-def ask_all(questions: list[Question], judge, *, cache: JudgeCache | None = None, workers: int = 4,
-            parse_retries: int = 2, progress: bool = True, desc: str = "Scoring entries") -> dict[str, dict]:
-    """Answer each distinct question once, from the cache or the judge; returns {key: answer}.
-
-    An answer is ``{"value", "reply", "reason", "cached"}``; ``value`` is None when the question
-    failed, and ``reason`` says why (transport error after retries, or an unparsable reply).
-
-    The workers are daemon threads fed from a queue. On any exception in the caller's thread
-    (Ctrl-C) a stop event is set: workers take no new question, abandon the request in flight
-    (the client shuts its socket) and write nothing more; none of them is joined, so a worker
-    stuck in a read cannot keep the process alive. Answers already written stay in the cache.
-    """
-    answers = _cached_answers(questions, cache)
-    todo: dict[str, Question] = {}  # identical records share one question
-    for q in questions:
-        if q.key not in answers:
-            todo.setdefault(q.key, q)
-    if not todo:
-        return answers
-    stop = threading.Event()
-
-    def work(q: Question) -> dict:
-        reply, seen = None, []
-        for attempt in range(parse_retries + 1):
-            try:
-                reply = judge.complete(q.prompt, q.schema, stop=stop)
-            except RequestFailed as e:
-                return {"value": None, "reply": None, "reason": str(e), "cached": False}
-            value = q.parse(reply)
-            if value is not None:
-                if cache is not None and not stop.is_set():
-                    cache.append({"key": q.key, "value": value, "reply": reply, "index": q.index,
-                                  **_judge_identity(judge), "format": judge.format,
-                                  "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")})
-                return {"value": value, "reply": reply, "reason": None, "cached": False}
-            seen.append(reply)
-            if reply in seen[:-1]:  # seed 123, temperature 0: the server repeats itself; stop asking
-                break
-            log.info("record %d: unparsable reply %r; asking again", q.index, reply[:100])
-        why = f"unparsable reply after {len(seen)} attempts"
-        if len(seen) < parse_retries + 1:
-            why += " (the same reply each time)"
-        if getattr(reply, "truncated", False):
-            why += (f"; the reply was cut at {judge.max_reply_tokens} tokens: raise --max-reply-tokens "
-                    f"if the judge needs more")
-        return {"value": None, "reply": reply, "cached": False, "reason": why}
-
-    jobs: queue.SimpleQueue = queue.SimpleQueue()
-    results: queue.SimpleQueue = queue.SimpleQueue()
-    for q in todo.values():
-        jobs.put(q)
-
-    def worker() -> None:
-        while not stop.is_set():
-            try:
-                q = jobs.get_nowait()
-            except queue.Empty:
-                return
-            try:
-                results.put((q, work(q)))
-            except Cancelled:
-                return
-            except BaseException as e:  # a bug: hand it to the caller's thread
-                results.put((q, e))
-                return
-
-    for n in range(min(max(1, workers), len(todo))):
-        threading.Thread(target=worker, name=f"judge-{n}", daemon=True).start()
-    try:
-        with tqdm(total=len(todo), desc=desc, disable=not progress) as bar:
-            for _ in range(len(todo)):
-                while True:
-                    try:
-                        q, result = results.get(timeout=0.5)  # a timeout keeps Ctrl-C responsive
-                        break
-                    except queue.Empty:
-                        continue
-                if isinstance(result, BaseException):
-                    raise result
-                answers[q.key] = result
-                bar.update()
-    finally:
-        stop.set()  # normally every worker has already returned; after Ctrl-C this stops them
-    return answers
-
-
 def score_records(records: list[dict], judge, *, response_key: str = "model_response",
-                  cache: JudgeCache | None = None, workers: int = 4, parse_retries: int = 2,
+                  cache: AnswerCache | None = None, workers: int = 4, parse_retries: int = 2,
                   progress: bool = True) -> list[dict]:
     """Score every record's ``response_key`` 0..100; one outcome dict per record, in order.
 
@@ -251,7 +129,7 @@ def score_records(records: list[dict], judge, *, response_key: str = "model_resp
                              "response": response})
             questions[i] = Question(key, score_prompt(rec, response), SCORE_SCHEMA, parse_score, i, is_score)
     answers = ask_all(list(questions.values()), judge, cache=cache, workers=workers,
-                      parse_retries=parse_retries, progress=progress)
+                      parse_retries=parse_retries, progress=progress, identity=ident)
     outcomes = []
     for i in range(len(records)):
         if i not in questions:  # the book scores an empty response 0 without asking
@@ -269,7 +147,7 @@ _SWAP = {"A": "B", "B": "A", "tie": "tie"}
 
 
 def compare_records(records_a: list[dict], key_a: str, records_b: list[dict], key_b: str, judge, *,
-                    criterion: str = "better", cache: JudgeCache | None = None, workers: int = 4,
+                    criterion: str = "better", cache: AnswerCache | None = None, workers: int = 4,
                     parse_retries: int = 2, progress: bool = True) -> list[dict]:
     """Pairwise verdict per record: is response A (``records_a[i][key_a]``) better (or more polite) than B?
 
@@ -298,7 +176,7 @@ def compare_records(records_a: list[dict], key_a: str, records_b: list[dict], ke
                      VERDICT_SCHEMA, parse_verdict, i, is_verdict),
         )
     answers = ask_all([q for pair in plan.values() for q in pair], judge, cache=cache, workers=workers,
-                      parse_retries=parse_retries, progress=progress, desc="Comparing entries")
+                      parse_retries=parse_retries, progress=progress, desc="Comparing entries", identity=ident)
     for i, (q1, q2) in plan.items():
         x, y = answers[q1.key], answers[q2.key]
         bad = next((ans for ans in (x, y) if ans["value"] is None), None)
@@ -318,17 +196,13 @@ def compare_records(records_a: list[dict], key_a: str, records_b: list[dict], ke
 # --------------------------------------------------------------------------- CLI
 
 
-@dataclass
-class JudgeArgs:
+@dataclass(kw_only=True)  # kw_only: the required --data may follow ServerOptions' defaults
+class JudgeArgs(ServerOptions):
     """Score model responses 0-100 with an LLM judge (Ollama or an OpenAI-compatible server), resumably."""
 
     data: str = arg(help="records with instruction, input (optional), output and the response key, e.g. the "
                          "output of `gpt2-scratch respond` (.json/.jsonl)", aliases=("--file",))
     judge_model: str = arg("llama3", "judge model name on the server", aliases=("--model",))
-    host: str | None = arg(None, "server URL (default: $OLLAMA_HOST or http://localhost:11434); with --api openai "
-                                 "any OpenAI-compatible base URL, e.g. http://localhost:8080 for llama-server")
-    api: Literal["ollama", "openai"] = arg("ollama", "ollama: /api/chat; openai: /v1/chat/completions (llama.cpp, "
-                                                     "vLLM, LM Studio)")
     response_key: str = arg("model_response", "record key holding the response")
     compare_key: str | None = arg(None, "pairwise mode: compare --response-key against this key (in "
                                         "--compare-file if given, else in --data)")
@@ -336,26 +210,14 @@ class JudgeArgs:
                                          "in the same order)")
     criterion: Literal["better", "polite"] = arg("better", "pairwise mode: which response is better (given the "
                                                            "correct output), or which is more polite (DPO's aim)")
-    workers: int = arg(4, "concurrent requests", at_least=1)
-    out: str | None = arg(None, "scores JSON (default: <data stem>-scores.json, or -pairwise.json, in the current "
-                                "folder); .summary.txt/.hist.png go beside it")
-    cache: str | None = arg(None, "JSONL answer cache (default: OUT with .cache.jsonl)")
-    no_cache: bool = arg(False, "neither read nor write the cache", action="store_true")
-    overwrite: bool = arg(False, "replace an existing --out file that is not an earlier output of judge")
-    limit: int | None = arg(None, "only the first N records", at_least=0)
-    timeout: float = arg(120.0, "seconds to wait for a reply to start, and between two pieces of it", above=0)
-    request_timeout: float = arg(REQUEST_TIMEOUT, "seconds one request may take in all; a reply still unfinished "
-                                                  "then fails", above=0)
-    max_reply_tokens: int = arg(MAX_REPLY_TOKENS, "cap on the judge's reply (Ollama num_predict, OpenAI max_tokens); "
-                                                  "a score needs a few tokens; 0 = no cap", at_least=0)
-    retries: int = arg(4, "retries on connection errors, timeouts and 5xx", at_least=0)
-    retry_backoff: float = arg(1.0, "seconds before the first retry; doubles each retry", at_least=0)
-    parse_retries: int = arg(2, "times to ask again after an unparsable reply before recording a failure", at_least=0)
+    out: str | None = redefault(ServerOptions, "out", None, "scores JSON (default: <data stem>-scores.json, or "
+                                "-pairwise.json, in the current folder); .summary.txt/.hist.png go beside it")
+    max_reply_tokens: int = redefault(ServerOptions, "max_reply_tokens", MAX_REPLY_TOKENS,
+                                      "cap on the judge's reply (Ollama num_predict, OpenAI max_tokens); a score "
+                                      "needs a few tokens; 0 = no cap")
     no_structured: bool = arg(False, "don't request structured output (by default a JSON schema, then plain "
                                      "JSON, then text if the server refuses them)", action="store_true")
     lowest: int = arg(5, "lowest-scoring records to list")
-    quiet: bool = arg(False, "no progress bar", aliases=("-q",))
-    verbose: bool = arg(False, "log each retry", aliases=("-v",))
 
 
 def _default_out(args: JudgeArgs) -> Path:
@@ -404,17 +266,8 @@ def run(args: JudgeArgs) -> int:
         raise InputError(f"{args.data} holds no records to judge"
                               + (f" (--limit {args.limit})" if args.limit is not None else ""))
 
-    host = args.host or os.environ.get("OLLAMA_HOST") or "http://localhost:11434"
-    try:
-        judge = make_judge(args.api, host, args.judge_model, timeout=args.timeout,
-                           request_timeout=args.request_timeout, max_reply_tokens=args.max_reply_tokens,
-                           structured=not args.no_structured,
-                           retry=RetryPolicy(attempts=args.retries + 1, backoff=args.retry_backoff))
-    except JudgeInputError as e:
-        source = "--host" if args.host else "$OLLAMA_HOST" if os.environ.get("OLLAMA_HOST") else "host"
-        raise InputError(f"{source}: {e}") from None
-    version = judge.preflight()
-    cache = None if cache_path is None else JudgeCache(cache_path)
+    judge, version = connect(args, args.judge_model, structured=not args.no_structured)
+    cache = None if cache_path is None else AnswerCache(cache_path)
     print(f"Judge: {args.judge_model} via {args.api} at {judge.host} (server {version}); "
           f"{len(records)} records from {args.data}; {args.workers} workers"
           + (f"; cache {cache.path}" if cache else ""))
@@ -424,11 +277,12 @@ def run(args: JudgeArgs) -> int:
             "max_reply_tokens": judge.max_reply_tokens}
     kw = dict(cache=cache, workers=args.workers, parse_retries=args.parse_retries, progress=not args.quiet)
     try:
-        outcomes, summary, text = _ask(args, judge, records, records_b, other_key, out, meta, kw)
-    except KeyboardInterrupt:
+        with terminate_as_interrupt():
+            outcomes, summary, text = _ask(args, judge, records, records_b, other_key, out, meta, kw)
+    except KeyboardInterrupt as stopped:  # Ctrl-C (130), or SIGTERM (Terminated, 143)
         print("\ninterrupted; answers so far are in the cache: rerun the same command to resume", file=sys.stderr,
               flush=True)
-        return EXIT_INTERRUPTED
+        return stopped.exit_code if isinstance(stopped, Terminated) else EXIT_INTERRUPTED
     print(text)
     write_json_atomic(out, _json_safe({**meta, "summary": summary, "records": outcomes}), indent=2)
     write_text_atomic(out.with_suffix(".summary.txt"), text + "\n")

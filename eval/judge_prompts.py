@@ -15,13 +15,13 @@ from __future__ import annotations
 import json
 import re
 
+from gpt2_scratch.core.llm_http import BOOK_OPTIONS
 from gpt2_scratch.core.prompts import format_input
 
 PROMPT_VERSION = "book-ch07-v1"
 
-# The book's request options: seed 123 and temperature 0 for repeatable scores, a 2048-token
-# context (Ollama's default is smaller and would silently truncate long records).
-OLLAMA_OPTIONS = {"seed": 123, "temperature": 0, "num_ctx": 2048}
+# The book's request options (seed 123, temperature 0, a 2048-token context), the judge's as the book's.
+OLLAMA_OPTIONS = BOOK_OPTIONS
 
 SCORE_SCHEMA = {
     "type": "object",

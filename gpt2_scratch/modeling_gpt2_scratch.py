@@ -25,6 +25,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast, SequenceClassifierOutputWithPast
 from transformers.pytorch_utils import Conv1D
 
@@ -155,8 +156,15 @@ class MLP(nn.Module):
         return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
 
 
-class Block(nn.Module):
-    """One transformer block: pre-LayerNorm attention and MLP, each added to the residual stream."""
+class Block(GradientCheckpointingLayer):
+    """One transformer block: pre-LayerNorm attention and MLP, each added to the residual stream.
+
+    The unit of activation checkpointing (``model.activation_checkpointing_enable()``, or the older
+    ``gradient_checkpointing_enable()``): transformers' ``GradientCheckpointingLayer`` then keeps only
+    each block's input during the forward pass and recomputes the block in the backward pass, with the
+    same random draws (dropout), so the gradients are those of a plain step. The KV cache is passed by
+    keyword: under checkpointing the layer drops it (a replayed block would append to it twice).
+    """
 
     def __init__(self, config: GPT2ScratchConfig, layer_idx: int):
         super().__init__()
@@ -202,7 +210,7 @@ class GPT2ScratchPreTrainedModel(PreTrainedModel):
     base_model_prefix = "transformer"
     _no_split_modules = ["Block"]
     _supports_sdpa = True
-    supports_gradient_checkpointing = False
+    supports_gradient_checkpointing = True  # per Block: see Block
 
     def _init_weights(self, module: nn.Module) -> None:
         # GPT-2's init: N(0, 0.02) weights, zero biases, unit LayerNorm gains; the projections into the
@@ -280,7 +288,7 @@ class GPT2ScratchModel(GPT2ScratchPreTrainedModel):
         x = self.drop(tokens + self.wpe(position_ids))  # (B, T, E)
         attn_mask = build_attention_mask(attention_mask, T, past_length)
         for block in self.h:
-            x = block(x, attn_mask, cache)
+            x = block(x, attn_mask, cache=cache)
         return self.ln_f(x), cache
 
 

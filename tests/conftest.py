@@ -1,9 +1,11 @@
 """Shared test helpers: where the data lives, tiny models, the transformers reference, isolated processes."""
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -220,3 +222,17 @@ def assert_refused(argv: list[str], root: Path, capsys, *, code: int, needle: st
     assert set(before) <= set(after), "a file that existed was deleted"
     if not new_files:
         assert set(after) == set(before), f"new files: {sorted(set(after) - set(before))}"
+
+
+def wait_for_lines(path: Path, count: int, proc: subprocess.Popen, *, timeout: float = 120) -> None:
+    """Wait until ``proc`` has written ``count`` lines to ``path`` (a resumable run's cache), to stop it there."""
+    deadline = time.monotonic() + timeout
+    while (not path.exists() or path.read_bytes().count(b"\n") < count) and proc.poll() is None:
+        assert time.monotonic() < deadline, f"{path} did not reach {count} lines in {timeout:g} s"
+        time.sleep(0.02)
+
+
+def default_sigint() -> None:
+    """``preexec_fn`` of a child that a test stops with Ctrl-C: SIGINT back to its default (a shell that starts CI
+    in the background hands it down ignored, and Python then never raises KeyboardInterrupt)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -8,7 +8,15 @@ It speaks the parts of the protocol the judge uses, as Ollama does (docs/api.md,
   or one JSON object with ``"stream": false``; ``format`` = "json" or a JSON schema gets a JSON reply;
 - errors as ``{"error": "..."}``: 404 ``model 'X' not found``, 500s, and an error line mid-stream
   after a 200, the way Ollama reports a runner that dies while generating;
-- Ollama's OpenAI-compatible ``GET /v1/models`` and ``POST /v1/chat/completions``.
+- Ollama's OpenAI-compatible ``GET /v1/models`` and ``POST /v1/chat/completions``;
+- raw completion for Magpie-style generation: ``POST /api/generate`` (``"raw": true``, streamed
+  ``{response, done}`` chunks) and ``POST /v1/completions`` (``choices[0].text``). Given the start of a
+  user turn, the reply is one of ``MAGPIE_INSTRUCTIONS`` picked by the request's seed, then a second
+  line; seeds in ``garbage_seeds`` get a reply of the wrong shape. Asked in a chat for one of those
+  instructions, the reply is ``"An answer to: " + instruction``.
+- asked to rewrite an output "to be more polite" (the book's preference-data prompt), the reply is
+  ``"Please note: " + output``; "more impolite": ``"Obviously, " + output``; ``EMPTYREWRITE`` in the
+  output: an empty reply.
 
 ``tests/test_judge_standin.py`` proves the replies faithful by parsing them with the official
 ``ollama`` client. The judge's answers are deterministic so tests can assert exact averages: the
@@ -54,6 +62,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 VERSION = "0.12.0"
 _SCORE_RE = re.compile(r"score the model response `(.*)` on a scale from 0 to 100", re.DOTALL)
 _PAIR_RE = re.compile(r"compare model response A `(.*)` with model response B `(.*)`\. Which", re.DOTALL)
+_REWRITE_RE = re.compile(r"and correct output `(.*)`, slightly rewrite the output to be more (polite|impolite)\.",
+                         re.DOTALL)
+# Distinct instructions; the last is the first with other punctuation and case (a near-duplicate: the same
+# text once lower-cased and stripped of punctuation).
+MAGPIE_INSTRUCTIONS = ("What is the capital of France?", "Write a haiku about autumn leaves.",
+                       "How do I reverse a list in Python?", "Explain photosynthesis to a ten-year-old.",
+                       "Give me three tips for a job interview.", "what is the capital of france!!")
 _MARK_RE = re.compile(r"\b(FAIL500|SLOW|MIDERR|GARBLE):(\d+)")
 _NONOBJECT_RE = re.compile(r"\bNONOBJECT:(list|str|int)\b")
 _NONOBJECT = {"list": b"[1]", "str": b'"x"', "int": b"7"}
@@ -92,6 +107,8 @@ class OllamaStandin:
         self.delay = delay  # seconds added to every chat request (benchmarks)
         self.slow_seconds = slow_seconds
         self.chat_requests: list[dict] = []  # every chat payload received, in order
+        self.raw_requests: list[dict] = []  # every raw completion payload (/api/generate, /v1/completions)
+        self.garbage_seeds: set[int] = set()  # raw requests with these seeds get a reply of the wrong shape
         self._seen: Counter = Counter()  # prompt -> requests so far (for the N in markers)
         self.in_flight = 0
         self.max_in_flight = 0  # most chat requests being answered at the same time
@@ -190,7 +207,26 @@ class OllamaStandin:
             sa, sb = standin_score(m.group(1)), standin_score(m.group(2))
             winner = "A" if sa > sb else "B" if sb > sa else "tie"
             return json.dumps({"winner": winner}) if wants_json else winner
+        m = _REWRITE_RE.search(prompt)
+        if m:
+            output, style = m.groups()
+            if "EMPTYREWRITE" in output:
+                return ""
+            return ("Please note: " if style == "polite" else "Obviously, ") + output
+        if prompt in MAGPIE_INSTRUCTIONS:
+            return "An answer to: " + prompt
         return "Hello! I am a stand-in for Ollama."
+
+    def _raw(self, payload: dict) -> str | None:
+        """The continuation of a raw prompt (None: a reply of the wrong shape); see the module docstring."""
+        with self._lock:
+            self.raw_requests.append(payload)
+        seed = (payload.get("options") or payload).get("seed") or 0
+        if seed in self.garbage_seeds:
+            return None
+        if "user" not in str(payload.get("prompt", ""))[-40:]:
+            return "a continuation of some text"
+        return MAGPIE_INSTRUCTIONS[seed % len(MAGPIE_INSTRUCTIONS)] + "\nA second line, which is not the instruction."
 
 
 def _make_handler(srv: OllamaStandin):
@@ -255,6 +291,8 @@ def _make_handler(srv: OllamaStandin):
 
         def do_POST(self):
             payload = self._body()
+            if self.path in ("/api/generate", "/v1/completions"):
+                return self._raw(payload)
             if self.path not in ("/api/chat", "/v1/chat/completions"):
                 return self._not_found()
             with srv._lock:
@@ -340,6 +378,31 @@ def _make_handler(srv: OllamaStandin):
             else:
                 self._chunk(json.dumps(final).encode() + b"\n")
             self._chunk(b"")  # end of chunked body
+
+        def _raw(self, p):
+            if not isinstance(p, dict) or not isinstance(p.get("prompt"), str):
+                return self._send_json(400, {"error": "invalid request: prompt required"})
+            model = p.get("model", "")
+            if _norm(model) not in srv.models:
+                return self._send_json(404, {"error": f"model '{model}' not found"})
+            text = srv._raw(p)
+            if self.path == "/v1/completions":
+                choice = {"index": 0, "text": text, "finish_reason": "stop"} if text is not None else {"index": 0}
+                return self._send_json(200, {"id": "cmpl-%d" % len(srv.raw_requests), "object": "text_completion",
+                                             "created": int(time.time()), "model": model, "choices": [choice]})
+            if p.get("stream", True) is False:
+                body = {"model": model, "created_at": _now(), "done": True, "done_reason": "stop", "eval_count": 9}
+                return self._send_json(200, body if text is None else {**body, "response": text})
+            self._start_chunked("application/x-ndjson")
+            if text is None:
+                self._chunk(json.dumps({"model": model, "created_at": _now(), "done": False}).encode() + b"\n")
+            else:
+                for k in range(0, len(text), 4):
+                    self._chunk(json.dumps({"model": model, "created_at": _now(), "response": text[k:k + 4],
+                                            "done": False}).encode() + b"\n")
+                self._chunk(json.dumps({"model": model, "created_at": _now(), "response": "", "done": True,
+                                        "done_reason": "stop", "eval_count": 9}).encode() + b"\n")
+            self._chunk(b"")
 
         def _openai_chat(self, p):
             def err(status, msg, kind="api_error"):

@@ -159,9 +159,10 @@ def test_a_stream_line_that_is_json_but_not_an_object_fails_the_record(kind):
     assert out[1]["score"] == standin_score("Blue.")
 
 
-def test_ctrl_c_stops_the_run_and_a_rerun_resumes(tmp_path):
-    """SIGINT while both workers wait on a server that answers in a minute: the process exits in
-    seconds with 130 and the resume line; what had arrived is cached and not asked again."""
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_stops_the_run_and_a_rerun_resumes(tmp_path, sig, code):
+    """SIGINT (or SIGTERM) while both workers wait on a server that answers in a minute: the process exits in
+    seconds with 130 (143) and the resume line; what had arrived is cached and not asked again."""
     responses = [f"Blue, shade {i}." for i in range(4)] + [f"Blue, slow {i}. SLOW:1" for i in range(2)] \
         + [f"Blue, late {i}." for i in range(4)]
     data = tmp_path / "responses.json"
@@ -180,10 +181,10 @@ def test_ctrl_c_stops_the_run_and_a_rerun_resumes(tmp_path):
             time.sleep(0.02)
         time.sleep(0.2)
         t0 = time.monotonic()
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         stdout, stderr = proc.communicate(timeout=30)
         took = time.monotonic() - t0
-        assert proc.returncode == 130, stderr
+        assert proc.returncode == code, stderr
         assert took < 5, f"the judge took {took:.1f} s to stop after Ctrl-C"
         assert "answers so far are in the cache" in stderr and "Traceback" not in stderr
         kept = [json.loads(line)["index"] for line in cache.read_text().splitlines()]

@@ -100,3 +100,13 @@ def test_openai_compatible_endpoints(server):
     r = requests.post(server.url + "/v1/chat/completions", timeout=5,
                       json={"model": "nope", "messages": [{"role": "user", "content": "x"}]})
     assert r.status_code == 404 and "not found" in r.json()["error"]["message"]
+
+
+def test_raw_generate_streams_like_ollama(server, client):
+    """`data generate` relies on /api/generate with raw=True; the official client reads the stand-in's stream."""
+    start = "<|begin_of_text|><|start_header_id|>user<|end_header_id|>"
+    chunks = list(client.generate(model="llama3", prompt=start, raw=True, stream=True, options={"seed": 126}))
+    assert chunks[-1].done and chunks[-1].done_reason == "stop" and not any(c.done for c in chunks[:-1])
+    assert "".join(c.response for c in chunks).split("\n")[0] == "What is the capital of France?"
+    whole = client.generate(model="llama3", prompt=start, raw=True, options={"seed": 127})
+    assert whole.response.startswith("Write a haiku about autumn leaves.\n")

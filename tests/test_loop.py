@@ -128,6 +128,27 @@ def test_sigterm_checkpoints_says_how_to_continue_and_resume_ends_with_the_unint
         assert torch.equal(expected[key], got[key]), key
 
 
+def test_output_folder_deleted_while_training_stops_the_run_without_recreating_it(tmp_path):
+    """`rm -rf OUT` under a running `sft`: the next write (a metrics row, a checkpoint, the final model) finds
+    its lock file gone, and the run stops with one line (exit 1) instead of re-creating OUT with only the files
+    written from then on."""
+    import shutil
+
+    out = tmp_path / "doomed"
+    proc = start_cli("train/sft.py", *SFT[1:], "--eval-freq", "1", "--max-steps", "400", "--out", out, env=ENV)
+    metrics, deadline = out / "metrics.jsonl", time.monotonic() + 300
+    while not (metrics.exists() and b'"step": 2,' in metrics.read_bytes()) and proc.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    shutil.rmtree(out)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 1, stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and f"--out {out} was deleted or replaced while this run was using it" in errors[0], stderr
+    assert "Traceback" not in stderr and "done:" not in stdout
+    assert not out.exists()
+
+
 @pytest.mark.slow  # two fresh interpreters (~10 s each here)
 def test_classify_resume_after_sigkill_is_bit_identical(tiny_model_dir, tmp_path):
     argv = [*classify_args(tiny_model_dir), "--save-every", "4"]

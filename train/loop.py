@@ -19,7 +19,7 @@ its log lines. The training step is ``train_step``; each task's loss is its ``Ta
 from __future__ import annotations
 
 import time
-from contextlib import closing, nullcontext
+from contextlib import nullcontext
 from itertools import islice
 from typing import Any, Callable
 
@@ -43,6 +43,13 @@ def sums_over(run: Run, loader, num_batches: int | None, batch_sums: Callable[[A
             sums = batch_sums(model, batch).to(accelerator.device, torch.float64)
             totals = sums if totals is None else totals + sums
     model.train(was_training)
+    if accelerator.num_processes > 1:
+        # A split with fewer batches than processes (or a last batch smaller than the process count) leaves
+        # some processes nothing to evaluate: they add zeros of the others' length, so every example counts once.
+        width = torch.tensor([0 if totals is None else len(totals)], device=accelerator.device)
+        width = int(accelerator.reduce(width, reduction="max").item())
+        if totals is None and width:
+            totals = torch.zeros(width, dtype=torch.float64, device=accelerator.device)
     if totals is None:
         raise RuntimeError("evaluation over an empty loader")
     return accelerator.reduce(totals, reduction="sum").cpu()  # host sync
@@ -117,6 +124,7 @@ class _Fitting:
     def checkpoint(self) -> None:
         run, state = self.run, self.state
         state.metrics_rows = run.metrics.count  # a resume drops the rows logged after this point
+        run.check_out()
         with timed(state, "checkpoints"):
             save_checkpoint(run.accelerator, run.model, run.checkpoint_root, state,
                             keep=run.args.keep_checkpoints or None)

@@ -71,6 +71,9 @@ class RunOptions:
               "auto: bf16 where it is fast, else fp32")
     compile: bool = arg(False, "torch.compile the model (inductor): the same losses, faster steps once compiled; "
                                "the first steps pay for compilation")
+    gradient_checkpointing: bool = arg(False, "activation checkpointing (transformers'): keep only each block's "
+                                              "input and recompute the block in the backward pass; the same "
+                                              "gradients, less memory, slower steps (bench/README.md)")
     seed: int = arg(123, "seed for initialisation, data order and sampling", at_least=0, at_most=2**32 - 1)
     eval_freq: int = arg(5, "evaluate (and log a line) every this many optimizer steps", at_least=1,
                          resume_may_change=True)

@@ -42,14 +42,14 @@ from gpt2_scratch.core.args import check_values, option_name, resume_may_change
 from gpt2_scratch.core.compile import compile_model
 from gpt2_scratch.core.errors import InputError, one_line
 from gpt2_scratch.core.files import FolderLock, check_output_dir, write_json_atomic
-from gpt2_scratch.core.process import configure_logging, fast_bf16, quiet_libraries, relaunch_multi_cpu
+from gpt2_scratch.core.process import (configure_logging, fast_bf16, fsdp_without_accelerator, quiet_libraries,
+                                       relaunch_multi_cpu, terminate_as_interrupt)
 from gpt2_scratch.hub import check_repo_id, hub_token
 from gpt2_scratch.train import loop
 from gpt2_scratch.train.checkpoints import find_checkpoint, load_checkpoint
 from gpt2_scratch.train.metrics import MetricsLog
 from gpt2_scratch.train.publish import push_run
 from gpt2_scratch.train.state import TRAIN_STATE_FILE, Run, TrainState, timed
-from gpt2_scratch.train.stopping import terminate_as_interrupt
 from gpt2_scratch.train.task import Task
 from gpt2_scratch.train.trackers import Trackers, check_installed
 
@@ -128,13 +128,18 @@ def make_accelerator(mixed_precision: str, batch_size: int):
     from accelerate import Accelerator  # deferred: heavy
     from accelerate.utils import DataLoaderConfiguration
 
+    no_fsdp_here = fsdp_without_accelerator()
     accelerator = Accelerator(
         mixed_precision=mixed_precision,
+        cpu=no_fsdp_here,
         # Each process gets its slice of every global batch, and the scheduler steps once per optimizer
         # step whatever the number of processes: a run's losses do not depend on how many there are.
         dataloader_config=DataLoaderConfiguration(split_batches=True, even_batches=False),
     )
     configure_logging(accelerator.is_main_process)
+    if no_fsdp_here and accelerator.is_main_process:
+        print(f"note: FSDP needs GPUs and this machine has none; training with DDP instead "
+              f"({accelerator.num_processes} process(es), each holding the whole model)", file=sys.stderr, flush=True)
     if batch_size % accelerator.num_processes:
         raise InputError(f"--batch-size {batch_size} is the global batch; it must be divisible by the "
                          f"{accelerator.num_processes} processes")
@@ -390,8 +395,21 @@ def make_scheduler(optimizer, args: Any, total_steps: int):
 
 
 def maybe_compile(model, args: Any, device: str):
-    """``--compile``: torch.compile the model, or one line saying why this platform cannot."""
+    """The model options that change how a step runs, not what it computes: ``--gradient-checkpointing``
+    (transformers' activation checkpointing on every block: the same gradients, activations recomputed in the
+    backward pass instead of kept), then ``--compile`` (torch.compile, or one line saying why this platform
+    cannot)."""
+    if args.gradient_checkpointing:
+        enable_activation_checkpointing(model)
     return compile_model(model, device) if args.compile else model
+
+
+def enable_activation_checkpointing(model) -> None:
+    """transformers' activation checkpointing (non-reentrant) on ``model``, a PreTrainedModel or peft's wrapper
+    of one (which passes the call on to it). transformers 5.x renamed ``gradient_checkpointing_enable`` to
+    ``activation_checkpointing_enable`` and keeps the old name as a deprecated alias."""
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -413,6 +431,7 @@ def finish(run: Run, task: Task) -> None:
         run.log({"step": state.step, **final})
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        run.check_out()
         task.finish(run)
         seconds = {phase: state.phase_seconds.get(phase, 0.0) for phase in PHASES}
         run.log({"step": state.step, "timing": True, **{f"seconds_{k}": round(v, 3) for k, v in seconds.items()}})

@@ -149,8 +149,15 @@ class Run:
     def unwrapped(self):
         return self.accelerator.unwrap_model(self.model)
 
+    def check_out(self) -> None:
+        """Before the main process writes into OUT: OUT is still the folder this run locked (deleted under a
+        running run, it must not be quietly re-created with half the run's files)."""
+        if self.lock is not None:
+            self.lock.check_held()
+
     def log(self, row: dict) -> None:
         """One metrics row: metrics.jsonl, and every experiment tracker."""
+        self.check_out()
         self.metrics.log(row)
         if self.trackers is not None:
             self.trackers.log(row)

@@ -9,7 +9,7 @@ SIGTERM is what ``timeout``, ``kill``, ``docker stop`` and a cluster's preemptio
 it treats Ctrl-C: it finishes the current step, saves a checkpoint, prints one line saying how to
 continue (``--resume``) and exits 130 after Ctrl-C, 143 (128 + SIGTERM) after SIGTERM. A second
 signal of either kind stops at once (exit 130 / 143, no checkpoint). Outside the loop, SIGTERM interrupts
-as Ctrl-C does (``terminate_as_interrupt``: exit 143, the output folder's lock released).
+as Ctrl-C does (core.process.terminate_as_interrupt: exit 143, the output folder's lock released).
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from __future__ import annotations
 import math
 import signal
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 from gpt2_scratch.core.errors import EXIT_INTERRUPTED, EXIT_TERMINATED, Failure, Terminated
@@ -73,22 +72,6 @@ class StopRequest:
 
         flag = torch.tensor([1.0 if self.requested else 0.0], device=accelerator.device)
         return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
-
-
-@contextmanager
-def terminate_as_interrupt():
-    """Outside the loop (set-up, the final evaluation, saving, the test responses), SIGTERM interrupts as
-    Ctrl-C does: ``Terminated``, a KeyboardInterrupt, so the output folder's lock and any partial file are
-    cleaned up on the way out and the command exits 143 with one line. Inside the loop ``StopRequest``
-    takes over (a checkpoint first)."""
-    def interrupt(signum, frame) -> None:
-        raise Terminated
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 class Diverged(Failure):
