@@ -12,7 +12,9 @@ the text column, the validation fraction and the tokenizer: an unchanged corpus 
 again, and a changed byte anywhere gives a new key, so a stale cache cannot be read. Hashing reads the
 corpus once per run (about a second per GB); tokenizing it costs far more. Old keys are not pruned:
 delete the folder to reclaim the space. The folder is written under a temporary name and renamed when
-complete, so a killed tokenization leaves nothing that looks finished.
+complete, so a killed tokenization leaves nothing that looks finished. Under several processes each
+tokenizes a missing key and the first rename wins (the files are the same). A corpus too short for a run's
+windows is refused after its entry is written: the entry is still right for a run with shorter windows.
 
 **The split** (the book's): the first ``int((1 - val_fraction) * characters)`` characters of the corpus
 train, the rest validates; each part is tokenized on its own, as the book tokenizes ``text[:split]``
