@@ -263,13 +263,18 @@ def _load_dataset(source: Source, text_column: str, flag: str):
 
 def safe_cut(text: str, limit: int) -> int:
     """The last place at most ``limit`` characters into ``text`` where it may be cut without changing its
-    tokens (``_SAFE_CUT``), searched in the last quarter of the limit; 0 when there is none."""
-    window = max(limit // 4, 1)
-    start = max(limit - window, 1)
-    cut = 0
-    for match in _SAFE_CUT.finditer(text, start, limit):
-        cut = match.start()
-    return cut
+    tokens (``_SAFE_CUT``), searched backwards in growing windows up to the last quarter of the limit; 0 when
+    there is none."""
+    reach = max(limit // 4, 1)
+    window = min(4096, reach)
+    while True:
+        start = max(limit - window, 1)
+        cut = 0
+        for match in _SAFE_CUT.finditer(text, start, limit):
+            cut = match.start()
+        if cut or window >= reach:
+            return cut
+        window = min(window * 16, reach)
 
 
 def _split_text(text: str, piece_chars: int) -> Iterator[str]:
