@@ -207,9 +207,10 @@ def main() -> None:
 
     flags = [f for f in ("avx512_bf16", "amx_tile", "avx512f") if f in Path("/proc/cpuinfo").read_text()]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU flags: {' '.join(flags) or 'AVX2 only'}")
-    print(f"gpt2-small{f' ({args.n_layers} layers)' if args.n_layers else ''} at context {args.context}, batch "
-          f"{args.batch_size}, dropout 0.1, untied head; medians of {args.steps} alternated steps")
     rows = step_rows(args) if args.steps else []
+    if rows:
+        print(f"gpt2-small{f' ({args.n_layers} layers)' if args.n_layers else ''} at context {args.context}, batch "
+              f"{args.batch_size}, dropout 0.1, untied head; medians of {args.steps} alternated steps")
     if rows:
         print()
         print("| precision | step | s/step | tokens/s | vs the book's | useful GFLOP/s | matmul GFLOP/s | of matmul rate |")
