@@ -41,7 +41,7 @@ from gpt2_scratch.commands import preset_config, shape_options
 from gpt2_scratch.configuration_gpt2_scratch import PRESETS
 from gpt2_scratch.convert.resolve import load_model
 from gpt2_scratch.core.allocator import loaded_allocator
-from gpt2_scratch.core.args import arg, redefault
+from gpt2_scratch.core.args import arg, option_name, redefault
 from gpt2_scratch.core.errors import InputError
 from gpt2_scratch.core.files import write_json_atomic
 from gpt2_scratch.modeling_gpt2_scratch import GPT2ScratchForCausalLM
@@ -127,9 +127,9 @@ def build_model(args: PretrainArgs):
     if args.random_init and args.model in PRESETS:
         return GPT2ScratchForCausalLM(preset_config(args.model, shape, command=f"--model {args.model} --random-init",
                                                     **fields))
-    given = [f"--{k.replace('_', '-')}" for k in shape if k != "context_length"] + [
-        {"drop_rate": "--drop-rate", "qkv_bias": "--no-qkv-bias", "tie_word_embeddings": "--no-tie-head"}[k]
-        for k in fields]
+    given = [option_name(k) for k in shape if k != "context_length"] + [
+        flag for flag, on in (("--drop-rate", args.drop_rate is not None), ("--no-qkv-bias", not args.qkv_bias),
+                              ("--no-tie-head", not args.tie_head)) if on]
     if given:
         raise InputError(f"{given[0]} shapes a new model: it needs --random-init and a preset --model "
                          f"({', '.join(PRESETS)})")
