@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Literal
 
 from gpt2_scratch.core.args import arg
-from gpt2_scratch.core.errors import InputError
-from gpt2_scratch.core.files import check_output_dir, check_output_file
+from gpt2_scratch.core.errors import InputError, unicode_problem
+from gpt2_scratch.core.files import check_output_dir, check_output_file, claimed_output
 
 OVERWRITE_HELP = "replace an existing --out folder"
 
@@ -68,10 +68,11 @@ def run_openai(args: OpenAIArgs) -> None:
         raise InputError("give exactly one of --size (download) and --from-dir (files you have)")
     started = time.perf_counter()
     out = _check_out(args.out, args.overwrite, inputs=[("--from-dir", args.from_dir)])
-    folder = Path(args.from_dir) if args.from_dir is not None else download_openai(
-        args.size, args.models_dir, base_url=args.base_url, mirrors=args.mirror)
-    model = load_openai_checkpoint(folder)
-    _save(model, out, openai_tokenizer(folder), args.overwrite, str(folder), started)
+    with claimed_output(args.out):  # one run per output at a time (core.files.claimed_output)
+        folder = Path(args.from_dir) if args.from_dir is not None else download_openai(
+            args.size, args.models_dir, base_url=args.base_url, mirrors=args.mirror)
+        model = load_openai_checkpoint(folder)
+        _save(model, out, openai_tokenizer(folder), args.overwrite, str(folder), started)
 
 
 @dataclass
@@ -94,9 +95,10 @@ def run_hf(args: HFArgs) -> None:
         raise InputError("give exactly one of --repo (Hub) and --from-dir (a local folder or file)")
     started = time.perf_counter()
     out = _check_out(args.out, args.overwrite, inputs=[("--from-dir", args.from_dir)])
-    source = Path(args.from_dir) if args.from_dir is not None else fetch_hf_repo(args.repo, args.revision)
-    model = load_hf_checkpoint(source)
-    _save(model, out, get_tokenizer(), args.overwrite, args.repo or str(source), started)
+    with claimed_output(args.out):  # one run per output at a time (core.files.claimed_output)
+        source = Path(args.from_dir) if args.from_dir is not None else fetch_hf_repo(args.repo, args.revision)
+        model = load_hf_checkpoint(source)
+        _save(model, out, get_tokenizer(), args.overwrite, args.repo or str(source), started)
 
 
 @dataclass
@@ -113,9 +115,10 @@ def run_export_hf(args: ExportHFArgs) -> None:
 
     started = time.perf_counter()
     _check_out(args.out, args.overwrite, inputs=[("--model", args.model)])
-    out = export_hf(args.model, args.out, overwrite=args.overwrite)
-    print(f"wrote {out}: transformers GPT2LMHeadModel folder from {args.model} "
-          f"in {time.perf_counter() - started:.1f} s")
+    with claimed_output(args.out):  # one run per output at a time (core.files.claimed_output)
+        out = export_hf(args.model, args.out, overwrite=args.overwrite)
+        print(f"wrote {out}: transformers GPT2LMHeadModel folder from {args.model} "
+              f"in {time.perf_counter() - started:.1f} s")
 
 
 @dataclass
@@ -128,7 +131,7 @@ class BookArgs:
     n_heads: int | None = arg(None, "the cfg's n_heads; needed only when emb_dim is not 768, 1024, 1280 or 1600 "
                                     "(GPT-2's sizes, whose head counts are known)")
     labels: str | None = arg(None, "a classifier's class names, comma-separated (default for two classes: ham,spam)")
-    prompt_style: Literal["alpaca", "phi3"] | None = arg(
+    prompt_style: Literal["alpaca", "phi3", "chat"] | None = arg(
         None, "the prompt style an instruction-finetuned model was trained with (chapter 7's: alpaca); recorded "
               "in config.json with its chat template, for `chat`, pipelines and the GGUF export")
     overwrite: bool = arg(False, OVERWRITE_HELP)
@@ -139,18 +142,19 @@ def run_book(args: BookArgs) -> None:
 
     started = time.perf_counter()
     out = _check_out(args.out, args.overwrite, inputs=[("--pth", args.pth)])
-    labels = tuple(args.labels.split(",")) if args.labels else None
-    model = load_book_checkpoint(args.pth, n_heads=args.n_heads, labels=labels)
-    if args.prompt_style is not None and hasattr(model, "score"):
-        raise InputError(f"--pth {args.pth} holds a classifier (chapter 6), which has no prompt style; drop "
-                         "--prompt-style")
-    _save(model, out, None, args.overwrite, str(args.pth), started, args.prompt_style)
-    c = model.config
-    if hasattr(model, "score"):
-        print(f"  a sequence classifier ({', '.join(c.id2label[i] for i in range(c.num_labels))}): load it with "
-              "AutoModelForSequenceClassification")
-    elif not c.tie_word_embeddings:
-        print("  its out_head differs from tok_emb, so the LM head is kept untied (tie_word_embeddings=false)")
+    with claimed_output(args.out):  # one run per output at a time (core.files.claimed_output)
+        labels = tuple(args.labels.split(",")) if args.labels else None
+        model = load_book_checkpoint(args.pth, n_heads=args.n_heads, labels=labels)
+        if args.prompt_style is not None and hasattr(model, "score"):
+            raise InputError(f"--pth {args.pth} holds a classifier (chapter 6), which has no prompt style; drop "
+                             "--prompt-style")
+        _save(model, out, None, args.overwrite, str(args.pth), started, args.prompt_style)
+        c = model.config
+        if hasattr(model, "score"):
+            print(f"  a sequence classifier ({', '.join(c.id2label[i] for i in range(c.num_labels))}): load it with "
+                  "AutoModelForSequenceClassification")
+        elif not c.tie_word_embeddings:
+            print("  its out_head differs from tok_emb, so the LM head is kept untied (tie_word_embeddings=false)")
 
 
 @dataclass
@@ -168,14 +172,15 @@ def run_export_book(args: ExportBookArgs) -> None:
 
     started = time.perf_counter()
     check_output_file(args.out, inputs=[("--model", args.model)])
-    cfg = export_book(args.model, args.out, overwrite=args.overwrite)
-    config = read_config(args.model)
-    print(f"wrote {args.out}: the book's GPTModel state dict from {args.model} in {time.perf_counter() - started:.1f} s")
-    print(f"cfg = {cfg!r}")
-    print("model = GPTModel(cfg)")
-    if is_classifier_config(config):
-        print(f"model.out_head = torch.nn.Linear(cfg['emb_dim'], {len(config['id2label'])})  # chapter 6's classifier head")
-    print(f"model.load_state_dict(torch.load({str(args.out)!r}, weights_only=True))")
+    with claimed_output(args.out):  # one run per output at a time (core.files.claimed_output)
+        cfg = export_book(args.model, args.out, overwrite=args.overwrite)
+        config = read_config(args.model)
+        print(f"wrote {args.out}: the book's GPTModel state dict from {args.model} in {time.perf_counter() - started:.1f} s")
+        print(f"cfg = {cfg!r}")
+        print("model = GPTModel(cfg)")
+        if is_classifier_config(config):
+            print(f"model.out_head = torch.nn.Linear(cfg['emb_dim'], {len(config['id2label'])})  # chapter 6's classifier head")
+        print(f"model.load_state_dict(torch.load({str(args.out)!r}, weights_only=True))")
 
 
 @dataclass
@@ -185,7 +190,7 @@ class GGUFArgs:
     model: str = arg(help="model folder written by gpt2-scratch (or an SFT run's output)")
     out: str = arg(help="GGUF file to write (FILE.gguf)")
     dtype: Literal["f32", "f16", "bf16", "q8_0"] = arg("f16", "type of the matrices; norms and biases stay f32")
-    prompt_style: Literal["alpaca", "phi3"] | None = arg(
+    prompt_style: Literal["alpaca", "phi3", "chat"] | None = arg(
         None, "prompt format the model was finetuned with (default: the one recorded in its config.json)",
         aliases=("--style",))
     modelfile: str | None = arg(None, "Ollama Modelfile to write (default: --out with the suffix .Modelfile)")
@@ -197,11 +202,19 @@ def run_gguf(args: GGUFArgs) -> None:
 
     started = time.perf_counter()
     modelfile = args.modelfile or str(Path(args.out).with_suffix(".Modelfile"))
+    for flag, path in (("--out", args.out), ("--modelfile", modelfile)):
+        # The Modelfile names the GGUF in one line of UTF-8: a newline or a byte that is not UTF-8 breaks it.
+        problem = unicode_problem(path, from_bytes=True) or (
+            "a name with a control character (a newline?)" if any(ord(c) < 32 for c in path) else None)
+        if problem:
+            raise InputError(f"{flag} {path!r} is {problem}, which the Modelfile's FROM line cannot hold; choose "
+                             "another name")
     check_output_file(args.out, inputs=[("--model", args.model)])
     check_output_file(modelfile, flag="--modelfile", inputs=[("--model", args.model)])
-    gguf_path, modelfile = export_gguf(args.model, args.out, dtype=args.dtype, prompt_style=args.prompt_style,
-                                       modelfile=args.modelfile, overwrite=args.overwrite)
-    types = ", ".join(f"{n} {t}" for t, n in stored_types(gguf_path).items())  # what the file holds, per type
-    print(f"wrote {gguf_path} (--dtype {args.dtype}: tensors {types}; {gguf_path.stat().st_size / 1e6:.1f} MB) and "
-          f"{modelfile} from {args.model} in {time.perf_counter() - started:.1f} s; for Ollama: ollama create NAME -f "
-          f"{modelfile}")
+    with claimed_output(args.out):  # one run per output at a time (core.files.claimed_output)
+        gguf_path, modelfile = export_gguf(args.model, args.out, dtype=args.dtype, prompt_style=args.prompt_style,
+                                           modelfile=args.modelfile, overwrite=args.overwrite)
+        types = ", ".join(f"{n} {t}" for t, n in stored_types(gguf_path).items())  # what the file holds, per type
+        print(f"wrote {gguf_path} (--dtype {args.dtype}: tensors {types}; {gguf_path.stat().st_size / 1e6:.1f} MB) and "
+              f"{modelfile} from {args.model} in {time.perf_counter() - started:.1f} s; for Ollama: ollama create NAME -f "
+              f"{modelfile}")

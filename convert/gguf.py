@@ -1,6 +1,6 @@
 """Our model folder → one GGUF file for llama.cpp / Ollama, plus an Ollama Modelfile beside it.
 
-    gpt2-scratch convert gguf --model DIR --out FILE.gguf [--dtype f32|f16|bf16|q8_0] [--prompt-style alpaca|phi3]
+    gpt2-scratch convert gguf --model DIR --out FILE.gguf [--dtype f32|f16|bf16|q8_0] [--prompt-style alpaca|phi3|chat]
 
 The file uses llama.cpp's own "gpt2" architecture, so llama.cpp, Ollama, llama-cpp-python and
 transformers' GGUF reader run it with no code of ours:
@@ -20,7 +20,8 @@ transformers' GGUF reader run it with no code of ours:
   defaults GPT-2 style vocabularies to token 11, and it must not prepend a BOS our prompts never had.
 - The prompt style the model was trained with goes in as `gpt2_scratch.prompt_style` and as a Jinja
   `tokenizer.chat_template` (llama.cpp servers, llama-cpp-python and transformers use it for chat): the
-  very template `save_model_dir` puts in the model folder's tokenizer (`core.prompts.chat_template`).
+  very template `save_model_dir` puts in the model folder's tokenizer (`core.prompts.chat_template`), less the
+  chat style's `{% generation %}` marks (transformers' own tag: the text is the same).
 
 The Modelfile (`FILE.Modelfile`) makes `ollama create NAME -f FILE.Modelfile` a model that answers in
 the trained prompt format. Its TEMPLATE is the same chat convention (`core.prompts`), written in Go's
@@ -94,10 +95,12 @@ def ollama_template(style: str | None) -> str:
     the response header (Ollama continues it), so unlike the Jinja template it gets no end-of-text.
     Without a known style: `{{ .Prompt }}`, the plain completion template (the text goes to the model as it is).
     """
-    from gpt2_scratch.core.prompts import prompt_pieces
+    from gpt2_scratch.core.prompts import CHAT_STYLE, prompt_pieces
 
     if style is None:
         return "{{ .Prompt }}"
+    if style == CHAT_STYLE:
+        return chat_ollama_template()
     s = prompt_pieces(style)
     for text in (s.head, s.input_separator, s.response_header):
         if "{{" in text or '"""' in text:
@@ -108,6 +111,23 @@ def ollama_template(style: str | None) -> str:
             '{{ if eq .Role "assistant" }}{{ $response = .Content }}{{ end }}{{ end }}'
             f"{s.head}{{{{ $instruction }}}}{{{{ if .System }}}}{s.input_separator}{{{{ .System }}}}{{{{ end }}}}"
             f"{s.response_header}{{{{ $response }}}}")
+
+
+def chat_ollama_template() -> str:
+    """The chat style's TEMPLATE: every turn, as training wrote it (core/prompts.py's ``conversation_segments``),
+    the assistant header last. An answer's <|endoftext|> is written when the next user turn comes, so a final
+    assistant message is a prefill that Ollama continues."""
+    from gpt2_scratch.core.prompts import CHAT_HEADERS, END_OF_TEXT, TURN_SEPARATOR
+
+    system, user, assistant = CHAT_HEADERS["system"], CHAT_HEADERS["user"], CHAT_HEADERS["assistant"]
+    return ('{{ $open := "" }}{{ $answered := "" }}'
+            f'{{{{ if .System }}}}{system}{{{{ .System }}}}{{{{ $open = "y" }}}}{{{{ end }}}}'
+            "{{ range .Messages }}"
+            f'{{{{ if eq .Role "user" }}}}{{{{ if $answered }}}}{END_OF_TEXT}{{{{ end }}}}'
+            f"{{{{ if $open }}}}{TURN_SEPARATOR}{{{{ end }}}}{user}{{{{ .Content }}}}{TURN_SEPARATOR}{assistant}"
+            '{{ $open = "y" }}{{ $answered = "" }}{{ end }}'
+            '{{ if eq .Role "assistant" }}{{ .Content }}{{ $answered = "y" }}{{ end }}'
+            "{{ end }}")
 
 
 def modelfile_text(gguf_path: Path, modelfile_path: Path, *, style: str | None, context_length: int,
@@ -123,7 +143,11 @@ def modelfile_text(gguf_path: Path, modelfile_path: Path, *, style: str | None, 
         from_path = f'"{from_path}"'
     if style is None:
         usage = ["# Prompt style unknown: the template passes your text to the model as it is (a completion",
-                 "# model). Export again with --prompt-style alpaca|phi3 if the model was instruction-finetuned."]
+                 "# model). Export again with --prompt-style alpaca|phi3|chat if the model was instruction-finetuned."]
+    elif style == "chat":
+        usage = ["# Prompt style chat: the whole conversation, as in training (### System/User/Assistant turns).",
+                 "# Temperature 0 and repeat_penalty 1 give greedy decoding, as gpt2-scratch's chat does;",
+                 "# an answer stops at <|endoftext|> or after 256 tokens."]
     else:
         usage = [f"# Prompt style {style}: the last user message is the instruction, the system message (if any)",
                  "# is the input. Each request is one prompt, as in training: earlier turns are not shown.",
@@ -324,7 +348,8 @@ def _write_gguf(path: Path, model, tensors: dict[str, np.ndarray], *, dtype: str
     writer.add_add_eos_token(False)
     if style is not None:
         writer.add_string(PROMPT_STYLE_KEY, style)
-        writer.add_chat_template(chat_template(style))
+        # Without transformers' {% generation %} tag, which plain Jinja2 (llama-cpp-python) cannot parse.
+        writer.add_chat_template(chat_template(style, generation_marks=False))
 
     for tensor_name, array in tensors.items():
         data, raw_dtype = _storage(tensor_name, array, dtype)
@@ -369,7 +394,7 @@ def export_gguf(
     style, style_source = resolve_prompt_style(model_dir, prompt_style)  # checks the folder first
     if style is None:
         log.warning("%s: prompt style unknown (no prompt_style in config.json); the Modelfile passes text through "
-                    "as-is ({{ .Prompt }}); pass --prompt-style alpaca|phi3 for an instruction-finetuned model",
+                    "as-is ({{ .Prompt }}); pass --prompt-style alpaca|phi3|chat for an instruction-finetuned model",
                     model_dir)
     else:
         log.info("prompt style %s (from %s)", style, style_source)

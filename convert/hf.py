@@ -26,6 +26,7 @@ from gpt2_scratch.convert.errors import ConvertError
 from gpt2_scratch.convert.mapping import HF_IGNORED, HF_RULES, HF_TIED_HEAD, Dims, convert_tensors, plan_conversion, strip_hf_prefix
 from gpt2_scratch.core.download import DownloadError
 from gpt2_scratch.core.files import path_kind, write_dir_atomically
+from gpt2_scratch.tokenizer import check_tokenizer_files
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +133,7 @@ def load_hf_checkpoint(path: str | Path):
             raise ConvertError(f"{path}: expected a folder or a .safetensors file")
         files, config_path = [path], path.parent / "config.json"
     elif path.is_dir():
+        check_tokenizer_files(path, flag="--from-dir")  # another tokenizer: refused, not ignored
         files, config_path = _weight_files(path), path / "config.json"
     elif path_kind(path) is not None:  # /dev/null, a named pipe, a link loop
         raise ConvertError(f"{path} is {path_kind(path)}; pass a model folder or a .safetensors file")
@@ -164,7 +166,22 @@ def load_hf_checkpoint(path: str | Path):
     elif config_path.is_file() and _config_unties(config_path):
         raise ConvertError(f"{label}: missing tensor '{HF_TIED_HEAD}' although {config_path} says "
                            "tie_word_embeddings=false; the untied head's weights are not in the file")
-    return model_from_state(dims, state, source=label, layer_norm_epsilon=eps)
+    model = model_from_state(dims, state, source=label, layer_norm_epsilon=eps)
+    style = _prompt_style(config_path) if config_path.is_file() else None
+    if style is not None:  # an instruction model exported by us: it keeps the style it was trained with
+        model.config.prompt_style = style
+    return model
+
+
+def _prompt_style(path: Path) -> str | None:
+    """The ``prompt_style`` a GPT-2 config.json records (``export_hf`` writes it), checked; None when absent."""
+    from gpt2_scratch.core.prompts import PROMPT_STYLES
+    from gpt2_scratch.model_dir import read_config_file
+
+    style = read_config_file(path, ConvertError).get("prompt_style")
+    if style is not None and style not in PROMPT_STYLES:
+        raise ConvertError(f"{path}: prompt_style {style!r} is none of {', '.join(PROMPT_STYLES)}; fix config.json")
+    return style
 
 
 def _config_unties(path: Path) -> bool:
@@ -263,13 +280,21 @@ def export_hf(model_dir: str | Path, out_dir: str | Path, *, overwrite: bool = F
     from transformers import AutoTokenizer, GenerationConfig, GPT2Config, GPT2LMHeadModel
 
     from gpt2_scratch import GPT2ScratchConfig, get_tokenizer
+    from gpt2_scratch.core.prompts import chat_template
     from gpt2_scratch.model_dir import read_config_file
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     if not (model_dir / "config.json").is_file():
         what = f"is {path_kind(model_dir)}, not a folder" if path_kind(model_dir) else "no config.json"
         raise ConvertError(f"{model_dir}: {what}; pass a model folder written by gpt2-scratch")
-    read_config_file(model_dir / "config.json", ConvertError)  # a list there: one line naming the file
+    check_tokenizer_files(model_dir)  # another tokenizer would be exported as if it were GPT-2's
+    model_type = read_config_file(model_dir / "config.json", ConvertError).get("model_type")  # a list: one line
+    if model_type == "gpt2":
+        raise ConvertError(f"{model_dir}: already a transformers GPT-2 folder (model_type gpt2), which is what "
+                           "export-hf writes; use it as it is, or copy it")
+    if model_type != "gpt2-scratch":
+        raise ConvertError(f"{model_dir}: holds a {model_type!r} model, not a gpt2-scratch one; pass a model folder "
+                           "written by gpt2-scratch")
     cfg = GPT2ScratchConfig.from_pretrained(model_dir)
     reader = SafetensorsReader(_weight_files(model_dir), str(model_dir))
     names = set(reader.shapes())
@@ -305,6 +330,7 @@ def export_hf(model_dir: str | Path, out_dir: str | Path, *, overwrite: bool = F
         raise ConvertError(f"{model_dir}: missing tensor 'lm_head.weight' although config.json says "
                            "tie_word_embeddings=false")
     tied = head is None or torch.equal(head, state["transformer.wte.weight"])
+    style = getattr(cfg, "prompt_style", None)
 
     hf_config = GPT2Config(
         vocab_size=dims.n_vocab, n_positions=dims.n_ctx, n_embd=dims.n_embd, n_layer=dims.n_layer,
@@ -312,6 +338,8 @@ def export_hf(model_dir: str | Path, out_dir: str | Path, *, overwrite: bool = F
         resid_pdrop=cfg.drop_rate, embd_pdrop=cfg.drop_rate, attn_pdrop=cfg.drop_rate,
         bos_token_id=50256, eos_token_id=50256, tie_word_embeddings=tied,
         architectures=["GPT2LMHeadModel"],
+        # The prompt style travels with the weights (`chat`, `respond` and `convert hf` read it back).
+        **({"prompt_style": style} if style else {}),
     )
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -319,6 +347,8 @@ def export_hf(model_dir: str | Path, out_dir: str | Path, *, overwrite: bool = F
         tokenizer = get_tokenizer()
     # The model's context, not GPT-2's 1024 (folders written before save_model_dir said so may carry 1024).
     tokenizer.model_max_length = dims.n_ctx
+    if style:
+        tokenizer.chat_template = chat_template(style)
 
     # transformers' own class writes the folder, so its layout is whatever transformers expects. Built
     # on the meta device and handed our tensors, it costs no second copy of the model.

@@ -112,6 +112,9 @@ def load_tokenizer(spec: str):
     if path.is_dir() and (path / "tokenizer.json").is_file():
         from transformers import AutoTokenizer
 
+        from gpt2_scratch.tokenizer import check_tokenizer_files
+
+        check_tokenizer_files(path)
         # transformers' own message never says which file is broken: read each first, to name the one.
         for name in TOKENIZER_FILES:
             file = path / name

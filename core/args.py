@@ -33,21 +33,24 @@ from typing import Any, Callable, Literal
 
 
 # Field metadata that is ours, not argparse's.
-_CHECKS = ("at_least", "above", "at_most", "below")
+_CHECKS = ("at_least", "above", "at_most", "below", "plain_name")
 _OURS = ("help", "aliases", *_CHECKS, "resume_may_change")
 
 
 def arg(default: Any = dataclasses.MISSING, help: str = "", *, aliases: Sequence[str] = (),
         at_least: float | None = None, above: float | None = None, at_most: float | None = None,
-        below: float | None = None, resume_may_change: bool = False, **argparse_kwargs: Any) -> Any:
+        below: float | None = None, plain_name: bool = False, resume_may_change: bool = False,
+        **argparse_kwargs: Any) -> Any:
     """A dataclass field carrying its option's help text, aliases, value bounds and extra argparse settings.
 
     Leave ``default`` out for a required option. ``at_least`` / ``above`` / ``at_most`` / ``below`` bound the
-    value (``check_values``; None passes, it means "not set"). ``resume_may_change``: a training run's
+    value (``check_values``; None passes, it means "not set"). ``plain_name``: a string that becomes a file or
+    folder name inside the command's output (a tracker run name), so it may not be a path
+    (``check_plain_name``). ``resume_may_change``: a training run's
     ``--resume`` may change this option (how a run is watched or what happens after it), not what it computes.
     """
     metadata = {"help": help, "aliases": tuple(aliases), "at_least": at_least, "above": above, "at_most": at_most,
-                "below": below, "resume_may_change": resume_may_change, **argparse_kwargs}
+                "below": below, "plain_name": plain_name, "resume_may_change": resume_may_change, **argparse_kwargs}
     if isinstance(default, list):
         return dataclasses.field(default_factory=lambda: list(default), metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -64,6 +67,16 @@ def redefault(cls: type, name: str, default: Any, help: str | None = None) -> An
     return arg(default, ours.pop("help", ""), **ours, **metadata)
 
 
+def check_plain_name(value: str, flag: str) -> None:
+    """``value`` names one file or folder (no separator, not ``.`` or ``..``, no NUL): a name given to a run must
+    not lead its files out of the folder they belong in."""
+    from gpt2_scratch.core.errors import InputError
+
+    if not value.strip() or value in (".", "..") or any(c in value for c in "/\\\0"):
+        raise InputError(f"{flag} {value!r}: must be a plain name (no '/', '\\', '..' or empty), since it names "
+                         "a folder inside the run's output; choose another name")
+
+
 def check_values(args: Any) -> None:
     """Every option's value against what its field declares; raises one InputError naming the option.
 
@@ -75,6 +88,8 @@ def check_values(args: Any) -> None:
     for field in dataclasses.fields(args):
         value = getattr(args, field.name)
         for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, str) and field.metadata.get("plain_name"):
+                check_plain_name(v, option_name(field.name))
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 continue
             flag = option_name(field.name)
@@ -156,8 +171,9 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> argpa
         default = None if required else (field.default if field.default is not dataclasses.MISSING
                                           else field.default_factory())
         annotation = hints[field.name]
-        if annotation is bool:
-            # --flag / --no-flag, unless the field asks for one plain action (``no_cache``: --no-cache only).
+        if annotation is bool or annotation == (bool | None):
+            # --flag / --no-flag (``bool | None``: None when neither is given, the command decides), unless the
+            # field asks for one plain action (``no_cache``: --no-cache only).
             action = meta.pop("action", argparse.BooleanOptionalAction)
             target.add_argument(*names, action=action, default=default, help=help_text, dest=field.name)
             continue

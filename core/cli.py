@@ -14,8 +14,10 @@ convert`` (the ``convert`` group), and the scripts ``train/pretrain.py``, ``trai
 
 One exit-code rule (``run_command``): 0 done; 2 bad input (``InputError`` and argparse's own errors);
 1 the work failed (``Failure``, an OS error such as a full disk); 130 interrupted (Ctrl-C); 143 a training run
-stopped by SIGTERM (train/stopping.py: after a checkpoint). Errors are one
-line on stderr starting with ``error:``; a traceback means a bug.
+stopped by SIGTERM (train/stopping.py: after a checkpoint); 141 the reader of a command's printed result
+closed the pipe (quietly, as tools ended by SIGPIPE). Errors are one line on stderr starting with
+``error:``; a traceback means a bug. What a process prints goes through ``core.streams`` (characters the
+terminal cannot show are replaced; a closed pipe never stops work whose output goes to files).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from dataclasses import dataclass
 
 from gpt2_scratch.core.errors import (EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_INTERRUPTED, Failure, InputError, Terminated,
                                       describe_os_error, one_line)
+from gpt2_scratch.core.streams import EXIT_PIPE_CLOSED, ResultPipeClosed, install_streams
 
 
 @dataclass(frozen=True)
@@ -40,16 +43,21 @@ class Command:
     help: str
     # Commands that train or generate run with a caching malloc (core/allocator.py says why).
     caching_allocator: bool = False
+    # The command's result is what it prints (not files): a closed standard output ends it (core/streams.py).
+    prints_result: bool = False
 
 
 COMMANDS: dict[str, Command | dict[str, Command]] = {
     "init": Command("gpt2_scratch.commands", "InitArgs", "run_init", "write a randomly initialised model folder"),
     "generate": Command("gpt2_scratch.commands", "GenerateArgs", "run_generate",
-                        "continue a prompt with a model (raw completion; interactive without --prompt)"),
+                        "continue a prompt with a model (raw completion; interactive without --prompt)",
+                        prints_result=True),
     "chat": Command("gpt2_scratch.commands", "ChatArgs", "run_chat",
-                    "talk to an instruction model in its prompt style, answers streamed (or one --prompt)"),
+                    "talk to an instruction model in its prompt style, answers streamed (or one --prompt)",
+                    prints_result=True),
     "predict": Command("gpt2_scratch.commands", "PredictArgs", "run_predict",
-                       "label texts with a finetuned classifier (e.g. spam / ham)"),
+                       "label texts with a finetuned classifier (e.g. spam / ham)",
+                       prints_result=True),
     "convert": {
         "openai": Command("gpt2_scratch.convert.cli", "OpenAIArgs", "run_openai", "OpenAI's released TF checkpoint → our model folder"),
         "hf": Command("gpt2_scratch.convert.cli", "HFArgs", "run_hf", "Hugging Face GPT2LMHeadModel (Hub repo or local) → our model folder"),
@@ -136,6 +144,8 @@ def run_command(work: Callable[[], int | None]) -> int:
     except KeyboardInterrupt as err:
         print("\ninterrupted", file=sys.stderr, flush=True)
         return err.exit_code if isinstance(err, Terminated) else EXIT_INTERRUPTED
+    except ResultPipeClosed:  # `generate ... | head`: the reader has what it wanted
+        return EXIT_PIPE_CLOSED
 
 
 def execute(command: Command, argv: Sequence[str], *, prog: str, entry_point: bool) -> int:
@@ -144,6 +154,8 @@ def execute(command: Command, argv: Sequence[str], *, prog: str, entry_point: bo
     As a process's entry point, a training or generating command first re-executes the process with
     a caching malloc preloaded (before torch is imported); called from Python it never re-executes.
     """
+    if entry_point:
+        install_streams(prints_result=command.prints_result)
     if entry_point and command.caching_allocator:
         from gpt2_scratch.core.allocator import use_caching_allocator
 
@@ -174,11 +186,16 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "gpt2-scratch", group
     With ``argv=None`` this is a process's entry point (see ``execute``).
     """
     entry_point = argv is None
+    if entry_point:  # the overview and --help are printed results too (`gpt2-scratch --help | head -1`)
+        install_streams(prints_result=True)
     argv = sys.argv[1:] if argv is None else list(argv)
-    command, name, rest, code = resolve(argv, prog, COMMANDS[group] if group else COMMANDS)
-    if command is None:
-        return code
-    return execute(command, rest, prog=f"{prog} {name}", entry_point=entry_point)
+    try:
+        command, name, rest, code = resolve(argv, prog, COMMANDS[group] if group else COMMANDS)
+        if command is None:
+            return code
+        return execute(command, rest, prog=f"{prog} {name}", entry_point=entry_point)
+    except ResultPipeClosed:  # while printing the overview or a command's --help
+        return EXIT_PIPE_CLOSED
 
 
 def run_script(name: str) -> None:
@@ -192,4 +209,7 @@ def run_script(name: str) -> None:
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(script)]
     command = COMMANDS[name]
     assert isinstance(command, Command)
-    sys.exit(execute(command, sys.argv[1:], prog=f"python {os.path.relpath(script)}", entry_point=True))
+    try:
+        sys.exit(execute(command, sys.argv[1:], prog=f"python {os.path.relpath(script)}", entry_point=True))
+    except ResultPipeClosed:  # while printing --help
+        sys.exit(EXIT_PIPE_CLOSED)

@@ -43,6 +43,8 @@ class Failure(Exception):
 def one_line(text: object, limit: int = 400) -> str:
     """``text`` squeezed onto one line (whitespace runs become one space), at most ``limit`` characters."""
     line = " ".join(str(text).split())
+    if not line.isascii():  # a path with bytes that are not UTF-8 holds lone surrogates: shown as "?" on any stream
+        line = line.encode("utf-8", "replace").decode("utf-8")
     return line if len(line) <= limit else line[: limit - 1] + "…"
 
 

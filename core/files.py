@@ -13,7 +13,11 @@ process is cut off on the next read.
 
 ``check_output_file`` / ``check_output_dir`` are the pre-flight of every command that writes: the
 output must not be one of the command's inputs, must not lie under a file, and its folder must be
-writable, all checked before any work is done or anything is deleted.
+writable, all checked before any work is done or anything is deleted. ``claimed_output`` is the one
+ownership rule of every command that writes an ``--out``: its lock held for the whole command
+(``core.locks``), and an existing file replaced only when it is the command's own earlier output.
+Temporaries name their process (``core.locks``): the next atomic write in a folder removes those a
+killed run left there.
 """
 
 from __future__ import annotations
@@ -31,7 +35,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from gpt2_scratch.core.errors import Failure, InputError
+from gpt2_scratch.core.errors import InputError, unicode_problem
+# FolderLock is re-exported: training runs take their folder's lock from here.
+from gpt2_scratch.core.locks import FileLock, FolderLock, remove_stale_temporaries, temporary_prefix  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +49,12 @@ def cache_root() -> Path:
 
     Downloads live in subfolders: ``openai/`` (OpenAI's checkpoints), ``data/`` (data sets).
     """
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "gpt2-scratch").expanduser()
+    root = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "gpt2-scratch").expanduser()
+    if os.path.lexists(root) and not root.is_dir():
+        where = f"${CACHE_ENV}={os.environ[CACHE_ENV]}" if os.environ.get(CACHE_ENV) else str(root)
+        raise InputError(f"the cache folder {where} is {path_kind(root) or 'a file'}, not a folder; set "
+                         f"{CACHE_ENV} to a folder (or remove the file)")
+    return root
 
 
 def _umask() -> int:
@@ -70,11 +81,13 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path`` to write to; on success it becomes ``path``.
 
     The temporary file keeps ``path``'s suffix (so writers that infer a format from it, such as
-    matplotlib, still work). On any exception it is removed and ``path`` is untouched.
+    matplotlib, still work). On any exception it is removed and ``path`` is untouched; one a SIGKILL left
+    is removed by the next atomic write in that folder (``remove_stale_temporaries``).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{path.suffix}")
+    remove_stale_temporaries(path.parent)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=temporary_prefix(path.name), suffix=f".tmp{path.suffix}")
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -116,7 +129,8 @@ def write_dir_atomically(out_dir: str | os.PathLike, write: Callable[[Path], Non
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
         raise InputError(f"{out_dir} already exists and is not empty; choose another path or pass --overwrite")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
+    remove_stale_temporaries(out_dir.parent)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=temporary_prefix(out_dir.name), suffix=".partial", dir=out_dir.parent))
     try:
         write(tmp_dir)
         # mkdtemp and some writers create owner-only files; a model folder is meant to be shared.
@@ -127,7 +141,7 @@ def write_dir_atomically(out_dir: str | os.PathLike, write: Callable[[Path], Non
         _fsync_path(tmp_dir, directory=True)
         if out_dir.exists():
             # Two renames, so the old folder stays whole until the new one is complete.
-            old_dir = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+            old_dir = out_dir.with_name(temporary_prefix(out_dir.name) + "old")
             out_dir.rename(old_dir)
             tmp_dir.rename(out_dir)
             shutil.rmtree(old_dir)
@@ -157,11 +171,22 @@ def replace_files_into(staging: Path, out_dir: Path) -> None:
 # ---------------------------------------------------------------------------------------------------
 
 
+def source_identity(spec: str | os.PathLike | None) -> str | None:
+    """What an input option names, as one string: a local file or folder by its resolved path (two spellings of
+    one file are one source), anything else (a URL, a Hub id, a preset) as given. An output's owner stamp keys
+    on it: the same command run again on the same source may replace its output, edits of the file included."""
+    if spec is None:
+        return None
+    path = Path(spec).expanduser()
+    return str(_resolved(path)) if os.path.lexists(path) else str(spec)
+
+
 def content_key(fields: dict) -> str:
     """A stable hex digest of ``fields`` (JSON-serialisable; key order does not matter): the key of a cached
     result, so a changed record, model or setting is computed again and an unchanged one never is."""
     canonical = json.dumps(fields, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+    # surrogatepass: a path with bytes that are not UTF-8 (a lone surrogate in Python) still has its own key
+    return hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 class JsonlFile:
@@ -311,6 +336,8 @@ def check_output_file(path: str | os.PathLike, *, flag: str = "--out",
     input folder (a model) may receive new files, but not in place of the files it is loaded from.
     """
     path = Path(path).expanduser()
+    if str(path) == "-":  # many tools read "-" as standard output; here it would silently be a file named "-"
+        raise InputError(f"{flag} -: writing to standard output is not supported; give the path of a file")
     if path.is_dir():
         raise InputError(f"{flag} {path} is a folder; give the path of a file to write")
     for input_flag, input_path in inputs:
@@ -328,21 +355,6 @@ def check_output_file(path: str | os.PathLike, *, flag: str = "--out",
     return path
 
 
-def check_replaceable(path: Path, *, flag: str, overwrite: bool, is_ours: Callable[[Any], bool], what: str) -> None:
-    """An existing output file is replaced only when it is the command's own earlier output (a rerun rewrites
-    it) or with ``--overwrite``; any other file (data, notes, another tool's results) is refused, not lost.
-    ``is_ours`` judges the file's parsed JSON; ``what`` says in words what the command writes."""
-    if overwrite or not path.is_file():
-        return
-    try:
-        ours = is_ours(json.loads(path.read_text(encoding="utf-8")))
-    except (OSError, ValueError):  # unreadable or not JSON: certainly not ours
-        ours = False
-    if not ours:
-        raise InputError(f"{flag} {path} already exists and is not {what}; choose another file, or add "
-                         "--overwrite to replace it")
-
-
 def check_output_dir(path: str | os.PathLike, *, flag: str = "--out",
                      inputs: Iterable[tuple[str, str | os.PathLike | None]] = ()) -> Path:
     """Check, before any work, that folder ``path`` can be written and holds none of ``inputs``.
@@ -353,6 +365,9 @@ def check_output_dir(path: str | os.PathLike, *, flag: str = "--out",
     path = Path(path).expanduser()
     if path.exists() and not path.is_dir():
         raise InputError(f"{flag} {path} is a file, not a folder; choose another output folder")
+    problem = unicode_problem(str(path), from_bytes=True)
+    if problem:  # a model folder's weights are written by safetensors, which takes UTF-8 paths only
+        raise InputError(f"{flag} {path}: the path is {problem}, which safetensors cannot write to; choose a UTF-8 name")
     for input_flag, input_path in inputs:
         if input_path is None:
             continue
@@ -364,71 +379,56 @@ def check_output_dir(path: str | os.PathLike, *, flag: str = "--out",
     return path
 
 
-class FolderLock:
-    """One process's exclusive claim on a folder: ``flock`` on ``FOLDER/.lock``, which names the holder.
+class OutputClaim:
+    """What ``claimed_output`` yields: the output's path, and ``written()`` to call once it is written."""
 
-    The kernel drops the lock when its process ends however it ends, so a lock file left behind by a
-    killed run never blocks the next one (that run takes the lock over). Only ``release`` removes the file.
+    def __init__(self, path: Path, stamp: Path, owner: dict | None):
+        self.path, self._stamp, self._owner = path, stamp, owner
+
+    def written(self) -> None:
+        """Record (beside the output) what it is the output of, and its digest, so a rerun of the same command
+        may replace it, and only as it was written (a file edited or replaced since then is the user's)."""
+        if self._owner is not None:
+            # ensure_ascii: a path with bytes that are not UTF-8 is stored escaped, not refused by the encoder
+            write_text_atomic(self._stamp, json.dumps({"key": content_key(self._owner), "sha256": _file_digest(
+                self.path), **self._owner}, indent=4) + "\n")
+
+
+def _file_digest(path: Path) -> str | None:
+    try:
+        with open(path, "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+    except OSError:
+        return None
+
+
+@contextmanager
+def claimed_output(path: str | os.PathLike, *, flag: str = "--out", owner: dict | None = None,
+                   overwrite: bool = False, what: str = "this command") -> Iterator[OutputClaim]:
+    """The one ownership rule of every command that writes an ``--out``: hold the output's lock for the
+    whole command, and replace an existing file only when it is this command's own earlier output.
+
+    ``owner`` identifies what the output is *of* (``by``: the command in words; its model, its data as
+    content keys); ``OutputClaim.written`` stores it beside the output (``.NAME.owner.json``). An existing
+    file whose stamp differs (another model's responses, the scores of other data) or that has none (a file
+    this project did not write) is refused unless ``overwrite``, naming what wrote it. Without ``owner``
+    only the lock is taken (folder outputs refuse a non-empty folder without --overwrite on their own).
     """
-
-    NAME = ".lock"
-
-    def __init__(self, path: Path, fd: int):
-        self.path = path
-        self._fd = fd
-
-    @classmethod
-    def acquire(cls, folder: str | os.PathLike, *, what: str = "--out") -> "FolderLock":
-        """Lock ``folder`` (created if missing), or one InputError naming the process that holds it."""
-        import fcntl
-        import socket
-        import sys
-        import time
-
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / cls.NAME
-        while True:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+    path = _resolved(Path(path).expanduser())  # written through a link, the link's target is the output
+    stamp = path.parent / f".{path.name}.owner.json"
+    if os.path.lexists(stamp) and not stamp.is_file():
+        kind = path_kind(stamp) or "a folder"
+        raise InputError(f"{flag} {path}: {stamp}, where the output's owner is recorded, is {kind}; remove it")
+    with FileLock.beside(path, what=flag):
+        if owner is not None and not overwrite and path.is_file():
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                try:
-                    holder = path.read_text(encoding="utf-8", errors="replace").strip() or "a process"
-                except OSError:
-                    holder = "a process"
-                raise InputError(f"{what} {folder} is in use by another run ({holder}); wait for it to finish, or "
-                                 f"use another {what}") from None
-            try:  # the file may have been released (removed) between our open and our lock: lock the new one
-                if os.fstat(fd).st_ino == os.stat(path).st_ino:
-                    break
-            except FileNotFoundError:
-                pass
-            os.close(fd)
-        started = time.strftime("%Y-%m-%d %H:%M:%S")
-        command = " ".join(sys.argv)[:300]
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, started {started}: {command}\n".encode())
-        return cls(path, fd)
-
-    def check_held(self, what: str = "--out") -> None:
-        """Raise a one-line ``Failure`` when the locked folder was deleted, moved or replaced since ``acquire``
-        (its lock file is gone or is another file): writing on would quietly re-create it, holding only the
-        files written from now on, while the run's earlier files (its arguments, first metrics rows,
-        checkpoints) are lost."""
-        try:
-            same = os.fstat(self._fd).st_ino == os.stat(self.path).st_ino
-        except OSError:
-            same = False
-        if not same:
-            raise Failure(f"{what} {self.path.parent} was deleted or replaced while this run was using it (its lock "
-                          f"file {self.NAME} is gone); the run stops without writing there again: start it again "
-                          "(with --overwrite if the folder exists)")
-
-    def release(self) -> None:
-        try:
-            self.path.unlink()
-        except FileNotFoundError:
-            pass
-        os.close(self._fd)
+                found = json.loads(stamp.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                found = None
+            stamped = isinstance(found, dict) and found.get("sha256") == _file_digest(path)
+            if not stamped or found.get("key") != content_key(owner):
+                by = f"the output of `{found['by']}`" if stamped and isinstance(found.get("by"), str) \
+                    else "a file this command did not write"
+                raise InputError(f"{flag} {path} already exists and holds {by}, not {what}'s output for these "
+                                 "inputs; choose another file, or add --overwrite to replace it")
+        yield OutputClaim(path, stamp, owner)

@@ -155,22 +155,59 @@ def _parse_jsonl(text: str, source: str) -> list:
 
 def load_records(source: str, *, required: Sequence[str] = INSTRUCTION_FIELDS, flag: str = "--data") -> list[dict]:
     """Load and validate the records ``source`` names (a path, a URL or a Hub data set id), in file order."""
+    records = load_raw_records(source, flag=flag, required=required)
+    return validate_records(records, str(source), required=required)
+
+
+def load_raw_records(source: str, *, flag: str = "--data", required: Sequence[str] = ()) -> list:
+    """The records ``source`` names, unvalidated: a .json/.jsonl file or URL, a .parquet file, a folder written by
+    ``datasets``' ``save_to_disk`` (its ``train`` split when it holds several), or a Hub data set id (its
+    ``train`` split; ``required`` columns it lacks are one line)."""
     source = str(source)
     if is_url(source):
         path = fetch_to_cache(source, subdir="data", sha256=KNOWN_SHA256.get(source),
                               offline_hint=f"pass {flag} with a local copy of the file")
-        return validate_records(read_records_file(path, source), source, required=required)
+        return read_records_file(path, source)
     path = Path(source).expanduser()
     if path.is_file():
-        return validate_records(read_records_file(path), str(path), required=required)
+        return _read_parquet(path) if path.suffix == ".parquet" else read_records_file(path)
     if path.is_dir():
-        raise DataError(f"{flag} {path} is a folder; pass a .json or .jsonl file of records")
+        if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file():
+            return _read_saved_dataset(path)
+        raise DataError(f"{flag} {path} is a folder but no datasets save_to_disk folder; pass a .json, .jsonl or "
+                        ".parquet file of records")
     kind = path_kind(path)  # /dev/null, a named pipe, a link loop: not a folder, and not "no such file"
     if kind is not None:
         raise DataError(f"{flag} {path} is {kind}, not a file of records; pass a .json or .jsonl file")
-    if is_hub_id(source) and path.suffix not in (".json", ".jsonl"):
+    if is_hub_id(source) and path.suffix not in (".json", ".jsonl", ".parquet"):
         return _load_hub_dataset(source, required)
-    raise DataError(f"{flag} {path}: no such file; pass an existing .json/.jsonl file, a URL or a Hub data set id")
+    raise DataError(f"{flag} {path}: no such file; pass an existing .json/.jsonl/.parquet file, a URL or a Hub data "
+                    "set id")
+
+
+def _read_parquet(path: Path) -> list:
+    import pyarrow.parquet as pq  # deferred: only Parquet files need it (a dependency of datasets)
+
+    try:
+        return pq.read_table(path).to_pylist()
+    except Exception as err:  # pyarrow raises its own error types for a damaged file
+        raise DataError(f"{path}: not a readable Parquet file ({type(err).__name__}: "
+                        f"{str(err).splitlines()[0][:200] if str(err) else ''})") from None
+
+
+def _read_saved_dataset(path: Path) -> list:
+    import datasets  # deferred: heavy, and only these folders need it
+
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as err:  # datasets raises many types; all mean "could not load it"
+        raise DataError(f"{path}: cannot load this datasets folder ({type(err).__name__}); save it again with "
+                        "save_to_disk") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if "train" not in ds:
+            raise DataError(f"{path}: a DatasetDict without a 'train' split (it has: {', '.join(ds)}); save one split")
+        ds = ds["train"]
+    return ds.to_list()
 
 
 def _load_hub_dataset(repo_id: str, required: Sequence[str]) -> list[dict]:
@@ -186,7 +223,7 @@ def _load_hub_dataset(repo_id: str, required: Sequence[str]) -> list[dict]:
     if missing:
         raise DataError(f"Hub data set {repo_id} has no '{missing[0]}' column (it has: {', '.join(ds.column_names)}); "
                         f"it is not a data set of {_names(required)} records")
-    return validate_records(ds.to_list(), repo_id, required=required)
+    return ds.to_list()
 
 
 # ---------------------------------------------------------------------------------------------------

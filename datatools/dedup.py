@@ -22,6 +22,8 @@ cosine similarities are one sparse product), so memory stays at block x records,
 
 from __future__ import annotations
 
+import contextlib
+
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,7 +31,7 @@ from pathlib import Path
 
 from gpt2_scratch.core.args import arg
 from gpt2_scratch.core.errors import InputError
-from gpt2_scratch.core.files import check_output_file, write_json_atomic, write_text_atomic
+from gpt2_scratch.core.files import check_output_file, claimed_output, write_json_atomic, write_text_atomic
 from gpt2_scratch.core.records import load_records
 from gpt2_scratch.datatools.common import check_new_output, jsonl_text
 
@@ -106,6 +108,14 @@ def run(args: DedupArgs) -> int:
         check_new_output(Path(path), flag=flag, overwrite=args.overwrite)
     if args.pairs and args.out and Path(args.pairs).resolve() == Path(args.out).resolve():
         raise InputError("--pairs and --out name the same file; choose two files")
+    with contextlib.ExitStack() as claims:  # one run per output at a time (core.files.claimed_output)
+        for flag, path in outputs:
+            claims.enter_context(claimed_output(path, flag=flag))
+        return _dedup(args)
+
+
+def _dedup(args: DedupArgs) -> int:
+    """``run``'s work, once its outputs are claimed."""
     records = load_records(args.data, required=(), flag="--data")
     if not records:
         raise InputError(f"{args.data} holds no records")

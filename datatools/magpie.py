@@ -27,7 +27,7 @@ from typing import Literal
 
 from gpt2_scratch.core.args import arg, redefault
 from gpt2_scratch.core.errors import Failure, InputError
-from gpt2_scratch.core.files import check_output_file, write_json_atomic
+from gpt2_scratch.core.files import check_output_file, claimed_output, write_json_atomic
 from gpt2_scratch.core.llm_work import AnswerCache, Question, ServerOptions, ask_all, cache_key, connect
 from gpt2_scratch.core.process import terminate_as_interrupt
 from gpt2_scratch.datatools.common import check_new_output, interrupted, report_failures
@@ -93,36 +93,37 @@ def run(args: GenerateArgs) -> int:
     if target == 0:
         raise InputError("--limit 0 leaves no records to generate")
     out = check_output_file(args.out or Path.cwd() / f"magpie-{args.model.replace('/', '-').replace(':', '-')}.json")
-    check_new_output(out, flag="--out", overwrite=args.overwrite)
-    cache_path = None if args.no_cache else Path(args.cache or out.with_suffix(".cache.jsonl"))
-    if cache_path is not None:
-        check_output_file(cache_path, flag="--cache")
-    client, version = connect(args, args.model, structured=False)
-    cache = None if cache_path is None else AnswerCache(cache_path)
-    tries = args.max_tries or 4 * target
-    print(f"generate: {args.model} via {args.api} at {client.host} (server {version}); {target} records from the "
-          f"user-turn start {start!r}; {args.workers} workers" + (f"; cache {cache.path}" if cache else ""))
-    ident = {"api": client.api, "model": client.model}
-    state = _Run([], [], [])
-    try:
-        with terminate_as_interrupt():
-            slot = 0
-            while len(state.records) < target and slot < tries:
-                batch = range(slot, min(tries, slot + target - len(state.records)))
-                slot = batch.stop
-                _round(args, client, cache, ident, start, end, batch, state)
-    except KeyboardInterrupt as stopped:
-        return interrupted(cache, stopped)
-    report_failures(state.failures, slot, "slots", label="slot")
-    if not state.records:
-        raise Failure(f"no record after {slot} tries ({state.duplicates} near-duplicates); is {start!r} the start "
-                      f"of a user turn in {args.model}'s template (--template, --user-turn)?")
-    write_json_atomic(out, state.records)
-    short = f" (only {len(state.records)} of {target} after {slot} tries: raise --max-tries)" \
-        if len(state.records) < target else ""
-    print(f"Wrote {len(state.records)} records to {out}{short}; {state.duplicates} near-duplicate instructions "
-          f"dropped, {len(state.failures)} failed")
-    return 0
+    with claimed_output(out):  # one run per output at a time (core.files.claimed_output)
+        check_new_output(out, flag="--out", overwrite=args.overwrite)
+        cache_path = None if args.no_cache else Path(args.cache or out.with_suffix(".cache.jsonl"))
+        if cache_path is not None:
+            check_output_file(cache_path, flag="--cache")
+        client, version = connect(args, args.model, structured=False)
+        cache = None if cache_path is None else AnswerCache(cache_path)
+        tries = args.max_tries or 4 * target
+        print(f"generate: {args.model} via {args.api} at {client.host} (server {version}); {target} records from the "
+              f"user-turn start {start!r}; {args.workers} workers" + (f"; cache {cache.path}" if cache else ""))
+        ident = {"api": client.api, "model": client.model}
+        state = _Run([], [], [])
+        try:
+            with terminate_as_interrupt():
+                slot = 0
+                while len(state.records) < target and slot < tries:
+                    batch = range(slot, min(tries, slot + target - len(state.records)))
+                    slot = batch.stop
+                    _round(args, client, cache, ident, start, end, batch, state)
+        except KeyboardInterrupt as stopped:
+            return interrupted(cache, stopped)
+        report_failures(state.failures, slot, "slots", label="slot")
+        if not state.records:
+            raise Failure(f"no record after {slot} tries ({state.duplicates} near-duplicates); is {start!r} the start "
+                          f"of a user turn in {args.model}'s template (--template, --user-turn)?")
+        write_json_atomic(out, state.records)
+        short = f" (only {len(state.records)} of {target} after {slot} tries: raise --max-tries)" \
+            if len(state.records) < target else ""
+        print(f"Wrote {len(state.records)} records to {out}{short}; {state.duplicates} near-duplicate instructions "
+              f"dropped, {len(state.failures)} failed")
+        return 0
 
 
 def _round(args: GenerateArgs, client, cache, ident: dict, start: str, end: str, batch: range, state: _Run) -> None:

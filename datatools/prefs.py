@@ -25,7 +25,7 @@ from pathlib import Path
 
 from gpt2_scratch.core.args import arg, redefault
 from gpt2_scratch.core.errors import InputError
-from gpt2_scratch.core.files import check_output_file, write_json_atomic
+from gpt2_scratch.core.files import check_output_file, claimed_output, write_json_atomic
 from gpt2_scratch.core.llm_work import AnswerCache, Question, ServerOptions, ask_all, cache_key, connect
 from gpt2_scratch.core.process import terminate_as_interrupt
 from gpt2_scratch.core.prompts import format_input
@@ -82,42 +82,43 @@ def run(args: PrefsArgs) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
     out = check_output_file(args.out or Path.cwd() / f"{Path(args.data).stem}-preference.json",
                             inputs=[("--data", args.data)])
-    check_new_output(out, flag="--out", overwrite=args.overwrite)
-    cache_path = None if args.no_cache else Path(args.cache or out.with_suffix(".cache.jsonl"))
-    if cache_path is not None:
-        check_output_file(cache_path, flag="--cache", inputs=[("--data", args.data)])
-    records = load_records(args.data, flag="--data")[: args.limit]
-    if not records:
-        raise InputError(f"--limit {args.limit} leaves no records of {args.data}")
-    client, version = connect(args, args.model, structured=False)
-    cache = None if cache_path is None else AnswerCache(cache_path)
-    styles = pick_styles(len(records), args.seed)
-    print(f"prefs: {args.model} via {args.api} at {client.host} (server {version}); {len(records)} records from "
-          f"{args.data} ({styles.count('polite')} polite, {styles.count('impolite')} impolite); {args.workers} "
-          f"workers" + (f"; cache {cache.path}" if cache else ""))
-    identity = {"api": client.api, "model": client.model, "options": client.options, "prompt_version": PROMPT_VERSION}
-    questions = [Question(cache_key({"mode": "prefs", **identity, **_fields(r), "politeness": style}),
-                          rewrite_prompt(r, style), None, parse_rewrite, i)
-                 for i, (r, style) in enumerate(zip(records, styles))]
-    try:
-        with terminate_as_interrupt():
-            answers = ask_all(questions, client, cache=cache, workers=args.workers, parse_retries=args.parse_retries,
-                              progress=not args.quiet, desc="Writing entries", identity=identity)
-    except KeyboardInterrupt as stopped:
-        return interrupted(cache, stopped)
-    written, failures = [], []
-    for q, record, style in zip(questions, records, styles):
-        answer = answers[q.key]
-        if answer["value"] is None:
-            failures.append((q.index, answer["reason"]))
-        else:
-            written.append(preference_record(record, style, answer["value"]))
-    report_failures(failures, len(records), "records")
-    write_json_atomic(out, written)
-    cached = sum(answers[q.key]["cached"] for q in questions if answers[q.key]["value"] is not None)
-    print(f"Wrote {len(written)} preference records to {out} ({len(failures)} failed, {cached} from the cache); "
-          f"train with: gpt2-scratch dpo --data {out}")
-    return 0
+    with claimed_output(out):  # one run per output at a time (core.files.claimed_output)
+        check_new_output(out, flag="--out", overwrite=args.overwrite)
+        cache_path = None if args.no_cache else Path(args.cache or out.with_suffix(".cache.jsonl"))
+        if cache_path is not None:
+            check_output_file(cache_path, flag="--cache", inputs=[("--data", args.data)])
+        records = load_records(args.data, flag="--data")[: args.limit]
+        if not records:
+            raise InputError(f"--limit {args.limit} leaves no records of {args.data}")
+        client, version = connect(args, args.model, structured=False)
+        cache = None if cache_path is None else AnswerCache(cache_path)
+        styles = pick_styles(len(records), args.seed)
+        print(f"prefs: {args.model} via {args.api} at {client.host} (server {version}); {len(records)} records from "
+              f"{args.data} ({styles.count('polite')} polite, {styles.count('impolite')} impolite); {args.workers} "
+              f"workers" + (f"; cache {cache.path}" if cache else ""))
+        identity = {"api": client.api, "model": client.model, "options": client.options, "prompt_version": PROMPT_VERSION}
+        questions = [Question(cache_key({"mode": "prefs", **identity, **_fields(r), "politeness": style}),
+                              rewrite_prompt(r, style), None, parse_rewrite, i)
+                     for i, (r, style) in enumerate(zip(records, styles))]
+        try:
+            with terminate_as_interrupt():
+                answers = ask_all(questions, client, cache=cache, workers=args.workers, parse_retries=args.parse_retries,
+                                  progress=not args.quiet, desc="Writing entries", identity=identity)
+        except KeyboardInterrupt as stopped:
+            return interrupted(cache, stopped)
+        written, failures = [], []
+        for q, record, style in zip(questions, records, styles):
+            answer = answers[q.key]
+            if answer["value"] is None:
+                failures.append((q.index, answer["reason"]))
+            else:
+                written.append(preference_record(record, style, answer["value"]))
+        report_failures(failures, len(records), "records")
+        write_json_atomic(out, written)
+        cached = sum(answers[q.key]["cached"] for q in questions if answers[q.key]["value"] is not None)
+        print(f"Wrote {len(written)} preference records to {out} ({len(failures)} failed, {cached} from the cache); "
+              f"train with: gpt2-scratch dpo --data {out}")
+        return 0
 
 
 def _fields(record: dict) -> dict:

@@ -44,7 +44,8 @@ from typing import Literal
 
 from gpt2_scratch.core.args import arg, check_values, redefault
 from gpt2_scratch.core.errors import EXIT_INTERRUPTED, Failure, InputError, Terminated
-from gpt2_scratch.core.files import check_output_file, check_replaceable, write_json_atomic, write_text_atomic
+from gpt2_scratch.core.files import (check_output_file, claimed_output, source_identity, write_json_atomic,
+                                     write_text_atomic)
 from gpt2_scratch.core.llm_http import MAX_REPLY_TOKENS
 from gpt2_scratch.core.llm_work import (
     AnswerCache,
@@ -239,8 +240,6 @@ def run(args: JudgeArgs) -> int:
     # Pre-flight: the outputs replace none of the inputs (checked before any question is asked).
     out = check_output_file(args.out or _default_out(args),
                             inputs=[("--data", args.data), ("--compare-file", args.compare_file)])
-    check_replaceable(out, flag="--out", overwrite=args.overwrite, what="a scores file written by judge",
-                      is_ours=lambda data: isinstance(data, dict) and {"summary", "records"} <= data.keys())
     cache_path = None if args.no_cache else Path(args.cache or out.with_suffix(".cache.jsonl"))
     if cache_path is not None:
         check_output_file(cache_path, flag="--cache", inputs=[("--data", args.data),
@@ -266,6 +265,18 @@ def run(args: JudgeArgs) -> int:
         raise InputError(f"{args.data} holds no records to judge"
                               + (f" (--limit {args.limit})" if args.limit is not None else ""))
 
+    # What the scores are of: a rerun of the same command rewrites them; the scores of other data (or other
+    # responses) are never replaced without --overwrite (core.files.claimed_output).
+    owner = {"by": f"judge --data {args.data}" + (f" --compare-file {args.compare_file}" if args.compare_file else ""),
+             "data": source_identity(args.data), "compare_file": source_identity(args.compare_file),
+             "response_key": args.response_key, "compare_key": other_key if pairwise else None}
+    with claimed_output(out, owner=owner, overwrite=args.overwrite, what="judge") as claim:
+        return _judge(args, claim, records, records_b, other_key, cache_path)
+
+
+def _judge(args: JudgeArgs, claim, records: list[dict], records_b: list[dict], other_key: str, cache_path) -> int:
+    """Ask the judge and write the scores (``run``'s work, once the output is claimed)."""
+    out, pairwise = claim.path, bool(args.compare_key or args.compare_file)
     judge, version = connect(args, args.judge_model, structured=not args.no_structured)
     cache = None if cache_path is None else AnswerCache(cache_path)
     print(f"Judge: {args.judge_model} via {args.api} at {judge.host} (server {version}); "
@@ -286,6 +297,7 @@ def run(args: JudgeArgs) -> int:
     print(text)
     write_json_atomic(out, _json_safe({**meta, "summary": summary, "records": outcomes}), indent=2)
     write_text_atomic(out.with_suffix(".summary.txt"), text + "\n")
+    claim.written()
     print(f"\nWrote {out} and {out.with_suffix('.summary.txt').name}"
           + ("" if pairwise else f", {out.with_suffix('.hist.png').name}"))
     got = summary["num_compared" if pairwise else "num_scores"]

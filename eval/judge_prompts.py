@@ -16,7 +16,7 @@ import json
 import re
 
 from gpt2_scratch.core.llm_http import BOOK_OPTIONS
-from gpt2_scratch.core.prompts import format_input
+from gpt2_scratch.core.prompts import CHAT_STYLE, format_input
 
 PROMPT_VERSION = "book-ch07-v1"
 
@@ -36,10 +36,17 @@ VERDICT_SCHEMA = {
 }
 
 
+def judged_input(entry: dict) -> str:
+    """What the judge is told the model was given: the book's Alpaca prompt of the record, or, for a conversation
+    of several exchanges (core/conversations.py), the conversation before the answer in the chat style."""
+    users = sum(1 for m in entry.get("messages", ()) if m.get("role") == "user")
+    return format_input(entry, CHAT_STYLE if users > 1 else "alpaca")
+
+
 def score_prompt(entry: dict, response: str) -> str:
     """The book's scoring prompt for one record and one model response."""
     return (
-        f"Given the input `{format_input(entry, 'alpaca')}` "
+        f"Given the input `{judged_input(entry)}` "
         f"and correct output `{entry['output']}`, "
         f"score the model response `{response}`"
         f" on a scale from 0 to 100, where 100 is the best score. "
@@ -57,14 +64,14 @@ def pairwise_prompt(entry: dict, response_a: str, response_b: str, criterion: st
     """
     if criterion == "polite":
         return (
-            f"Given the input `{format_input(entry, 'alpaca')}`, "
+            f"Given the input `{judged_input(entry)}`, "
             f"compare model response A `{response_a}` "
             f"with model response B `{response_b}`. "
             f"Which response is more polite? "
             f"Respond with A, B, or tie only."
         )
     return (
-        f"Given the input `{format_input(entry, 'alpaca')}` "
+        f"Given the input `{judged_input(entry)}` "
         f"and correct output `{entry['output']}`, "
         f"compare model response A `{response_a}` "
         f"with model response B `{response_b}`. "

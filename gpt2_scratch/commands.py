@@ -21,19 +21,49 @@ from gpt2_scratch.core.errors import InputError, unicode_problem
 
 MODEL_HELP = "model folder, preset (gpt2-small|gpt2-medium|gpt2-large|gpt2-xl: OpenAI's weights) or Hub repo id"
 UTF8_HINT = "use a UTF-8 terminal or locale, or convert the text with iconv -t UTF-8"
+MIN_TEMPERATURE = 1e-4  # below it sampling is greedy decoding in all but its overflows
 
 
 def check_text(text: str, option: str) -> str:
-    """``text`` given with ``option`` (--prompt, --text ...), refused in one line when it is not UTF-8."""
+    """``text`` given with ``option`` (--prompt, --text ...), refused in one line when it is not UTF-8.
+
+    Under a locale that is not UTF-8 (LANG=C with Python's UTF-8 mode off) Python decodes argv as ASCII, so
+    UTF-8 text arrives as undecodable bytes: then the locale, not the text, is named as the cause.
+    """
     problem = unicode_problem(text, from_bytes=True)
     if problem:
-        raise InputError(f"{option} is {problem}; {UTF8_HINT}")
+        locale_problem = _locale_problem(text)
+        raise InputError(f"{option} {locale_problem}" if locale_problem else f"{option} is {problem}; {UTF8_HINT}")
     return text
+
+
+def _locale_problem(text: str) -> str | None:
+    """Why the locale, not ``text``, is at fault: its bytes are valid UTF-8 that the locale's encoding cannot read."""
+    import os
+
+    encoding = sys.getfilesystemencoding()
+    if encoding.lower().replace("-", "") == "utf8":
+        return None
+    try:
+        os.fsencode(text).decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    setting = next((f"{name}={os.environ[name]}" for name in ("LC_ALL", "LC_CTYPE", "LANG") if os.environ.get(name)),
+                   "no LANG")
+    return (f"is UTF-8 text, but this process's locale ({setting}: {encoding}) cannot read it; run with a UTF-8 "
+            "locale (LANG=C.UTF-8) or PYTHONUTF8=1")
 
 
 def stdin_line(line: str, number: int) -> str:
     """One line read from standard input, without its line ending (\\n or \\r\\n), checked like an option."""
     return check_text(line.rstrip("\r\n"), f"standard input line {number}")
+
+
+def check_stdin_open(what: str) -> None:
+    """Refuse in one line to read standard input when the process has none (started with ``<&-``, or by
+    a service manager): ``sys.stdin`` is then None. ``what`` says what to give instead."""
+    if sys.stdin is None:
+        raise InputError(f"standard input is closed, so there is nothing to read; {what}")
 
 
 def read_stdin_line(prompt: str, number: int) -> str:
@@ -74,7 +104,7 @@ class InitArgs(ShapeOptions):
 
     preset: Literal["gpt2-small", "gpt2-medium", "gpt2-large", "gpt2-xl"] = arg(help="GPT-2 size to start from")
     out: str = arg(help="model folder to create")
-    seed: int = arg(123, "seed of the random init")
+    seed: int = arg(123, "seed of the random init", at_least=0, at_most=2**64 - 1)  # torch.manual_seed's range
     untied: bool = arg(False, "give the LM head its own weights instead of sharing the token embedding's")
     overwrite: bool = arg(False, "replace an existing folder")
 
@@ -115,16 +145,17 @@ def preset_config(preset: str, shape: dict[str, int], *, command: str, **fields)
 def run_init(args: InitArgs) -> None:
     import torch
 
-    from gpt2_scratch.core.files import check_output_dir
+    from gpt2_scratch.core.files import check_output_dir, claimed_output
 
     from . import GPT2ScratchForCausalLM, save_model_dir
 
     check_output_dir(args.out)
     config = preset_config(args.preset, shape_options(args), command=f"init --preset {args.preset}",
                            tie_word_embeddings=not args.untied)
-    torch.manual_seed(args.seed)
-    model = GPT2ScratchForCausalLM(config)
-    save_model_dir(model, args.out, overwrite=args.overwrite)
+    with claimed_output(args.out):  # one run per output at a time (core.files.claimed_output)
+        torch.manual_seed(args.seed)
+        model = GPT2ScratchForCausalLM(config)
+        save_model_dir(model, args.out, overwrite=args.overwrite)
     print(f"wrote {args.out}: {args.preset} ({model.num_parameters():,} parameters, random init, seed {args.seed})")
 
 
@@ -137,12 +168,19 @@ def run_init(args: InitArgs) -> None:
 class SamplingArgs:
     """The book's generation settings, shared by ``generate`` and ``chat``."""
 
-    max_new_tokens: int = arg(50, "tokens to generate at most", at_least=1)
+    max_new_tokens: int | None = arg(None, "tokens to generate at most (default 50, or half the model's context "
+                                           "when that is less)", at_least=1)
     temperature: float = arg(0.0, "0 = greedy (the book's default); > 0 samples: top-k first, then temperature",
                              at_least=0)
     top_k: int | None = arg(None, "sample only among the k most likely tokens", at_least=1)
     top_p: float = arg(1.0, "nucleus sampling threshold in (0, 1] (1 = off)", above=0, at_most=1)
-    seed: int = arg(123, "seed for sampling")
+    seed: int = arg(123, "seed for sampling", at_least=0, at_most=2**64 - 1)  # torch.manual_seed's range
+
+    def check_temperature(self) -> None:
+        """A temperature so close to 0 that logits / T overflow to inf, and sampling fails on NaN: refused."""
+        if 0 < self.temperature < MIN_TEMPERATURE:
+            raise InputError(f"--temperature {self.temperature:g} is too close to 0 to sample with; use 0 (greedy) or "
+                             f"at least {MIN_TEMPERATURE:g}")
 
     def generate_kwargs(self) -> dict:
         """Keyword arguments for ``model.generate``: greedy at temperature 0, else the book's sampling."""
@@ -160,16 +198,30 @@ class GenerateArgs(SamplingArgs):
     ignore_eos: bool = arg(False, "keep going past <|endoftext|>")
 
 
-def load_for_generation(spec: str, max_new_tokens: int):
-    """(model, tokenizer, longest prompt) for ``spec``; an error when no prompt would fit the context."""
+def new_token_budget(typed: int | None, default: int, context: int, spec: str) -> int:
+    """How many tokens to generate at most: the --max-new-tokens the user typed (refused when it leaves no
+    room for a prompt in the model's ``context``), else ``default``, capped to half the context with a notice
+    (a default must fit every model: `make demo`'s has a 128-token context)."""
+    if typed is not None:
+        if typed >= context:
+            raise InputError(f"--max-new-tokens {typed} leaves no room for a prompt in the {context}-token context "
+                             f"of {spec}; ask for at most {context - 1}")
+        return typed
+    if default < context // 2 or context < 2:
+        return default
+    print(f"[at most {context // 2} new tokens: the default {default} does not fit the {context}-token context of "
+          f"{spec}; set --max-new-tokens to choose]", file=sys.stderr)
+    return context // 2
+
+
+def load_for_generation(spec: str, max_new_tokens: int | None, default: int):
+    """(model, tokenizer, longest prompt, new tokens at most) for ``spec`` (``new_token_budget``)."""
     from gpt2_scratch.convert.resolve import load_model, load_tokenizer
 
     model = load_model(spec)
     context = model.config.max_position_embeddings
-    if max_new_tokens >= context:
-        raise InputError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in the {context}-token "
-                         f"context of {spec}; ask for at most {context - 1}")
-    return model, load_tokenizer(spec), context - max_new_tokens
+    budget = new_token_budget(max_new_tokens, default, context, spec)
+    return model, load_tokenizer(spec), context - budget, budget
 
 
 def crop_prompt(ids: list[int], max_prompt: int) -> list[int]:
@@ -186,18 +238,21 @@ def run_generate(args: GenerateArgs) -> None:
     import torch
     from transformers import TextStreamer
 
-    from .tokenizer import ENDOFTEXT_ID
+    from .tokenizer import ENDOFTEXT_ID, encode_user_text
 
+    args.check_temperature()
     if args.prompt is not None:
         check_text(args.prompt, "--prompt")
-    model, tokenizer, max_prompt = load_for_generation(args.model, args.max_new_tokens)
+    else:  # before the model loads: a closed stdin costs no load
+        check_stdin_open("give the text with --prompt, or pipe prompts in")
+    model, tokenizer, max_prompt, max_new_tokens = load_for_generation(args.model, args.max_new_tokens, 50)
 
     def complete(prompt: str) -> None:
-        ids = crop_prompt(tokenizer.encode(prompt, verbose=False), max_prompt)  # crop_prompt says what it cut
+        ids = crop_prompt(encode_user_text(tokenizer, prompt), max_prompt)  # crop_prompt says what it cut
         torch.manual_seed(args.seed)
         with torch.inference_mode():
             model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                           max_new_tokens=args.max_new_tokens, eos_token_id=None if args.ignore_eos else ENDOFTEXT_ID,
+                           max_new_tokens=max_new_tokens, eos_token_id=None if args.ignore_eos else ENDOFTEXT_ID,
                            pad_token_id=ENDOFTEXT_ID, streamer=TextStreamer(tokenizer, skip_special_tokens=True),
                            **args.generate_kwargs())
 
@@ -229,10 +284,11 @@ class ChatArgs(SamplingArgs):
     model: str = arg(help="instruction model folder (e.g. the output of `gpt2-scratch sft`), preset or Hub repo id")
     prompt: str | None = arg(None, "one message: print its answer and exit (without it, an interactive chat)")
     input: str | None = arg(None, "with --prompt: the record's input text (the book's '### Input:' part)")
-    prompt_style: Literal["alpaca", "phi3"] | None = arg(
+    prompt_style: Literal["alpaca", "phi3", "chat"] | None = arg(
         None, "how messages are wrapped (default: the style the model was trained with, else alpaca)",
         aliases=("--style",))
-    max_new_tokens: int = arg(256, "tokens per answer at most")
+    max_new_tokens: int | None = arg(None, "tokens per answer at most (default 256, or half the model's context "
+                                           "when that is less)", at_least=1)
 
 
 def chat_prompt(message: str, style: str, input_text: str | None = None) -> str:
@@ -248,33 +304,51 @@ def run_chat(args: ChatArgs) -> None:
     import torch
     from transformers import TextStreamer
 
-    from .tokenizer import ENDOFTEXT_ID
+    from gpt2_scratch.core.prompts import CHAT_STYLE
 
+    from .chat_history import fit_history
+    from .tokenizer import ENDOFTEXT_ID, encode_user_text
+
+    args.check_temperature()
     for option, text in (("--prompt", args.prompt), ("--input", args.input)):
         if text is not None:
             check_text(text, option)
-    model, tokenizer, max_prompt = load_for_generation(args.model, args.max_new_tokens)
+    if args.prompt is None:  # before the model loads: a closed stdin costs no load
+        check_stdin_open("give the message with --prompt, or pipe messages in")
+    model, tokenizer, max_prompt, max_new_tokens = load_for_generation(args.model, args.max_new_tokens, 256)
     style = args.prompt_style or getattr(model.config, "prompt_style", None) or "alpaca"
+    # The chat style keeps the conversation (system: --input); the book's styles answer each message on its own.
+    history: list[dict] = [{"role": "system", "content": args.input}] if style == CHAT_STYLE and args.input else []
 
     def answer(message: str, input_text: str | None = None) -> None:
-        ids = crop_prompt(tokenizer.encode(chat_prompt(message, style, input_text), verbose=False), max_prompt)
+        nonlocal history
+        if style == CHAT_STYLE:
+            history, ids = fit_history(tokenizer, [*history, {"role": "user", "content": message}], max_prompt)
+            ids = crop_prompt(ids, max_prompt)  # the newest message alone too long: cropped as any prompt
+        else:
+            ids = crop_prompt(encode_user_text(tokenizer, chat_prompt(message, style, input_text)), max_prompt)
         torch.manual_seed(args.seed)
         # skip_prompt: only the answer streams, token by token, as it is generated.
         streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
         with torch.inference_mode():
-            model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                           max_new_tokens=args.max_new_tokens, eos_token_id=ENDOFTEXT_ID, pad_token_id=ENDOFTEXT_ID,
-                           streamer=streamer, **args.generate_kwargs())
+            out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                 max_new_tokens=max_new_tokens, eos_token_id=ENDOFTEXT_ID, pad_token_id=ENDOFTEXT_ID,
+                                 streamer=streamer, **args.generate_kwargs())
+        if style == CHAT_STYLE:  # the answer joins the history as text, as a client sends it back
+            history.append({"role": "assistant", "content": tokenizer.decode(out[0, len(ids):],
+                                                                             skip_special_tokens=True)})
 
     if args.prompt is not None:
         answer(args.prompt, args.input)
         return
-    if args.input is not None:
+    if args.input is not None and style != CHAT_STYLE:
         raise InputError("--input goes with --prompt; in the chat, type the instruction and its input together")
     interactive = sys.stdin.isatty()
     if interactive:
-        print(f"Chatting with {args.model} ({style} prompts; each message is answered on its own). "
-              f"Type /quit or press Ctrl-D to leave.", file=sys.stderr)
+        kept = "the conversation is kept while it fits the context" if style == CHAT_STYLE else \
+            "each message is answered on its own"
+        print(f"Chatting with {args.model} ({style} prompts; {kept}). Type /quit or press Ctrl-D to leave.",
+              file=sys.stderr)
     for number in itertools.count(1):
         try:
             message = read_stdin_line("you> " if interactive else "", number)
@@ -292,6 +366,8 @@ def run_chat(args: ChatArgs) -> None:
             answer(message)
         except KeyboardInterrupt:  # stop this answer, keep the chat
             print("\n[answer stopped]", file=sys.stderr)
+            if history and history[-1]["role"] == "user":
+                history.pop()  # the unanswered message leaves the history
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -316,13 +392,15 @@ def classify_texts(model, tokenizer, texts: list[str]) -> list[tuple[str, float]
     """
     import torch
 
+    from .tokenizer import encode_user_text  # deferred with torch: --help stays quick
+
     config = model.config
     max_length = min(getattr(config, "classification_max_length", None) or config.max_position_embeddings,
                      config.max_position_embeddings)
     results = []
     with torch.inference_mode():
         for index, text in enumerate(texts):
-            ids = tokenizer.encode(text, verbose=False)  # too long: cropped below, with a note of our own
+            ids = encode_user_text(tokenizer, text)  # too long: cropped below, with a note of our own
             if not ids:
                 raise InputError(f"--text {index + 1} is empty after tokenization; give some text")
             if len(ids) > max_length:
@@ -342,6 +420,8 @@ def run_predict(args: PredictArgs) -> None:
 
     for number, text in enumerate(args.text, start=1):  # checked before the model loads: a bad one costs no load
         check_text(text, f"--text {number}" if len(args.text) > 1 else "--text")
+    if "-" in args.text:
+        check_stdin_open("give the texts with --text instead of '-'")
     model = load_model_dir(args.model, head="classifier")
     texts: list[str] = []
     for text in args.text:

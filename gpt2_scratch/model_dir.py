@@ -9,7 +9,8 @@ installed. ``save_model_dir`` builds it in a temporary sibling and renames it in
 ``load_model_dir`` is the strict way back in, used by every command that takes a model folder. It
 refuses, with one line naming the folder and the tensor, what ``from_pretrained`` would otherwise
 accept with a warning and random weights: a missing tensor, an extra one, a shape that disagrees with
-config.json, a truncated or unreadable weights file, a config that is not ours.
+config.json, a truncated or unreadable weights file, a config that is not ours, a tokenizer.json that is
+not GPT-2's.
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ import logging
 import os
 from pathlib import Path
 
-from gpt2_scratch.core.errors import InputError
+from gpt2_scratch.core.errors import InputError, unicode_problem
 from gpt2_scratch.core.files import path_kind, write_dir_atomically
 
-from .tokenizer import ENDOFTEXT_ID, get_tokenizer
+from .tokenizer import ENDOFTEXT_ID, check_tokenizer_files, get_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -175,6 +176,15 @@ def check_config(path: str | os.PathLike, config: dict):
         value = config.get(field)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
             raise bad(field, "a token id (an integer >= 0) or null")
+    for target in sorted(set(GPT2ScratchConfig.attribute_map.values())):
+        # transformers lets an alias (n_embd, hidden_size) silently override the key itself (emb_dim): two values
+        # for one setting are refused by name, instead of as the weights' shapes disagreeing with one of them.
+        aliases = sorted(alias for alias, aimed in GPT2ScratchConfig.attribute_map.items() if aimed == target)
+        names = [name for name in (target, *aliases) if name in config]
+        if len({json.dumps(config[name]) for name in names}) > 1:
+            said = " and ".join(f"{name} {json.dumps(config[name])}" for name in names)
+            raise ModelDirError(f"{config_file}: {said} disagree, though they name one setting ({target}); keep "
+                                f"the right one and remove the other{'s' if len(names) > 2 else ''} from config.json")
     try:
         built = GPT2ScratchConfig.from_dict(config)
     except (ValueError, TypeError, AttributeError, KeyError) as err:
@@ -318,10 +328,15 @@ def load_model_dir(path: str | os.PathLike, *, head: str = "auto", flag: str = "
     register()
     path = Path(path).expanduser()
     config = read_config(path, flag=flag)
+    problem = unicode_problem(str(path), from_bytes=True)
+    if problem:  # safetensors takes UTF-8 paths only: its message would call the weights damaged
+        raise ModelDirError(f"{flag} {path}: the path is {problem}, which safetensors cannot open; rename the "
+                            "folder (or a folder above it)")
     if config.get("model_type") != "gpt2-scratch":
         raise ModelDirError(f"{flag} {path} holds a {config.get('model_type')!r} model, not a gpt2-scratch one; "
                             "convert it first (`gpt2-scratch convert hf --from-dir DIR --out OUT`)")
     built = check_config(path, config)
+    check_tokenizer_files(path, flag=flag)
     is_classifier = is_classifier_config(config)
     if head == "auto":
         head = "classifier" if is_classifier else "causal-lm"

@@ -11,6 +11,7 @@ Both give identical ids (tested on every text of the book's instruction data).
 import copy
 import functools
 import hashlib
+import json
 from importlib import resources
 from pathlib import Path
 
@@ -93,3 +94,68 @@ def get_tokenizer(padding_side: str = "right") -> GPT2TokenizerFast:
     tokenizer.padding_side = padding_side
     return tokenizer
 
+
+
+def encode_user_text(tokenizer, text: str) -> list[int]:
+    """The ids of text a user typed (``generate``, ``chat``, ``predict``): text that looks like a special token
+    (``<|endoftext|>``) stays text, as llama.cpp treats user input, so a typed marker can never end or
+    restart a prompt; the prompt's own end-of-text tokens are added by ids, never by spelling."""
+    return tokenizer.encode(text, split_special_tokens=True, verbose=False)
+
+
+@functools.cache
+def _gpt2_merges_digest() -> str:
+    """sha256 of GPT-2's merges, one "a b" per line (vocab.bpe without its #version line)."""
+    _, vocab_bpe = vocab_files()
+    lines = [line for line in vocab_bpe.read_text(encoding="utf-8").splitlines()[1:] if line]
+    return hashlib.sha256("\n".join(lines).encode("utf-8")).hexdigest()
+
+
+@functools.cache
+def _gpt2_vocab() -> dict:
+    encoder_json, _ = vocab_files()
+    return json.loads(encoder_json.read_text(encoding="utf-8"))
+
+
+def tokenizer_json_problem(file: Path) -> str | None:
+    """Why ``file`` (a model folder's tokenizer.json) is not GPT-2's byte-pair encoding, or None when it is.
+
+    Every model of this project reads and writes GPT-2's 50,257 tokens (training always uses the built-in
+    tokenizer); a folder that carries another tokenizer would give garbage, or ids beyond the vocabulary, with
+    no word. The vocabulary and the merges are compared with GPT-2's own files; ``<|endoftext|>`` (50256) is the
+    only added token allowed.
+    """
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        return f"cannot be read as JSON ({' '.join(str(err).split())[:120]})"
+    model = data.get("model") if isinstance(data, dict) else None
+    if not isinstance(model, dict) or model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
+        return f"holds no byte-pair encoding (model type {model.get('type') if isinstance(model, dict) else None!r})"
+    vocab = model["vocab"]
+    if vocab != _gpt2_vocab():
+        return f"holds a vocabulary of {len(vocab):,} tokens that is not GPT-2's ({VOCAB_SIZE:,})"
+    merges = model.get("merges") or []
+    lines = [" ".join(m) if isinstance(m, list) else str(m) for m in merges]
+    if hashlib.sha256("\n".join(lines).encode("utf-8")).hexdigest() != _gpt2_merges_digest():
+        return f"holds GPT-2's vocabulary with other merges ({len(merges):,} of them)"
+    for token in data.get("added_tokens") or []:
+        if isinstance(token, dict) and (token.get("id"), token.get("content")) != (ENDOFTEXT_ID, ENDOFTEXT):
+            return f"adds the token {str(token.get('content'))[:40]!r} (id {token.get('id')}), which GPT-2 lacks"
+    return None
+
+
+def check_tokenizer_files(folder: Path, *, flag: str = "--model") -> None:
+    """Refuse, in one line, a model folder whose tokenizer.json is not GPT-2's (``tokenizer_json_problem``).
+
+    The one tokenizer check of every command that opens a model folder (``load_model_dir``, the HF converter,
+    ``load_tokenizer``), so chat, respond, generate and training all judge a folder alike."""
+    from gpt2_scratch.core.errors import InputError
+
+    file = Path(folder) / "tokenizer.json"
+    if not file.is_file():
+        return  # no tokenizer of its own: the built-in GPT-2 tokenizer is used
+    problem = tokenizer_json_problem(file)
+    if problem:
+        raise InputError(f"{flag} {folder}: its tokenizer.json {problem}; this project's models use GPT-2's "
+                         "tokenizer: remove the file (the built-in one is then used) or pass a GPT-2 model folder")

@@ -248,11 +248,40 @@ class Workspace:
     def weights(self, name: str, change: Callable[[dict], None]) -> Path:
         return copy_with_weights(self.model, self.root / name, change)
 
+    def held(self, out: Path) -> Path:
+        """``out`` as another run that is writing it holds it (its lock, taken in this process on its own
+        descriptor, as a second process would see it); released when the case ends."""
+        from gpt2_scratch.core.files import FileLock
+
+        self.locks.append(FileLock.beside(out))
+        return out
+
+    def foreign_tokenizer(self, name: str) -> Path:
+        """A copy of the model folder with a 400-token byte-level BPE of its own as tokenizer.json."""
+        from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+        path = self.root / name
+        shutil.copytree(self.model, path)
+        tokenizer = Tokenizer(models.BPE())
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel()
+        tokenizer.train_from_iterator([f"hello world {i} the quick brown fox" for i in range(200)],
+                                      trainers.BpeTrainer(vocab_size=400, show_progress=False))
+        tokenizer.save(str(path / "tokenizer.json"))
+        return path
+
+    def output_of(self, argv: list) -> None:
+        """Run a command whose output a case then tries to replace (it must succeed)."""
+        assert main([str(a) for a in argv]) == 0
+
 
 
 @pytest.fixture()
 def ws(tmp_path, tiny_model_dir, servers):
-    return Workspace(tmp_path, tiny_model_dir, servers)
+    workspace = Workspace(tmp_path, tiny_model_dir, servers)
+    workspace.locks = []
+    yield workspace
+    for lock in workspace.locks:
+        lock.release()
 
 
 @pytest.fixture(scope="module")
@@ -281,6 +310,7 @@ class Case:
     seconds: float = 20.0  # the command must end within this
     cwd: bool = False  # run in the workspace (a relative, Hub-like --model)
     stdin: str | None = None  # what the command reads from standard input (bytes that are not UTF-8 as surrogates)
+    closed_stdin: bool = False  # the process has no standard input (started with <&-): sys.stdin is None
 
 
 def judge(ws: Workspace, data: Path, *extra) -> list:
@@ -314,6 +344,33 @@ def _as(dtype: torch.dtype, name: str | None = None) -> Callable[[dict], None]:
 
 def _untied_head(tensors: dict) -> None:
     tensors["lm_head.weight"] = torch.randn_like(tensors["transformer.wte.weight"])
+
+
+TINY_INIT = ["--n-layers", "2", "--emb-dim", "64", "--n-heads", "4", "--context-length", "128"]
+
+
+def respond(ws: Workspace, *extra) -> list:
+    return ["respond", "--model", ws.model, "--data", ws.data, "--limit", "2", "--max-new-tokens", "2", "--quiet",
+            "--out", ws.root / "r.json", *extra]
+
+
+def _with_file(ws: Workspace, name: str, file: str, text: str) -> Path:
+    path = ws.root / name
+    shutil.copytree(ws.model, path)
+    (path / file).write_text(text)
+    return path
+
+
+def _without(ws: Workspace, name: str, file: str) -> Path:
+    path = ws.root / name
+    shutil.copytree(ws.model, path)
+    (path / file).unlink()
+    return path
+
+
+def _swap_tokenizer(ws: Workspace, folder: Path) -> Path:
+    shutil.copy(ws.foreign_tokenizer("bpe400") / "tokenizer.json", folder / "tokenizer.json")
+    return folder
 
 
 CASES = [
@@ -485,11 +542,11 @@ CASES = [
     Case("respond --out: an existing file that is not respond's output", lambda ws: [
         "respond", "--model", str(ws.model), "--data", str(ws.data), "--out", str(ws.file("notes.json", "[1, 2]")),
         "--limit", "2", "--max-new-tokens", "2"], 2,
-        "--out {root}/notes.json already exists and is not a responses file written by respond; choose another "
-        "file, or add --overwrite to replace it"),
+        "--out {root}/notes.json already exists and holds a file this command did not write, not respond's output "
+        "for these inputs; choose another file, or add --overwrite to replace it"),
     Case("judge --out: an existing file that is not judge's output", lambda ws: [
         "judge", "--data", str(ws.responses), "--out", str(ws.file("mine.txt", "my notes")), "--host",
-        ws.servers["ok"], *CHAT_FLAGS], 2, "--out {root}/mine.txt already exists and is not a scores file written by judge"),
+        ws.servers["ok"], *CHAT_FLAGS], 2, "--out {root}/mine.txt already exists and holds a file this command did not write"),
     Case("respond --response-key output (the reference answer)", lambda ws: [
         "respond", "--model", str(ws.model), "--data", str(ws.data), "--out", str(ws.root / "r.json"),
         "--response-key", "output"], 2, "--response-key 'output': a field of the records themselves"),
@@ -567,6 +624,97 @@ CASES = [
     Case("push --run-dir: a folder with no run in it", lambda ws: [*push(ws.model), "--run-dir", str(
         (lambda d: d.mkdir() or d)(ws.root / "empty"))], 2, "--run-dir {root}/empty: holds no training run",
         env=PUSH_ENV),
+    # --- two commands on one output: the second is refused before any work, the first's file untouched -----
+    Case("init --overwrite on a folder another init is writing", lambda ws: [
+        "init", "--preset", "gpt2-small", *TINY_INIT, "--overwrite", "--out", ws.held(ws.model)], 2,
+        "--out {root}/model is in use by another run (pid "),
+    Case("convert export-hf --overwrite on a folder another export is writing", lambda ws: [
+        "convert", "export-hf", "--model", ws.model, "--overwrite", "--out", ws.held(ws.config("hf"))], 2,
+        "--out {root}/hf is in use by another run (pid "),
+    Case("convert gguf --overwrite on a file another conversion is writing", lambda ws: [
+        "convert", "gguf", "--model", ws.model, "--overwrite", "--out", ws.held(ws.file("m.gguf", b"GGUF other"))], 2,
+        "--out {root}/m.gguf is in use by another run (pid "),
+    Case("respond on an --out another respond is writing", lambda ws: [
+        *respond(ws, "--overwrite"), "--out", ws.held(ws.file("r.json", "[]"))], 2,
+        "--out {root}/r.json is in use by another run (pid "),
+    Case("judge on an --out another judge is writing", lambda ws: ws.held(ws.file("scores.json", "{}")) and [
+        *judge(ws, ws.responses, "--host", ws.servers["ok"], "--overwrite"), *CHAT_FLAGS], 2,
+        "--out {root}/scores.json is in use by another run (pid "),
+    # --- an output that is not this command's for these inputs: never replaced without --overwrite ----------
+    Case("respond --out holds responses this command did not write", lambda ws: [*respond(ws), "--out", ws.file(
+        "r.json", json.dumps([{"instruction": "x", "model_response": "mine"}]))], 2,
+        "--out {root}/r.json already exists and holds a file this command did not write, not respond's output"),
+    Case("respond --out holds another model's responses", lambda ws: [
+        *respond(ws), "--out", ws.root / "r.json", "--model", ws.output_of([*respond(ws), "--out", ws.root / "r.json"])
+        or ws.weights("other", _untied_head)], 2,
+        "--out {root}/r.json already exists and holds the output of `respond --model {root}/model --data"),
+    Case("respond --out: its own output, edited by hand since", lambda ws: [*respond(ws), "--out", (
+        ws.output_of([*respond(ws)]) or ws.file("r.json", json.dumps([{"instruction": "mine"}])))], 2,
+        "--out {root}/r.json already exists and holds a file this command did not write"),
+    Case("judge --out holds the scores of other data", lambda ws: [
+        *judge(ws, ws.output_of([*judge(ws, ws.judged("a.json", ["Blue."] * 2), "--host", ws.servers["ok"]),
+                                 *CHAT_FLAGS]) or ws.judged("b.json", ["Red."] * 2), "--host", ws.servers["ok"]),
+        *CHAT_FLAGS], 2, "--out {root}/scores.json already exists and holds the output of `judge --data {root}/a.json`"),
+    # --- a model folder whose tokenizer is not GPT-2's: refused alike by every command that opens it -------
+    *[Case(f"{name}: a tokenizer.json that is not GPT-2's", lambda ws, b=build: b(ws, ws.foreign_tokenizer("bpe400")),
+           2, "--model {root}/bpe400: its tokenizer.json holds a vocabulary of") for name, build in [
+        ("chat", lambda ws, m: ["chat", "--model", m, "--prompt", "hi", "--max-new-tokens", "2"]),
+        ("generate", lambda ws, m: generate(m)),
+        ("respond", lambda ws, m: [*respond(ws), "--model", m]),
+        ("sft", lambda ws, m: [*tiny_sft(ws), "--model", m])]],
+    Case("convert hf --from-dir: a tokenizer.json that is not GPT-2's", lambda ws: [
+        "convert", "hf", "--from-dir", ws.output_of(["convert", "export-hf", "--model", ws.model, "--out",
+                                                      ws.root / "hf"]) or _swap_tokenizer(ws, ws.root / "hf"),
+        "--out", ws.root / "back"], 2, "--from-dir {root}/hf: its tokenizer.json holds a vocabulary of", new_files=True),
+    Case("convert export-hf of a folder that is already an export", lambda ws: [
+        "convert", "export-hf", "--model", ws.output_of(["convert", "export-hf", "--model", ws.model, "--out",
+                                                         ws.root / "hf"]) or ws.root / "hf", "--out", ws.root / "hf2"],
+        2, "{root}/hf: already a transformers GPT-2 folder (model_type gpt2), which is what export-hf writes"),
+    # --- push: what every user of the Hub repo would fail on ------------------------------------------------
+    Case("push: a chat_template.jinja that does not parse", lambda ws: [*push(ws.model), "--model", _with_file(
+        ws, "badtemplate", "chat_template.jinja", "{% if %}")], 2, "--model {root}/badtemplate/chat_template.jinja: the "
+        "chat template fails (TemplateSyntaxError", env=PUSH_ENV),
+    Case("push: no tokenizer files", lambda ws: [*push(ws.model), "--model", _without(ws, "notok", "tokenizer.json")],
+         2, "--model {root}/notok: no tokenizer.json, so AutoTokenizer.from_pretrained would fail", env=PUSH_ENV),
+    # --- numbers, names and the environment at their limits -------------------------------------------------
+    Case("sft --run-name that leaves OUT/trackers", lambda ws: [*tiny_sft(ws), "--run-name", "../../../../x",
+                                                                 "--report-to", "tensorboard"], 2,
+         "--run-name '../../../../x': must be a plain name"),
+    Case("sft --seed 2**32: the bound shown exactly", lambda ws: [*tiny_sft(ws), "--seed", "4294967296"], 2,
+         "--seed must be in [0, 4294967295], got 4294967296"),
+    Case("generate: config.json's n_embd disagrees with its emb_dim", lambda ws: generate(ws.config(
+        "alias", n_embd=128)), 2, "{root}/alias/config.json: emb_dim 64 and n_embd 128 disagree"),
+    Case("chat --max-new-tokens typed beyond the context", lambda ws: [
+        "chat", "--model", ws.model, "--prompt", "hi", "--max-new-tokens", "200"], 2,
+        "--max-new-tokens 200 leaves no room for a prompt in the 128-token context"),
+    Case("chat with standard input closed", lambda ws: ["chat", "--model", ws.model], 2,
+         "standard input is closed, so there is nothing to read; give the message with --prompt", closed_stdin=True),
+    Case("generate with standard input closed", lambda ws: ["generate", "--model", ws.model], 2,
+         "standard input is closed, so there is nothing to read; give the text with --prompt", closed_stdin=True),
+    # --- the fourth pass: odd names, the environment, the new mechanisms themselves, sampling at its limit ---
+    Case("init --out whose name is not UTF-8", lambda ws: ["init", "--preset", "gpt2-small", *TINY_INIT, "--out",
+                                                            str(ws.root / "m\udcff")], 2,
+         "the path is not valid UTF-8 (byte 0xff), which safetensors cannot write to"),
+    Case("generate --model whose name is not UTF-8", lambda ws: generate(shutil.copytree(ws.model, ws.root / "m\udcff")),
+         2, "the path is not valid UTF-8 (byte 0xff), which safetensors cannot open; rename the folder"),
+    Case("convert gguf --out with a newline in its name", lambda ws: [
+        "convert", "gguf", "--model", ws.model, "--out", str(ws.root / "x\ny.gguf")], 2,
+        "is a name with a control character (a newline?), which the Modelfile's FROM line cannot hold"),
+    Case("respond --out - (standard output)", lambda ws: [*respond(ws), "--out", "-"], 2,
+         "--out -: writing to standard output is not supported; give the path of a file"),
+    Case("GPT2_SCRATCH_CACHE is a file", lambda ws: [*generate(ws.model), "--model", "gpt2-small"], 2,
+         "the cache folder $GPT2_SCRATCH_CACHE=", env={"GPT2_SCRATCH_CACHE": "/etc/hostname"}),
+    Case("an output's lock file is a symbolic link to another file", lambda ws: [*respond(ws), "--out", str(
+        ws.root / "r.json")] if os.symlink(ws.file("precious.txt", "keep me"), ws.root / ".r.json.lock") is None
+         else [], 2, "its lock file {root}/.r.json.lock is a symbolic link, which a lock never is"),
+    Case("two spellings of one --out (a link) share its lock", lambda ws: [*respond(ws), "--out", str(
+        ws.root / "link.json")] if ws.held(ws.file("r.json", "[]")) and os.symlink(ws.root / "r.json",
+                                                                                    ws.root / "link.json") is None
+         else [], 2, "--out {root}/r.json is in use by another run (pid "),
+    Case("the owner stamp's path is a folder", lambda ws: [*respond(ws)] if (ws.root / ".r.json.owner.json").mkdir()
+         is None else [], 2, "{root}/.r.json.owner.json, where the output's owner is recorded, is a folder"),
+    Case("generate --temperature 1e-320", lambda ws: [*generate(ws.model), "--temperature", "1e-320"], 2,
+         "is too close to 0 to sample with; use 0 (greedy) or at least 0.0001"),
 ]
 
 
@@ -577,6 +725,8 @@ def test_bad_input(case: Case, ws: Workspace, capsys, monkeypatch):
         monkeypatch.chdir(ws.root)
     if case.stdin is not None:
         monkeypatch.setattr("sys.stdin", io.StringIO(case.stdin))
+    if case.closed_stdin:
+        monkeypatch.setattr("sys.stdin", None)
     assert_refused([str(a) for a in case.argv(ws)], ws.root, capsys, code=case.code,
                    needle=case.needle.format(root=ws.root, **ws.servers), new_files=case.new_files,
                    seconds=case.seconds)

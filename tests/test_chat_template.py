@@ -229,3 +229,39 @@ def test_pipeline_with_chat_messages_answers_as_chat_does(trained, tmp_path, cap
     replies = json.loads(result.stdout.strip().splitlines()[-1])
     for name in folders:
         assert replies[name] == {"alone": expected, "batch": expected}, name
+
+
+@pytest.mark.parametrize("style", ["alpaca", "phi3"])
+def test_developer_tool_and_list_of_parts_messages_are_not_lost(folders, style):
+    """OpenAI's newer messages used to be dropped (developer, tool) or raise TypeError (a list of parts)."""
+    tokenizer = saved_tokenizer(folders[style])
+    parts = [{"type": "text", "text": "Name a "}, {"type": "image_url", "image_url": {"url": "x"}},
+             {"type": "text", "text": "colour."}]
+    got = render(tokenizer, [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": parts},
+                             {"role": "assistant", "content": None, "tool_calls": []},
+                             {"role": "tool", "content": [{"type": "text", "text": "sky: blue"}]}],
+                 add_generation_prompt=True)
+    assert got == generation_prompt({"instruction": "Name a colour.", "input": "Be brief.\n\nsky: blue"}, style)
+    # developer is exactly system, as OpenAI defines it
+    assert render(tokenizer, [{"role": "developer", "content": "x"}, {"role": "user", "content": "y"}]) == \
+        render(tokenizer, [{"role": "system", "content": "x"}, {"role": "user", "content": "y"}])
+
+
+def test_the_prompt_style_survives_export_hf_and_back(folders, tmp_path, capsys):
+    """export-hf used to drop prompt_style: chat and respond on the export prompted in Alpaca style."""
+    from gpt2_scratch.convert.resolve import load_model
+
+    exported, back = tmp_path / "hf", tmp_path / "back"
+    assert convert_main(["export-hf", "--model", folders["phi3"], "--out", exported]) == 0
+    assert json.loads((exported / "config.json").read_text())["prompt_style"] == "phi3"
+    assert saved_tokenizer(exported).chat_template == chat_template("phi3")
+    assert load_model(str(exported)).config.prompt_style == "phi3"  # what chat and respond read
+    assert convert_main(["hf", "--from-dir", exported, "--out", back]) == 0
+    assert json.loads((back / "config.json").read_text())["prompt_style"] == "phi3"
+    assert (back / "chat_template.jinja").read_text(encoding="utf-8") == chat_template("phi3")
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps([{"instruction": "Say hi.", "output": "Hi."}]))
+    capsys.readouterr()
+    assert main(["respond", "--model", str(exported), "--data", str(data), "--out", str(tmp_path / "r.json"),
+                 "--max-new-tokens", "2", "--quiet"]) == 0
+    assert "phi3 prompts" in capsys.readouterr().out

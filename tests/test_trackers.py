@@ -3,6 +3,7 @@ with each tracker's own reader; a resumed run continues the same tracker runs wi
 
 import dataclasses
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -370,3 +371,44 @@ def test_a_resumed_real_run_has_each_step_once_in_the_same_tracker_runs(real_run
         assert [run.name for run in trackio.Api().runs("gpt2-scratch")] == ["spam"]
     if "wandb" in saved:  # W&B writes one offline folder per session of the run, all with its id
         assert len(list((first["out"] / "trackers" / "wandb").glob(f"offline-run-*-{saved['wandb']['id']}"))) == 2
+
+
+RESUME_TRACKERS = """
+import sys, types
+from gpt2_scratch.core.cli import run_command
+from gpt2_scratch.train.trackers import Trackers
+args = types.SimpleNamespace(report_to=["tensorboard"], project=None, run_name=None, lr=5e-5)
+sys.exit(run_command(lambda: Trackers.start(args, sys.argv[1], resuming=True).close()))
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid"), reason="POSIX permissions")
+def test_a_read_only_trackers_folder_on_resume_is_one_line_and_no_thread_traceback(tmp_path):
+    """A 15-line traceback from TensorBoard's writer thread used to come before the one-line error."""
+    import subprocess
+    import sys
+    import tempfile
+
+    # pytest's own folder is private to its user: the run goes where another user can read it.
+    tmp_path = Path(tempfile.mkdtemp(prefix="read-only-trackers-"))
+    out = tmp_path / "run"
+    Trackers.start(FakeArgs(out=str(out), report_to=["tensorboard"]), out).close()  # the first start
+    command = [sys.executable, "-c", RESUME_TRACKERS, str(out)]
+    if os.geteuid() == 0:  # root writes anywhere: resume as an ordinary user, as the files' readers would
+        if not shutil.which("setpriv"):
+            pytest.skip("running as root without setpriv: no way to make a folder read-only")
+        os.chmod(tmp_path, 0o755)
+        command = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *command]
+    for folder in [out / "trackers", *(p for p in (out / "trackers").rglob("*") if p.is_dir())]:
+        os.chmod(folder, 0o555)
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "HOME": str(tmp_path)})
+    finally:
+        for folder in [out / "trackers", *(p for p in (out / "trackers").rglob("*") if p.is_dir())]:
+            os.chmod(folder, 0o755)
+        shutil.rmtree(tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines() == [f"error: --report-to {out / 'trackers'}: cannot write in "
+                                                f"{out / 'trackers'} (Permission denied); choose a folder you can "
+                                                "write to"]

@@ -21,10 +21,11 @@ import datasets
 import torch
 from torch.utils.data import Sampler
 
-from gpt2_scratch.core.prompts import format_example, format_input
+from gpt2_scratch.core.prompts import CHAT_STYLE, format_example, format_input
 from gpt2_scratch.core.records import BOOK_FRACTIONS, DataError, book_split, record_input
 from gpt2_scratch.modeling_gpt2_scratch import IGNORE_INDEX  # the one ignore index (what cross_entropy skips)
 from gpt2_scratch.tokenizer import ENDOFTEXT_ID
+from gpt2_scratch.train.conversation_data import tokenize_conversations
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +55,11 @@ def _records_from_batch(batch: dict) -> list[dict]:
     return [dict(zip(keys, values)) for values in zip(*(batch[k] for k in keys))]
 
 
+def longest_token_bytes(tokenizer) -> int:
+    """Bytes of the vocabulary's longest token (byte-level BPE: one vocabulary character per byte)."""
+    return max(len(token) for token in tokenizer.get_vocab())
+
+
 def tokenize_dataset(
     ds: datasets.Dataset,
     tokenizer,
@@ -74,10 +80,18 @@ def tokenize_dataset(
     if too_long not in ("truncate", "drop"):
         raise ValueError(f"too_long must be 'truncate' or 'drop', got {too_long!r}")
 
+    # A text longer than this has more than max_length tokens whatever it holds (no token spans more bytes than
+    # the longest in the vocabulary, and a character is at least one byte): it is cut here, before tokenizing, so
+    # a 10 MB record costs what a 100 kB one does (the tokenizer takes ~200 bytes of memory per byte of text).
+    # Its first max_length tokens are unchanged unless the cut falls inside one word that starts before them.
+    cut = None if max_length is None else (max_length + 1) * longest_token_bytes(tokenizer)
+
     def tokenize(batch: dict) -> dict:
         records = _records_from_batch(batch)
         prompts = [format_input(r, style) for r in records]
         texts = [format_example(r, style) for r in records]
+        if cut is not None:
+            texts = [text[:cut] for text in texts]
         enc = tokenizer(texts, return_offsets_mapping=True, add_special_tokens=False)
         prompt_lengths = []
         for prompt, offsets in zip(prompts, enc["offset_mapping"]):
@@ -131,6 +145,7 @@ def collate_instruction_batch(
     ignore_index: int = IGNORE_INDEX,
     allowed_max_length: int | None = None,
     prompt_lengths: Sequence[int] | None = None,
+    assistant_masks: Sequence[Sequence[int]] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The book's ``custom_collate_fn``: (inputs, targets), both [batch, longest + 1 - 1] long tensors.
 
@@ -138,7 +153,9 @@ def collate_instruction_batch(
     last position and targets the first (next-token shift); every padding target after the item's own
     <|endoftext|> becomes ``ignore_index``; both are cut to ``allowed_max_length``. With
     ``prompt_lengths`` (the book's exercise 7.2), targets that are prompt tokens are ignored too:
-    target j is token j+1, so the first ``prompt_length - 1`` targets are masked.
+    target j is token j+1, so the first ``prompt_length - 1`` targets are masked. With ``assistant_masks``
+    (conversations, train/conversation_data.py) target j is kept exactly where token j+1 is an assistant's, and
+    the appended <|endoftext|> (the last assistant turn's end) is kept.
 
     The book finds the padding by value (every target equal to the pad id after the first); here by
     position (after the item's own length), which is the same unless an item itself contains id 50256.
@@ -153,6 +170,8 @@ def collate_instruction_batch(
         targets_mask[row, n:] = True
         if prompt_lengths is not None:
             targets_mask[row, : max(prompt_lengths[row] - 1, 0)] = True
+        if assistant_masks is not None:
+            targets_mask[row, : n - 1] = torch.as_tensor(assistant_masks[row][1:n], dtype=torch.bool).logical_not()
     inputs = padded[:, :-1]  # [B, width-1]
     targets = padded[:, 1:].masked_fill(targets_mask, ignore_index)  # [B, width-1]
     if allowed_max_length is not None:
@@ -176,12 +195,14 @@ class InstructionCollator:
     mask_prompt: bool = False
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        conversations = "assistant_mask" in features[0]  # conversations: every assistant turn, nothing else
         inputs, targets = collate_instruction_batch(
             [f["input_ids"] for f in features],
             pad_token_id=self.pad_token_id,
             ignore_index=self.ignore_index,
             allowed_max_length=self.allowed_max_length,
-            prompt_lengths=[f["prompt_length"] for f in features] if self.mask_prompt else None,
+            prompt_lengths=[f["prompt_length"] for f in features] if self.mask_prompt and not conversations else None,
+            assistant_masks=[f["assistant_mask"] for f in features] if self.mask_prompt and conversations else None,
         )
         return {"input_ids": inputs, "labels": targets}
 
@@ -295,18 +316,30 @@ def prepare_instruction_data(
     seed: int = 123,
     fractions: tuple[float, float] = BOOK_FRACTIONS,
     sample: int | None = None,
+    validation_records: Sequence[dict] | None = None,
+    test_records: Sequence[dict] | None = None,
 ) -> InstructionData:
     """Split (the book's 85/10/5 unless ``fractions``/``sample`` say otherwise: ``core.records.book_split``) and
-    tokenize validated ``records``; raise ``DataError`` if no training example is left."""
+    tokenize validated ``records``; raise ``DataError`` if no training example is left.
+
+    ``validation_records`` / ``test_records`` (--val-data / --test-data) replace that part of the split, whose
+    share of ``records`` then trains too. The chat style tokenizes conversations (train/conversation_data.py).
+    """
     splits = book_split(records, shuffle=shuffle_split, seed=seed, fractions=fractions, sample=sample)
+    if validation_records is not None:
+        splits.train, splits.validation = splits.train + splits.validation, list(validation_records)
+    if test_records is not None:
+        splits.train, splits.test = splits.train + splits.test, list(test_records)
     if not splits.train:
         raise DataError(f"{source}: {sample or len(records)} record(s) leave no training example after the split; "
                         "give at least 2 records")
-    tokenized = {
-        name: tokenize_dataset(records_dataset(splits[name]), tokenizer, style=style, max_length=max_length,
-                               too_long=too_long, split_name=name)
-        for name in ("train", "validation", "test")
-    }
+    if style == CHAT_STYLE:
+        tokenized = {name: tokenize_conversations(splits[name], tokenizer, max_length=max_length, split_name=name)
+                     for name in ("train", "validation", "test")}
+    else:
+        tokenized = {name: tokenize_dataset(records_dataset(splits[name]), tokenizer, style=style,
+                                            max_length=max_length, too_long=too_long, split_name=name)
+                     for name in ("train", "validation", "test")}
     if len(tokenized["train"]) == 0:
         raise DataError(f"{source}: no training example is left after dropping those longer than {max_length} "
                         "tokens; use --too-long truncate or a model with a longer context")

@@ -49,6 +49,7 @@ from gpt2_scratch.tokenizer import get_tokenizer
 from gpt2_scratch.convert.resolve import load_model as resolve_model
 from gpt2_scratch.core.args import arg, redefault
 from gpt2_scratch.core.errors import InputError
+from gpt2_scratch.core.conversations import check_style
 from gpt2_scratch.core.prompts import format_input
 from gpt2_scratch.core.records import BOOK_PREFERENCE_DATA_URL, parse_split
 from gpt2_scratch.train import lora
@@ -79,7 +80,7 @@ class DPOArgs(ModelOptions, InstructionDataOptions, RunOptions, GenerationOption
     data: str = redefault(InstructionDataOptions, "data", BOOK_PREFERENCE_DATA_URL,
                           "preference data (.json/.jsonl, URL, Hub id) with instruction, input (optional), chosen, "
                           "rejected (default: the book's, = shared/data/instruction-data-with-preference.json)")
-    prompt_style: Literal["alpaca", "phi3"] | None = redefault(
+    prompt_style: Literal["alpaca", "phi3", "chat"] | None = redefault(
         InstructionDataOptions, "prompt_style", None, "prompt template (default: the one the model was trained "
                                                       "with, else alpaca)")
     max_length: int | None = redefault(InstructionDataOptions, "max_length", None,
@@ -222,6 +223,7 @@ def set_up(args: DPOArgs):
     set_seed(args.seed)
     model = load_model(args)
     style = args.prompt_style or getattr(model.config, "prompt_style", None) or "alpaca"
+    check_style(records, style, args.data)  # a prompt of several exchanges needs the chat style
     context = model.config.max_position_embeddings
     max_length = min(args.max_length or context, context)
     data = prepare_preference_data(records, tokenizer, source=args.data, style=style, max_length=max_length,

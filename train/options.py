@@ -31,9 +31,9 @@ class ModelOptions:
 class InstructionDataOptions:
     """the instruction records and how they become examples"""
 
-    data: str = arg("", "records: .json/.jsonl file, URL or Hub data set id")
-    prompt_style: Literal["alpaca", "phi3"] | None = arg("alpaca", "prompt template (alpaca: the book's)",
-                                                         aliases=("--style",))
+    data: str = arg("", "records: .json/.jsonl/.parquet file, datasets save_to_disk folder, URL or Hub data set id")
+    prompt_style: Literal["alpaca", "phi3", "chat"] | None = arg(
+        "alpaca", "prompt template (alpaca: the book's; chat: multi-turn conversations)", aliases=("--style",))
     sample: int | None = arg(None, "train on a seeded random sample of this many records (Python's "
                                    "random.seed(--seed); random.sample(records, N), as the Alpaca-1000 blog recipe)",
                              at_least=1)
@@ -42,6 +42,20 @@ class InstructionDataOptions:
                                  "number may name the validation fraction explicitly")
     shuffle_split: bool = arg(False, "shuffle the records (with --seed) before the split; the book splits in file order")
     max_length: int | None = arg(None, "longest example in tokens (default: the model's context)", at_least=1)
+
+
+@dataclass
+class ConversationDataOptions:
+    """the records' format, and held-out files (sft)"""
+
+    data_format: Literal["auto", "book", "messages", "sharegpt", "prompt-completion"] = arg(
+        "auto", "the records' format (auto: recognised by their keys; core/conversations.py)")
+    columns: str | None = arg(None, "rename the records' fields first: SRC=DST pairs, e.g. "
+                                    "question=instruction,answer=output or dialog=messages")
+    val_data: str | None = arg(None, "validation records from this source (same forms as --data) instead of a part "
+                                     "of --data (that part trains too)")
+    test_data: str | None = arg(None, "test records from this source instead of a part of --data (that part "
+                                      "trains too)")
 
 
 @dataclass
@@ -87,7 +101,8 @@ class RunOptions:
                                          "write locally under OUT/trackers (wandb offline)", resume_may_change=True)
     project: str | None = arg(None, "tracker project / experiment name (default: gpt2-scratch)",
                               resume_may_change=True)
-    run_name: str | None = arg(None, "tracker run name (default: OUT's folder name)", resume_may_change=True)
+    run_name: str | None = arg(None, "tracker run name (default: OUT's folder name)", resume_may_change=True,
+                               plain_name=True)
     push_to_hub: str | None = arg(None, "after training, upload the model with a model card to this Hub repo "
                                         "(USER/NAME)", resume_may_change=True)
 

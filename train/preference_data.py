@@ -2,7 +2,9 @@
 tokenized and batched the way train/data.py does instruction examples.
 
 The records are ``core.records``' (one schema: ``instruction``, ``input`` optional, ``chosen``,
-``rejected``; a bad record is a one-line ``DataError`` naming its index and field), split the book's
+``rejected``; a bad record is a one-line ``DataError`` naming its index and field), or TRL's
+``prompt``/``chosen``/``rejected`` (core/conversations.py; a prompt of several exchanges needs the chat
+style, whose prompt is the conversation and the assistant header), split the book's
 way (85/10/5 in file order). Each pair becomes two token sequences, prompt + response header +
 answer, and ``prompt_length``: the tokens of the prompt and the header, whose targets are masked, so a
 response's log-probability covers exactly its own tokens and its closing <|endoftext|> (the token SFT
@@ -22,7 +24,9 @@ import datasets
 import torch
 
 from gpt2_scratch.core.prompts import format_input, response_header
-from gpt2_scratch.core.records import BOOK_FRACTIONS, PREFERENCE_FIELDS, DataError, book_split, load_records
+from gpt2_scratch.core.conversations import preference_record
+from gpt2_scratch.core.records import (BOOK_FRACTIONS, PREFERENCE_FIELDS, DataError, book_split, load_raw_records,
+                                       validate_records)
 from gpt2_scratch.train.data import IGNORE_INDEX, PAD_TOKEN_ID, check_validation_left, collate_instruction_batch
 
 logger = logging.getLogger(__name__)
@@ -31,8 +35,14 @@ RESPONSES = ("chosen", "rejected")
 
 
 def load_preference_records(source: str) -> list[dict]:
-    """The records of ``source`` (path, URL, Hub id), each with non-empty ``chosen`` and ``rejected`` strings."""
-    records = load_records(source, required=PREFERENCE_FIELDS)
+    """The records of ``source`` (path, URL, Hub id, Parquet, datasets folder), each with non-empty ``chosen`` and
+    ``rejected`` strings: the book's records, or TRL's ``prompt``/``chosen``/``rejected`` (strings or messages;
+    ``core.conversations.preference_record``), recognised by record 0's ``prompt`` field."""
+    raw = load_raw_records(source, required=("chosen", "rejected"))
+    if raw and isinstance(raw[0], dict) and "prompt" in raw[0]:
+        records = [preference_record(record, f"{source}: record {index}") for index, record in enumerate(raw)]
+    else:
+        records = validate_records(raw, source, required=PREFERENCE_FIELDS)
     for index, record in enumerate(records):
         for field in RESPONSES:
             if not record[field].strip():

@@ -389,14 +389,41 @@ def _usage_classifier(repo_id: str, auto_class: str, remote: bool) -> list[str]:
 # --------------------------------------------------------------------------------------------
 
 
+def check_tokenizer_for_hub(model_dir: Path) -> None:
+    """Refuse a folder every user of the Hub repo would fail on: no tokenizer files (``AutoTokenizer`` fails),
+    tokenizer files transformers cannot load, or a chat template that does not parse or render
+    (``apply_chat_template`` fails). Checked the way those users load it: with transformers itself."""
+    from transformers import AutoTokenizer  # deferred: heavy, and only a push checks its tokenizer
+
+    fix = "save the model folder again (gpt2-scratch writes the tokenizer and its template with every model)"
+    missing = [name for name in ("tokenizer.json", "tokenizer_config.json") if not (model_dir / name).is_file()]
+    if missing:
+        raise InputError(f"--model {model_dir}: no {' or '.join(missing)}, so AutoTokenizer.from_pretrained would "
+                         f"fail for every user of the repo; {fix}")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except Exception as err:  # transformers raises many kinds here; each means the same: it does not load
+        raise InputError(f"--model {model_dir}: its tokenizer files do not load ({' '.join(str(err).split())[:200]}); "
+                         f"{fix}") from None
+    if getattr(tokenizer, "chat_template", None):
+        where = "chat_template.jinja" if (model_dir / "chat_template.jinja").is_file() else "tokenizer_config.json"
+        try:
+            tokenizer.apply_chat_template([{"role": "user", "content": "Hello"}], tokenize=False,
+                                          add_generation_prompt=True)
+        except Exception as err:  # jinja2's TemplateSyntaxError, or any error the template raises when rendered
+            raise InputError(f"--model {model_dir}/{where}: the chat template fails ({type(err).__name__}: "
+                             f"{' '.join(str(err).split())[:200]}), so apply_chat_template would fail for every "
+                             f"user of the repo; fix it, or delete it and {fix}") from None
+
+
 def push_run(model_dir: str | os.PathLike, repo_id: str, *, run_dir: str | os.PathLike | None = None,
              scores: str | os.PathLike | None = None, base_model: str | None = None, dataset: str | None = None,
              license: str | None = None, **upload):
     """Check the model folder loads whole and finite, build its card from the run's files, upload both.
 
     ``upload`` goes to ``gpt2_scratch.hub.push_folder`` (private, revision, exist_ok, commit_message, ...).
-    A folder that does not load strictly (a missing tensor, a truncated file) or holds NaN weights (a
-    diverged run) is refused before anything is sent.
+    A folder that does not load strictly (a missing tensor, a truncated file), holds NaN weights (a
+    diverged run), or whose tokenizer or chat template users could not load is refused before anything is sent.
     """
     from gpt2_scratch.model_dir import check_finite, load_model_dir  # deferred: loads torch and transformers
 
@@ -406,6 +433,7 @@ def push_run(model_dir: str | os.PathLike, repo_id: str, *, run_dir: str | os.Pa
     model = load_model_dir(model_dir, flag="--model")
     check_finite(model, str(model_dir))
     del model
+    check_tokenizer_for_hub(model_dir)
     run = find_run_info(model_dir, Path(run_dir) if run_dir is not None else None,
                         Path(scores) if scores is not None else None)
     card = build_model_card(model_dir, repo_id, run, base_model=base_model, dataset=dataset, license=license)

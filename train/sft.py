@@ -52,10 +52,11 @@ from gpt2_scratch.configuration_gpt2_scratch import PRESETS
 from gpt2_scratch.convert.resolve import load_model as resolve_model
 from gpt2_scratch.core.allocator import loaded_allocator
 from gpt2_scratch.core.args import arg, redefault
+from gpt2_scratch.core.conversations import check_style, load_conversations
 from gpt2_scratch.core.errors import InputError
 from gpt2_scratch.core.files import write_json_atomic
-from gpt2_scratch.core.prompts import format_input
-from gpt2_scratch.core.records import BOOK_DATA_URL, load_records, parse_split
+from gpt2_scratch.core.prompts import CHAT_STYLE, format_input
+from gpt2_scratch.core.records import BOOK_DATA_URL, parse_split
 from gpt2_scratch.modeling_gpt2_scratch import GPT2ScratchForCausalLM
 from gpt2_scratch.tokenizer import get_tokenizer
 from gpt2_scratch.train import book_exact as book_loop
@@ -66,7 +67,8 @@ from gpt2_scratch.train.lm_outputs import check_generation_limits, epoch_sample,
 from gpt2_scratch.train.lora import LoRAOptions
 from gpt2_scratch.train.loop import sums_over
 from gpt2_scratch.train.metrics import plot_curves
-from gpt2_scratch.train.options import GenerationOptions, InstructionDataOptions, ModelOptions, RunOptions
+from gpt2_scratch.train.options import (ConversationDataOptions, GenerationOptions, InstructionDataOptions,
+                                        ModelOptions, RunOptions)
 from gpt2_scratch.train.run import launch, launch_own_loop, run_training, start
 from gpt2_scratch.train.state import fingerprint
 from gpt2_scratch.train.synthetic import exact_match_report, synthetic_records
@@ -76,14 +78,19 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class SFTArgs(ShapeOptions, ModelOptions, InstructionDataOptions, RunOptions, GenerationOptions, LoRAOptions):
+class SFTArgs(ShapeOptions, ModelOptions, InstructionDataOptions, ConversationDataOptions, RunOptions, GenerationOptions,
+              LoRAOptions):
     """Instruction-finetune a GPT-2 (the book's chapter 7) with Accelerate."""
 
     data: str = redefault(InstructionDataOptions, "data", BOOK_DATA_URL,
                           "instruction data: .json/.jsonl file, URL, Hub data set id (tatsu-lab/alpaca), or "
                           "'synthetic[:N]' (generated offline tasks)")
-    too_long: Literal["truncate", "drop"] = arg("truncate", "what to do with examples longer than --max-length")
-    mask_prompt: bool = arg(False, "compute the loss on the response only (the book's exercise 7.2)")
+    too_long: Literal["truncate", "drop"] = arg("truncate", "what to do with examples longer than --max-length (a "
+                                                            "conversation is cut after its last whole answer, or "
+                                                            "dropped)")
+    mask_prompt: bool | None = arg(None, "compute the loss on the response only (the book's exercise 7.2); for "
+                                         "conversations on every assistant turn only (default: on with --prompt-style "
+                                         "chat, off with the book's styles)")
     group_by_length: bool = arg(False, "batch examples of similar length together (less padding; the order "
                                        "still changes every epoch; evaluation regroups its same examples)")
     out: str = redefault(RunOptions, "out", "runs/sft")
@@ -136,9 +143,14 @@ def load_model(args: SFTArgs):
     return resolve_model(args.model, random_init=args.random_init, models_dir=args.models_dir)
 
 
-def load_instruction_records(spec: str, seed: int) -> list[dict]:
-    records = synthetic_records(spec, seed)
-    return records if records is not None else load_records(spec)
+def load_instruction_records(spec: str, args: SFTArgs, flag: str = "--data") -> list[dict]:
+    """The records ``spec`` names (the synthetic tasks, or any format core/conversations.py reads), checked
+    against the prompt style."""
+    records = synthetic_records(spec, args.seed)
+    if records is None:
+        records = load_conversations(spec, data_format=args.data_format, columns=args.columns, flag=flag)
+    check_style(records, args.prompt_style, spec)
+    return records
 
 
 def check_learnable(data, args: SFTArgs) -> None:
@@ -176,15 +188,19 @@ def set_up(args: SFTArgs):
     from accelerate.utils import set_seed  # deferred: accelerate is heavy and only training needs it
 
     # 1. Arguments and the output folder: nothing is written or deleted until every check has passed.
+    if args.mask_prompt is None:  # conversations learn the assistant's turns only; the book's loss covers all
+        args.mask_prompt = args.prompt_style == CHAT_STYLE
     if args.book_exact:
         book_loop.check_args(args)
-    started = start(args, inputs=[("--model", args.model), ("--data", args.data)])
+    extra = [(flag, value) for flag, value in (("--val-data", args.val_data), ("--test-data", args.test_data)) if value]
+    started = start(args, inputs=[("--model", args.model), ("--data", args.data), *extra])
     lora_settings = lora.settings(args)  # None: full finetuning
     fractions = parse_split(args.split)
 
     # 2. The data (seconds: a bad record fails before the model loads), then the model.
-    records = load_instruction_records(args.data, args.seed)
-    data_sha256 = fingerprint(records)
+    records = load_instruction_records(args.data, args)
+    held_out = {flag: load_instruction_records(value, args, flag) for flag, value in extra}
+    data_sha256 = fingerprint(records if not held_out else [records, *held_out.values()])
     started.check_data(data_sha256, f"--data {args.data}")
     tokenizer = get_tokenizer()
     set_seed(args.seed)  # the same random init on every process
@@ -195,7 +211,9 @@ def set_up(args: SFTArgs):
     max_length = min(args.max_length or context, context)
     data = prepare_instruction_data(records, tokenizer, source=args.data, style=args.prompt_style,
                                     max_length=max_length, too_long=args.too_long, shuffle_split=args.shuffle_split,
-                                    seed=args.seed, fractions=fractions, sample=args.sample)
+                                    seed=args.seed, fractions=fractions, sample=args.sample,
+                                    validation_records=held_out.get("--val-data"),
+                                    test_records=held_out.get("--test-data"))
 
     # 3. The limits, checked now rather than after hours of training.
     check_generation_limits(args, context, args.model)
@@ -215,7 +233,7 @@ def set_up(args: SFTArgs):
                               fit=book_loop.fit_book_exact)
     else:
         collate = InstructionCollator(allowed_max_length=max_length, mask_prompt=args.mask_prompt)
-        train_ds = data.train.select_columns(EXAMPLE_COLUMNS)
+        train_ds = data.train.select_columns(example_columns(data.train))
         run, evaluation = launch(started, model=model, train_dataset=train_ds, train_sampler=train_sampler,
                                  collate=collate, eval_loaders=evaluation_loaders(args, data, collate),
                                  data_sha256=data_sha256)
@@ -226,13 +244,15 @@ def set_up(args: SFTArgs):
                         format_input(first_val, args.prompt_style), lora_settings)
 
 
-EXAMPLE_COLUMNS = ["input_ids", "prompt_length"]  # what the collate reads of an example
+def example_columns(split) -> list[str]:
+    """What the collate reads of an example (conversations add their assistant mask)."""
+    return ["input_ids", "prompt_length", *(["assistant_mask"] if "assistant_mask" in split.column_names else [])]
 
 
 def evaluation_loaders(args: SFTArgs, data, collate) -> dict:
     """Evaluation reads the first eval_iter batches: of the validation split, and (for the initial losses) of
     the training split, both in file order."""
-    return {name: DataLoader(split.select_columns(EXAMPLE_COLUMNS), collate_fn=collate, batch_sampler=evaluation_sampler(
+    return {name: DataLoader(split.select_columns(example_columns(split)), collate_fn=collate, batch_sampler=evaluation_sampler(
         list(split["length"]), args.batch_size, eval_iter=args.eval_iter, group_by_length=args.group_by_length))
         for name, split in (("validation", data.validation), ("train", data.train))}
 

@@ -44,7 +44,8 @@ from pathlib import Path
 from typing import Any
 
 from gpt2_scratch.core.errors import Failure, InputError, one_line
-from gpt2_scratch.core.files import write_json_atomic
+from gpt2_scratch.core.args import check_plain_name
+from gpt2_scratch.core.files import check_writable_folder, write_json_atomic
 from gpt2_scratch.train.metrics import MetricsLog
 
 logger = logging.getLogger(__name__)
@@ -157,7 +158,9 @@ class Trackers:
                                     ("--run-name", getattr(args, "run_name", None), run_name)):
             if resuming and value and value != kept:
                 logger.warning("%s %s: the resumed tracker runs keep their first name, %s", option, value, kept)
+        check_plain_name(run_name, "--run-name")  # also a name from run.json or a caller: never a path out of root
         root.mkdir(parents=True, exist_ok=True)
+        _check_writable(root)
         config = tracker_config(args)
         history = _read_history(out) if resuming else []
         record = {"project": project, "run_name": run_name, **{k: v for k, v in saved.items() if k in NEEDS}}
@@ -213,6 +216,13 @@ class Trackers:
             entry.finish()
         except Exception as err:
             logger.warning("--report-to %s: could not close its run: %s", entry.name, one_line(err))
+
+
+def _check_writable(root: Path) -> None:
+    """OUT/trackers and every folder in it can take new files: checked before any tracker starts, because a
+    tracker that cannot write fails in its own writer thread (a traceback on stderr) before any error of ours."""
+    for folder in [root, *sorted(p for p in root.rglob("*") if p.is_dir())]:
+        check_writable_folder(folder, flag="--report-to")
 
 
 def _read_run_file(path: Path) -> dict:
