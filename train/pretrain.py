@@ -43,7 +43,6 @@ from gpt2_scratch.convert.resolve import load_model
 from gpt2_scratch.core.allocator import loaded_allocator
 from gpt2_scratch.core.args import arg, option_name, redefault
 from gpt2_scratch.core.errors import InputError
-from gpt2_scratch.core.files import write_json_atomic
 from gpt2_scratch.modeling_gpt2_scratch import GPT2ScratchForCausalLM
 from gpt2_scratch.tokenizer import get_tokenizer
 from gpt2_scratch.train import book_pretrain
@@ -52,7 +51,7 @@ from gpt2_scratch.train.lm_outputs import epoch_sample, save_language_model
 from gpt2_scratch.train.loop import sums_over
 from gpt2_scratch.train.metrics import plot_curves
 from gpt2_scratch.train.options import ModelOptions, RunOptions
-from gpt2_scratch.train.publish import PRETRAINING_FILE
+from gpt2_scratch.train.pretrain_record import write_record
 from gpt2_scratch.train.run import launch, launch_own_loop, run_training, start
 from gpt2_scratch.train.state import fingerprint
 from gpt2_scratch.train.task import Task, mean_loss
@@ -300,8 +299,8 @@ class PretrainTask(Task):
         if getattr(model.config, "prompt_style", None) is not None:  # continued from an instruction model
             del model.config.prompt_style
         save_language_model(run, model, self.tokenizer, prompt_style=None, lora_settings=None, load_base=None)
-        write_json_atomic(out / PRETRAINING_FILE, {**self.record(), "tokens_seen": state.tokens_seen,
-                                                   "steps": state.step, "epochs": state.epoch})
+        write_record(out, {**self.record(), "tokens_seen": state.tokens_seen, "steps": state.step,
+                           "epochs": state.epoch})
         if self.args.book_exact:
             book_pretrain.plot_book_curves(run.metrics.read(), out)
         else:

@@ -27,6 +27,7 @@ from gpt2_scratch.core.download import is_hub_id
 from gpt2_scratch.core.errors import InputError
 from gpt2_scratch.hub import check_repo_id, hub_token, push_folder
 from gpt2_scratch.train.lora import card_line
+from gpt2_scratch.train.pretrain_record import card_lines as pretraining_card_lines
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +42,6 @@ PLOT_FILES = ("loss.png", "accuracy.png")
 # eval/judge.py writes `<responses stem>-scores.json` ({"model": judge, "summary": {"average": ...}, ...}).
 SCORE_GLOB = "*scores.json"
 # Run-mechanics arguments that say nothing about the training (and would leak local paths).
-PRETRAINING_FILE = "pretraining.json"  # what train/pretrain.py trained on: the card's data line
 CARD_SKIPPED_ARGS = ("out", "output_dir", "overwrite", "resume", "data_cache", "models_dir", "push_to_hub",
                      "token_cache", "tokenize_threads")
 
@@ -257,13 +257,16 @@ def build_model_card(
         f"gpt2-scratch — {what}"
         + (f", finetuned from [{base}](https://huggingface.co/{base})." if base else ".")
     )
-    if lora_line:
-        lines += ["", lora_line]
+    lines += ["", lora_line] if lora_line else []
     if is_classifier and config.get("id2label"):
         by_id = sorted(config["id2label"].items(), key=lambda kv: int(kv[0]))
         labels = ", ".join(f"`{i}` = {lab}" for i, lab in by_id)
         lines += ["", f"Labels: {labels}."]
-    lines += _data_lines(model_dir, run, datasets)
+    if datasets:
+        lines += ["", "Data: " + ", ".join(f"[{d}](https://huggingface.co/datasets/{d})" for d in datasets) + "."]
+    elif run.args.get("data"):
+        lines += ["", f"Data: `{_md_cell(run.args['data'])}`."]
+    lines += pretraining_card_lines(model_dir)  # a pretrained model: its tokens and corpus fingerprint
 
     results = _results_rows(run)
     if results:
@@ -290,36 +293,6 @@ def build_model_card(
         lines += _usage_lm(repo_id, remote=True)
     content = f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n"
     return ModelCard(content)
-
-
-def _data_lines(model_dir: Path, run: RunInfo, datasets: list[str]) -> list[str]:
-    """What the model was trained on: the Hub data sets, or the --data given, and what a pretraining run read."""
-    if datasets:
-        lines = ["", "Data: " + ", ".join(f"[{d}](https://huggingface.co/datasets/{d})" for d in datasets) + "."]
-    elif run.args.get("data"):
-        lines = ["", f"Data: `{_md_cell(run.args['data'])}`."]
-    else:
-        lines = []
-    return lines + _pretraining_lines(model_dir)
-
-
-def _pretraining_lines(model_dir: Path) -> list[str]:
-    """A pretrained model's card says what it read (train/pretrain.py's pretraining.json): tokens, the corpus's
-    fingerprint, and that it continues text rather than following instructions."""
-    path = model_dir / PRETRAINING_FILE
-    if not path.is_file():
-        return []
-    try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-        train, val = info["train"], info["validation"]
-        return ["", f"Pretrained on raw text: {train['tokens']:,} training tokens of `{_md_cell(info['data'])}` "
-                f"(corpus fingerprint `{train['fingerprint'][:16]}`, {info['tokenizer']}), in windows of "
-                f"{info['context_length']} tokens every {info['stride']}; {info['tokens_seen']:,} tokens seen in "
-                f"{info['steps']:,} steps; validated on {val['tokens']:,} held-out tokens (fingerprint "
-                f"`{val['fingerprint'][:16]}`). It continues text: it has no instruction template."]
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        logger.warning("ignoring unreadable %s: %s", path, err)
-        return []
 
 
 def _md_cell(value) -> str:
