@@ -2,14 +2,14 @@
 
     gpt2-scratch init | generate | chat | predict                 the model (gpt2_scratch/)
     gpt2-scratch convert openai | hf | book | export-hf | export-book | gguf    weights in and out (convert/)
-    gpt2-scratch sft | classify | dpo | push                      training and publishing (train/)
+    gpt2-scratch pretrain | sft | classify | dpo | push                     training and publishing (train/)
     gpt2-scratch respond | judge                                  evaluation (eval/)
     gpt2-scratch data dedup | prefs | generate                    the book's data tools (datatools/)
 
 Every command declares its options as a typed dataclass (``core.args``), lives in the module of its
 stage, and is imported only when it runs, so ``gpt2-scratch --help`` and the judge start at once.
 The documented entry points are this same command line: ``python -m gpt2_scratch``, ``python -m
-convert`` (the ``convert`` group), and the scripts ``train/sft.py``, ``train/classify.py``,
+convert`` (the ``convert`` group), and the scripts ``train/pretrain.py``, ``train/sft.py``, ``train/classify.py``,
 ``train/dpo.py``, ``eval/generate.py`` (``respond``) and ``eval/judge.py`` (see ``run_script``).
 
 One exit-code rule (``run_command``): 0 done; 2 bad input (``InputError`` and argparse's own errors);
@@ -70,6 +70,8 @@ COMMANDS: dict[str, Command | dict[str, Command]] = {
         "gguf": Command("gpt2_scratch.convert.cli", "GGUFArgs", "run_gguf",
                         "our model folder → a GGUF file for llama.cpp and Ollama, with a Modelfile"),
     },
+    "pretrain": Command("gpt2_scratch.train.pretrain", "PretrainArgs", "run", "pretrain a GPT-2 on raw text, from a short "
+                        "story to a corpus bigger than memory (the book's chapter 5)", caching_allocator=True),
     "sft": Command("gpt2_scratch.train.sft", "SFTArgs", "run", "instruction-finetune a GPT-2 (the book's chapter 7)",
                    caching_allocator=True),
     "dpo": Command("gpt2_scratch.train.dpo", "DPOArgs", "run", "preference-tune an instruction model with DPO (the book's bonus: "

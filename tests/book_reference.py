@@ -14,7 +14,11 @@ converters and (later) `train/sft.py --book-exact` against it without the book's
   `generate_greedy` (no KV cache, crops to the context), `finetune` (chapter 7's script, steps 1-5 of
   FACTS.md in order, every global-RNG draw where the book makes it).
 
-`finetune` returns a `BookRun`: the initial losses, each evaluation's (epoch, step, train, val,
+- `GPTDatasetV1`, `pretrain`: chapter 5's `gpt_train.py` (FACTS.md, "The book's chapter 5"): the
+  90/10 character split, windows of `max_length` every `stride` tokens, `torch.manual_seed` → the
+  model → AdamW → the loaders, then `train_model_simple` with its evaluations and epoch-end samples.
+
+`finetune` and `pretrain` return a `BookRun`: the initial losses, each evaluation's (epoch, step, train, val,
 tokens seen), the lines the loop prints (`Ep 1 (Step 000000): Train loss …` and the epoch-end
 samples, in the book's format), each training step's loss and the dataset indices of every training
 batch, so another implementation can be compared number by number. `encode` is the tokenizer the
@@ -361,3 +365,87 @@ def finetune(
     return model, run
 
 
+
+
+# ---------------------------------------------------------------------------------------------
+# Chapter 5: pretraining on one text
+# ---------------------------------------------------------------------------------------------
+class GPTDatasetV1(Dataset):
+    """The text tokenized whole; window i is (ids[s:s+L], ids[s+1:s+L+1]) for s in range(0, len - L, stride)."""
+
+    def __init__(self, text: str, encode: Callable[[str], list[int]], max_length: int, stride: int):
+        ids = encode(text)
+        self.inputs = [torch.tensor(ids[s:s + max_length]) for s in range(0, len(ids) - max_length, stride)]
+        self.targets = [torch.tensor(ids[s + 1:s + max_length + 1]) for s in range(0, len(ids) - max_length, stride)]
+
+    def __len__(self):
+        return len(self.inputs)
+
+    def __getitem__(self, index):
+        return self.inputs[index], self.targets[index]
+
+
+def pretrain(
+    text: str,
+    *,
+    cfg: dict,
+    encode: Callable[[str], list[int]],
+    decode: Callable[[list[int]], str],
+    num_epochs: int = 10,
+    batch_size: int = 2,
+    lr: float = 5e-4,
+    weight_decay: float = 0.1,
+    eval_freq: int = 5,
+    eval_iter: int = 1,
+    start_context: str = "Every effort moves you",
+    sample_tokens: int = 50,
+    seed: int = 123,
+    printer: Callable[[str], None] | None = None,
+) -> tuple[BookGPT, BookRun]:
+    """Chapter 5's `gpt_train.py` `main` on `text` with `cfg` (a new model from its own init). Returns the
+    model and the run (its evaluations, printed lines, samples and step losses)."""
+    run = BookRun()
+
+    def say(line: str) -> None:
+        run.lines.append(line)
+        if printer is not None:
+            printer(line)
+
+    torch.manual_seed(seed)
+    model = BookGPT(cfg)  # PyTorch's default init, module by module: draws from the global RNG
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    split = int(0.90 * len(text))
+    length = cfg["context_length"]
+    train_loader = DataLoader(GPTDatasetV1(text[:split], encode, length, length), batch_size=batch_size,
+                              shuffle=True, drop_last=True, num_workers=0)
+    val_loader = DataLoader(GPTDatasetV1(text[split:], encode, length, length), batch_size=batch_size,
+                            shuffle=False, drop_last=False, num_workers=0)
+
+    tokens_seen, global_step = 0, -1
+    for epoch in range(num_epochs):
+        model.train()
+        for x, y in train_loader:
+            optimizer.zero_grad()
+            loss = calc_loss_batch(x, y, model)
+            loss.backward()
+            optimizer.step()
+            run.step_losses.append(loss.item())
+            tokens_seen += x.numel()
+            global_step += 1
+            if global_step % eval_freq == 0:
+                model.eval()
+                with torch.no_grad():
+                    train_loss = calc_loss_loader(train_loader, model, num_batches=eval_iter)
+                    val_loss = calc_loss_loader(val_loader, model, num_batches=eval_iter)
+                model.train()
+                run.evals.append({"epoch": epoch + 1, "step": global_step, "train_loss": train_loss,
+                                  "val_loss": val_loss, "tokens_seen": tokens_seen})
+                say(f"Ep {epoch + 1} (Step {global_step:06d}): Train loss {train_loss:.3f}, Val loss {val_loss:.3f}")
+        model.eval()
+        ids = generate_greedy(model, torch.tensor([encode(start_context)]), sample_tokens,
+                              context_size=model.pos_emb.weight.shape[0])
+        text_out = decode(ids[0].tolist())
+        run.samples.append(text_out)
+        say(text_out.replace("\n", " "))
+        model.train()
+    return model, run

@@ -27,6 +27,7 @@ from gpt2_scratch.core.download import is_hub_id
 from gpt2_scratch.core.errors import InputError
 from gpt2_scratch.hub import check_repo_id, hub_token, push_folder
 from gpt2_scratch.train.lora import card_line
+from gpt2_scratch.train.pretrain_record import card_lines as pretraining_card_lines
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +42,8 @@ PLOT_FILES = ("loss.png", "accuracy.png")
 # eval/judge.py writes `<responses stem>-scores.json` ({"model": judge, "summary": {"average": ...}, ...}).
 SCORE_GLOB = "*scores.json"
 # Run-mechanics arguments that say nothing about the training (and would leak local paths).
-CARD_SKIPPED_ARGS = ("out", "output_dir", "overwrite", "resume", "data_cache", "models_dir", "push_to_hub")
+CARD_SKIPPED_ARGS = ("out", "output_dir", "overwrite", "resume", "data_cache", "models_dir", "push_to_hub",
+                     "token_cache", "tokenize_threads")
 
 
 @dataclass
@@ -255,8 +257,7 @@ def build_model_card(
         f"gpt2-scratch — {what}"
         + (f", finetuned from [{base}](https://huggingface.co/{base})." if base else ".")
     )
-    if lora_line:
-        lines += ["", lora_line]
+    lines += ["", lora_line] if lora_line else []
     if is_classifier and config.get("id2label"):
         by_id = sorted(config["id2label"].items(), key=lambda kv: int(kv[0]))
         labels = ", ".join(f"`{i}` = {lab}" for i, lab in by_id)
@@ -265,6 +266,7 @@ def build_model_card(
         lines += ["", "Data: " + ", ".join(f"[{d}](https://huggingface.co/datasets/{d})" for d in datasets) + "."]
     elif run.args.get("data"):
         lines += ["", f"Data: `{_md_cell(run.args['data'])}`."]
+    lines += pretraining_card_lines(model_dir)  # a pretrained model: its tokens and corpus fingerprint
 
     results = _results_rows(run)
     if results:

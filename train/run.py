@@ -289,7 +289,10 @@ def launch(start: Start, *, model, train_dataset, train_sampler, collate, eval_l
     check_training_fits(model, params, args.model)  # before the folder is touched: a refusal loses nothing
     accelerator = make_accelerator(args.mixed_precision, args.batch_size)
     with _locked_output(start, accelerator) as lock:
-        train_loader = DataLoader(train_dataset, batch_sampler=train_sampler, collate_fn=collate)
+        # A generator of its own: each new iterator draws its base seed from it, not from the global RNG that
+        # dropout draws from, so a resumed run (whose first iterator starts mid-epoch) sees the same masks.
+        train_loader = DataLoader(train_dataset, batch_sampler=train_sampler, collate_fn=collate,
+                                  generator=torch.Generator().manual_seed(args.seed))
         total_steps = count_steps(args, len(train_sampler))
         optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, fused=True)
         scheduler = make_scheduler(optimizer, args, total_steps)
