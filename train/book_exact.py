@@ -93,19 +93,26 @@ def check_args(args) -> None:
     the first option --book-exact cannot honour."""
     if args.mixed_precision == "auto":
         args.mixed_precision = "no"
-    for name, book_value, why in BOOK_SETTINGS:
+    check_book_settings(args, BOOK_SETTINGS, script="train/sft.py")
+    if getattr(args, "lora", None) is not None or getattr(args, "lora_r", None) is not None:
+        raise InputError("--book-exact cannot run with --lora: the book's chapter 7 script finetunes every weight "
+                         "(its LoRA exercise is another script); leave --lora out, or drop --book-exact")
+
+
+def check_book_settings(args, settings, *, script: str) -> None:
+    """One InputError naming the first option a book-exact loop (chapter 7's here, chapter 5's in
+    train/book_pretrain.py) cannot honour: ``settings`` are (field, the book's value, what the book does
+    instead); and the book's loops are single-process."""
+    for name, book_value, why in settings:
         value = getattr(args, name)
         if value != book_value:
             flag = option_name(name)
             shown = flag if isinstance(value, bool) else f"{flag} {value}"
             raise InputError(f"--book-exact cannot run with {shown}: {why}; leave it out, or drop --book-exact")
-    if getattr(args, "lora", None) is not None or getattr(args, "lora_r", None) is not None:
-        raise InputError("--book-exact cannot run with --lora: the book's chapter 7 script finetunes every weight "
-                         "(its LoRA exercise is another script); leave --lora out, or drop --book-exact")
     processes = int(os.environ.get("WORLD_SIZE", "1"))
     if processes > 1:
         raise InputError(f"--book-exact runs the book's single-process loop, but {processes} processes were "
-                         "launched; run it with `python train/sft.py` (or accelerate launch --num_processes 1)")
+                         f"launched; run it with `python {script}` (or accelerate launch --num_processes 1)")
 
 
 def set_up(model, data, context: int) -> None:

@@ -27,7 +27,6 @@ cadence may be changed (the loop stays the book's), what would change the loop i
 
 from __future__ import annotations
 
-import os
 import time
 
 import torch
@@ -35,8 +34,8 @@ from torch.utils.data import DataLoader
 
 from gpt2_scratch.convert.book import BODY_RULES, LM_HEAD_RULES, QKV_BIAS_RULES, book_cfg, fuse_qkv
 from gpt2_scratch.convert.mapping import Dims, convert_tensors, plan_conversion
-from gpt2_scratch.core.errors import InputError
-from gpt2_scratch.train.book_exact import book_batch_loss, book_loader_loss, book_sample, plot_book_curves
+from gpt2_scratch.train.book_exact import (book_batch_loss, book_loader_loss, book_sample, check_book_settings,
+                                            plot_book_curves)
 from gpt2_scratch.train.state import Run
 from gpt2_scratch.train.stopping import StopRequest, check_loss
 
@@ -67,17 +66,8 @@ BOOK_SETTINGS = (
 
 
 def check_args(args) -> None:
-    """One InputError naming the first option --book-exact cannot honour."""
-    for name, book_value, why in BOOK_SETTINGS:
-        value = getattr(args, name)
-        if value != book_value:
-            flag = "--" + name.replace("_", "-")
-            shown = flag if isinstance(value, bool) else f"{flag} {value}"
-            raise InputError(f"--book-exact cannot run with {shown}: {why}; leave it out, or drop --book-exact")
-    processes = int(os.environ.get("WORLD_SIZE", "1"))
-    if processes > 1:
-        raise InputError(f"--book-exact runs the book's single-process loop, but {processes} processes were "
-                         "launched; run it with `python train/pretrain.py`")
+    """One InputError naming the first option chapter 5's --book-exact cannot honour."""
+    check_book_settings(args, BOOK_SETTINGS, script="train/pretrain.py")
 
 
 def book_init_state(cfg: dict) -> dict[str, torch.Tensor]:

@@ -51,7 +51,6 @@ import torch
 from torch.utils.data import DataLoader
 
 from gpt2_scratch.convert.resolve import load_model
-from gpt2_scratch.core.allocator import loaded_allocator
 from gpt2_scratch.core.args import arg, redefault
 from gpt2_scratch.core.download import is_url
 from gpt2_scratch.core.errors import InputError
@@ -256,10 +255,8 @@ def set_up(args: ClassifyArgs):
         counts = ", ".join(f"{k} {v}" for k, v in splits.train["Label"].value_counts().sort_index().items())
         print(f"model {args.model}{' (random init)' if args.random_init else ''}: {n_params:,} parameters, "
               f"{n_trainable:,} trainable ({args.trainable}); data {data_path}: {len(train_ds)} train ({counts}) / "
-              f"{len(val_ds)} val / {len(test_ds)} test, padded to {max_length} tokens; {run.total_steps} steps of "
-              f"{args.batch_size} on {run.accelerator.num_processes} process(es), "
-              f"{'fp32' if run.accelerator.mixed_precision == 'no' else run.accelerator.mixed_precision}, "
-              f"{loaded_allocator()} malloc", flush=True)
+              f"{len(val_ds)} val / {len(test_ds)} test, padded to {max_length} tokens; {run.steps_line('texts')}",
+              flush=True)
     return run, ClassifyTask(args, evaluation, train_estimate_sampler)
 
 

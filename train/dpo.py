@@ -288,10 +288,8 @@ def print_header(run, args: DPOArgs, policy, context: int, data, lora_settings) 
            else "a frozen copy")
     print(f"model {args.model}: {total_n:,} parameters ({trainable_n:,} trainable), context {context}; data "
           f"{args.data}: {len(data.train)} train / "
-          f"{len(data.validation)} validation / {len(data.test)} test pairs; {run.total_steps} steps of "
-          f"{args.batch_size}x{args.grad_accum} pairs on {run.accelerator.num_processes} process(es), "
-          f"{'fp32' if run.accelerator.mixed_precision == 'no' else 'bf16'}; β {args.beta}, {args.logprob} "
-          f"log-probs, reference {ref}", flush=True)
+          f"{len(data.validation)} validation / {len(data.test)} test pairs; {run.steps_line('pairs')}; β {args.beta}, "
+          f"{args.logprob} log-probs, reference {ref}", flush=True)
     if lora_settings is not None:
         print(lora.describe(policy, lora_settings), flush=True)
 

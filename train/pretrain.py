@@ -40,7 +40,6 @@ from torch.utils.data import DataLoader
 from gpt2_scratch.commands import preset_config, shape_options
 from gpt2_scratch.configuration_gpt2_scratch import PRESETS
 from gpt2_scratch.convert.resolve import load_model
-from gpt2_scratch.core.allocator import loaded_allocator
 from gpt2_scratch.core.args import arg, option_name, redefault
 from gpt2_scratch.core.errors import InputError
 from gpt2_scratch.modeling_gpt2_scratch import GPT2ScratchForCausalLM
@@ -212,16 +211,12 @@ def set_up(args: PretrainArgs):
 
 def print_header(run, args: PretrainArgs, model, train, train_windows, val_windows) -> None:
     """The run's first line: the model, the corpus, the windows, the steps, the precision."""
-    accelerator = run.accelerator
-    precision = "fp32" if accelerator.mixed_precision == "no" else accelerator.mixed_precision
     print(f"model {args.model}{' (random init)' if args.random_init else ''}: "
           f"{sum(p.numel() for p in model.parameters()):,} parameters, context {model.config.max_position_embeddings}; "
           f"data {args.data}: {train.train.tokens:,} training / {val_windows.n_tokens:,} validation tokens "
           f"({'cached' if train.reused else 'tokenized now'}, corpus {train.fingerprint[:12]}), "
           f"{len(train_windows):,} / {len(val_windows):,} windows of {train_windows.context} (stride "
-          f"{train_windows.stride}); {run.total_steps} steps of {args.batch_size}x{args.grad_accum} windows on "
-          f"{accelerator.num_processes} process(es), {precision} precision, {loaded_allocator()} malloc"
-          f"{', compiled' if args.compile else ''}", flush=True)
+          f"{train_windows.stride}); {run.steps_line('windows')}", flush=True)
 
 
 # ---------------------------------------------------------------------------------------------------

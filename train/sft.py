@@ -50,7 +50,6 @@ from torch.utils.data import DataLoader
 from gpt2_scratch.commands import ShapeOptions, preset_config, shape_options
 from gpt2_scratch.configuration_gpt2_scratch import PRESETS
 from gpt2_scratch.convert.resolve import load_model as resolve_model
-from gpt2_scratch.core.allocator import loaded_allocator
 from gpt2_scratch.core.args import arg, redefault
 from gpt2_scratch.core.conversations import check_style, load_conversations
 from gpt2_scratch.core.errors import InputError
@@ -259,13 +258,9 @@ def evaluation_loaders(args: SFTArgs, data, collate) -> dict:
 
 def print_header(run, args: SFTArgs, model, data, lora_settings) -> None:
     """The run's first line: the model, the data, the steps, the precision."""
-    accelerator = run.accelerator
-    precision = "fp32" if accelerator.mixed_precision == "no" else accelerator.mixed_precision
     print(f"model {args.model}{' (random init)' if args.random_init else ''}: {model_parameters(model):,} "
           f"parameters, context {model.config.max_position_embeddings}; data {args.data}: {len(data.train)} train / "
-          f"{len(data.validation)} validation / {len(data.test)} test; {run.total_steps} steps of "
-          f"{args.batch_size}x{args.grad_accum} examples on {accelerator.num_processes} process(es), {precision} "
-          f"precision, {loaded_allocator()} malloc{', compiled' if args.compile else ''}", flush=True)
+          f"{len(data.validation)} validation / {len(data.test)} test; {run.steps_line('examples')}", flush=True)
     if lora_settings is not None:
         print(lora.describe(model, lora_settings), flush=True)
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from gpt2_scratch.core.allocator import loaded_allocator
 from gpt2_scratch.core.errors import InputError, one_line
 
 TRAIN_STATE_FILE = "train_state.json"
@@ -145,6 +146,15 @@ class Run:
     @property
     def checkpoint_root(self) -> Path:
         return self.out / "checkpoints"
+
+    def steps_line(self, unit: str) -> str:
+        """What every training command's first line says of how the run trains: its steps and their batches of
+        ``unit`` (examples, windows, pairs), the processes, the precision, the malloc, --compile."""
+        args, accelerator = self.args, self.accelerator
+        precision = "fp32" if accelerator.mixed_precision == "no" else accelerator.mixed_precision
+        return (f"{self.total_steps} steps of {args.batch_size}x{args.grad_accum} {unit} on "
+                f"{accelerator.num_processes} process(es), {precision} precision, {loaded_allocator()} malloc"
+                f"{', compiled' if args.compile else ''}")
 
     def unwrapped(self):
         return self.accelerator.unwrap_model(self.model)
