@@ -278,6 +278,46 @@ def book_split(data: Sequence[dict]) -> tuple[list, list, list]:
     return list(data[:n_train]), list(data[n_train:n_train + n_test]), list(data[n_train + n_test:])
 
 
+def train_model_simple(model, train_loader, val_loader, optimizer, *, num_epochs: int, eval_freq: int,
+                       eval_iter: int, start_context: str, encode, decode, sample_tokens: int, run: "BookRun",
+                       say: Callable[[str], None], on_batch: Callable[[], None] | None = None) -> None:
+    """The book's training loop (chapter 5's ``train_model_simple``, which chapter 7 imports and runs as it is):
+    per batch zero_grad, loss, backward, step, count the tokens and the step; every ``eval_freq`` steps
+    (0-based, from step 0) the mean loss of the first ``eval_iter`` batches of each loader, in eval mode; after
+    each epoch a greedy ``sample_tokens``-token sample of ``start_context`` without a KV cache. ``on_batch``
+    records what each batch was (chapter 7's tests compare the batches)."""
+    tokens_seen, global_step = 0, -1
+    for epoch in range(num_epochs):
+        model.train()
+        for x, y in train_loader:
+            if on_batch is not None:
+                on_batch()
+            optimizer.zero_grad()
+            loss = calc_loss_batch(x, y, model)
+            loss.backward()
+            optimizer.step()
+            run.step_losses.append(loss.item())
+            tokens_seen += x.numel()
+            global_step += 1
+            if global_step % eval_freq == 0:
+                model.eval()
+                with torch.no_grad():
+                    train_loss = calc_loss_loader(train_loader, model, num_batches=eval_iter)
+                    val_loss = calc_loss_loader(val_loader, model, num_batches=eval_iter)
+                model.train()
+                run.evals.append({"epoch": epoch + 1, "step": global_step, "train_loss": train_loss,
+                                  "val_loss": val_loss, "tokens_seen": tokens_seen})
+                say(f"Ep {epoch + 1} (Step {global_step:06d}): Train loss {train_loss:.3f}, Val loss {val_loss:.3f}")
+        # Epoch-end sample: greedy, no KV cache.
+        model.eval()
+        ids = generate_greedy(model, torch.tensor([encode(start_context)]), sample_tokens,
+                              context_size=model.pos_emb.weight.shape[0])
+        text = decode(ids[0].tolist())
+        run.samples.append(text)
+        say(text.replace("\n", " "))
+        model.train()
+
+
 def finetune(
     data: Sequence[dict],
     *,
@@ -332,36 +372,10 @@ def finetune(
     # 5. Optimizer, seed again, the loop.
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     torch.manual_seed(seed)
-    tokens_seen, global_step = 0, -1
-    start_context = format_input(val_data[0])
-    for epoch in range(num_epochs):
-        model.train()
-        for x, y in train_loader:
-            run.train_batches.append(collate.last)
-            optimizer.zero_grad()
-            loss = calc_loss_batch(x, y, model)
-            loss.backward()
-            optimizer.step()
-            run.step_losses.append(loss.item())
-            tokens_seen += x.numel()
-            global_step += 1
-            if global_step % eval_freq == 0:
-                model.eval()
-                with torch.no_grad():
-                    train_loss = calc_loss_loader(train_loader, model, num_batches=eval_iter)
-                    val_loss = calc_loss_loader(val_loader, model, num_batches=eval_iter)
-                model.train()
-                run.evals.append({"epoch": epoch + 1, "step": global_step, "train_loss": train_loss,
-                                  "val_loss": val_loss, "tokens_seen": tokens_seen})
-                say(f"Ep {epoch + 1} (Step {global_step:06d}): Train loss {train_loss:.3f}, Val loss {val_loss:.3f}")
-        # Epoch-end sample: greedy, no KV cache, from the first validation prompt.
-        model.eval()
-        context = torch.tensor([encode(start_context)])
-        ids = generate_greedy(model, context, sample_tokens, context_size=model.pos_emb.weight.shape[0])
-        text = decode(ids[0].tolist())
-        run.samples.append(text)
-        say(text.replace("\n", " "))
-        model.train()
+    train_model_simple(model, train_loader, val_loader, optimizer, num_epochs=num_epochs, eval_freq=eval_freq,
+                       eval_iter=eval_iter, start_context=format_input(val_data[0]), encode=encode, decode=decode,
+                       sample_tokens=sample_tokens, run=run, say=say,
+                       on_batch=lambda: run.train_batches.append(collate.last))
     return model, run
 
 
@@ -421,31 +435,7 @@ def pretrain(
     val_loader = DataLoader(GPTDatasetV1(text[split:], encode, length, length), batch_size=batch_size,
                             shuffle=False, drop_last=False, num_workers=0)
 
-    tokens_seen, global_step = 0, -1
-    for epoch in range(num_epochs):
-        model.train()
-        for x, y in train_loader:
-            optimizer.zero_grad()
-            loss = calc_loss_batch(x, y, model)
-            loss.backward()
-            optimizer.step()
-            run.step_losses.append(loss.item())
-            tokens_seen += x.numel()
-            global_step += 1
-            if global_step % eval_freq == 0:
-                model.eval()
-                with torch.no_grad():
-                    train_loss = calc_loss_loader(train_loader, model, num_batches=eval_iter)
-                    val_loss = calc_loss_loader(val_loader, model, num_batches=eval_iter)
-                model.train()
-                run.evals.append({"epoch": epoch + 1, "step": global_step, "train_loss": train_loss,
-                                  "val_loss": val_loss, "tokens_seen": tokens_seen})
-                say(f"Ep {epoch + 1} (Step {global_step:06d}): Train loss {train_loss:.3f}, Val loss {val_loss:.3f}")
-        model.eval()
-        ids = generate_greedy(model, torch.tensor([encode(start_context)]), sample_tokens,
-                              context_size=model.pos_emb.weight.shape[0])
-        text_out = decode(ids[0].tolist())
-        run.samples.append(text_out)
-        say(text_out.replace("\n", " "))
-        model.train()
+    train_model_simple(model, train_loader, val_loader, optimizer, num_epochs=num_epochs, eval_freq=eval_freq,
+                       eval_iter=eval_iter, start_context=start_context, encode=encode, decode=decode,
+                       sample_tokens=sample_tokens, run=run, say=say)
     return model, run
