@@ -24,7 +24,7 @@ from safetensors import SafetensorError, safe_open
 from gpt2_scratch.convert.build import model_from_state
 from gpt2_scratch.convert.errors import ConvertError
 from gpt2_scratch.convert.mapping import HF_IGNORED, HF_RULES, HF_TIED_HEAD, Dims, convert_tensors, plan_conversion, strip_hf_prefix
-from gpt2_scratch.core.download import DownloadError
+from gpt2_scratch.core.download import DownloadError, hub_resolves
 from gpt2_scratch.core.files import path_kind, write_dir_atomically
 from gpt2_scratch.tokenizer import check_tokenizer_files
 
@@ -213,7 +213,7 @@ def fetch_hf_repo(repo_id: str, revision: str | None = None) -> Path:
     where = f"{constants.ENDPOINT}/{repo_id}"
     # Without a resolvable Hub host, huggingface_hub would retry each file for ~25 s, logging every
     # attempt: look in its cache only, and say why below.
-    unreachable = not constants.HF_HUB_OFFLINE and not _endpoint_resolves(constants.ENDPOINT)
+    unreachable = not constants.HF_HUB_OFFLINE and not hub_resolves(constants.ENDPOINT)
 
     def get(filename: str) -> Path:
         return Path(hf_hub_download(repo_id, filename, revision=revision, local_files_only=unreachable))
@@ -249,22 +249,6 @@ def fetch_hf_repo(repo_id: str, revision: str | None = None) -> Path:
         raise DownloadError(f"{where}: download failed ({first}); retry, or use `gpt2-scratch convert hf --from-dir PATH`",
                             url=where, reason=first) from None
     return config.parent
-
-
-def _endpoint_resolves(endpoint: str) -> bool:
-    """Whether the Hub's host name resolves here (always assumed behind a proxy, which resolves it)."""
-    import socket
-    import urllib.parse
-    import urllib.request
-
-    host = urllib.parse.urlsplit(endpoint).hostname
-    if not host or urllib.request.getproxies().get(urllib.parse.urlsplit(endpoint).scheme):
-        return True
-    try:
-        socket.getaddrinfo(host, None)
-    except (OSError, UnicodeError):
-        return False
-    return True
 
 
 def _missing_name(e: Exception) -> str:

@@ -24,7 +24,8 @@ import logging
 import os
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
@@ -74,6 +75,40 @@ class _Retry(Exception):
 
 class _Unreachable(_Retry):
     """Could not even connect (DNS, refused, unreachable): retried too, and counted as offline."""
+
+
+def hub_resolves(endpoint: str) -> bool:
+    """Whether the Hub's host name resolves here (always assumed behind a proxy, which resolves it). Without it,
+    huggingface_hub and datasets retry every request for ~25 s, logging each attempt, before they give up."""
+    import socket
+    import urllib.request
+
+    parts = urlparse(endpoint)
+    if not parts.hostname or urllib.request.getproxies().get(parts.scheme):
+        return True
+    try:
+        socket.getaddrinfo(parts.hostname, None)
+    except (OSError, UnicodeError):
+        return False
+    return True
+
+
+@contextmanager
+def hub_offline_when_unreachable() -> Iterator[bool]:
+    """Inside, ``datasets`` and huggingface_hub work from their caches only when the Hub's host does not resolve
+    (what HF_HUB_OFFLINE=1 does, set for the block): a cached data set still loads, an uncached one fails at
+    once instead of after ~25 s of retries. Yields whether the Hub was found unreachable (for the message)."""
+    import datasets.config  # deferred: heavy
+    from huggingface_hub import constants
+
+    unreachable = not constants.HF_HUB_OFFLINE and not hub_resolves(constants.ENDPOINT)
+    saved = datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE
+    if unreachable:
+        datasets.config.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE = True
+    try:
+        yield unreachable
+    finally:
+        datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE = saved
 
 
 def _file_digest(path: Path, algorithm: str) -> str:

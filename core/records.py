@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from gpt2_scratch.core.download import fetch_to_cache, is_hub_id, is_url
+from gpt2_scratch.core.download import fetch_to_cache, hub_offline_when_unreachable, is_hub_id, is_url
 from gpt2_scratch.core.errors import InputError, unicode_problem
 from gpt2_scratch.core.files import path_kind
 
@@ -213,12 +213,14 @@ def _read_saved_dataset(path: Path) -> list:
 def _load_hub_dataset(repo_id: str, required: Sequence[str]) -> list[dict]:
     import datasets
 
-    try:
-        ds = datasets.load_dataset(repo_id, split="train")
-    except Exception as err:  # datasets raises many types; all mean "could not load it"
-        reason = str(err).splitlines()[0][:200] if str(err) else ""
-        raise DataError(f"cannot load the Hub data set {repo_id} ({type(err).__name__}: {reason}); check the id "
-                        "and the network, or pass a local file") from None
+    with hub_offline_when_unreachable() as unreachable:
+        try:
+            ds = datasets.load_dataset(repo_id, split="train")
+        except Exception as err:  # datasets raises many types; all mean "could not load it"
+            reason = "the Hub's host does not resolve and it is not cached" if unreachable else \
+                f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+            raise DataError(f"cannot load the Hub data set {repo_id} ({reason}); check the id and the network, or "
+                            "pass a local file") from None
     missing = [c for c in required if c not in ds.column_names]
     if missing:
         raise DataError(f"Hub data set {repo_id} has no '{missing[0]}' column (it has: {', '.join(ds.column_names)}); "

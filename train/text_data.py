@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from gpt2_scratch.core.download import is_hub_id
+from gpt2_scratch.core.download import hub_offline_when_unreachable, is_hub_id
 from gpt2_scratch.core.errors import InputError, one_line
 from gpt2_scratch.core.files import path_kind
 
@@ -236,6 +236,7 @@ def _load_dataset(source: Source, text_column: str, flag: str):
     """The ``train`` split of a ``datasets`` folder or Hub id, with ``text_column`` checked."""
     import datasets  # deferred: heavy, and only data sets need it
 
+    unreachable = False
     try:
         if Path(source.where).is_dir():
             loaded = datasets.load_from_disk(source.where)
@@ -245,12 +246,15 @@ def _load_dataset(source: Source, text_column: str, flag: str):
                                      f"{', '.join(loaded)}); save the split to train on")
                 loaded = loaded["train"]
         else:
-            loaded = datasets.load_dataset(source.where, split="train")
+            with hub_offline_when_unreachable() as unreachable:
+                loaded = datasets.load_dataset(source.where, split="train")
     except InputError:
         raise
     except Exception as err:  # datasets raises many types; all mean "could not load it"
-        raise InputError(f"{flag} {source.where}: cannot load the data set ({type(err).__name__}: "
-                         f"{one_line(err, 160)}); check the folder or Hub id and the network, or pass local files") from None
+        reason = ("the Hub's host does not resolve and it is not cached" if unreachable else
+                  f"{type(err).__name__}: {one_line(err, 160)}")
+        raise InputError(f"{flag} {source.where}: cannot load the data set ({reason}); check the folder or Hub id and "
+                         "the network, or pass local files") from None
     if text_column not in loaded.column_names:
         raise _column_missing(source.where, text_column, loaded.column_names, flag)
     return loaded
