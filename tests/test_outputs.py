@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from conftest import REPO_ROOT, file_hashes
 
 BOOK_DATA = REPO_ROOT.parent / "shared" / "data" / "instruction-data.json"
@@ -79,6 +81,7 @@ def test_a_sigkilled_conversion_leaves_nothing_once_the_next_conversion_has_fini
     assert sorted(p.name for p in out.iterdir()) == ["m.pth"]
 
 
+@pytest.mark.slow  # a conversion kept running while another starts, ~15 s
 def test_a_live_runs_temporaries_are_left_alone(tiny_model_dir, tmp_path):
     """The cleanup removes only what dead processes left: a running conversion's files survive another's."""
     slow = _python(SLOW_AT_REPLACE, "4", "convert", "gguf", "--model", tiny_model_dir, "--out", tmp_path / "a.gguf")

@@ -70,6 +70,7 @@ def test_a_run_leaves_a_model_metrics_and_what_it_read(reference_run):
     assert "chat_template" not in json.loads((out / "tokenizer_config.json").read_text())
 
 
+@pytest.mark.slow  # two training processes, one killed (as sft's and dpo's SIGKILL tests)
 def test_resume_after_sigkill_is_bit_identical(reference_run):
     tmp, ref, _ = reference_run
     out = tmp / "killed"

@@ -42,6 +42,7 @@ def reference_lines(cfg: dict, **settings) -> list[str]:
     return run.lines
 
 
+@pytest.mark.slow  # 2 epochs of both loops, ~20 s
 def test_book_exact_lines_equal_the_books_procedure_small_shape(tmp_path):
     """2 layers, width 64, context 32 (144 windows, 72 steps of batch 2 per epoch), dropout 0.1, 2 epochs:
     every evaluation line and both samples equal the reference's, to the book's 3 decimals."""
