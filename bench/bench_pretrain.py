@@ -38,7 +38,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_chapter7 import matmul_rate, useful_flops  # this script runs from bench/, first on sys.path
+from bench_chapter7 import matmul_rate, step_run, useful_flops  # this script runs from bench/, first on sys.path
 
 REPO = Path(__file__).resolve().parents[1]
 VERDICT = REPO.parent / "shared" / "data" / "the-verdict.txt"
@@ -68,9 +68,12 @@ def windows_batches(context: int, batch_size: int, count: int, cache: str) -> li
 def step_rows(args) -> list[dict]:
     """Ours and the book's step, alternated, per precision."""
     import torch
+    from accelerate.state import AcceleratorState
 
     from gpt2_scratch import GPT2ScratchConfig, GPT2ScratchForCausalLM
     from gpt2_scratch.convert.book import book_cfg
+    from gpt2_scratch.train.loop import train_step
+    from gpt2_scratch.train.pretrain import PretrainArgs, PretrainTask
 
     book = book_reference()
     shape = dict(context_length=args.context, drop_rate=0.1, qkv_bias=False, tie_word_embeddings=False,
@@ -78,21 +81,13 @@ def step_rows(args) -> list[dict]:
     config = GPT2ScratchConfig.from_preset("gpt2-small", **shape)
     torch.manual_seed(123)
     ours = GPT2ScratchForCausalLM(config).train()
+    ours.use_fast_dropout_masks(not args.torch_masks)  # as train/run.py's launch does
     theirs = book.BookGPT(book_cfg(config)).train()
-    ours_opt = torch.optim.AdamW(ours.parameters(), lr=5e-4, weight_decay=0.1, fused=True)  # train/run.py's launch
     book_opt = torch.optim.AdamW(theirs.parameters(), lr=5e-4, weight_decay=0.1)  # the book's
     with tempfile.TemporaryDirectory() as cache:
         batches = windows_batches(args.context, args.batch_size, args.steps, cache)
-
-    def ours_step(batch, dtype) -> float:  # train_step: the summed loss over the window's units, then AdamW
-        tick = time.perf_counter()
-        with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
-            out = ours(batch["input_ids"], shift_labels=batch["labels"], use_cache=False, return_logits=False,
-                       num_items_in_batch=1)
-        (out.loss / batch["labels"].numel()).backward()
-        ours_opt.step()
-        ours_opt.zero_grad(set_to_none=True)
-        return time.perf_counter() - tick
+    pretrain_args = PretrainArgs(data="the-verdict.txt", lr=5e-4, weight_decay=0.1)  # no clipping, constant lr
+    task = PretrainTask(pretrain_args, None, None, None, None, None, None, None)  # only its loss is used
 
     def book_step(batch, dtype) -> float:  # train_model_simple: zero_grad, calc_loss_batch, backward, step
         tick = time.perf_counter()
@@ -106,6 +101,14 @@ def step_rows(args) -> list[dict]:
     rows = []
     for precision in args.precisions:
         dtype = torch.bfloat16 if precision == "bf16" else None
+        AcceleratorState._reset_state(reset_partial_state=True)  # a process's precision is set once (accelerate's tests reset it so)
+        run = step_run(ours, pretrain_args, mixed_precision="bf16" if dtype else "no")  # fused AdamW, as launch
+
+        def ours_step(batch, _dtype) -> float:  # train/loop.py's step: the task's summed loss, backward, AdamW
+            tick = time.perf_counter()
+            train_step(run, task, [batch])
+            return time.perf_counter() - tick
+
         ours_step(batches[0], dtype), book_step(batches[0], dtype)  # warm-up: kernels, pools, AdamW state
         seconds = {"ours": [], "book": []}
         for batch in batches:
@@ -196,6 +199,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=2, help="windows per step (the book's chapter 5: 2)")
     parser.add_argument("--steps", type=int, default=6, help="timed steps per implementation and precision (0: "
                                                               "no step table)")
+    parser.add_argument("--torch-masks", action="store_true", help="ours with torch's dropout masks (the book's), "
+                                                                      "not the training commands' faster ones")
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     parser.add_argument("--tokenize-mb", type=int, default=0, help="also a generated corpus of this many MB")
     args = parser.parse_args()

@@ -25,10 +25,11 @@ def enable(model) -> None:
     (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
 
 
-@pytest.mark.parametrize("drop_rate", [0.0, 0.1])
-def test_checkpointed_gradients_equal_plain_ones(drop_rate):
+@pytest.mark.parametrize("drop_rate,fast_masks", [(0.0, False), (0.1, False), (0.1, True)])
+def test_checkpointed_gradients_equal_plain_ones(drop_rate, fast_masks):
     torch.manual_seed(0)
     model = GPT2ScratchForCausalLM(GPT2ScratchConfig(**TINY, drop_rate=drop_rate)).train()
+    model.use_fast_dropout_masks(fast_masks)  # the training commands' masks (tests/test_dropout.py) replay too
     input_ids = torch.randint(0, model.config.vocab_size, (3, 40))
     plain_loss, plain = gradients(model, input_ids, input_ids, seed=7)
     enable(model)

@@ -45,6 +45,7 @@ from gpt2_scratch.core.files import FolderLock, check_output_dir, write_json_ato
 from gpt2_scratch.core.process import (configure_logging, fast_bf16, fsdp_without_accelerator, quiet_libraries,
                                        relaunch_multi_cpu, terminate_as_interrupt)
 from gpt2_scratch.hub import check_repo_id, hub_token
+from gpt2_scratch.modeling_gpt2_scratch import GPT2ScratchPreTrainedModel
 from gpt2_scratch.train import loop
 from gpt2_scratch.train.checkpoints import find_checkpoint, load_checkpoint
 from gpt2_scratch.train.metrics import MetricsLog
@@ -299,6 +300,10 @@ def launch(start: Start, *, model, train_dataset, train_sampler, collate, eval_l
         names = list(eval_loaders)
         if before_prepare is not None:
             before_prepare(accelerator)
+        for module in model.modules():  # ours, or inside peft's wrapper: modeling's faster CPU dropout masks
+            if isinstance(module, GPT2ScratchPreTrainedModel):
+                module.use_fast_dropout_masks()
+                break  # the outermost: it reaches every dropout inside
         model = maybe_compile(model, args, accelerator.device.type)
         prepared = accelerator.prepare(model, optimizer, train_loader, scheduler, *eval_loaders.values())
         model, optimizer, train_loader, scheduler = prepared[:4]
