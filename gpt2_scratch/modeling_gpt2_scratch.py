@@ -126,16 +126,20 @@ def attend_with_fast_dropout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     """softmax(QK^T / sqrt(d), where allowed) with ``keep_mask`` dropout, times V: (B, nh, T, hs).
 
     What SDPA computes with ``dropout_p``, for training on CPU: there SDPA's fused kernels take no dropout, and
-    its math path draws torch's Bernoulli masks and guards against rows with no allowed key (a padding query
-    always sees itself here: ``build_attention_mask``). One gpt2-small layer's forward and backward at 2 x 256
-    tokens: 24.0 ms through SDPA, 13.7 ms here (fp32; bf16 17.8 and 9.3 ms). The weights are a softmax in
-    fp32, as SDPA's math path takes it on CPU; the products run in the inputs' precision.
+    its math path draws torch's Bernoulli masks, upcasts bf16 to fp32 and guards against rows with no allowed
+    key (a padding query always sees itself here: ``build_attention_mask``). Here the [T, T] weights are made
+    in as few passes as they can be: the scale on q (hs wide, not T), the mask filled in place, the softmax
+    in the inputs' precision (computed in fp32 inside, rounded once, as the bf16 product with V would round
+    it anyway), the dropout's rescaling on the hs-wide output.
     """
-    scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))  # (B, nh, T, T)
+    scores = (q * (1.0 / math.sqrt(q.shape[-1]))) @ k.transpose(-2, -1)  # (B, nh, T, T)
     if allowed is None:  # causal: queries and keys start together (no cache while training)
-        allowed = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril_()
-    weights = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1, dtype=torch.float32)
-    return drop_with_bits(weights, p).to(v.dtype) @ v
+        hidden = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).triu_(1)
+    else:
+        hidden = ~allowed  # (B, 1, T, T), small
+    weights = torch.softmax(scores.masked_fill_(hidden, float("-inf")), dim=-1)
+    keep, rescale = keep_mask(weights.shape, p)
+    return ((weights * keep).to(v.dtype) @ v) * rescale
 
 
 def short_bf16_on_cpu(q: torch.Tensor, k: torch.Tensor, max_keys: int = 256) -> bool:
