@@ -22,6 +22,7 @@ import shutil
 import socket
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from gpt2_scratch.core.errors import Failure, InputError
@@ -127,14 +128,17 @@ class FileLock:
         return cls._take(folder / cls.FOLDER_LOCK, f"{what} {folder}", what)
 
     @classmethod
-    def beside(cls, target: str | os.PathLike, *, what: str = "--out") -> "FileLock":
-        """Lock the output file or folder ``target`` (its folder is created if missing), or one InputError."""
+    def beside(cls, target: str | os.PathLike, *, what: str = "--out",
+               wait: Callable[[str], None] | None = None) -> "FileLock":
+        """Lock the output file or folder ``target`` (its folder is created if missing), or one InputError.
+        With ``wait``, a lock another process holds is waited for instead: ``wait(holder)`` is called first
+        with the holder's line ("pid N on HOST, started ...: command"), so the waiter can say why it stops."""
         target = Path(target).expanduser()
         target.parent.mkdir(parents=True, exist_ok=True)
-        return cls._take(target.parent / f".{target.name}{_LOCK_SUFFIX}", f"{what} {target}", what)
+        return cls._take(target.parent / f".{target.name}{_LOCK_SUFFIX}", f"{what} {target}", what, wait)
 
     @classmethod
-    def _take(cls, path: Path, named: str, what: str) -> "FileLock":
+    def _take(cls, path: Path, named: str, what: str, wait: Callable[[str], None] | None = None) -> "FileLock":
         while True:
             try:  # never through a symbolic link: the lock file is truncated, and a link could aim at any file
                 fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)  # less the umask
@@ -146,13 +150,21 @@ class FileLock:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                os.close(fd)
                 try:
                     holder = path.read_text(encoding="utf-8", errors="replace").strip() or "a process"
                 except OSError:
                     holder = "a process"
-                raise InputError(f"{named} is in use by another run ({holder}); wait for it to finish, or "
-                                 f"use another {what}") from None
+                if wait is None:
+                    os.close(fd)
+                    raise InputError(f"{named} is in use by another run ({holder}); wait for it to finish, or "
+                                     f"use another {what}") from None
+                wait(holder)
+                wait = _no_wait_message  # said once, however often the file is replaced while we wait
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX)  # until the holder releases it or ends (Ctrl-C interrupts)
+                except BaseException:
+                    os.close(fd)
+                    raise
             try:  # the file may have been removed between our open and our lock: lock the new one
                 if os.fstat(fd).st_ino == os.stat(path).st_ino:
                     break
@@ -192,6 +204,10 @@ class FileLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def _no_wait_message(holder: str) -> None:
+    pass
 
 
 FolderLock = FileLock  # the name training runs use for ``FileLock.acquire``

@@ -170,3 +170,60 @@ def test_accelerate_launch_two_processes_trains_the_same_losses(tmp_path):
 
     assert [s for s, _ in losses(two)] == [s for s, _ in losses(one)]
     assert [v for _, v in losses(two)] == pytest.approx([v for _, v in losses(one)], rel=1e-4)
+
+
+def tokenize_once_while_locked(tmp: Path, commands: list[list], waiters: list[int]) -> list[str]:
+    """Start ``commands`` on the book's story, not yet cached, while this test holds its cache entry's lock; wait
+    until command ``i`` has said ``waiters[i]`` times that a process waits for the entry (so every process met
+    the missing entry at once), then let go. Returns each command's stdout once all have finished (each must
+    succeed); the cache then holds the entry and nothing beside it."""
+    from gpt2_scratch.core.locks import FileLock
+    from gpt2_scratch.train.token_cache import tokenized_corpus
+
+    key = tokenized_corpus(str(VERDICT), cache_dir=str(tmp / "elsewhere"), progress=False).fingerprint
+    entry = tmp / "cache" / "tokens" / key
+    procs, outputs = [], []
+    with FileLock.beside(entry, what="the test"):
+        for i, command in enumerate(commands):
+            procs.append(subprocess.Popen(list(map(str, command)), cwd=REPO, env=env_for(tmp), text=True,
+                                          stdout=subprocess.PIPE, stderr=open(tmp / f"stderr-{i}", "w")))
+        for proc, expected in zip(procs, waiters):  # a waiter blocks after its line: none is missed, none hangs
+            lines = []
+            while sum("another process is tokenizing it" in line for line in lines) < expected:
+                line = proc.stdout.readline()
+                assert line, "".join(lines)  # it ended without waiting: it did not see the lock
+                lines.append(line)
+            outputs.append("".join(lines))
+    results = []
+    for i, (proc, head) in enumerate(zip(procs, outputs)):
+        rest, _ = proc.communicate(timeout=900)
+        assert proc.returncode == 0, (tmp / f"stderr-{i}").read_text()[-3000:]
+        results.append(head + rest)
+    assert sorted(p.name for p in entry.parent.iterdir()) == [key]  # no temporary or lock file left beside it
+    assert json.loads((entry / "meta.json").read_text())["parts"]["train"]["tokens"] == 4612
+    return results
+
+
+SHORT_RUN = [*TINY, "--max-steps", "2", "--epochs", "1", "--eval-freq", "2", "--save-every", "0"]
+
+
+@pytest.mark.slow  # two training processes (~10 s alone, ~20 s on a busy machine); test_pretrain_data has the fast twin
+def test_two_runs_started_at_once_tokenize_the_corpus_once(tmp_path):
+    """Two commands (not one launch) on the same uncached corpus: one tokenizes, the other waits for its entry."""
+    outs = [tmp_path / "a", tmp_path / "b"]
+    stdouts = tokenize_once_while_locked(tmp_path, [[sys.executable, "train/pretrain.py", *SHORT_RUN, "--out", out]
+                                                    for out in outs], waiters=[1, 1])
+    assert sum(s.count("tokenized --data") for s in stdouts) == 1, stdouts
+    assert sorted("(tokenized now" in s for s in stdouts) == [False, True]  # the other read the cached entry
+    assert all((out / "model.safetensors").is_file() for out in outs)
+
+
+@pytest.mark.slow  # two processes started by accelerate's launcher: the slow suite
+def test_accelerate_launch_tokenizes_the_corpus_once(tmp_path):
+    """Both processes of one launch meet the uncached corpus: one tokenizes, the other waits and reads it."""
+    out = tmp_path / "two"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
+              "--main_process_port", "0", "train/pretrain.py", *SHORT_RUN, "--out", out]
+    stdout, = tokenize_once_while_locked(tmp_path, [launch], waiters=[2])
+    assert stdout.count("tokenized --data") == 1 and "on 2 process(es)" in stdout, stdout
+    assert (out / "model.safetensors").is_file()

@@ -189,3 +189,101 @@ def enc_of(text: str) -> list[int]:
     from gpt2_scratch import get_encoding
 
     return get_encoding().encode(text, allowed_special={"<|endoftext|>"})
+
+
+def test_a_corpus_too_short_for_one_window_is_refused_before_it_is_tokenized(tmp_path, monkeypatch, capsys):
+    """The refusal comes before the tokenizing pass and the model's first write: the cache holds nothing
+    for it (no entry, no temporary, no lock file), and a shorter window then tokenizes it as usual."""
+    from gpt2_scratch.train import token_cache
+
+    isolate_user_settings(monkeypatch, tmp_path)
+    work = tmp_path / "work"
+    work.mkdir()
+    short = work / "short.txt"
+    short.write_text("Far too short for one window.", encoding="utf-8")  # 7 tokens
+
+    def never(*args, **kwargs):
+        raise AssertionError("tokenized into the cache")
+
+    monkeypatch.setattr(token_cache, "_tokenize_into", never)
+    argv = ["pretrain", "--data", str(short), "--random-init", "--n-layers", "1", "--emb-dim", "32", "--n-heads",
+            "2", "--context-length", "64", "--out", str(work / "out")]
+    train_part = len(enc_of("Far too short for one window."[:int(0.9 * 29)]))
+    assert_refused(argv, work, capsys, code=2, needle=f"--data {short}: the training part is {train_part} tokens, "
+                   "too short for one window of 64 tokens plus its next-token target; give more text or a shorter "
+                   "--context-length")
+    cache = tmp_path / "cache"
+    assert not cache.exists() or not any(cache.rglob("*")), sorted(cache.rglob("*"))
+    monkeypatch.undo()
+    assert corpus(short, val_fraction=0.0, cache_dir=str(cache),
+                  check=token_cache.WindowCheck(6, never)).train.tokens == 7  # 7 tokens make one window of 6
+
+
+def test_a_cached_corpus_is_checked_from_its_counts(cache, tmp_path):
+    from gpt2_scratch.core.errors import InputError
+    from gpt2_scratch.train.token_cache import WindowCheck
+
+    first = corpus(VERDICT)  # 4612 / 534 tokens
+    entry = first.train.path.parent
+    before = {p.name: p.read_bytes() for p in entry.iterdir()}
+    refused = []
+
+    def refuse(part, tokens):
+        refused.append((part, tokens))
+        return InputError(f"{part} is short")
+
+    with pytest.raises(InputError, match="val is short"):
+        corpus(VERDICT, check=WindowCheck(534, refuse))
+    assert refused == [("val", 534)]
+    assert {p.name: p.read_bytes() for p in entry.iterdir()} == before  # the entry is left as it was
+    assert corpus(VERDICT, check=WindowCheck(533, refuse)).reused and refused == [("val", 534)]
+
+
+def test_the_early_count_is_the_written_count_and_skips_long_parts(cache, tmp_path):
+    """What is counted before writing equals the entry's counts (separators, the split inside a document), and a
+    part too long to be short is not counted at all."""
+    from gpt2_scratch.train.text_data import resolve_sources
+    from gpt2_scratch.train.token_cache import _count_small_parts, longest_token_bytes
+
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    texts = ["First document.\nIt has two lines.", "Second one, short.", "Third: the one the split cuts. " * 40]
+    for i, text in enumerate(texts):
+        (folder / f"{i}.txt").write_text(text, encoding="utf-8")
+    chars = sum(map(len, texts))
+    split_at = int(0.9 * chars)
+    written = corpus(folder, val_fraction=0.1)
+    sources = resolve_sources(str(folder))
+    assert _count_small_parts(sources, "text", split_at, chars, 10_000, 16, "--data") == \
+        {"train": written.train.tokens, "val": written.val.tokens}
+    assert longest_token_bytes() == 128
+    window = split_at // 128 - 1  # the training part has at least (window + 1) * 128 characters: not counted
+    assert _count_small_parts(sources, "text", split_at, chars, window, 16, "--data") == {"val": written.val.tokens}
+
+
+def test_callers_that_meet_a_missing_entry_at_once_tokenize_it_once(cache, tmp_path):
+    """The lock beside the entry, in one process (threads open their own lock files, as processes do): while
+    another holds it both wait, then one tokenizes and the other reads its entry. The processes' own tests:
+    tests/test_pretrain.py (two commands, one `accelerate launch`)."""
+    import threading
+
+    from gpt2_scratch.core.locks import FileLock
+
+    key = corpus(VERDICT, cache_dir=str(tmp_path / "elsewhere")).fingerprint
+    entry = cache / "tokens" / key
+    waiting = [threading.Event(), threading.Event()]
+    results = [None, None]
+
+    def run(i):
+        results[i] = corpus(VERDICT, on_wait=lambda line: waiting[i].set())
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    with FileLock.beside(entry, what="the test"):
+        for thread in threads:
+            thread.start()
+        assert all(event.wait(60) for event in waiting)  # both met the missing entry
+    for thread in threads:
+        thread.join(60)
+    assert sorted(r.reused for r in results) == [False, True]
+    assert ids(results[0].train) == ids(results[1].train) and results[0].train.tokens == 4612
+    assert sorted(p.name for p in entry.parent.iterdir()) == [key]  # no temporary or lock file left beside it

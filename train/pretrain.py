@@ -54,7 +54,7 @@ from gpt2_scratch.train.pretrain_record import write_record
 from gpt2_scratch.train.run import launch, launch_own_loop, run_training, start
 from gpt2_scratch.train.state import fingerprint
 from gpt2_scratch.train.task import Task, mean_loss
-from gpt2_scratch.train.token_cache import TokenWindows, check_windows, collate_windows, tokenized_corpus
+from gpt2_scratch.train.token_cache import TokenWindows, WindowCheck, collate_windows, tokenized_corpus
 
 
 
@@ -134,32 +134,56 @@ def build_model(args: PretrainArgs):
     return load_model(args.model, random_init=args.random_init, models_dir=args.models_dir)
 
 
-def load_corpora(args: PretrainArgs):
-    """(training corpus, validation corpus or None): tokenized now, or found in the token cache."""
-    options = dict(text_column=args.text_column, cache_dir=args.token_cache, threads=args.tokenize_threads)
-    if args.val_data is None:
-        return tokenized_corpus(args.data, val_fraction=args.val_fraction, **options), None
-    train = tokenized_corpus(args.data, val_fraction=0.0, **options)
-    return train, tokenized_corpus(args.val_data, val_fraction=0.0, flag="--val-data", **options)
-
-
-def corpus_windows(args: PretrainArgs, train, validation, context: int):
-    """(training windows, validation windows), each checked to make at least one window."""
+def window_length(args: PretrainArgs, context: int) -> int:
+    """The windows' length: --context-length, at most the model's context (its default)."""
     length = args.context_length or context
     if length > context:
         raise InputError(f"--context-length {length} is longer than the {context}-token context of --model "
                          f"{args.model}; pass at most {context}")
+    return length
+
+
+def window_check(args: PretrainArgs, length: int, *, validation_corpus: bool = False) -> WindowCheck:
+    """Refuses a part of --data (or the --val-data corpus) too short for one window, naming it and the fixes;
+    token_cache applies it before anything is written."""
+    flag, spec = ("--val-data", args.val_data) if validation_corpus else ("--data", args.data)
+
+    def refuse(part: str, tokens: int) -> InputError:
+        what = "validation" if validation_corpus or part == "val" else "training"
+        fix = ("give a longer validation corpus or a shorter --context-length" if validation_corpus else
+               "raise --val-fraction, give more text, pass --val-data, or use a shorter --context-length"
+               if part == "val" else "give more text or a shorter --context-length")
+        return InputError(f"{flag} {spec}: the {what} part is {tokens:,} tokens, too short for one window of "
+                          f"{length} tokens plus its next-token target; {fix}")
+
+    return WindowCheck(length, refuse)
+
+
+def load_corpora(args: PretrainArgs, length: int):
+    """(training corpus, validation corpus or None): tokenized now (a line says so, from the one process that
+    did), or found in the token cache; a corpus too short for one window of ``length`` is refused first."""
+    wanted = [("--data", args.data, args.val_fraction if args.val_data is None else 0.0, False)]
+    if args.val_data is not None:  # all of --data trains, the other corpus validates
+        wanted.append(("--val-data", args.val_data, 0.0, True))
+    corpora = []
+    for flag, spec, val_fraction, validates in wanted:
+        corpus = tokenized_corpus(spec, val_fraction=val_fraction, flag=flag, text_column=args.text_column,
+                                  cache_dir=args.token_cache, threads=args.tokenize_threads,
+                                  check=window_check(args, length, validation_corpus=validates),
+                                  on_wait=lambda line: print(line, flush=True))
+        if not corpus.reused:
+            print(f"tokenized {flag} {spec}: {corpus.train.tokens + (corpus.val.tokens if corpus.val else 0):,} "
+                  f"tokens into {corpus.train.path.parent}", flush=True)
+        corpora.append(corpus)
+    return corpora[0], corpora[1] if len(corpora) > 1 else None
+
+
+def corpus_windows(args: PretrainArgs, train, validation, length: int):
+    """(training windows, validation windows): the book's windows of ``length`` over each part."""
     stride = args.stride or length
     val_file = validation.train if validation is not None else train.val
-    windows = TokenWindows(train.train.path, train.train.tokens, length, stride), \
+    return TokenWindows(train.train.path, train.train.tokens, length, stride), \
         TokenWindows(val_file.path, val_file.tokens, length, stride)
-    check_windows(windows[0], what="training", source=f"--data {args.data}",
-                  fix="give more text or a shorter --context-length")
-    fix = ("give a longer validation corpus or a shorter --context-length" if validation is not None else
-           "raise --val-fraction, give more text, pass --val-data, or use a shorter --context-length")
-    check_windows(windows[1], what="validation", source=f"--val-data {args.val_data}" if validation is not None
-                  else f"--data {args.data}", fix=fix)
-    return windows
 
 
 def set_up(args: PretrainArgs):
@@ -172,18 +196,20 @@ def set_up(args: PretrainArgs):
         book_pretrain.check_args(args)
     started = start(args, inputs=[("--model", args.model), ("--data", args.data), ("--val-data", args.val_data)])
 
-    # 2. The corpus (tokenized once, then cached), then the model.
-    train, validation = load_corpora(args)
-    data_sha256 = fingerprint({"train": train.fingerprint, "val": validation.fingerprint if validation else None})
-    started.check_data(data_sha256, f"--data {args.data}")
+    # 2. The model (its context sets the windows), then the corpus (tokenized once, then cached): a corpus too
+    #    short for one window is refused before it is tokenized into the cache.
     set_seed(args.seed)  # the same random init on every process
     model = build_model(args)
     model.train()
     context = model.config.max_position_embeddings
-    train_windows, val_windows = corpus_windows(args, train, validation, context)
+    length = window_length(args, context)
     if args.sample_tokens >= context:
         raise InputError(f"--sample-tokens {args.sample_tokens} leaves no room for a prompt in the {context}-token "
                          f"context of {args.model}; pass at most {context - 1}")
+    train, validation = load_corpora(args, length)
+    data_sha256 = fingerprint({"train": train.fingerprint, "val": validation.fingerprint if validation else None})
+    started.check_data(data_sha256, f"--data {args.data}")
+    train_windows, val_windows = corpus_windows(args, train, validation, length)
 
     # 3. The batches: shuffled windows, a new order each epoch from (seed, epoch) alone.
     lengths = [train_windows.context] * len(train_windows)

@@ -11,10 +11,23 @@ the sources' contents (each file's sha256, or a ``datasets`` data set's own fing
 the text column, the validation fraction and the tokenizer: an unchanged corpus is never tokenized
 again, and a changed byte anywhere gives a new key, so a stale cache cannot be read. Hashing reads the
 corpus once per run (about a second per GB); tokenizing it costs far more. Old keys are not pruned:
-delete the folder to reclaim the space. The folder is written under a temporary name and renamed when
-complete, so a killed tokenization leaves nothing that looks finished. Under several processes each
-tokenizes a missing key and the first rename wins (the files are the same). A corpus too short for a run's
-windows is refused after its entry is written: the entry is still right for a run with shorter windows.
+delete the folder to reclaim the space.
+
+**One writer.** An entry is tokenized by one process at a time, under a lock beside it
+(``tokens/.<key>.lock``, core/locks.py): the processes of an ``accelerate launch`` on one machine, or two
+runs started at once on the same corpus, find the entry missing, the first takes the lock and tokenizes,
+the others wait for it (saying whose lock they wait on) and then read the finished entry. A lock, not
+Accelerate's ``main_process_first``: the wait happens before any process group exists, so a tokenization
+longer than the collectives' timeout (30 minutes) cannot fail the others. The entry is filled under a
+temporary name and renamed into place whole (core/files.py's ``write_dir_atomically``), so a killed
+tokenization leaves nothing that looks finished, and its temporary is removed by the next writer.
+
+**Too short.** A run that needs windows of ``L`` tokens passes ``WindowCheck(L, refuse)``: a part of fewer
+than ``L + 1`` tokens is refused before anything is written. A part of at least ``(L + 1) * 128``
+characters cannot be that short (no GPT-2 token spans more than 128 bytes), so only a small part is
+counted first, in memory (milliseconds; the rest of the corpus is read, not tokenized); a cached entry is
+checked from its counts. The cache then holds nothing for a corpus too short for one window:
+re-tokenizing it with a shorter ``--context-length`` costs milliseconds too.
 
 **The split** (the book's): the first ``int((1 - val_fraction) * characters)`` characters of the corpus
 train, the rest validates; each part is tokenized on its own, as the book tokenizes ``text[:split]``
@@ -32,18 +45,19 @@ corpus in Arrow files and without forking processes that each hold the tokenizer
 from __future__ import annotations
 
 import json
+import logging
 import os
-import shutil
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import cache
 from itertools import islice
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from gpt2_scratch.core.errors import InputError
-from gpt2_scratch.core.files import cache_root, content_key
+from gpt2_scratch.core.files import FileLock, cache_root, content_key, write_dir_atomically
 from gpt2_scratch.tokenizer import ENDOFTEXT, ENDOFTEXT_ID, get_encoding
 from gpt2_scratch.train.text_data import PIECE_CHARS, Source, pieces, resolve_sources, scan
 
@@ -51,6 +65,8 @@ CACHE_FORMAT = 1  # bump when the files' layout or the tokenization changes
 TOKENIZER_ID = "gpt2 BPE (r50k), <|endoftext|> allowed"
 TOKEN_DTYPE = np.dtype("<u2")
 PARTS = ("train", "val")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -82,34 +98,97 @@ def corpus_key(sources: list[Source], fingerprints: list[str], text_column: str,
                         "val_fraction": val_fraction})
 
 
+@dataclass(frozen=True)
+class WindowCheck:
+    """What a run needs of each part of a corpus: more than ``window`` tokens (one window and its next-token
+    target); ``refuse(part, tokens)`` is the error raised for a part with fewer ("train" or "val")."""
+
+    window: int
+    refuse: Callable[[str, int], Exception]
+
+
 def tokenized_corpus(spec: str, *, text_column: str = "text", val_fraction: float = 0.1, cache_dir: str | None = None,
                      threads: int | None = None, flag: str = "--data", piece_chars: int = PIECE_CHARS,
-                     progress: bool = True) -> TokenizedCorpus:
-    """``spec``'s corpus as cached token files: reused when its key is in the cache, else tokenized now."""
+                     progress: bool = True, check: WindowCheck | None = None,
+                     on_wait: Callable[[str], None] | None = None) -> TokenizedCorpus:
+    """``spec``'s corpus as cached token files: reused when its key is in the cache, else tokenized now (by
+    one process at a time: ``on_wait(line)`` says when this one waits for another). ``check`` refuses a
+    part too short for one window before anything is written."""
     sources = resolve_sources(spec, flag=flag)
     scanned = scan(sources, text_column, flag=flag)
     key = corpus_key(sources, scanned.fingerprints, text_column, val_fraction)
     folder = token_cache_root(cache_dir) / key
-    reused = (folder / "meta.json").is_file()
+    split_at = int((1 - val_fraction) * scanned.chars) if val_fraction else None
+    reused = _complete(folder)
     if not reused:
-        split_at = int((1 - val_fraction) * scanned.chars) if val_fraction else None
-        _tokenize_into(folder, sources, text_column, split_at, scanned.chars, threads=threads, flag=flag,
-                       piece_chars=piece_chars, progress=progress,
-                       meta={"format": CACHE_FORMAT, "key": key, "tokenizer": TOKENIZER_ID, "data": spec,
-                             "sources": [{"kind": s.kind, "where": s.where, "fingerprint": f}
-                                         for s, f in zip(sources, scanned.fingerprints)],
-                             "text_column": text_column, "val_fraction": val_fraction, "chars": scanned.chars})
+        if check is not None:
+            _check_parts(check, _count_small_parts(sources, text_column, split_at, scanned.chars, check.window,
+                                                   piece_chars, flag))
+
+        def waiting(holder: str) -> None:
+            (on_wait or log.info)(f"{flag} {spec}: another process is tokenizing it into {folder} ({holder}); "
+                                  "waiting for it")
+
+        with FileLock.beside(folder, what=flag, wait=waiting):
+            reused = _complete(folder)  # the process we waited for wrote it
+            if not reused:
+                meta = {"format": CACHE_FORMAT, "key": key, "tokenizer": TOKENIZER_ID, "data": spec,
+                        "sources": [{"kind": s.kind, "where": s.where, "fingerprint": f}
+                                    for s, f in zip(sources, scanned.fingerprints)],
+                        "text_column": text_column, "val_fraction": val_fraction, "chars": scanned.chars}
+                write_dir_atomically(folder, lambda tmp: _tokenize_into(
+                    tmp, sources, text_column, split_at, scanned.chars, threads=threads, flag=flag,
+                    piece_chars=piece_chars, progress=progress, meta=meta), overwrite=True)  # an incomplete one
     meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+    if check is not None:
+        _check_parts(check, {part: counts["tokens"] for part, counts in meta["parts"].items()})
     files = {part: TokenFile(folder / f"{part}.bin", meta["parts"][part]["tokens"], meta["parts"][part]["documents"])
              for part in meta["parts"]}
     return TokenizedCorpus(key, files["train"], files.get("val"), scanned.chars, reused)
 
 
-class _PartWriter:
-    """Appends one part's token ids to its file, with ``<|endoftext|>`` between documents."""
+def _complete(folder: Path) -> bool:
+    """Whether ``folder`` is a finished entry: meta.json is written last, and the folder renamed into place whole."""
+    return (folder / "meta.json").is_file()
 
-    def __init__(self, path: Path):
-        self.file = open(path, "wb")
+
+def _check_parts(check: WindowCheck, tokens: dict[str, int]) -> None:
+    for part, n in tokens.items():
+        if n <= check.window:
+            raise check.refuse(part, n)
+
+
+@cache
+def longest_token_bytes() -> int:
+    """The most bytes one token stands for (GPT-2: 128; ``<|endoftext|>``, 13 characters, is one token too)."""
+    encoding = get_encoding()
+    return max(len(ENDOFTEXT), *(len(encoding.decode_single_token_bytes(i)) for i in range(encoding.n_vocab)
+                                 if i != ENDOFTEXT_ID))
+
+
+def _count_small_parts(sources, text_column: str, split_at: int | None, chars: int, window: int, piece_chars: int,
+                       flag: str) -> dict[str, int]:
+    """Tokens of each part that could hold ``window`` tokens or fewer, counted in memory (nothing written). A part
+    of at least ``(window + 1) * longest_token_bytes()`` characters has more tokens than that (a character is at
+    least one byte) and is not counted: only a small corpus, or a small validation part, is tokenized twice."""
+    sizes = [split_at, chars - split_at] if split_at is not None else [chars]
+    small = {i for i, size in enumerate(sizes) if size < (window + 1) * longest_token_bytes()}
+    if not small:
+        return {}
+    counters = [_PartWriter(None) for _ in sizes]
+    encoding = get_encoding()
+    for part, new_document, text in _parted(pieces(sources, text_column, piece_chars, flag), split_at):
+        if part in small:
+            counters[part].write(new_document, encoding.encode(text, allowed_special={ENDOFTEXT}))
+    return {PARTS[i]: counters[i].tokens for i in small}
+
+
+class _PartWriter:
+    """Appends one part's token ids to its file (or only counts them: ``path`` None), with ``<|endoftext|>``
+    between documents."""
+
+    def __init__(self, path: Path | None):
+        self.file = open(path, "wb") if path is not None else None
         self.tokens = 0
         self.documents = 0
 
@@ -118,8 +197,13 @@ class _PartWriter:
             if self.tokens:
                 ids = [ENDOFTEXT_ID, *ids]
             self.documents += 1
-        self.file.write(np.asarray(ids, dtype=TOKEN_DTYPE).tobytes())
+        if self.file is not None:
+            self.file.write(np.asarray(ids, dtype=TOKEN_DTYPE).tobytes())
         self.tokens += len(ids)
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
 
 
 def _parted(stream, split_at: int | None):
@@ -140,16 +224,13 @@ def _parted(stream, split_at: int | None):
 
 def _tokenize_into(folder: Path, sources, text_column: str, split_at: int | None, chars: int, *, threads, flag: str,
                    piece_chars: int, progress: bool, meta: dict) -> None:
-    """Tokenize the corpus into ``folder`` (written as ``.NAME.partial-PID``, renamed when complete)."""
+    """Tokenize the corpus into the empty ``folder`` (a temporary that ``write_dir_atomically`` renames into place
+    once this returns): the parts' files, then meta.json with their counts."""
     from tqdm.auto import tqdm  # deferred: tqdm.auto probes for notebooks at import
 
     encoding = get_encoding()
     threads = threads or max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.parent / f".{folder.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    writers = [_PartWriter(tmp / f"{part}.bin") for part in (PARTS if split_at is not None else PARTS[:1])]
+    writers = [_PartWriter(folder / f"{part}.bin") for part in (PARTS if split_at is not None else PARTS[:1])]
 
     def encode(item):
         part, new_document, text = item
@@ -164,20 +245,11 @@ def _tokenize_into(folder: Path, sources, text_column: str, split_at: int | None
                 for part, new_document, ids, n in pool.map(encode, batch):
                     writers[part].write(new_document, ids)
                     bar.update(n)
-        parts = {}
-        for part, writer in zip(PARTS, writers):
-            writer.file.close()
-            parts[part] = {"tokens": writer.tokens, "documents": writer.documents}
-        (tmp / "meta.json").write_text(json.dumps({**meta, "parts": parts}, indent=2), encoding="utf-8")
-        try:
-            os.replace(tmp, folder)
-        except OSError:  # another run finished the same key first: its files are the same
-            if not (folder / "meta.json").is_file():
-                raise
     finally:
         for writer in writers:
-            writer.file.close()
-        shutil.rmtree(tmp, ignore_errors=True)
+            writer.close()
+    parts = {part: {"tokens": writer.tokens, "documents": writer.documents} for part, writer in zip(PARTS, writers)}
+    (folder / "meta.json").write_text(json.dumps({**meta, "parts": parts}, indent=2), encoding="utf-8")
 
 
 class TokenWindows(torch.utils.data.Dataset):
@@ -213,9 +285,3 @@ def collate_windows(batch: list[tuple[torch.Tensor, torch.Tensor]]) -> dict:
     """Windows → the loop's batch: ``input_ids`` and ``labels`` (already the next tokens: the model's ``shift_labels``)."""
     return {"input_ids": torch.stack([x for x, _ in batch]), "labels": torch.stack([y for _, y in batch])}
 
-
-def check_windows(windows: TokenWindows, *, what: str, source: str, fix: str) -> None:
-    """Refuse a part that makes no window: shorter than ``context + 1`` tokens."""
-    if len(windows) == 0:
-        raise InputError(f"{source}: the {what} part is {windows.n_tokens:,} tokens, too short for one window of "
-                         f"{windows.context} tokens plus its next-token target; {fix}")
