@@ -101,7 +101,8 @@ def step_rows(args) -> list[dict]:
     rows = []
     for precision in args.precisions:
         dtype = torch.bfloat16 if precision == "bf16" else None
-        AcceleratorState._reset_state(reset_partial_state=True)  # a process's precision is set once (accelerate's tests reset it so)
+        # An Accelerator's precision is fixed for its process; accelerate's own tests reset its state so.
+        AcceleratorState._reset_state(reset_partial_state=True)
         run = step_run(ours, pretrain_args, mixed_precision="bf16" if dtype else "no")  # fused AdamW, as launch
 
         def ours_step(batch, _dtype) -> float:  # train/loop.py's step: the task's summed loss, backward, AdamW
@@ -118,12 +119,48 @@ def step_rows(args) -> list[dict]:
         flops = useful_flops(tokens, tokens, lora=False, layers=config.n_layers, width=config.emb_dim,
                              vocab=config.vocab_size)
         rate = matmul_rate(precision, tokens, width=config.emb_dim)
-        for impl in ("ours", "book"):
-            step = statistics.median(seconds[impl])
+        timed = [(impl, statistics.median(seconds[impl])) for impl in ("ours", "book")]
+        timed += [(floor["what"], floor["step_s"]) for floor in floor_rows(config, tokens, precision)]
+        for impl, step in timed:
             rows.append({"precision": precision, "impl": impl, "step_s": step, "tok_s": tokens / step,
                          "tflop": flops / 1e12, "achieved_gflops": flops / step / 1e9, "matmul_gflops": rate / 1e9,
                          "mfu": flops / step / rate})
     return rows
+
+
+def floor_rows(config, tokens: int, precision: str) -> list[dict]:
+    """What no implementation of this step can go under on this machine: its weight products alone (each
+    Linear's forward, input-gradient and weight-gradient product at the step's shapes, timed one shape at a
+    time and counted per layer), and those plus fused AdamW over the model's parameters (fp32 state, the
+    moments and weights read and written once per step whatever the batch)."""
+    import torch
+
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    d, vocab = config.emb_dim, config.vocab_size
+    counts = {(d, 3 * d): config.n_layers, (d, d): config.n_layers, (d, 4 * d): config.n_layers,
+              (4 * d, d): config.n_layers, (d, vocab): 1}  # c_attn, attn c_proj, c_fc, mlp c_proj; the head
+
+    def median_seconds(work, repeats: int = 5) -> float:
+        work()  # warm-up
+        times = []
+        for _ in range(repeats):
+            tick = time.perf_counter()
+            work()
+            times.append(time.perf_counter() - tick)
+        return statistics.median(times)
+
+    products = 0.0
+    for (k, n), count in counts.items():
+        x, w, g = torch.randn(tokens, k, dtype=dtype), torch.randn(k, n, dtype=dtype), torch.randn(tokens, n, dtype=dtype)
+        products += count * median_seconds(lambda: (x @ w, g @ w.t(), x.t() @ g))
+    params = [torch.randn(k, n) for (k, n), count in counts.items() for _ in range(count)]
+    params += [torch.randn(config.context_length, d)] + [torch.randn(d) for _ in range(config.n_layers * 9 + 2)]
+    for p in params:  # what the rest of the model holds: the position table, the biases and LayerNorms
+        p.grad = torch.randn_like(p)
+    adamw = torch.optim.AdamW(params, lr=5e-4, weight_decay=0.1, fused=True)
+    optimizer = median_seconds(adamw.step, repeats=3)
+    return [{"what": "the weight products alone", "step_s": products},
+            {"what": "the weight products + fused AdamW", "step_s": products + optimizer}]
 
 
 def make_corpus(path: Path, megabytes: int) -> None:
@@ -222,7 +259,8 @@ def main() -> None:
         print("|---|---|---:|---:|---:|---:|---:|---:|")
     for row in rows:
         book = next(r for r in rows if r["precision"] == row["precision"] and r["impl"] == "book")
-        name = "ours (train_step)" if row["impl"] == "ours" else "the book's train_model_simple"
+        name = {"ours": "ours (train_step)", "book": "the book's train_model_simple"}.get(row["impl"],
+                                                                                      f"floor: {row['impl']}")
         print(f"| {row['precision']} | {name} | {row['step_s']:.3f} | {row['tok_s']:,.0f} | "
               f"{book['step_s'] / row['step_s']:.2f}x | {row['achieved_gflops']:,.0f} | {row['matmul_gflops']:,.0f} | "
               f"{row['mfu']:.0%} |")

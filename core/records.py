@@ -180,7 +180,7 @@ def load_raw_records(source: str, *, flag: str = "--data", required: Sequence[st
     if kind is not None:
         raise DataError(f"{flag} {path} is {kind}, not a file of records; pass a .json or .jsonl file")
     if is_hub_id(source) and path.suffix not in (".json", ".jsonl", ".parquet"):
-        return _load_hub_dataset(source, required)
+        return _load_hub_dataset(source, required, flag)
     raise DataError(f"{flag} {path}: no such file; pass an existing .json/.jsonl/.parquet file, a URL or a Hub data "
                     "set id")
 
@@ -210,7 +210,7 @@ def _read_saved_dataset(path: Path) -> list:
     return ds.to_list()
 
 
-def _load_hub_dataset(repo_id: str, required: Sequence[str]) -> list[dict]:
+def _load_hub_dataset(repo_id: str, required: Sequence[str], flag: str) -> list[dict]:
     import datasets
 
     with hub_offline_when_unreachable() as unreachable:
@@ -219,11 +219,11 @@ def _load_hub_dataset(repo_id: str, required: Sequence[str]) -> list[dict]:
         except Exception as err:  # datasets raises many types; all mean "could not load it"
             reason = "the Hub's host does not resolve and it is not cached" if unreachable else \
                 f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
-            raise DataError(f"cannot load the Hub data set {repo_id} ({reason}); check the id and the network, or "
-                            "pass a local file") from None
+            raise DataError(f"{flag} {repo_id}: cannot load the Hub data set ({reason}); check the id and the network, "
+                            "or pass a local file") from None
     missing = [c for c in required if c not in ds.column_names]
     if missing:
-        raise DataError(f"Hub data set {repo_id} has no '{missing[0]}' column (it has: {', '.join(ds.column_names)}); "
+        raise DataError(f"{flag} {repo_id}: the Hub data set has no '{missing[0]}' column (it has: {', '.join(ds.column_names)}); "
                         f"it is not a data set of {_names(required)} records")
     return ds.to_list()
 

@@ -2,7 +2,6 @@
 tiktoken's encode of the whole text, the book's window loop, the book's character split."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
