@@ -109,14 +109,21 @@ def drop_with_bits(x: torch.Tensor, p: float) -> torch.Tensor:
     return (x * keep).mul_(scale)
 
 
+def fast_masks_here(x: torch.Tensor) -> bool:
+    """Whether ``keep_mask`` beats torch's dropout for ``x``: on CPU and eager. GPUs have a fused dropout kernel,
+    and under torch.compile inductor draws dropout masks with its own fast generator (``random_`` would
+    break the graph)."""
+    return x.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
 class Dropout(nn.Dropout):
     """``nn.Dropout``; with ``fast_masks`` set (the training commands set it through
-    ``use_fast_dropout_masks``), on CPU its mask comes from ``keep_mask``. GPUs keep torch's own fused kernel."""
+    ``use_fast_dropout_masks``), its mask comes from ``keep_mask`` where ``fast_masks_here``."""
 
     fast_masks = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fast_masks and self.training and self.p > 0 and x.device.type == "cpu":
+        if self.fast_masks and self.training and self.p > 0 and fast_masks_here(x):
             return drop_with_bits(x, self.p)
         return super().forward(x)
 
@@ -183,7 +190,7 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             # Append this step's keys/values; get back everything seen so far.
             k, v = cache.update(k, v, self.layer_idx)  # (B, nh, T_past + T, hs)
-        if self.fast_masks and self.training and self.attn_dropout > 0 and cache is None and q.device.type == "cpu":
+        if self.fast_masks and self.training and self.attn_dropout > 0 and cache is None and fast_masks_here(q):
             y = attend_with_fast_dropout(q, k, v, attn_mask, self.attn_dropout)
         else:
             y = self.sdpa(q, k, v, attn_mask, cache)

@@ -65,6 +65,17 @@ def test_the_body_traces_as_one_graph_for_any_length():
         torch.testing.assert_close(traced(ids, use_cache=False)[0], expected)
 
 
+def test_the_training_commands_fast_dropout_masks_leave_the_body_one_graph():
+    """The training commands turn on modeling's faster CPU dropout masks; their ``random_`` would break dynamo's
+    graph, so under torch.compile the model takes torch's dropout, whose masks inductor draws itself."""
+    torch.manual_seed(0)
+    model = GPT2ScratchForCausalLM(GPT2ScratchConfig.from_preset("gpt2-small", **TINY, drop_rate=0.1)).train()
+    model.use_fast_dropout_masks()
+    traced = torch.compile(model.transformer, backend="eager", fullgraph=True, dynamic=True)
+    hidden = traced(torch.randint(0, 50257, (2, 16)), use_cache=False)[0]  # fullgraph: a graph break raises
+    assert hidden.shape == (2, 16, model.config.emb_dim) and torch.isfinite(hidden).all()
+
+
 def test_generation_from_a_compiled_model_runs_eager():
     """--compile compiles the model in place, but the epoch-end sample and the test responses decode a new shape
     every token: inside ``core.compile.eager`` dynamo traces nothing (outside it, it would trace every step,
