@@ -127,7 +127,7 @@ class _Fitting:
         run.check_out()
         with timed(state, "checkpoints"):
             save_checkpoint(run.accelerator, run.model, run.checkpoint_root, state,
-                            keep=run.args.keep_checkpoints or None)
+                            keep=run.args.keep_checkpoints or None, optimizer=run.optimizer, scheduler=run.scheduler)
 
     def initial(self) -> None:
         with timed(self.state, "evaluation"):
