@@ -1,5 +1,6 @@
-"""One process of tests/test_fsdp.py: our training, checkpoint, resume and final save code on a model sharded
-with torch's FSDP2 ``fully_shard`` over gloo, on CPUs (started by ``torch.distributed.run``).
+"""One process of tests/test_scale.py::test_a_model_sharded_with_fsdp2_saves_resumes_and_gathers: our training,
+checkpoint, resume and final save code on a model sharded with torch's FSDP2 ``fully_shard`` over gloo, on CPUs
+(started by ``torch.distributed.run``).
 
 This is a CPU proof of OUR code paths, not of Accelerate's launcher: Accelerate enables FSDP only on
 accelerators (shared/docs/FACTS.md), so the model is sharded here as Accelerate's FSDP2 plugin shards it

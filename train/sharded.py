@@ -13,7 +13,7 @@ processes together. So everything that reads the whole model, or calls it on one
 
 Every function here is keyed on what the model IS (its DTensor parameters), not on how Accelerate was set
 up, so the same code runs under Accelerate's FSDP plugin on GPUs and under torch's ``fully_shard`` on CPUs
-over gloo (tests/test_fsdp.py, the CPU proof: Accelerate itself enables FSDP only on accelerators).
+over gloo (tests/test_scale.py with tests/fsdp_worker.py, the CPU proof: Accelerate itself enables FSDP only on accelerators).
 
 Sharded checkpoints are torch.distributed.checkpoint (DCP) folders, the format Accelerate's FSDP plugin writes
 with ``SHARDED_STATE_DICT``: the model and AdamW's state via torch's ``get_state_dict``/``set_state_dict``;
