@@ -35,7 +35,7 @@ from gpt2_scratch.train.lm_outputs import epoch_sample, greedy_sample
 from gpt2_scratch.train.loop import train_step
 from gpt2_scratch.train.metrics import MetricsLog
 from gpt2_scratch.train.run import finish, make_accelerator
-from gpt2_scratch.train.sharded import full_state_dict, is_sharded
+from gpt2_scratch.train.sharded import full_state_dict, gathered_model, is_sharded
 from gpt2_scratch.train.state import Run, TrainState
 from gpt2_scratch.train.task import Task, mean_loss
 
@@ -107,6 +107,33 @@ def plain_reference() -> dict:
     return {"initial": initial, "final": run.model.state_dict(), "model": run.model}
 
 
+def lora_under_fsdp(accelerator) -> dict | None:
+    """peft's LoRA on the sharded model (frozen base and trained adapters in one FSDP unit): one train_step,
+    then ``gathered_model`` rebuilds the PeftModel whole on the main process. (frozen base max |change|, adapters'
+    max |change|, the merged model's parameter count) on the main process; None elsewhere."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = get_peft_model(GPT2ScratchForCausalLM(GPT2ScratchConfig.from_preset("gpt2-small", **TINY)),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], init_lora_weights=False))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for module in model.modules():
+        if isinstance(module, Block):
+            fully_shard(module)
+    fully_shard(model)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    run = Run(SimpleNamespace(max_grad_norm=1.0), accelerator, model, Path("."), None, 1, TrainState(), fit=None,
+              optimizer=optimizer, scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0))
+    train_step(run, NextToken(), [batches(accelerator.process_index, accelerator.num_processes)[0]])
+    whole = gathered_model(model, main=accelerator.is_main_process)
+    if whole is None:
+        return None
+    after = whole.state_dict()
+    change = {kind: max((after[k] - before[k]).abs().max().item() for k in before if ("lora_" in k) == (kind == "lora"))
+              for kind in ("base", "lora")}
+    return {**change, "merged_parameters": sum(p.numel() for p in whole.merge_and_unload().parameters())}
+
+
 def main(out: Path, mode: str) -> None:
     # What `accelerate launch --cpu` exports: Accelerate then joins torch.distributed.run's processes (MULTI_CPU).
     os.environ["ACCELERATE_USE_CPU"] = "true"
@@ -141,6 +168,7 @@ def main(out: Path, mode: str) -> None:
                                     scheduler=resumed.scheduler)
     train(resumed, range(resumed.state.step, STEPS), rank, processes)
     after_resume = full_state_dict(resumed.model)
+    lora = lora_under_fsdp(accelerator)
     probe = batches(0, 1)[0]["input_ids"][:2]
     with torch.no_grad():
         sharded_logits = resumed.model.eval()(probe).logits
@@ -156,7 +184,8 @@ def main(out: Path, mode: str) -> None:
                   "resumed_vs_uninterrupted": max_diff(after_resume, uninterrupted),
                   "sample": sample[0]["sample"],
                   "plain_sample": greedy_sample(reference["model"], get_tokenizer(), PROMPT, 4),
-                  "checkpoint": sorted(p.name for p in checkpoint.iterdir())}
+                  "checkpoint": sorted(p.name for p in checkpoint.iterdir()), "lora": lora,
+                  "parameters": sum(p.numel() for p in reference["model"].parameters())}
         torch.save({"probe": probe, "logits": sharded_logits}, out / "logits.pt")
     else:
         assert sample is None, "only the main process reports the sample"
