@@ -189,8 +189,8 @@ def fsdp_rows(check, row_cls, limit: float) -> None:
         with torch.no_grad():
             logits = (loaded(probe.cpu()).logits - sharded_logits).abs().max().item()
         return row_cls("", "ok" if weights == 0 else f"weights differ by {weights:.3g}", peak_gib=check.peak_gib(),
-                       note=f"from_pretrained's weights vs the shards: max |diff| {weights:.3g}; its logits (CPU fp32) vs "
-                            f"the sharded model's (mixed precision {run.accelerator.mixed_precision}): {logits:.3g}")
+                       note=f"from_pretrained's weights vs the shards: max |diff| {weights:.3g}; its logits (CPU "
+                            f"fp32) vs the sharded model's (mixed precision {run.accelerator.mixed_precision}): {logits:.3g}")
 
     with _one_process_group(check.cuda):
         for label, measure in (("fsdp: wrap + 2 train steps", wrap_and_train),

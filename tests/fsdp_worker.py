@@ -134,6 +134,26 @@ def lora_under_fsdp(accelerator) -> dict | None:
     return {**change, "merged_parameters": sum(p.numel() for p in whole.merge_and_unload().parameters())}
 
 
+def uneven_evaluation(run: Run, rank: int) -> list:
+    """train/loop.py's ``sums_over`` with 3 evaluation batches on process 0 and 1 on process 1 (a split's last,
+    short global batch): process 1 must join the others' forward passes, its repeats not counted."""
+    from gpt2_scratch.train.loop import sums_over
+
+    rows = torch.randint(0, 50257, (4, 2, LENGTH), generator=torch.Generator().manual_seed(2))
+    mine = [{"input_ids": rows[i]} for i in ((0, 1, 2) if rank == 0 else (3,))]
+    return sums_over(run, mine, None, NextToken().batch_sums).tolist()
+
+
+def plain_uneven(run: Run) -> list:
+    """The same 4 evaluation batches through the gathered (unsharded) model, in this process only."""
+    rows = torch.randint(0, 50257, (4, 2, LENGTH), generator=torch.Generator().manual_seed(2))
+    model = gathered_model(run.model, main=run.accelerator.is_main_process)  # every process calls it (a collective)
+    if model is None:
+        return []
+    with torch.no_grad():
+        return sum(NextToken().batch_sums(model.eval(), {"input_ids": r}) for r in rows).tolist()
+
+
 def main(out: Path, mode: str) -> None:
     # What `accelerate launch --cpu` exports: Accelerate then joins torch.distributed.run's processes (MULTI_CPU).
     os.environ["ACCELERATE_USE_CPU"] = "true"
@@ -169,6 +189,7 @@ def main(out: Path, mode: str) -> None:
     train(resumed, range(resumed.state.step, STEPS), rank, processes)
     after_resume = full_state_dict(resumed.model)
     lora = lora_under_fsdp(accelerator)
+    uneven, uneven_plain = uneven_evaluation(resumed, rank), plain_uneven(resumed)
     probe = batches(0, 1)[0]["input_ids"][:2]
     with torch.no_grad():
         sharded_logits = resumed.model.eval()(probe).logits
@@ -184,7 +205,8 @@ def main(out: Path, mode: str) -> None:
                   "resumed_vs_uninterrupted": max_diff(after_resume, uninterrupted),
                   "sample": sample[0]["sample"],
                   "plain_sample": greedy_sample(reference["model"], get_tokenizer(), PROMPT, 4),
-                  "checkpoint": sorted(p.name for p in checkpoint.iterdir()), "lora": lora,
+                  "checkpoint": sorted(p.name for p in checkpoint.iterdir()), "lora": lora, "uneven": uneven,
+                  "uneven_plain": uneven_plain,
                   "parameters": sum(p.numel() for p in reference["model"].parameters())}
         torch.save({"probe": probe, "logits": sharded_logits}, out / "logits.pt")
     else:

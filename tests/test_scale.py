@@ -138,7 +138,8 @@ def test_a_model_sharded_with_fsdp2_saves_resumes_and_gathers(tmp_path):
     Accelerate's FSDP2 plugin does, trained by train/loop.py's ``train_step``. The gathered state dict equals the
     unsharded one-process model's; a sharded checkpoint at step 2, resumed, ends bit for bit where the
     uninterrupted run does; the epoch sample (every process generates) is the plain model's; LoRA trains sharded
-    and is gathered into a PeftModel that merges; ``finish`` writes a
+    and is gathered into a PeftModel that merges; an evaluation where one process runs out of batches first
+    (a forward pass needs every process) counts every batch once; ``finish`` writes a
     folder that ``from_pretrained`` loads with the same logits; a resume with another process count: one line."""
     from gpt2_scratch import GPT2ScratchForCausalLM
 
@@ -149,6 +150,9 @@ def test_a_model_sharded_with_fsdp2_saves_resumes_and_gathers(tmp_path):
     assert found["final_vs_plain"] < 1e-5  # another process count sums in another order
     assert found["resumed_vs_uninterrupted"] == 0.0
     assert found["sample"] == found["plain_sample"]
+    # An evaluation whose last global batch leaves process 1 nothing: it joins the forward passes, counts nothing.
+    assert found["uneven"][1] == found["uneven_plain"][1] == 4 * 2 * 15
+    assert abs(found["uneven"][0] - found["uneven_plain"][0]) < 1e-5 * found["uneven_plain"][0]
     lora = found["lora"]  # LoRA on the sharded model: the base frozen, the adapters trained, merged when gathered
     assert lora["base"] == 0.0 and lora["lora"] > 0 and lora["merged_parameters"] == found["parameters"]
     assert found["checkpoint"] == ["fsdp.json", "random_states_0.pkl", "random_states_1.pkl", "scheduler.bin",

@@ -434,7 +434,7 @@ def finish(run: Run, task: Task) -> None:
         run.log({"step": state.step, **final})
     if is_sharded(run.model):  # FSDP: every process sends its shards; the main process gets the whole model
         with timed(state, "save_model"):
-            run.gathered = gathered_model(run.unwrapped(), main=accelerator.is_main_process)
+            run.gathered = gathered_model(run.unwrapped(), main=accelerator.is_main_process, device=accelerator.device)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         run.check_out()

@@ -9,11 +9,11 @@ processes together. So everything that reads the whole model, or calls it on one
     check_finite_sharded(model, where)                      the NaN guard of a checkpoint, over the shards
     save_sharded(accelerator, model, optimizer, scheduler, folder)   a checkpoint: each process writes its shards
     load_sharded(accelerator, model, optimizer, scheduler, folder)   --resume: read them back (same process count)
-    gathered_model(model)                                   the full model, built on the main process (final save)
+    full_state_dict(model), gathered_model(model, main=...) the full model, built on the main process (final save)
 
 Every function here is keyed on what the model IS (its DTensor parameters), not on how Accelerate was set
 up, so the same code runs under Accelerate's FSDP plugin on GPUs and under torch's ``fully_shard`` on CPUs
-over gloo (tests/test_scale.py with tests/fsdp_worker.py, the CPU proof: Accelerate itself enables FSDP only on accelerators).
+over gloo (tests/test_scale.py with tests/fsdp_worker.py, the CPU proof: Accelerate enables FSDP only on GPUs).
 
 Sharded checkpoints are torch.distributed.checkpoint (DCP) folders, the format Accelerate's FSDP plugin writes
 with ``SHARDED_STATE_DICT``: the model and AdamW's state via torch's ``get_state_dict``/``set_state_dict``;
@@ -63,7 +63,7 @@ def check_finite_sharded(model, where: str) -> None:
 
 
 def _state_dicts(model, optimizer):
-    from torch.distributed.checkpoint.state_dict import get_state_dict  # deferred: heavy (0.4 s), only sharded runs need it
+    from torch.distributed.checkpoint.state_dict import get_state_dict  # deferred: heavy, only sharded runs need it
 
     model_sd, optim_sd = get_state_dict(model, getattr(optimizer, "optimizer", optimizer))  # accelerate's wrapper off
     return {"model": model_sd, "optimizer": optim_sd}
@@ -136,11 +136,12 @@ def full_state_dict(model) -> dict:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def gathered_model(model, *, main: bool):
-    """A plain (unsharded) copy of a sharded ``model`` on the main process's CPU, None elsewhere: the final model
-    folder, merging LoRA and the test responses then run as they do without FSDP. The copy is the model's
-    class built from its config (peft's wrapper rebuilt around it), loaded strictly with the gathered weights.
-    Every process must call it; only the main process holds a full copy afterwards."""
+def gathered_model(model, *, main: bool, device=None):
+    """A plain (unsharded) copy of a sharded ``model`` on the main process (on ``device``, default the CPU), None
+    elsewhere: the final model folder, merging LoRA and the test responses then run as they do without FSDP.
+    The copy is the model's class built from its config (peft's wrapper rebuilt around it), loaded strictly
+    with the gathered weights. Every process must call it; only the main process holds a full copy
+    afterwards (so the whole model must fit there, as it must for the test responses anyway)."""
     state = full_state_dict(model)
     if not main:
         return None
@@ -155,7 +156,7 @@ def gathered_model(model, *, main: bool):
 
         copy = get_peft_model(copy, model.peft_config[model.active_adapter])
     copy.load_state_dict(state, strict=True)
-    return copy.train(model.training)
+    return copy.to(device or "cpu").train(model.training)
 
 
 class _SafeUnpickler(pickle.Unpickler):
