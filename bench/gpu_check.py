@@ -3,6 +3,7 @@
     python bench/gpu_check.py                      # CUDA: gpt2-medium's shape; a few minutes on one H200
     python bench/gpu_check.py --device cpu         # the same code on a tiny shape, no compiled row: < 1 min here
     python bench/gpu_check.py --json out.json      # also write the rows (rewritten after every row)
+    python bench/gpu_check.py --rows fsdp          # only the FSDP rows (bench/gpu_check_fsdp.py)
 
 Prints one table. Its rows, in order:
 
@@ -14,6 +15,10 @@ Prints one table. Its rows, in order:
               c_fc), and full finetuning under torch.compile
   generate    batched greedy generation with the KV cache (model.generate, batch 8, 256 new tokens), with
               fp32 weights (what eval/generate.py runs) and with bf16 weights
+  fsdp ...    one process of Accelerate's FSDP2 (Block as the wrap unit): two training steps, a sharded
+              checkpoint resumed (the same weights as without the interruption), the gathered final model
+              saved and reloaded with from_pretrained (bench/gpu_check_fsdp.py; on the CPU: torch's
+              fully_shard instead of Accelerate's, which needs an accelerator)
 
 The training step is the project's: ``model(input_ids, shift_labels=labels, use_cache=False,
 return_logits=False, num_items_in_batch=1).loss`` (the summed loss over target tokens; only positions
@@ -59,6 +64,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from bench_chapter7 import useful_flops  # a sibling script (bench/ is sys.path[0]): one definition of MFU's FLOPs
+from gpu_check_fsdp import fsdp_rows  # a sibling: the FSDP rows
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_CANDIDATES = (REPO.parent / "shared" / "data" / "instruction-data.json",
@@ -617,6 +623,8 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=420,
                         help="seconds for the whole check; rows left when it is spent are skipped (default 420)")
     parser.add_argument("--json", type=Path, help="also write the rows here (rewritten after every row)")
+    parser.add_argument("--rows", choices=["all", "fsdp"], default="all",
+                        help="all rows (the default), or only the FSDP rows (bench/gpu_check_fsdp.py)")
     args = parser.parse_args()
     if args.device == "cpu":
         args.tiny = True
@@ -631,6 +639,10 @@ def main() -> None:
     check = Check(args)
     check.header_lines = check.header()
     print("\n".join(check.header_lines), flush=True)
+    if args.rows == "fsdp":
+        fsdp_rows(check, Row, args.row_limit)
+        print(f"\n{check.table()}\n\nTotal time of this check: {check.elapsed():.0f} s.", flush=True)
+        return
     check.run_row("matmul (MFU peak)", check.matmul, 60)
     check.run_row("parity: logits on the device vs the CPU (fp32)", check.parity, 120)
     check.run_row("train: full finetuning, eager", check.train, args.row_limit)
@@ -638,6 +650,7 @@ def main() -> None:
     check.run_row("train: LoRA r8 (c_attn c_proj c_fc), eager", lambda: check.train(lora=True), args.row_limit)
     check.run_row("generate: batch 8, fp32 weights", lambda: check.generate("fp32"), args.row_limit)
     check.run_row("generate: batch 8, bf16 weights", lambda: check.generate("bf16"), args.row_limit)
+    fsdp_rows(check, Row, args.row_limit)
     label = "train: full finetuning, torch.compile"
     if args.compile == "on" or (args.compile == "auto" and check.cuda):  # last: the slowest, least predictable row
         check.run_row(label, lambda: check.train(compiled=True), args.row_limit)

@@ -12,6 +12,7 @@ import sys
 import textwrap
 
 import pytest
+import torch
 
 from conftest import REPO_ROOT, SHARED_DIR
 
@@ -78,6 +79,9 @@ ROWS = (
     "train: LoRA r8 (c_attn c_proj c_fc), eager",
     "generate: batch 8, fp32 weights",
     "generate: batch 8, bf16 weights",
+    "fsdp: wrap + 2 train steps",
+    "fsdp: sharded checkpoint, resume",
+    "fsdp: gathered final model",
     "train: full finetuning, torch.compile",
 )
 
@@ -91,6 +95,11 @@ def test_gpu_check_on_the_cpu_prints_every_row(monkeypatch, capsys, tmp_path):
     assert cells[ROWS[1]][1].endswith("(ok)")
     assert cells[ROWS[-1]][1] == "skipped"  # inductor's CPU build takes minutes: only with --compile on
     assert "tiny (--tiny)" in out and "The book's chapter-7 run (gpt2-medium)" in out
+    # FSDP on the CPU: torch's fully_shard (Accelerate's needs an accelerator), said in the row; all three "ok",
+    # and the one-process group it made is gone (this test's process goes on).
+    assert "not Accelerate's FSDP" in cells["fsdp: wrap + 2 train steps"][-1]
+    assert all(cells[label][1] == "ok" for label in ROWS if label.startswith("fsdp"))
+    assert "RANK" not in os.environ and not torch.distributed.is_initialized()
     rows = json.loads((tmp_path / "rows.json").read_text())["rows"]
     train = next(r for r in rows if r["check"] == "train: full finetuning, eager")
     assert train["run_steps"] == 232 and train["run_evaluations"] == 48  # the book's 2 epochs of 116 batches

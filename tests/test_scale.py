@@ -6,6 +6,7 @@ group). The reference for every metric is the one-process run of the same comman
 """
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from conftest import ENV, REPO_ROOT, SHARED_DIR, TINY_ARGS
+import torch
 from safetensors.torch import load_file
 
 REPO = REPO_ROOT
@@ -121,3 +123,87 @@ def test_fsdp_on_a_cpu_says_it_trains_with_ddp(one_process, tmp_path):
     assert "Traceback" not in result.stderr
     assert "on 2 process(es)" in result.stdout
     assert_same_run(one_process, out)
+
+
+def torchrun(*args: str, processes: int) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           f"--nproc_per_node={processes}", "tests/fsdp_worker.py", *args],
+                          cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_a_model_sharded_with_fsdp2_saves_resumes_and_gathers(tmp_path):
+    """A CPU proof of our FSDP code paths (tests/fsdp_worker.py; Accelerate itself enables FSDP only on GPUs):
+    2 processes over gloo, the tiny model sharded with torch's ``fully_shard`` per Block and at the root as
+    Accelerate's FSDP2 plugin does, trained by train/loop.py's ``train_step``. The gathered state dict equals the
+    unsharded one-process model's; a sharded checkpoint at step 2, resumed, ends bit for bit where the
+    uninterrupted run does; the epoch sample (every process generates) is the plain model's; LoRA trains sharded
+    and is gathered into a PeftModel that merges; an evaluation where one process runs out of batches first
+    (a forward pass needs every process) counts every batch once; ``finish`` writes a
+    folder that ``from_pretrained`` loads with the same logits; a resume with another process count: one line."""
+    from gpt2_scratch import GPT2ScratchForCausalLM
+
+    result = torchrun(str(tmp_path), "train", processes=2)
+    assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-3000:])
+    found = json.loads((tmp_path / "result-0.json").read_text())
+    assert found["keys"] == 29 and found["initial_vs_plain"] == 0.0
+    assert found["final_vs_plain"] < 1e-5  # another process count sums in another order
+    assert found["resumed_vs_uninterrupted"] == 0.0
+    assert found["sample"] == found["plain_sample"]
+    # An evaluation whose last global batch leaves process 1 nothing: it joins the forward passes, counts nothing.
+    assert found["uneven"][1] == found["uneven_plain"][1] == 4 * 2 * 15
+    assert abs(found["uneven"][0] - found["uneven_plain"][0]) < 1e-5 * found["uneven_plain"][0]
+    lora = found["lora"]  # LoRA on the sharded model: the base frozen, the adapters trained, merged when gathered
+    assert lora["base"] == 0.0 and lora["lora"] > 0 and lora["merged_parameters"] == found["parameters"]
+    assert found["checkpoint"] == ["fsdp.json", "random_states_0.pkl", "random_states_1.pkl", "scheduler.bin",
+                                   "sharded", "train_state.json"]
+    assert {p.name for p in (tmp_path / "checkpoints" / "step-00000002" / "sharded").iterdir()} == \
+        {".metadata", "__0_0.distcp", "__1_0.distcp"}  # each process wrote its own shards
+    model = GPT2ScratchForCausalLM.from_pretrained(tmp_path / "resumed").eval()
+    saved = torch.load(tmp_path / "logits.pt", weights_only=True)
+    with torch.no_grad():
+        assert torch.equal(model(saved["probe"]).logits, saved["logits"])
+
+    other = torchrun(str(tmp_path), "resume-elsewhere", processes=1)
+    errors = [line for line in other.stdout.splitlines() if line.startswith("error:")]
+    assert other.returncode != 0 and errors == [
+        f"error: --resume: {tmp_path}/checkpoints/step-00000002 holds FSDP shards of 2 process(es) and this run "
+        "has 1; resume with --num_processes 2"], other.stdout[-2000:]
+
+
+def test_a_sharded_checkpoint_is_read_without_running_code(tmp_path):
+    """DCP pickles its metadata; ours is read with only DCP's own classes allowed: a tampered file that would
+    run a command is refused, and the command does not run."""
+    import pickle
+
+    from gpt2_scratch.train import sharded
+
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    (tmp_path / ".metadata").write_bytes(pickle.dumps(Payload()))
+    reader, _ = sharded._safe_io(str(tmp_path))
+    with pytest.raises(pickle.UnpicklingError, match="not part of a checkpoint's metadata"):
+        reader.read_metadata()
+    assert not marker.exists()
+
+
+def test_a_checkpoint_of_another_layout_is_refused_in_one_line(tmp_path):
+    """Shards of 2 processes into 4, shards into a whole model, a whole model into shards: one line each."""
+    from gpt2_scratch.core.errors import InputError
+    from gpt2_scratch.train.sharded import LAYOUT_FILE, check_layout
+
+    whole = tmp_path / "whole"
+    whole.mkdir()
+    with pytest.raises(InputError, match="holds the whole model .* this run shards it"):
+        check_layout(whole, 2, sharded=True)
+    check_layout(whole, 2, sharded=False)
+    (tmp_path / LAYOUT_FILE).write_text('{"processes": 2}')
+    with pytest.raises(InputError, match=r"shards of 2 process\(es\) and this run has 4; resume with --num_processes 2"):
+        check_layout(tmp_path, 4, sharded=True)
+    with pytest.raises(InputError, match="this run does not shard its model"):
+        check_layout(tmp_path, 2, sharded=False)
+    check_layout(tmp_path, 2, sharded=True)

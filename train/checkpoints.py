@@ -19,6 +19,7 @@ from pathlib import Path
 
 from gpt2_scratch.core.errors import Failure, InputError, describe_os_error, one_line
 from gpt2_scratch.core.files import replace_files_into, write_json_atomic
+from gpt2_scratch.train.sharded import check_finite_sharded, check_layout, is_sharded, load_sharded, save_sharded
 from gpt2_scratch.train.state import TRAIN_STATE_FILE, TrainState
 
 CHECKPOINT_PREFIX = "step-"
@@ -57,8 +58,10 @@ def find_checkpoint(spec: str, root: str | os.PathLike) -> Path:
 
 
 def save_checkpoint(accelerator, model, root: str | os.PathLike, state: TrainState, *,
-                    keep: int | None = None) -> Path:
-    """``accelerator.save_state`` (model, optimizer, scheduler, RNG states) plus the ``TrainState`` as JSON.
+                    keep: int | None = None, optimizer=None, scheduler=None) -> Path:
+    """``accelerator.save_state`` (model, optimizer, scheduler, RNG states) plus the ``TrainState`` as JSON; for
+    a model sharded with FSDP, each process's shards of the model and ``optimizer`` with ``scheduler`` and the RNG
+    states instead (train/sharded.py).
 
     Every process must call this (each saves its own RNG state). Refused when the weights hold NaN
     (the loop's guard should have stopped first). Written to a hidden temporary folder, then renamed
@@ -70,14 +73,21 @@ def save_checkpoint(accelerator, model, root: str | os.PathLike, state: TrainSta
     root = Path(root)
     final = root / checkpoint_name(state.step)
     tmp = root / f".{final.name}.partial"
-    check_finite(accelerator.unwrap_model(model), f"checkpoint at step {state.step}")
+    sharded = is_sharded(model)
+    if sharded:
+        check_finite_sharded(model, f"checkpoint at step {state.step}")
+    else:
+        check_finite(accelerator.unwrap_model(model), f"checkpoint at step {state.step}")
     try:
         if accelerator.is_main_process:
             root.mkdir(parents=True, exist_ok=True)
             if tmp.exists():
                 shutil.rmtree(tmp)
         accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp))
+        if sharded:
+            save_sharded(accelerator, model, optimizer, scheduler, tmp)
+        else:
+            accelerator.save_state(str(tmp))
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             write_json_atomic(tmp / TRAIN_STATE_FILE, dataclasses.asdict(state))
@@ -115,8 +125,10 @@ def write_failure(err: BaseException, where: Path) -> str:
     raise err
 
 
-def load_checkpoint(accelerator, path: str | os.PathLike) -> TrainState:
-    """Restore what ``save_checkpoint`` saved into the prepared objects; return its ``TrainState``.
+def load_checkpoint(accelerator, path: str | os.PathLike, *, model=None, optimizer=None, scheduler=None) -> TrainState:
+    """Restore what ``save_checkpoint`` saved into the prepared objects; return its ``TrainState``. A model
+    sharded with FSDP gets its shards back, with ``optimizer`` and ``scheduler`` (train/sharded.py: the same
+    number of processes only, else one error line).
 
     The model is safetensors; accelerate reads the optimizer, scheduler and RNG files with
     ``torch.load(weights_only=True)``, so a tampered checkpoint cannot run code, it fails to load.
@@ -129,10 +141,13 @@ def load_checkpoint(accelerator, path: str | os.PathLike) -> TrainState:
 
     path = Path(path)
     state = TrainState.read(path / TRAIN_STATE_FILE)
+    sharded = model is not None and is_sharded(model)
+    check_layout(path, accelerator.num_processes, sharded)
     rng_file = path / f"random_states_{accelerator.process_index}.pkl"
     errors = (pickle.UnpicklingError, RuntimeError, OSError, EOFError, KeyError, ValueError, SafetensorError)
     for where, restore in ((rng_file, lambda: rng_file.exists() and safe_torch_load(rng_file)),
-                           (path, lambda: accelerator.load_state(str(path)))):
+                           (path, lambda: load_sharded(accelerator, model, optimizer, scheduler, path) if sharded
+                            else accelerator.load_state(str(path)))):
         try:
             restore()
         except errors as err:

@@ -22,6 +22,7 @@ from gpt2_scratch.core.errors import InputError
 from gpt2_scratch.core.files import write_json_atomic
 from gpt2_scratch.train import lora
 from gpt2_scratch.train.checkpoints import save_model_into
+from gpt2_scratch.train.sharded import is_sharded
 from gpt2_scratch.train.state import Run, timed
 
 
@@ -41,12 +42,15 @@ def greedy_sample(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
 
 
 def epoch_sample(run: Run, epoch: int, tokenizer, prompt: str, max_new_tokens: int):
-    """The end of an epoch of SFT or DPO: the greedy sample (main process only) as (row, log line)."""
-    if not run.accelerator.is_main_process:
+    """The end of an epoch of SFT or DPO: the greedy sample (main process only) as (row, log line). A model
+    sharded with FSDP gathers its parameters in every forward pass, on all processes together: then every
+    process generates the same sample (greedy, a fixed number of tokens) and only the main one reports it."""
+    main = run.accelerator.is_main_process
+    if not main and not is_sharded(run.model):
         return None
     with eager():  # --compile trains compiled; generation decodes a new shape every token
         sample = greedy_sample(run.unwrapped(), tokenizer, prompt, max_new_tokens)
-    return {"sample": sample}, f"epoch {epoch} sample: {sample}"
+    return ({"sample": sample}, f"epoch {epoch} sample: {sample}") if main else None
 
 
 def save_language_model(run: Run, model, tokenizer, *, prompt_style: str, lora_settings, load_base):

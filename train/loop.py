@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import time
 from contextlib import nullcontext
-from itertools import islice
+from itertools import chain, islice
 from typing import Any, Callable
 
 import torch
 
+from gpt2_scratch.core.errors import Failure
 from gpt2_scratch.train.checkpoints import save_checkpoint
+from gpt2_scratch.train.sharded import is_sharded
 from gpt2_scratch.train.state import Run, timed
 from gpt2_scratch.train.stopping import StopRequest, check_loss
 from gpt2_scratch.train.task import Task, mean_loss
@@ -38,8 +40,11 @@ def sums_over(run: Run, loader, num_batches: int | None, batch_sums: Callable[[A
     was_training = model.training
     model.eval()
     totals = None
+    batches = islice(loader, num_batches)
+    if is_sharded(model):
+        batches = _in_step(batches, model, accelerator, batch_sums)
     with torch.no_grad(), accelerator.autocast():  # one context: bf16 weight copies are made once, not per batch
-        for batch in islice(loader, num_batches):
+        for batch in batches:
             sums = batch_sums(model, batch).to(accelerator.device, torch.float64)
             totals = sums if totals is None else totals + sums
     model.train(was_training)
@@ -53,6 +58,27 @@ def sums_over(run: Run, loader, num_batches: int | None, batch_sums: Callable[[A
     if totals is None:
         raise RuntimeError("evaluation over an empty loader")
     return accelerator.reduce(totals, reduction="sum").cpu()  # host sync
+
+
+def _in_step(batches, model, accelerator, batch_sums):
+    """``batches`` for a model sharded with FSDP, whose every forward pass gathers parameters on ALL processes:
+    while any process still has a batch, one that has run out repeats its last one and drops the sums (else
+    the others would wait for it forever); a process that never had one cannot, and every process says so."""
+    previous = None
+    for batch in chain(batches, [None]):  # None: this process has run out
+        while True:
+            state = torch.tensor([batch is not None, batch is None and previous is None], device=accelerator.device)
+            anyone_has, someone_cannot = accelerator.reduce(state.int(), reduction="max").tolist()
+            if someone_cannot and anyone_has:
+                raise Failure("with FSDP every process needs an evaluation batch while any has one: this split has "
+                              "fewer examples than processes; give it at least one example per process")
+            if not anyone_has:
+                return
+            if batch is not None:
+                break
+            batch_sums(model, previous)  # this process's part of the others' forward pass; its sums are not counted
+        previous = batch
+        yield batch
 
 
 def train_step(run: Run, task: Task, window: list[dict]) -> tuple[torch.Tensor, int]:
@@ -127,7 +153,7 @@ class _Fitting:
         run.check_out()
         with timed(state, "checkpoints"):
             save_checkpoint(run.accelerator, run.model, run.checkpoint_root, state,
-                            keep=run.args.keep_checkpoints or None)
+                            keep=run.args.keep_checkpoints or None, optimizer=run.optimizer, scheduler=run.scheduler)
 
     def initial(self) -> None:
         with timed(self.state, "evaluation"):

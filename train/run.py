@@ -50,6 +50,7 @@ from gpt2_scratch.train import loop
 from gpt2_scratch.train.checkpoints import find_checkpoint, load_checkpoint
 from gpt2_scratch.train.metrics import MetricsLog
 from gpt2_scratch.train.publish import push_run
+from gpt2_scratch.train.sharded import gathered_model, is_sharded
 from gpt2_scratch.train.state import TRAIN_STATE_FILE, Run, TrainState, timed
 from gpt2_scratch.train.task import Task
 from gpt2_scratch.train.trackers import Trackers, check_installed
@@ -311,7 +312,8 @@ def launch(start: Start, *, model, train_dataset, train_sampler, collate, eval_l
         metrics = MetricsLog(start.out / "metrics.jsonl", enabled=accelerator.is_main_process)
         state, relogged = TrainState(data_sha256=data_sha256), 0
         if start.resume_from is not None:
-            state, relogged = resume(start, accelerator, metrics, data_sha256, total_steps, len(train_sampler))
+            state, relogged = resume(start, accelerator, metrics, data_sha256, total_steps, len(train_sampler),
+                                     prepared=(model, optimizer, scheduler))
         run = Run(args, accelerator, model, start.out, metrics, total_steps, state, fit=loop.fit, optimizer=optimizer,
                   scheduler=scheduler, train_sampler=train_sampler, train_loader=train_loader, lock=lock)
         open_records(run, resuming=start.resume_from is not None, relogged=relogged)
@@ -334,11 +336,12 @@ def launch_own_loop(start: Start, *, model, batches_per_epoch: int, data_sha256:
     return run
 
 
-def resume(start: Start, accelerator, metrics, data_sha256: str, total_steps: int,
-           epoch_batches: int) -> tuple[TrainState, int]:
-    """--resume: the checkpoint restored into the prepared objects; (its counters, the metrics rows dropped
-    after it, which the run logs again)."""
-    state = load_checkpoint(accelerator, start.resume_from)
+def resume(start: Start, accelerator, metrics, data_sha256: str, total_steps: int, epoch_batches: int,
+           prepared: tuple) -> tuple[TrainState, int]:
+    """--resume: the checkpoint restored into the ``prepared`` (model, optimizer, scheduler); (its counters, the
+    metrics rows dropped after it, which the run logs again)."""
+    model, optimizer, scheduler = prepared
+    state = load_checkpoint(accelerator, start.resume_from, model=model, optimizer=optimizer, scheduler=scheduler)
     state.data_sha256 = data_sha256
     check_resumable(start, state, total_steps, epoch_batches, metrics)  # before anything is written
     relogged = metrics.truncate_after(state.step, rows=state.metrics_rows)
@@ -434,6 +437,9 @@ def finish(run: Run, task: Task) -> None:
         final = task.final_evaluation(run)
     if final is not None:
         run.log({"step": state.step, **final})
+    if is_sharded(run.model):  # FSDP: every process sends its shards; the main process gets the whole model
+        with timed(state, "save_model"):
+            run.gathered = gathered_model(run.unwrapped(), main=accelerator.is_main_process, device=accelerator.device)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         run.check_out()

@@ -142,6 +142,9 @@ class Run:
     train_loader: Any = None
     lock: Any = None  # the output folder's lock (core.files.FolderLock), released by ``release``
     trackers: Any = None  # train.trackers.Trackers, or None
+    # With FSDP, the model gathered whole on the main process at the end (train/run.py's finish), which the
+    # task's finish then saves and generates with; None otherwise.
+    gathered: Any = None
 
     @property
     def checkpoint_root(self) -> Path:
@@ -157,6 +160,10 @@ class Run:
                 f"{', compiled' if args.compile else ''}")
 
     def unwrapped(self):
+        """The model without Accelerate's wrapper (DDP's, compile's); with FSDP, after ``finish`` gathered it,
+        the whole model (before that: the sharded model itself, whose forward every process must call)."""
+        if self.gathered is not None:
+            return self.gathered
         return self.accelerator.unwrap_model(self.model)
 
     def check_out(self) -> None:
