@@ -78,7 +78,7 @@ def measure(shape: str, checkpointing: bool, steps: int, batch_size: int, batch_
     from bench_chapter7 import step_run  # bench/ is first on sys.path when this script runs
     from gpt2_scratch import GPT2ScratchConfig, GPT2ScratchForCausalLM
     from gpt2_scratch.train.loop import train_step
-    from gpt2_scratch.train.run import enable_activation_checkpointing
+    from gpt2_scratch.train.step_options import enable_activation_checkpointing
     from gpt2_scratch.train.sft import SFTArgs, SFTTask
 
     torch.manual_seed(0)

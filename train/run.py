@@ -39,19 +39,18 @@ import torch
 from torch.utils.data import DataLoader
 
 from gpt2_scratch.core.args import check_values, option_name, resume_may_change
-from gpt2_scratch.core.compile import compile_model
 from gpt2_scratch.core.errors import InputError, one_line
 from gpt2_scratch.core.files import FolderLock, check_output_dir, write_json_atomic
 from gpt2_scratch.core.process import (configure_logging, fast_bf16, fsdp_without_accelerator, quiet_libraries,
                                        relaunch_multi_cpu, terminate_as_interrupt)
 from gpt2_scratch.hub import check_repo_id, hub_token
-from gpt2_scratch.modeling_gpt2_scratch import GPT2ScratchPreTrainedModel
 from gpt2_scratch.train import loop
 from gpt2_scratch.train.checkpoints import find_checkpoint, load_checkpoint
 from gpt2_scratch.train.metrics import MetricsLog
 from gpt2_scratch.train.publish import push_run
 from gpt2_scratch.train.sharded import gathered_model, is_sharded
 from gpt2_scratch.train.state import TRAIN_STATE_FILE, Run, TrainState, timed
+from gpt2_scratch.train.step_options import maybe_compile, use_fast_dropout_masks
 from gpt2_scratch.train.task import Task
 from gpt2_scratch.train.trackers import Trackers, check_installed
 
@@ -301,10 +300,7 @@ def launch(start: Start, *, model, train_dataset, train_sampler, collate, eval_l
         names = list(eval_loaders)
         if before_prepare is not None:
             before_prepare(accelerator)
-        for module in model.modules():  # ours, or inside peft's wrapper: modeling's faster CPU dropout masks
-            if isinstance(module, GPT2ScratchPreTrainedModel):
-                module.use_fast_dropout_masks()
-                break  # the outermost: it reaches every dropout inside
+        use_fast_dropout_masks(model)  # not in launch_own_loop: the book-exact loops draw the book's masks
         model = maybe_compile(model, args, accelerator.device.type)
         prepared = accelerator.prepare(model, optimizer, train_loader, scheduler, *eval_loaders.values())
         model, optimizer, train_loader, scheduler = prepared[:4]
@@ -400,24 +396,6 @@ def make_scheduler(optimizer, args: Any, total_steps: int):
     if args.lr_schedule == "cosine":
         return get_cosine_schedule_with_warmup(optimizer, args.warmup_steps, max(total_steps, 1))
     return get_constant_schedule_with_warmup(optimizer, args.warmup_steps)
-
-
-def maybe_compile(model, args: Any, device: str):
-    """The model options that change how a step runs, not what it computes: ``--gradient-checkpointing``
-    (transformers' activation checkpointing on every block: the same gradients, activations recomputed in the
-    backward pass instead of kept), then ``--compile`` (torch.compile, or one line saying why this platform
-    cannot)."""
-    if args.gradient_checkpointing:
-        enable_activation_checkpointing(model)
-    return compile_model(model, device) if args.compile else model
-
-
-def enable_activation_checkpointing(model) -> None:
-    """transformers' activation checkpointing (non-reentrant) on ``model``, a PreTrainedModel or peft's wrapper
-    of one (which passes the call on to it). transformers 5.x renamed ``gradient_checkpointing_enable`` to
-    ``activation_checkpointing_enable`` and keeps the old name as a deprecated alias."""
-    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-    enable()
 
 
 # ---------------------------------------------------------------------------------------------------
