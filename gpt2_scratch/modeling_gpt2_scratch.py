@@ -104,9 +104,11 @@ def keep_mask(shape: torch.Size, p: float) -> tuple[torch.Tensor, float]:
 
 
 def drop_with_bits(x: torch.Tensor, p: float) -> torch.Tensor:
-    """Dropout of ``x`` with ``keep_mask``'s mask (autograd saves the boolean mask, a byte per element)."""
+    """Dropout of ``x`` with ``keep_mask``'s mask, as torch's dropout applies its own: ``x`` times a noise
+    tensor of its dtype (0 or the scale), which autograd keeps for the backward pass. Multiplying by the
+    boolean mask instead would convert it to ``x``'s dtype twice, forward and backward."""
     keep, scale = keep_mask(x.shape, p)
-    return (x * keep).mul_(scale)
+    return x * keep.to(x.dtype).mul_(scale)
 
 
 def fast_masks_here(x: torch.Tensor) -> bool:
@@ -146,7 +148,7 @@ def attend_with_fast_dropout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         hidden = ~allowed  # (B, 1, T, T), small
     weights = torch.softmax(scores.masked_fill_(hidden, float("-inf")), dim=-1)
     keep, rescale = keep_mask(weights.shape, p)
-    return ((weights * keep).to(v.dtype) @ v) * rescale
+    return ((weights * keep.to(weights.dtype)).to(v.dtype) @ v) * rescale
 
 
 def short_bf16_on_cpu(q: torch.Tensor, k: torch.Tensor, max_keys: int = 256) -> bool:
