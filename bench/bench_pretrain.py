@@ -5,14 +5,18 @@
     python bench/bench_pretrain.py --n-layers 2 --steps 2 --precisions fp32 --tokenize-mb 2   # a smoke run
 
 **The step.** The same windows of ../shared/data/the-verdict.txt (train/token_cache.py, the book's
-``GPTDatasetV1`` cut) in the order of the run's first epoch, through two steps at the book's chapter-5 shape
-(gpt2-small, context 256, dropout 0.1, no qkv bias, an untied head; batch 2):
-  ours        the loop's step (train/loop.py ``train_step`` with ``PretrainTask.loss``: the model's summed
-              next-token loss, backward, fused AdamW), with the caching malloc the training scripts use
+``GPTDatasetV1`` cut) in the order of the run's first epoch, at the book's chapter-5 shape (gpt2-small,
+context 256, dropout 0.1, no qkv bias, an untied head; batch 2):
+  ours        the training loop's own step, ``train/loop.py``'s ``train_step`` with ``PretrainTask.loss`` on a
+              run made as train/run.py's ``launch`` makes it (bench_chapter7.step_run: the Accelerator and its
+              autocast, fused AdamW, the schedule), the model's dropout masks as the training commands draw
+              them (modeling's ``keep_mask``; ``--torch-masks``: torch's, as the book), the caching malloc
   the book's  ``train_model_simple``'s step on the book's ``GPTModel`` (tests/book_reference.py, our faithful
               re-implementation): ``cross_entropy(logits.flatten(0, 1), targets.flatten())``, backward, torch's
               default AdamW; in bf16 the same step under the same autocast
-alternated step by step in one process (a shared machine drifts: only ratios from one run mean anything).
+alternated step by step in one process (a shared machine drifts: only ratios from one run mean anything), and
+two floors no implementation of this step goes under (``floor_rows``): its weight products alone, timed at
+their shapes, and those plus fused AdamW's update of the 163 M parameters.
 Each row also gives the step's useful FLOPs (bench_chapter7.useful_flops: 6 per weight per token, the head
 at every position) over its time and over the matmul rate measured right after, at the step's token count
 and precision (bench_chapter7.matmul_rate): the share of the machine's matrix speed the step reaches.
