@@ -171,6 +171,38 @@ def test_a_model_sharded_with_fsdp2_saves_resumes_and_gathers(tmp_path):
         "has 1; resume with --num_processes 2"], other.stdout[-2000:]
 
 
+@pytest.mark.slow
+def test_dpo_with_a_model_sharded_with_fsdp2(tmp_path):
+    """DPO on a policy sharded as Accelerate's FSDP2 plugin shards it (tests/fsdp_dpo_worker.py, 2 processes over
+    gloo), for each reference: a frozen full copy on each process, ``--precompute-ref``'s table, LoRA's disabled
+    adapters (the sharded model itself, run by both processes together). 3 steps of ``train_step`` with DPOTask's
+    loss give the one-process unsharded run's DPO sums and gathered weights; an evaluation where process 0 has 3
+    batches and process 1 one gives the unsharded means; the LoRA run's ``finish`` writes the adapter, the merged
+    model and the test responses; under bf16 mixed precision the frozen copy computes what the policy computes."""
+    from gpt2_scratch import GPT2ScratchForCausalLM
+
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "tests/fsdp_dpo_worker.py", str(tmp_path)], cwd=REPO, env=ENV, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-3000:])
+    found = json.loads((tmp_path / "result-0.json").read_text())
+    for kind in ("frozen", "precomputed", "lora"):
+        run = found[kind]
+        assert run["sums"][0][:3] == [pytest.approx(4 * 0.6931472), 4.0, 0.0]  # step 1: policy = reference
+        for got, want in zip(run["sums"], run["plain_sums"]):
+            assert got[1] == want[1] and got[4] == want[4], kind  # the pairs, the pairs won
+            assert got == pytest.approx(want, abs=1e-5), kind
+        assert run["val"] == pytest.approx(run["plain_val"], abs=1e-5), kind
+        assert run["final_vs_plain"] < 3e-5 and run["trained"] > 1e-3, kind  # the steps changed it, the same way
+    assert found["frozen"]["sums"] == found["precomputed"]["sums"]
+    mixed = found["mixed_precision"]
+    assert mixed["reference"] == 0.0 and mixed["fp32_copy"] > 1e-5, mixed
+    out = tmp_path / "lora"
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert len(json.loads((out / "instruction-data-with-response.json").read_text())) == 8
+    GPT2ScratchForCausalLM.from_pretrained(out)  # the merged model
+
+
 def test_a_sharded_checkpoint_is_read_without_running_code(tmp_path):
     """DCP pickles its metadata; ours is read with only DCP's own classes allowed: a tampered file that would
     run a command is refused, and the command does not run."""

@@ -61,6 +61,7 @@ from gpt2_scratch.train.metrics import plot_curves
 from gpt2_scratch.train.options import GenerationOptions, InstructionDataOptions, ModelOptions, RunOptions
 from gpt2_scratch.train.preference_data import PreferenceCollator, load_preference_records, prepare_preference_data
 from gpt2_scratch.train.run import launch, run_training, start
+from gpt2_scratch.train.sharded import forward_dtype
 from gpt2_scratch.train.state import fingerprint
 from gpt2_scratch.train.task import Task
 
@@ -175,6 +176,14 @@ class Reference:
         self.tables[split] = table.float()
 
 
+def frozen_reference(frozen_copy: nn.Module, policy: nn.Module, device) -> nn.Module:
+    """The frozen copy on ``device``, computing as the policy does: whole on each process (it is never trained,
+    so never sharded with the policy), and with FSDP's mixed precision in the policy's weight dtype (FSDP2 gathers
+    the policy's weights in bf16: an fp32 copy would give other log-probs, and rewards that are not 0 at step 0)."""
+    dtype = forward_dtype(policy)
+    return frozen_copy.to(device) if dtype is None else frozen_copy.to(device, dtype)
+
+
 def means(sums: torch.Tensor, prefix: str) -> dict:
     """The logged numbers of summed SUMS: loss, rewards, margin, accuracy (means over pairs)."""
     loss, pairs, chosen, rejected, correct = sums.tolist()
@@ -267,7 +276,7 @@ def set_up(args: DPOArgs):
     if lora_settings is not None and not args.precompute_ref:
         reference.adapters_of = run.unwrapped()
     elif frozen_copy is not None:
-        reference.model = frozen_copy.to(run.accelerator.device)
+        reference.model = frozen_reference(frozen_copy, run.model, run.accelerator.device)
     if run.accelerator.is_main_process:
         print_header(run, args, policy, context, data, lora_settings)
     first_val = data.validation_records[0]  # never empty: parse_split and check_validation_left saw to it

@@ -10,6 +10,7 @@ processes together. So everything that reads the whole model, or calls it on one
     save_sharded(accelerator, model, optimizer, scheduler, folder)   a checkpoint: each process writes its shards
     load_sharded(accelerator, model, optimizer, scheduler, folder)   --resume: read them back (same process count)
     full_state_dict(model), gathered_model(model, main=...) the full model, built on the main process (final save)
+    forward_dtype(model)                                    the dtype its forward computes with (mixed precision)
 
 Every function here is keyed on what the model IS (its DTensor parameters), not on how Accelerate was set
 up, so the same code runs under Accelerate's FSDP plugin on GPUs and under torch's ``fully_shard`` on CPUs
@@ -45,6 +46,16 @@ def is_sharded(model) -> bool:
     from torch.distributed.tensor import DTensor  # deferred: already imported (above), never imported for this
 
     return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def forward_dtype(model) -> torch.dtype | None:
+    """The dtype a sharded ``model``'s forward gathers its weights in: FSDP2's ``MixedPrecisionPolicy.param_dtype``
+    (Accelerate sets bf16 for ``--mixed_precision bf16``), None when the weights are used as stored or ``model``
+    is not sharded. A whole model that must compute what the policy computes (DPO's frozen reference) is cast to
+    it. Read from the root's FSDP state (torch has no public getter for it)."""
+    state = getattr(model, "_get_fsdp_state", None) if is_sharded(model) else None
+    policy = getattr(state(), "_mp_policy", None) if state is not None else None
+    return getattr(policy, "param_dtype", None)
 
 
 def check_finite_sharded(model, where: str) -> None:
