@@ -85,7 +85,7 @@ def step_rows(args) -> list[dict]:
     config = GPT2ScratchConfig.from_preset("gpt2-small", **shape)
     torch.manual_seed(123)
     ours = GPT2ScratchForCausalLM(config).train()
-    ours.use_fast_dropout_masks(not args.torch_masks)  # as train/run.py's launch does
+    ours.use_fast_dropout_masks(not args.torch_masks)  # as train/run.py's launch does (train/step_options.py)
     theirs = book.BookGPT(book_cfg(config)).train()
     book_opt = torch.optim.AdamW(theirs.parameters(), lr=5e-4, weight_decay=0.1)  # the book's
     with tempfile.TemporaryDirectory() as cache:

@@ -42,7 +42,7 @@ def sums_over(run: Run, loader, num_batches: int | None, batch_sums: Callable[[A
     totals = None
     batches = islice(loader, num_batches)
     if is_sharded(model):
-        batches = _in_step(batches, model, accelerator, batch_sums)
+        batches = _in_lockstep(batches, model, accelerator, batch_sums)
     with torch.no_grad(), accelerator.autocast():  # one context: bf16 weight copies are made once, not per batch
         for batch in batches:
             sums = batch_sums(model, batch).to(accelerator.device, torch.float64)
@@ -60,7 +60,7 @@ def sums_over(run: Run, loader, num_batches: int | None, batch_sums: Callable[[A
     return accelerator.reduce(totals, reduction="sum").cpu()  # host sync
 
 
-def _in_step(batches, model, accelerator, batch_sums):
+def _in_lockstep(batches, model, accelerator, batch_sums):
     """``batches`` for a model sharded with FSDP, whose every forward pass gathers parameters on ALL processes:
     while any process still has a batch, one that has run out repeats its last one and drops the sums (else
     the others would wait for it forever); a process that never had one cannot, and every process says so."""
