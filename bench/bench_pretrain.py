@@ -135,14 +135,17 @@ def step_rows(args) -> list[dict]:
 def floor_rows(config, tokens: int, precision: str) -> list[dict]:
     """What no implementation of this step can go under on this machine: its weight products alone (each
     Linear's forward, input-gradient and weight-gradient product at the step's shapes, timed one shape at a
-    time and counted per layer), and those plus fused AdamW over the model's parameters (fp32 state, the
-    moments and weights read and written once per step whatever the batch)."""
+    time and counted per layer; the head's as modeling's ``VocabProjection`` computes them, its weight
+    gradient in slices of the vocabulary, the fastest way found), and those plus fused AdamW over the model's
+    parameters (fp32 state, the moments and weights read and written once per step whatever the batch)."""
     import torch
+
+    from gpt2_scratch.modeling_gpt2_scratch import VocabProjection
 
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     d, vocab = config.emb_dim, config.vocab_size
     counts = {(d, 3 * d): config.n_layers, (d, d): config.n_layers, (d, 4 * d): config.n_layers,
-              (4 * d, d): config.n_layers, (d, vocab): 1}  # c_attn, attn c_proj, c_fc, mlp c_proj; the head
+              (4 * d, d): config.n_layers}  # c_attn, attn c_proj, c_fc, mlp c_proj
 
     def median_seconds(work, repeats: int = 5) -> float:
         work()  # warm-up
@@ -157,9 +160,20 @@ def floor_rows(config, tokens: int, precision: str) -> list[dict]:
     for (k, n), count in counts.items():
         x, w, g = torch.randn(tokens, k, dtype=dtype), torch.randn(k, n, dtype=dtype), torch.randn(tokens, n, dtype=dtype)
         products += count * median_seconds(lambda: (x @ w, g @ w.t(), x.t() @ g))
+    x, head, g = torch.randn(tokens, d, dtype=dtype), torch.randn(vocab, d, dtype=dtype), torch.randn(tokens, vocab, dtype=dtype)
+    head_grad = torch.empty_like(head)
+
+    def head_products():
+        x @ head.t(), g @ head
+        for start in range(0, vocab, VocabProjection.chunk):
+            torch.mm(g[:, start:start + VocabProjection.chunk].t(), x, out=head_grad[start:start + VocabProjection.chunk])
+
+    products += median_seconds(head_products)
     params = [torch.randn(k, n) for (k, n), count in counts.items() for _ in range(count)]
+    params += [torch.randn(vocab, d), torch.randn(vocab, d)]  # the head and the token embedding (untied)
+    # what the rest of the model holds: the position table, the biases and LayerNorms
     params += [torch.randn(config.context_length, d)] + [torch.randn(d) for _ in range(config.n_layers * 9 + 2)]
-    for p in params:  # what the rest of the model holds: the position table, the biases and LayerNorms
+    for p in params:
         p.grad = torch.randn_like(p)
     adamw = torch.optim.AdamW(params, lr=5e-4, weight_decay=0.1, fused=True)
     optimizer = median_seconds(adamw.step, repeats=3)

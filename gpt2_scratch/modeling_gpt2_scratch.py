@@ -16,7 +16,6 @@ it may import nothing from this project except, relatively, the configuration fi
 """
 
 import math
-import sys
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -80,35 +79,72 @@ class WideningProjection(Conv1D):
         return F.linear(x, self.weight.t(), self.bias)  # (..., in) → (..., out); addmm on [in, out]
 
 
-def keep_mask(shape: torch.Size, p: float) -> tuple[torch.Tensor, float]:
-    """A dropout mask from 16 random bits per element: (True where kept, with probability 1 - p to within
-    1/65536; the scale 1 / that probability, so the kept values' expectation is exact).
+def keep_mask(shape: torch.Size, p: float, dtype: torch.dtype = torch.bool) -> tuple[torch.Tensor, float]:
+    """A dropout mask from 16 random bits per element: (True, or 1 in ``dtype``, where kept, with probability
+    1 - p to within 1/65536; the scale 1 / that probability, so the kept values' expectation is exact).
 
     torch's CPU dropout draws a Bernoulli sample per element (``bernoulli_``: about 4.4 ns each on this
-    project's 2-core CPU). One 64-bit draw of torch's generator (``random_`` on int64: 63 random bits,
-    about 2.6 ns) gives three whole 16-bit numbers, each compared with a threshold: the mask costs a third
-    of torch's, and an [2, 12, 256, 256] attention mask goes from 6.6 to 2.7 ms with the multiply
-    (bench/README.md, "Pretraining"). The bits come from the same global generator, so ``manual_seed``,
-    checkpointed RNG states and activation checkpointing's replay give the same masks; the masks differ
-    from ``nn.Dropout``'s, which is why the book-exact loops do not use this.
+    project's 2-core CPU). One 64-bit draw of torch's generator over int64's whole range (``random_`` from
+    -2**63: 64 random bits, about 2.8 ns) gives four 16-bit numbers, each compared with a threshold, and the
+    comparison writes ``dtype`` directly (a bf16 mask so costs a sixth of a boolean one converted after): an
+    [2, 12, 256, 256] bf16 attention mask takes about 1.1 ms instead of 6.6 (bench/README.md, "Pretraining").
+    The bits come from the same global generator, so ``manual_seed``, checkpointed RNG states and activation
+    checkpointing's replay give the same masks; the masks differ from ``nn.Dropout``'s, which is why the
+    book-exact loops do not use this.
     """
+    kept = _kept_of_65536(p)
+    if kept in (0, 65536):
+        return torch.full(shape, bool(kept), dtype=dtype), float(bool(kept))
     n = math.prod(shape)
-    kept = round((1.0 - p) * 65536)
-    if kept in (0, 65536):  # p within 1/131072 of 1 or 0 (and an int16 threshold could not say 65536)
-        return torch.full(shape, bool(kept), dtype=torch.bool), float(bool(kept))
-    words = torch.empty((n + 2) // 3, 4, dtype=torch.int16)
-    words.view(torch.int64).random_()  # [0, 2**63): the 16-bit word holding the top bit is never 1 there
-    whole = slice(0, 3) if sys.byteorder == "little" else slice(1, 4)  # the three words of full random bits
-    bits = words[:, whole].reshape(-1)[:n].view(shape)  # uniform over [-32768, 32767]
-    return bits < kept - 32768, 65536 / kept
+    bits = _random_words(n)[:n].view(shape)
+    return torch.lt(bits, kept - 32768, out=torch.empty(shape, dtype=dtype)), 65536 / kept
+
+
+def causal_keep_mask(shape: torch.Size, p: float, dtype: torch.dtype) -> tuple[torch.Tensor, float]:
+    """``keep_mask`` for causal attention's weights (..., T, T), T even, drawing bits for the lower triangle
+    only: above the diagonal the weights are zeros, whatever multiplies them.
+
+    Query rows i and T-1-i need i+1 and T-i bits, T+1 together: one row of T+1 random words per such pair,
+    row i reading its start and row T-1-i the rest (a view that steps T+2 words per pair, turned upside
+    down). Every weight on or below the diagonal gets its own word; above it a row reads its neighbour's,
+    which is never used. Half the draws of ``keep_mask``: an [2, 12, 256, 256] bf16 mask in 0.7 ms, not 1.1.
+    """
+    *lead, T, keys = shape
+    kept = _kept_of_65536(p)
+    if kept in (0, 65536) or T != keys or T % 2:
+        return keep_mask(shape, p, dtype)
+    pairs, half, matrices = T + 1, T // 2, math.prod(lead)
+    per_matrix = half * pairs
+    words = _random_words(matrices * per_matrix + T)  # + T: the last pair's view runs past its words
+    first_rows = words[:matrices * per_matrix].view(matrices, half, pairs)[:, :, :T]  # rows 0 .. T/2-1
+    last_rows = words.as_strided((matrices, half, T), (per_matrix, T + 2, 1), 1).flip(1)  # rows T/2 .. T-1
+    keep = torch.empty(matrices, T, T, dtype=dtype)
+    torch.lt(first_rows, kept - 32768, out=keep[:, :half])
+    torch.lt(last_rows, kept - 32768, out=keep[:, half:])
+    return keep.view(shape), 65536 / kept
+
+
+def _kept_of_65536(p: float) -> int:
+    """How many of the 65536 values of 16 random bits keep an element: 0 or 65536 when p is within
+    1/131072 of 1 or 0 (an int16 threshold could not say 65536)."""
+    return round((1.0 - p) * 65536)
+
+
+def _random_words(n: int) -> torch.Tensor:
+    """At least ``n`` int16 words of random bits, uniform over [-32768, 32767], from torch's generator."""
+    words = torch.empty((n + 3) // 4 * 4, dtype=torch.int16)
+    # From int64's minimum to its end (to=None) is the whole 64-bit range, one full draw per four words
+    # ([0, 2**63) would leave the top word one bit short).
+    words.view(torch.int64).random_(-(2**63), None)
+    return words
 
 
 def drop_with_bits(x: torch.Tensor, p: float) -> torch.Tensor:
     """Dropout of ``x`` with ``keep_mask``'s mask, as torch's dropout applies its own: ``x`` times a noise
     tensor of its dtype (0 or the scale), which autograd keeps for the backward pass. Multiplying by the
     boolean mask instead would convert it to ``x``'s dtype twice, forward and backward."""
-    keep, scale = keep_mask(x.shape, p)
-    return x * keep.to(x.dtype).mul_(scale)
+    keep, scale = keep_mask(x.shape, p, x.dtype)
+    return x * keep.mul_(scale)
 
 
 def fast_masks_here(x: torch.Tensor) -> bool:
@@ -139,9 +175,10 @@ def attend_with_fast_dropout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     key (a padding query always sees itself here: ``build_attention_mask``). Here the [T, T] weights are made
     in as few passes as they can be: the causal mask and the scale inside the product (``baddbmm`` of an
     additive -inf bias), the softmax in the inputs' precision (computed in fp32 inside, rounded once, as the
-    bf16 product with V would round it anyway), the dropout's rescaling on the hs-wide output. One gpt2-small
-    layer's forward and backward at 2 x 256 tokens on this project's CPU: through SDPA 24 ms in fp32 and
-    17.8 ms in bf16, here about 13 and 6 ms (flash attention, which takes no dropout, about 8).
+    bf16 product with V would round it anyway), the dropout's rescaling on the hs-wide output, and a causal
+    mask's random bits drawn for the lower triangle only (``causal_keep_mask``). One gpt2-small layer's
+    forward and backward at 2 x 256 tokens on this project's CPU: through SDPA with dropout about 17 ms in
+    fp32 and in bf16, here about 10 and 4.7 ms.
     """
     B, nh, T, hs = q.shape
     scale = 1.0 / math.sqrt(hs)
@@ -153,8 +190,9 @@ def attend_with_fast_dropout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     else:  # padding: a mask per sequence, (B, 1, T, T)
         scores = ((q * scale) @ k.transpose(-2, -1)).masked_fill_(~allowed, float("-inf"))
     weights = torch.softmax(scores, dim=-1)
-    keep, rescale = keep_mask(weights.shape, p)
-    return ((weights * keep.to(weights.dtype)).to(v.dtype) @ v) * rescale
+    mask = causal_keep_mask if allowed is None else keep_mask
+    keep, rescale = mask(weights.shape, p, weights.dtype)
+    return ((weights * keep).to(v.dtype) @ v) * rescale
 
 
 def short_bf16_on_cpu(q: torch.Tensor, k: torch.Tensor, max_keys: int = 256) -> bool:
@@ -388,6 +426,67 @@ class GPT2ScratchModel(GPT2ScratchPreTrainedModel):
         return self.ln_f(x), cache
 
 
+class _VocabProduct(torch.autograd.Function):
+    """``x @ weight.T`` for an [vocab, E] weight, whose weight gradient is computed in slices of the vocabulary
+    (``VocabProjection`` says why): the forward product and the input's gradient are nn.Linear's, one product
+    each. Under CPU autocast both inputs are cast as autocast casts a linear's, and the weight's gradient is
+    written in the weight's dtype slice by slice, as autocast's cast back would give it."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, chunk: int) -> torch.Tensor:
+        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else weight.dtype
+        x = hidden.reshape(-1, hidden.shape[-1]).to(dtype)
+        w = weight.to(dtype)
+        ctx.save_for_backward(x, w)
+        ctx.chunk, ctx.hidden_shape, ctx.hidden_dtype, ctx.weight_dtype = chunk, hidden.shape, hidden.dtype, weight.dtype
+        return (x @ w.t()).view(*hidden.shape[:-1], w.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad_logits: torch.Tensor):
+        x, w = ctx.saved_tensors
+        vocab, chunk = w.shape[0], ctx.chunk
+        grad = grad_logits.reshape(-1, vocab).to(x.dtype)
+        grad_hidden = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            grad_hidden = (grad @ w).view(ctx.hidden_shape).to(ctx.hidden_dtype)
+        if ctx.needs_input_grad[1]:
+            grad_weight = torch.empty(w.shape, dtype=ctx.weight_dtype, device=w.device)
+            for start in range(0, vocab, chunk):
+                rows = slice(start, start + chunk)
+                if grad_weight.dtype == x.dtype:
+                    torch.mm(grad[:, rows].t(), x, out=grad_weight[rows])
+                else:  # autocast: the bf16 slice, then its fp32 copy while it is still in cache
+                    grad_weight[rows].copy_(grad[:, rows].t() @ x)
+        return grad_hidden, grad_weight, None
+
+
+class VocabProjection(nn.Linear):
+    """The LM head: ``nn.Linear(E, vocab, bias=False)`` whose weight gradient is computed in slices of the
+    vocabulary while training on CPU.
+
+    That gradient, ``grad.T @ x`` ([vocab, tokens] x [tokens, E]), is a tall product oneDNN is slow on as one
+    bf16 call: at 512 tokens of gpt2-small it took 59 to 80 ms against 44 to 48 ms for the same product in
+    seven slices of 8192 rows (this project's 2-core AMD EPYC; the forward product and the input's gradient
+    are as fast whole, and fp32 is alike both ways: bench/README.md, "Pretraining"). Each slice is the same
+    dot products as the whole product's rows, so the gradient equals nn.Linear's.
+    Everywhere else (no gradient for the weight, GPUs, torch.compile, a few rows) it is nn.Linear.
+    """
+
+    chunk = 8192  # vocabulary rows per slice (4096 to 16384 time alike)
+    min_rows = 64  # fewer positions than this: nn.Linear (nothing to gain)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight
+        sliced = (weight.requires_grad and torch.is_grad_enabled() and x.device.type == "cpu"
+                  and self.bias is None and weight.shape[0] > self.chunk and type(weight) is nn.Parameter
+                  and x.numel() >= self.min_rows * x.shape[-1]
+                  and (torch.is_autocast_enabled("cpu") or x.dtype == weight.dtype)
+                  and not torch.compiler.is_compiling())
+        if not sliced:
+            return super().forward(x)
+        return _VocabProduct.apply(x, weight, self.chunk)
+
+
 class GPT2ScratchForCausalLM(GPT2ScratchPreTrainedModel, GenerationMixin):
     """GPT-2 with its language-modeling head: next-token logits over the vocabulary."""
 
@@ -397,7 +496,7 @@ class GPT2ScratchForCausalLM(GPT2ScratchPreTrainedModel, GenerationMixin):
     def __init__(self, config: GPT2ScratchConfig):
         super().__init__(config)
         self.transformer = GPT2ScratchModel(config)
-        self.lm_head = nn.Linear(config.emb_dim, config.vocab_size, bias=False)
+        self.lm_head = VocabProjection(config.emb_dim, config.vocab_size, bias=False)
         self.post_init()
         if self.generation_config is not None:
             # GPT-2 has no pad token; batched generation pads with <|endoftext|>, as the book does.

@@ -18,6 +18,7 @@ from gpt2_scratch.modeling_gpt2_scratch import (
     GPT2ScratchPreTrainedModel,
     attend_with_fast_dropout,
     build_attention_mask,
+    causal_keep_mask,
     keep_mask,
 )
 
@@ -27,16 +28,26 @@ VERDICT = __import__("pathlib").Path(__file__).resolve().parents[2] / "shared" /
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
 def test_keep_mask_keeps_one_minus_p_from_every_word_and_scales_exactly(p):
     torch.manual_seed(0)
-    n = 3_000_001  # not a multiple of three: the last draw is used in part
+    n = 4_000_002  # not a multiple of four: the last draw is used in part
     keep, scale = keep_mask(torch.Size([n]), p)
     assert keep.shape == (n,) and keep.dtype == torch.bool
     kept = round((1 - p) * 65536)
     assert scale * kept == 65536  # E[keep * scale] is exactly 1
-    tolerance = 6 * math.sqrt(p * (1 - p) / (n // 3))
-    # Each of a draw's three 16-bit words must be uniform: the fourth (with the draw's always-zero top bit)
-    # would keep everything or nothing at p = 0.5, so the wrong word shows here.
-    for word in range(3):
-        assert abs(keep[word::3].double().mean().item() - (1 - p)) < tolerance, word
+    tolerance = 6 * math.sqrt(p * (1 - p) / (n // 4))
+    # Each of a draw's four 16-bit words must be uniform: a draw over [0, 2**63) leaves one word's top bit
+    # always zero, which would keep everything at p = 0.5, so a draw short of 64 bits shows here.
+    for word in range(4):
+        assert abs(keep[word::4].double().mean().item() - (1 - p)) < tolerance, word
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_keep_mask_in_a_float_dtype_is_the_boolean_mask_as_ones_and_zeros(dtype):
+    torch.manual_seed(3)
+    boolean, scale = keep_mask(torch.Size([3, 5, 17]), 0.2)
+    torch.manual_seed(3)
+    ones, same_scale = keep_mask(torch.Size([3, 5, 17]), 0.2, dtype)
+    assert ones.dtype == dtype and same_scale == scale
+    assert torch.equal(ones, boolean.to(dtype))
 
 
 def test_keep_mask_follows_the_seed_and_changes_between_draws():
@@ -67,9 +78,26 @@ def test_dropout_module_is_torchs_until_told_and_then_keeps_the_expectation():
     assert abs(mean.item() - 1.0) < 0.005
 
 
-def attention_inputs(dtype=torch.float32, padded: bool = False):
+def test_causal_keep_mask_gives_every_weight_below_the_diagonal_its_own_uniform_word():
+    """Rows i and T-1-i share a row of T+1 words: each position on or below the diagonal keeps 1 - p of the
+    time, independently of every other (two positions reading one word would agree every time at p = 0.5)."""
+    T, samples = 8, 20_000
+    torch.manual_seed(4)
+    keep, scale = causal_keep_mask(torch.Size([samples, 1, T, T]), 0.5, torch.float32)
+    assert keep.shape == (samples, 1, T, T) and scale == 2.0
+    lower = keep[:, 0][:, torch.ones(T, T, dtype=torch.bool).tril()]  # (samples, 36)
+    assert (lower.mean(0) - 0.5).abs().max() < 0.02
+    agreement = ((lower[:, :, None] == lower[:, None, :]).double().mean(0) - 0.5).abs()
+    assert agreement.fill_diagonal_(0).max() < 0.03  # no two positions share a word
+    torch.manual_seed(4)
+    odd, _ = causal_keep_mask(torch.Size([2, 3, 7, 7]), 0.5, torch.float32)
+    torch.manual_seed(4)
+    assert torch.equal(odd, keep_mask(torch.Size([2, 3, 7, 7]), 0.5, torch.float32)[0])  # odd T: keep_mask
+
+
+def attention_inputs(dtype=torch.float32, padded: bool = False, length: int = 33):
     torch.manual_seed(3)
-    q, k, v = (torch.randn(2, 4, 33, 16, dtype=dtype, requires_grad=True) for _ in range(3))
+    q, k, v = (torch.randn(2, 4, length, 16, dtype=dtype, requires_grad=True) for _ in range(3))
     mask = None
     if padded:  # the first sequence padded on the left by 5 positions, as a batch of SFT examples
         attention_mask = torch.ones(2, 33, dtype=torch.long)
@@ -90,13 +118,14 @@ def test_attention_without_drops_is_sdpas(padded):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
-def test_attention_drops_the_softmax_weights_with_the_mask_it_draws():
-    q, k, v, _ = attention_inputs()
+@pytest.mark.parametrize("length", [33, 32])  # odd: keep_mask's whole matrix; even: causal_keep_mask's triangle
+def test_attention_drops_the_softmax_weights_with_the_mask_it_draws(length):
+    q, k, v, _ = attention_inputs(length=length)
     torch.manual_seed(11)
     ours = attend_with_fast_dropout(q, k, v, None, 0.3)
     torch.manual_seed(11)
-    keep, scale = keep_mask(torch.Size([2, 4, 33, 33]), 0.3)  # the same draw, made again
-    causal = torch.ones(33, 33, dtype=torch.bool).tril()
+    keep, scale = causal_keep_mask(torch.Size([2, 4, length, length]), 0.3, torch.float32)  # the same draw again
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
     weights = torch.softmax((q @ k.transpose(-2, -1) / 4.0).masked_fill(~causal, float("-inf")), dim=-1)
     reference = (weights * keep * scale) @ v
     torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-6)

@@ -135,6 +135,35 @@ def test_bf16_autocast_training_loss_and_gradients_match_transformers(tiny_pair)
     torch.testing.assert_close(grads[0], grads[1], atol=2e-3, rtol=5e-2)
 
 
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_lm_head_weight_gradient_in_vocabulary_slices_equals_nn_linears(tied, precision):
+    """modeling's VocabProjection computes the head's weight gradient in slices of the vocabulary on CPU (a
+    faster product there): the loss and every gradient equal the whole product's, tied to the embedding
+    (both gradients add up) or not, in fp32 and under bf16 autocast (the gradient cast back to fp32)."""
+    torch.manual_seed(2)
+    model = GPT2ScratchForCausalLM(GPT2ScratchConfig.from_preset("gpt2-small", **TINY, tie_word_embeddings=tied))
+    ids = torch.randint(0, 50257, (2, 40), generator=torch.Generator().manual_seed(8))  # 80 rows: sliced
+    results = []
+    for chunk in (5000, 10**9):  # 11 slices (the last one short); one slice is nn.Linear itself
+        model.lm_head.chunk = chunk
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            out = model(ids, labels=ids, return_logits=False)
+        out.loss.backward()
+        results.append((out.loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}))
+    (sliced_loss, sliced), (whole_loss, whole) = results
+    torch.testing.assert_close(sliced_loss, whole_loss, atol=0, rtol=0)
+    assert model.lm_head.weight.grad.dtype == torch.float32  # (tied, named_parameters lists it as wte)
+    for name in whole:
+        torch.testing.assert_close(sliced[name], whole[name], atol=1e-7, rtol=1e-6, msg=name)
+    head_input = torch.randn(80, 64, requires_grad=True)
+    model.lm_head.chunk = 5000
+    assert type(model.lm_head(head_input).grad_fn).__name__ == "_VocabProductBackward"  # the sliced path ran
+    with torch.no_grad():
+        assert model.lm_head(head_input).grad_fn is None  # no gradient wanted: nn.Linear's product
+
+
 def test_loss_gradients_flow_to_every_parameter(tiny_pair):
     ours, _ = tiny_pair
     ids = torch.randint(0, 50257, (2, 10), generator=torch.Generator().manual_seed(3))
