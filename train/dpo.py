@@ -1,6 +1,7 @@
 """Direct Preference Optimization (the book's bonus notebook to chapter 7) with a hand-written Accelerate loop.
 
-    accelerate launch train/dpo.py [--model runs/sft] [--data PATH|URL] [--out runs/dpo] [--beta 0.1]
+    accelerate launch train/dpo.py [--model runs/sft] [--data PATH|URL] [--val-data PATH|URL]
+        [--test-data PATH|URL] [--columns SRC=DST,...] [--out runs/dpo] [--beta 0.1]
         [--logprob mean|sum] [--precompute-ref] [--lr 5e-6] [--weight-decay 0.01] [--epochs 1] [--batch-size 8]
         [--eval-freq 5] [--eval-iter 5] [--lora [book]] [--mixed-precision bf16|no] [--resume [PATH]] ...
     python train/dpo.py ...                       # the same, one process (= gpt2-scratch dpo ...)
@@ -14,10 +15,13 @@ Defaults are the book's recipe: the starting model (train/sft.py's OUT) as polic
 reference; a response's log-probability is the mean over its tokens with the prompt masked
 (``--logprob sum``: the sum, as the DPO paper and TRL); β 0.1; AdamW lr 5e-6 weight decay 0.01;
 1 epoch; batch 8; evaluation every 5 steps over 5 batches; the 85/10/5 split in file order and the
-Alpaca prompt. ``--precompute-ref`` computes the reference log-probabilities once before training, so
-no second model is held (half the weights in memory, one forward less per step). With ``--lora`` the
-policy is the starting model plus adapters (train/lora.py) and the reference is the same model with
-the adapters disabled: no copy at all.
+Alpaca prompt. The data options are SFT's: ``--val-data`` / ``--test-data`` are the validation / test pairs
+instead of a share of ``--data`` (which then trains too; ``--resume`` checks all three files' contents),
+and ``--columns SRC=DST,...`` renames the records' fields first (a Hugging Face data set's
+``question``/``response_chosen``/``response_rejected``). ``--precompute-ref`` computes the reference
+log-probabilities once before training, so no second model is held (half the weights in memory, one
+forward less per step). With ``--lora`` the policy is the starting model plus adapters (train/lora.py)
+and the reference is the same model with the adapters disabled: no copy at all.
 
 Logged per evaluation (metrics.jsonl) and plotted: the DPO loss, the chosen and rejected rewards
 (``r`` above, the book's definition; TRL logs them times β), the reward margin (chosen − rejected)
