@@ -13,7 +13,8 @@ Formats, recognised by their keys (or named with ``--data-format``); a file hold
 ``--columns SRC=DST[,SRC=DST...]`` renames a record's fields before anything else looks at them, so a data
 set whose fields are ``question``/``answer`` is read with ``--columns question=instruction,answer=output``
 and one whose conversation is called ``dialog`` with ``--columns dialog=messages``. DST is one of the field
-names above (``FIELD_NAMES``).
+names above (``FIELD_NAMES``; for DPO's preference records ``PREFERENCE_FIELD_NAMES``, e.g.
+``--columns question=instruction,response_chosen=chosen,response_rejected=rejected``).
 
 A conversation is checked: content is text (or OpenAI's list of parts, whose text parts are joined) and not
 blank; system turns come first; then user and assistant alternate, starting with a user turn and ending
@@ -37,24 +38,36 @@ from gpt2_scratch.core.records import INSTRUCTION_FIELDS, DataError, load_raw_re
 
 DATA_FORMATS = ("auto", "book", "messages", "sharegpt", "prompt-completion")
 FIELD_NAMES = ("instruction", "input", "output", "messages", "conversations", "prompt", "completion")
+# What --columns may rename to in preference data (DPO): the book's pair fields, or TRL's prompt.
+PREFERENCE_FIELD_NAMES = ("instruction", "input", "chosen", "rejected", "prompt")
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 _EXPECTED = ("'instruction'/'output' (the book's), 'messages' (TRL), 'conversations' (ShareGPT) or "
              "'prompt'/'completion' (TRL)")
 
 
-def parse_columns(spec: str | None) -> dict[str, str]:
-    """``--columns "question=instruction,answer=output"`` as {source field: our field}."""
+def parse_columns(spec: str | None, fields: Sequence[str] = FIELD_NAMES,
+                  example: str = "question=instruction,answer=output") -> dict[str, str]:
+    """``--columns "question=instruction,answer=output"`` as {source field: our field}; each DST one of ``fields``
+    (a command's record fields: ``FIELD_NAMES``, DPO's ``PREFERENCE_FIELD_NAMES``)."""
     if not spec:
         return {}
     mapping = {}
     for pair in spec.split(","):
         src, sep, dst = (part.strip() for part in pair.partition("="))
-        if not sep or not src or dst not in FIELD_NAMES:
+        if not sep or not src or dst not in fields:
             raise InputError(f"--columns {spec!r}: expected SRC=DST pairs separated by commas, DST one of "
-                             f"{', '.join(FIELD_NAMES)} (e.g. question=instruction,answer=output)")
+                             f"{', '.join(fields)} (e.g. {example})")
         mapping[src] = dst
     return mapping
+
+
+def rename_fields(records: list, mapping: dict[str, str], source: str) -> list:
+    """``records`` with their fields renamed by ``mapping`` (``parse_columns``); a record without a field the
+    mapping names is a DataError naming the source, the record and --columns."""
+    if not mapping:
+        return records
+    return [_renamed(record, mapping, source, index) for index, record in enumerate(records)]
 
 
 def record_format(record) -> str | None:
@@ -82,8 +95,7 @@ def load_conversations(source: str, *, data_format: str = "auto", columns: str |
         raise InputError(f"--data-format {data_format!r}: choose one of {', '.join(DATA_FORMATS)}")
     mapping = parse_columns(columns)
     records = load_raw_records(source, flag=flag)
-    if mapping:
-        records = [_renamed(record, mapping, source, index) for index, record in enumerate(records)]
+    records = rename_fields(records, mapping, source)
     if not records:
         raise DataError(f"{source}: holds no records; give a file with at least one record")
     fmt = data_format if data_format != "auto" else record_format(records[0])

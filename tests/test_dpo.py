@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ENV, TINY, kill_at_checkpoint
+from conftest import ENV, TINY, assert_refused, kill_at_checkpoint
 
 from gpt2_scratch.core.cli import main as cli_main
 from gpt2_scratch.train.dpo import dpo_loss, pair_logprobs
@@ -286,3 +286,103 @@ def test_dpo_resume_after_sigkill_matches_the_uninterrupted_run(dpo_run, tiny_sf
     ref_weights, weights = load_file(ref_out / "model.safetensors"), load_file(out / "model.safetensors")
     for name in ref_weights:
         torch.testing.assert_close(weights[name], ref_weights[name], rtol=1e-6, atol=1e-7, msg=name)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The data options SFT has: --val-data, --test-data, --columns
+# ---------------------------------------------------------------------------------------------------
+
+# One step of a tiny random model: seconds through the real command line.
+ONE_STEP = ["--max-steps", "1", "--batch-size", "4", "--eval-iter", "1", "--max-new-tokens", "2", "--sample-tokens",
+            "2"]
+
+
+def book_pairs(tmp_path: Path, name: str, start: int, stop: int, rename: dict | None = None) -> tuple[Path, list]:
+    """Records ``start:stop`` of the book's preference data in ``tmp_path/name`` (.json, or .jsonl with their
+    fields renamed by ``rename``, as a Hugging Face data set names them), and the records as written."""
+    records = json.loads(PREFERENCE_DATA.read_text())[start:stop]
+    path = tmp_path / name
+    if rename is None:
+        path.write_text(json.dumps(records))
+    else:
+        path.write_text("".join(json.dumps({rename.get(k, k): v for k, v in r.items()}) + "\n" for r in records))
+    return path, records
+
+
+def test_held_out_files_are_the_validation_and_test_splits_and_resume_checks_them(tiny_model_dir, tmp_path, capsys):
+    """--val-data / --test-data are the validation / test pairs; the parts of --data they replace train too (40
+    records: 34 + 4 test + 2 validation); the test responses are the --test-data records; a --resume whose
+    --val-data changed is refused in one line."""
+    from gpt2_scratch.core.records import book_split
+    from gpt2_scratch.tokenizer import get_tokenizer
+    from gpt2_scratch.train.preference_data import load_preference_records, prepare_preference_data
+
+    data, records = book_pairs(tmp_path, "data.json", 0, 40)
+    val, val_records = book_pairs(tmp_path, "val.json", 40, 46)
+    test, test_records = book_pairs(tmp_path, "test.json", 46, 49)
+    split = book_split(records)
+    assert (len(split.train), len(split.test), len(split.validation)) == (34, 4, 2)
+    only_val = prepare_preference_data(load_preference_records(str(data)), get_tokenizer(),
+                                       validation_records=load_preference_records(str(val)))
+    assert (len(only_val.train), len(only_val.validation), len(only_val.test)) == (36, 6, 4)
+    assert only_val.validation_records == val_records and only_val.test_records == split.test
+
+    out = tmp_path / "run"
+    argv = ["--model", tiny_model_dir, "--data", data, "--val-data", val, "--test-data", test, *ONE_STEP,
+            "--save-every", "1", "--out", out]
+    result = dpo(*argv)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"data {data}: 40 train / 6 validation / 3 test pairs" in result.stdout, result.stdout
+    responses = json.loads((out / "instruction-data-with-response.json").read_text())
+    assert [{k: v for k, v in r.items() if k != "model_response"} for r in responses] == test_records
+    assert json.loads((out / "args.json").read_text())["val_data"] == str(val)
+
+    val_records[0]["chosen"] += " (edited)"
+    val.write_text(json.dumps(val_records))
+    assert_refused(["dpo", *map(str, argv[:-2]), "--max-steps", "2", "--out", str(out), "--resume"], tmp_path,
+                   capsys, code=2, needle=f"--resume: --data {data} (with --val-data {val}, --test-data {test}) "
+                                          "differs from the data the checkpoint")
+
+
+def test_columns_rename_hugging_face_fields_in_data_and_held_out_files(tiny_model_dir, tmp_path):
+    """A data set whose fields are question/response_chosen/response_rejected trains with --columns, and the same
+    renaming reads its --val-data; the pairs are the book records' own."""
+    rename = {"instruction": "question", "input": "context", "chosen": "response_chosen",
+              "rejected": "response_rejected"}
+    data, records = book_pairs(tmp_path, "data.jsonl", 0, 40, rename)
+    val, _ = book_pairs(tmp_path, "val.jsonl", 40, 46, rename)
+    out = tmp_path / "run"
+    result = dpo("--model", tiny_model_dir, "--data", data, "--val-data", val, "--columns",
+                 "question=instruction,context=input,response_chosen=chosen,response_rejected=rejected",
+                 *ONE_STEP, "--out", out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"data {data}: 36 train / 6 validation / 4 test pairs" in result.stdout, result.stdout
+    responses = json.loads((out / "instruction-data-with-response.json").read_text())
+    assert [{k: v for k, v in r.items() if k != "model_response"} for r in responses] == records[34:38]
+
+
+def test_bad_columns_and_held_out_files_are_one_line_and_write_nothing(tmp_path, capsys):
+    """A --columns field a record lacks names the file, the record and the option; a DST that is no preference
+    field, a missing --val-data, and an --out holding the --test-data are refused; --out is never created."""
+    data, records = book_pairs(tmp_path, "data.jsonl", 0, 10, {"chosen": "response_chosen"})
+    lines = data.read_text().splitlines()
+    lines[3] = json.dumps({k: v for k, v in json.loads(lines[3]).items() if k != "response_chosen"})
+    data.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "run"
+    base = ["dpo", "--model", "gpt2-small", "--random-init", "--data", str(data), "--out", str(out)]
+    assert_refused([*base, "--columns", "response_chosen=chosen,answer=rejected"], tmp_path, capsys, code=2,
+                   needle=f"{data}: record 0 has no 'answer' field to map with --columns")
+    assert_refused([*base, "--columns", "response_chosen=chosen"], tmp_path, capsys, code=2,
+                   needle=f"{data}: record 3 has no 'response_chosen' field to map with --columns")
+    assert_refused([*base, "--columns", "response_chosen=output"], tmp_path, capsys, code=2,
+                   needle="--columns 'response_chosen=output': expected SRC=DST pairs separated by commas, DST one "
+                          "of instruction, input, chosen, rejected, prompt")
+    good = [*base[:5], str(book_pairs(tmp_path, "good.json", 0, 10)[0]), *base[6:]]
+    assert_refused([*good, "--val-data", str(tmp_path / "gone.json")], tmp_path, capsys, code=2,
+                   needle=f"--val-data {tmp_path / 'gone.json'}: no such file")
+    held = tmp_path / "held"
+    held.mkdir()
+    test, _ = book_pairs(held, "test.json", 10, 12)
+    assert_refused([*good[:-1], str(held), "--overwrite", "--test-data", str(test)], tmp_path, capsys, code=2,
+                   needle=f"--out {held} holds --test-data {test}")
+    assert not out.exists()

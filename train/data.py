@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import Sampler
 
 from gpt2_scratch.core.prompts import CHAT_STYLE, format_example, format_input
-from gpt2_scratch.core.records import BOOK_FRACTIONS, DataError, book_split, record_input
+from gpt2_scratch.core.records import BOOK_FRACTIONS, DataError, Splits, book_split, record_input
 from gpt2_scratch.modeling_gpt2_scratch import IGNORE_INDEX  # the one ignore index (what cross_entropy skips)
 from gpt2_scratch.tokenizer import ENDOFTEXT_ID
 from gpt2_scratch.train.conversation_data import tokenize_conversations
@@ -292,6 +292,17 @@ def check_validation_left(kept: int, source: str, *, unit: str, max_length: int 
                         f"tokens; {remedy}")
 
 
+def replace_held_out(splits: Splits, validation_records: Sequence[dict] | None,
+                     test_records: Sequence[dict] | None) -> Splits:
+    """``splits`` with the held-out records of --val-data / --test-data as its validation / test part; the part of
+    the split they replace then trains too (appended to train, in file order)."""
+    if validation_records is not None:
+        splits.train, splits.validation = splits.train + splits.validation, list(validation_records)
+    if test_records is not None:
+        splits.train, splits.test = splits.train + splits.test, list(test_records)
+    return splits
+
+
 @dataclass
 class InstructionData:
     """The three tokenized splits plus the raw records of each."""
@@ -325,11 +336,8 @@ def prepare_instruction_data(
     ``validation_records`` / ``test_records`` (--val-data / --test-data) replace that part of the split, whose
     share of ``records`` then trains too. The chat style tokenizes conversations (train/conversation_data.py).
     """
-    splits = book_split(records, shuffle=shuffle_split, seed=seed, fractions=fractions, sample=sample)
-    if validation_records is not None:
-        splits.train, splits.validation = splits.train + splits.validation, list(validation_records)
-    if test_records is not None:
-        splits.train, splits.test = splits.train + splits.test, list(test_records)
+    splits = replace_held_out(book_split(records, shuffle=shuffle_split, seed=seed, fractions=fractions,
+                                         sample=sample), validation_records, test_records)
     if not splits.train:
         raise DataError(f"{source}: {sample or len(records)} record(s) leave no training example after the split; "
                         "give at least 2 records")

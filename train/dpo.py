@@ -1,6 +1,7 @@
 """Direct Preference Optimization (the book's bonus notebook to chapter 7) with a hand-written Accelerate loop.
 
-    accelerate launch train/dpo.py [--model runs/sft] [--data PATH|URL] [--out runs/dpo] [--beta 0.1]
+    accelerate launch train/dpo.py [--model runs/sft] [--data PATH|URL] [--val-data PATH|URL]
+        [--test-data PATH|URL] [--columns SRC=DST,...] [--out runs/dpo] [--beta 0.1]
         [--logprob mean|sum] [--precompute-ref] [--lr 5e-6] [--weight-decay 0.01] [--epochs 1] [--batch-size 8]
         [--eval-freq 5] [--eval-iter 5] [--lora [book]] [--mixed-precision bf16|no] [--resume [PATH]] ...
     python train/dpo.py ...                       # the same, one process (= gpt2-scratch dpo ...)
@@ -14,10 +15,13 @@ Defaults are the book's recipe: the starting model (train/sft.py's OUT) as polic
 reference; a response's log-probability is the mean over its tokens with the prompt masked
 (``--logprob sum``: the sum, as the DPO paper and TRL); β 0.1; AdamW lr 5e-6 weight decay 0.01;
 1 epoch; batch 8; evaluation every 5 steps over 5 batches; the 85/10/5 split in file order and the
-Alpaca prompt. ``--precompute-ref`` computes the reference log-probabilities once before training, so
-no second model is held (half the weights in memory, one forward less per step). With ``--lora`` the
-policy is the starting model plus adapters (train/lora.py) and the reference is the same model with
-the adapters disabled: no copy at all.
+Alpaca prompt. The data options are SFT's: ``--val-data`` / ``--test-data`` are the validation / test pairs
+instead of a share of ``--data`` (which then trains too; ``--resume`` checks all three files' contents),
+and ``--columns SRC=DST,...`` renames the records' fields first (a Hugging Face data set's
+``question``/``response_chosen``/``response_rejected``). ``--precompute-ref`` computes the reference
+log-probabilities once before training, so no second model is held (half the weights in memory, one
+forward less per step). With ``--lora`` the policy is the starting model plus adapters (train/lora.py)
+and the reference is the same model with the adapters disabled: no copy at all.
 
 Logged per evaluation (metrics.jsonl) and plotted: the DPO loss, the chosen and rejected rewards
 (``r`` above, the book's definition; TRL logs them times β), the reward margin (chosen − rejected)
@@ -58,7 +62,8 @@ from gpt2_scratch.train.lm_outputs import check_generation_limits, epoch_sample,
 from gpt2_scratch.train.lora import LoRAOptions
 from gpt2_scratch.train.loop import sums_over
 from gpt2_scratch.train.metrics import plot_curves
-from gpt2_scratch.train.options import GenerationOptions, InstructionDataOptions, ModelOptions, RunOptions
+from gpt2_scratch.train.options import (DataFilesOptions, GenerationOptions, InstructionDataOptions, ModelOptions,
+                                        RunOptions)
 from gpt2_scratch.train.preference_data import PreferenceCollator, load_preference_records, prepare_preference_data
 from gpt2_scratch.train.run import launch, run_training, start
 from gpt2_scratch.train.sharded import forward_dtype
@@ -72,7 +77,7 @@ SUMS = ("loss", "pairs", "chosen_reward", "rejected_reward", "correct")
 
 
 @dataclass
-class DPOArgs(ModelOptions, InstructionDataOptions, RunOptions, GenerationOptions, LoRAOptions):
+class DPOArgs(ModelOptions, InstructionDataOptions, DataFilesOptions, RunOptions, GenerationOptions, LoRAOptions):
     """Preference-tune an instruction model with DPO (the book's bonus notebook to chapter 7) with Accelerate."""
 
     model: str = redefault(ModelOptions, "model", "runs/sft", "the model to start from (policy and reference): a "
@@ -81,6 +86,10 @@ class DPOArgs(ModelOptions, InstructionDataOptions, RunOptions, GenerationOption
     data: str = redefault(InstructionDataOptions, "data", BOOK_PREFERENCE_DATA_URL,
                           "preference data (.json/.jsonl, URL, Hub id) with instruction, input (optional), chosen, "
                           "rejected (default: the book's, = shared/data/instruction-data-with-preference.json)")
+    columns: str | None = redefault(DataFilesOptions, "columns", None,
+                                    "rename the records' fields first: SRC=DST pairs, DST one of instruction, input, "
+                                    "chosen, rejected, prompt; e.g. question=instruction,response_chosen=chosen,"
+                                    "response_rejected=rejected")
     prompt_style: Literal["alpaca", "phi3", "chat"] | None = redefault(
         InstructionDataOptions, "prompt_style", None, "prompt template (default: the one the model was trained "
                                                       "with, else alpaca)")
@@ -220,24 +229,28 @@ def set_up(args: DPOArgs):
     from accelerate.utils import set_seed  # deferred: accelerate is heavy and only training needs it
 
     # 1. Arguments and the output folder: nothing is written or deleted until every check has passed.
-    started = start(args, inputs=[("--model", args.model), ("--data", args.data)])
+    extra = args.held_out_inputs()  # --val-data, --test-data
+    started = start(args, inputs=[("--model", args.model), ("--data", args.data), *extra])
     lora_settings = lora.settings(args)
     fractions = parse_split(args.split)
 
     # 2. The data (a bad record fails before the model loads), then the model.
-    records = load_preference_records(args.data)
-    data_sha256 = fingerprint(records)
-    started.check_data(data_sha256, f"--data {args.data}")
+    records = load_preference_records(args.data, columns=args.columns)
+    held_out = {flag: load_preference_records(value, columns=args.columns, flag=flag) for flag, value in extra}
+    data_sha256 = fingerprint(records if not held_out else [records, *held_out.values()])  # as sft.py's
+    started.check_data(data_sha256, args.data_described(args.data))
     tokenizer = get_tokenizer()
     set_seed(args.seed)
     model = load_model(args)
     style = args.prompt_style or getattr(model.config, "prompt_style", None) or "alpaca"
-    check_style(records, style, args.data)  # a prompt of several exchanges needs the chat style
+    for source, part in ((args.data, records), *((value, held_out[flag]) for flag, value in extra)):
+        check_style(part, style, source)  # a prompt of several exchanges needs the chat style
     context = model.config.max_position_embeddings
     max_length = min(args.max_length or context, context)
     data = prepare_preference_data(records, tokenizer, source=args.data, style=style, max_length=max_length,
                                    shuffle_split=args.shuffle_split, seed=args.seed, fractions=fractions,
-                                   sample=args.sample)
+                                   sample=args.sample, validation_records=held_out.get("--val-data"),
+                                   test_records=held_out.get("--test-data"))
     check_generation_limits(args, context, args.model)
     check_learnable(data, args)
     train_sampler = EpochBatchSampler(list(data.train["length"]), args.batch_size, shuffle=True, drop_last=True,

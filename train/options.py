@@ -46,16 +46,32 @@ class InstructionDataOptions:
 
 @dataclass
 class ConversationDataOptions:
-    """the records' format, and held-out files (sft)"""
+    """the records' format (sft)"""
 
     data_format: Literal["auto", "book", "messages", "sharegpt", "prompt-completion"] = arg(
         "auto", "the records' format (auto: recognised by their keys; core/conversations.py)")
+
+
+@dataclass
+class DataFilesOptions:
+    """the records' field names, and held-out files (sft, dpo)"""
+
     columns: str | None = arg(None, "rename the records' fields first: SRC=DST pairs, e.g. "
                                     "question=instruction,answer=output or dialog=messages")
     val_data: str | None = arg(None, "validation records from this source (same forms as --data) instead of a part "
                                      "of --data (that part trains too)")
     test_data: str | None = arg(None, "test records from this source instead of a part of --data (that part "
                                       "trains too)")
+
+    def held_out_inputs(self) -> list[tuple[str, str]]:
+        """(flag, source) of the held-out files given, in the order --val-data, --test-data: inputs of the run."""
+        return [(flag, value) for flag, value in (("--val-data", self.val_data), ("--test-data", self.test_data))
+                if value]
+
+    def data_described(self, data: str) -> str:
+        """``--data X`` and the held-out files with it: what a ``--resume`` data check names."""
+        held_out = ", ".join(f"{flag} {value}" for flag, value in self.held_out_inputs())
+        return f"--data {data}" + (f" (with {held_out})" if held_out else "")
 
 
 @dataclass

@@ -4,8 +4,10 @@ tokenized and batched the way train/data.py does instruction examples.
 The records are ``core.records``' (one schema: ``instruction``, ``input`` optional, ``chosen``,
 ``rejected``; a bad record is a one-line ``DataError`` naming its index and field), or TRL's
 ``prompt``/``chosen``/``rejected`` (core/conversations.py; a prompt of several exchanges needs the chat
-style, whose prompt is the conversation and the assistant header), split the book's
-way (85/10/5 in file order). Each pair becomes two token sequences, prompt + response header +
+style, whose prompt is the conversation and the assistant header), their fields renamed first by
+``--columns SRC=DST,...`` (core/conversations.py's parser), and split the book's way (85/10/5 in file
+order), unless --val-data / --test-data give the validation / test records (train/data.py's
+``replace_held_out``, as SFT). Each pair becomes two token sequences, prompt + response header +
 answer, and ``prompt_length``: the tokens of the prompt and the header, whose targets are masked, so a
 response's log-probability covers exactly its own tokens and its closing <|endoftext|> (the token SFT
 taught the model to end with). Batches come from train/data.py's collate (the book's padding and
@@ -24,21 +26,27 @@ import datasets
 import torch
 
 from gpt2_scratch.core.prompts import format_input, response_header
-from gpt2_scratch.core.conversations import preference_record
+from gpt2_scratch.core.conversations import PREFERENCE_FIELD_NAMES, parse_columns, preference_record, rename_fields
 from gpt2_scratch.core.records import (BOOK_FRACTIONS, PREFERENCE_FIELDS, DataError, book_split, load_raw_records,
                                        validate_records)
-from gpt2_scratch.train.data import IGNORE_INDEX, PAD_TOKEN_ID, check_validation_left, collate_instruction_batch
+from gpt2_scratch.train.data import (IGNORE_INDEX, PAD_TOKEN_ID, check_validation_left, collate_instruction_batch,
+                                     replace_held_out)
 
 logger = logging.getLogger(__name__)
 
 RESPONSES = ("chosen", "rejected")
 
 
-def load_preference_records(source: str) -> list[dict]:
+def load_preference_records(source: str, *, columns: str | None = None, flag: str = "--data") -> list[dict]:
     """The records of ``source`` (path, URL, Hub id, Parquet, datasets folder), each with non-empty ``chosen`` and
     ``rejected`` strings: the book's records, or TRL's ``prompt``/``chosen``/``rejected`` (strings or messages;
-    ``core.conversations.preference_record``), recognised by record 0's ``prompt`` field."""
-    raw = load_raw_records(source, required=("chosen", "rejected"))
+    ``core.conversations.preference_record``), recognised by record 0's ``prompt`` field. ``columns`` (--columns
+    ``SRC=DST,...``) renames the fields first; ``flag`` names the option ``source`` came from."""
+    mapping = parse_columns(columns, PREFERENCE_FIELD_NAMES,
+                            example="question=instruction,response_chosen=chosen,response_rejected=rejected")
+    source_of = {dst: src for src, dst in mapping.items()}  # a Hub data set's columns are checked before renaming
+    raw = load_raw_records(source, flag=flag, required=tuple(source_of.get(f, f) for f in RESPONSES))
+    raw = rename_fields(raw, mapping, source)
     if raw and isinstance(raw[0], dict) and "prompt" in raw[0]:
         records = [preference_record(record, f"{source}: record {index}") for index, record in enumerate(raw)]
     else:
@@ -124,11 +132,14 @@ class PreferenceData:
 
 def prepare_preference_data(records: Sequence[dict], tokenizer, *, source: str = "data", style: str = "alpaca",
                             max_length: int | None = None, shuffle_split: bool = False, seed: int = 123,
-                            fractions: tuple[float, float] = BOOK_FRACTIONS,
-                            sample: int | None = None) -> PreferenceData:
+                            fractions: tuple[float, float] = BOOK_FRACTIONS, sample: int | None = None,
+                            validation_records: Sequence[dict] | None = None,
+                            test_records: Sequence[dict] | None = None) -> PreferenceData:
     """Split (the book's 85/10/5 unless ``fractions``/``sample`` say otherwise) and tokenize validated
-    preference records; a DataError if no training pair is left."""
-    splits = book_split(records, shuffle=shuffle_split, seed=seed, fractions=fractions, sample=sample)
+    preference records; a DataError if no training pair is left. ``validation_records`` / ``test_records``
+    (--val-data / --test-data) replace that part of the split, whose share of ``records`` then trains too."""
+    splits = replace_held_out(book_split(records, shuffle=shuffle_split, seed=seed, fractions=fractions,
+                                         sample=sample), validation_records, test_records)
     if not splits.train:
         raise DataError(f"{source}: {sample or len(records)} record(s) leave no training pair after the split; "
                         "give at least 2 records")

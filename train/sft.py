@@ -66,8 +66,8 @@ from gpt2_scratch.train.lm_outputs import check_generation_limits, epoch_sample,
 from gpt2_scratch.train.lora import LoRAOptions
 from gpt2_scratch.train.loop import sums_over
 from gpt2_scratch.train.metrics import plot_curves
-from gpt2_scratch.train.options import (ConversationDataOptions, GenerationOptions, InstructionDataOptions,
-                                        ModelOptions, RunOptions)
+from gpt2_scratch.train.options import (ConversationDataOptions, DataFilesOptions, GenerationOptions,
+                                        InstructionDataOptions, ModelOptions, RunOptions)
 from gpt2_scratch.train.run import launch, launch_own_loop, run_training, start
 from gpt2_scratch.train.state import fingerprint
 from gpt2_scratch.train.synthetic import exact_match_report, synthetic_records
@@ -77,8 +77,8 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class SFTArgs(ShapeOptions, ModelOptions, InstructionDataOptions, ConversationDataOptions, RunOptions, GenerationOptions,
-              LoRAOptions):
+class SFTArgs(ShapeOptions, ModelOptions, InstructionDataOptions, ConversationDataOptions, DataFilesOptions, RunOptions,
+              GenerationOptions, LoRAOptions):
     """Instruction-finetune a GPT-2 (the book's chapter 7) with Accelerate."""
 
     data: str = redefault(InstructionDataOptions, "data", BOOK_DATA_URL,
@@ -191,7 +191,7 @@ def set_up(args: SFTArgs):
         args.mask_prompt = args.prompt_style == CHAT_STYLE
     if args.book_exact:
         book_loop.check_args(args)
-    extra = [(flag, value) for flag, value in (("--val-data", args.val_data), ("--test-data", args.test_data)) if value]
+    extra = args.held_out_inputs()  # --val-data, --test-data
     started = start(args, inputs=[("--model", args.model), ("--data", args.data), *extra])
     lora_settings = lora.settings(args)  # None: full finetuning
     fractions = parse_split(args.split)
@@ -200,7 +200,7 @@ def set_up(args: SFTArgs):
     records = load_instruction_records(args.data, args)
     held_out = {flag: load_instruction_records(value, args, flag) for flag, value in extra}
     data_sha256 = fingerprint(records if not held_out else [records, *held_out.values()])
-    started.check_data(data_sha256, f"--data {args.data}")
+    started.check_data(data_sha256, args.data_described(args.data))
     tokenizer = get_tokenizer()
     set_seed(args.seed)  # the same random init on every process
     model = load_model(args)
